@@ -1,0 +1,246 @@
+"""Flax NNX models (a beta-VAE and a classifier) and the pure functions later stages call.
+
+The search and mixture code never touch NNX objects: they receive `Params` (a pytree holding the
+graph definition as static data and the weights as leaves) and call `encode`, `decode` and
+`logits`, which are safe under `jit`, `vmap` and `grad` because they rebuild the module from
+(graphdef, state) on every trace instead of mutating it.
+
+Example:
+    >>> from flax import nnx
+    >>> vae = VAE(VAEConfig(kind="mlp", latent_dim=8), image_shape=(8, 8, 1), rngs=nnx.Rngs(0))
+    >>> vp = params_of(vae)
+    >>> x = decode(vp, jnp.zeros((2, 8)))  # [2, 8, 8, 1] in [0, 1]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+ImageShape = tuple[int, int, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+    """Architecture and objective of the VAE.
+
+    Attributes:
+        kind: "mlp" for tiny images (e.g. 8x8 digits), "conv" for 28x28 and larger or colour
+            images (height and width must be divisible by 4).
+        latent_dim: size of the latent code (the reference uses 10-15).
+        hidden: width of the MLP layers / of the conv bottleneck dense layer.
+        channels: conv channels of the two stride-2 stages (conv kind only).
+        beta: weight of the KL term at the end of annealing (the reference uses 4).
+        kl_anneal_steps: steps over which the KL weight rises linearly from 0 to beta.
+    """
+
+    kind: Literal["mlp", "conv"] = "mlp"
+    latent_dim: int = 8
+    hidden: int = 256
+    channels: tuple[int, int] = (32, 64)
+    beta: float = 1.0
+    kl_anneal_steps: int = 500
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierConfig:
+    """Architecture of the classifier.
+
+    Attributes:
+        kind: "mlp" or "conv".
+        hidden: width of the hidden dense layers.
+        channels: conv channels of the two conv stages (conv kind only).
+    """
+
+    kind: Literal["mlp", "conv"] = "mlp"
+    hidden: int = 256
+    channels: tuple[int, int] = (32, 64)
+
+
+def _check_image_shape(image_shape: ImageShape, kind: str) -> ImageShape:
+    shape = tuple(int(s) for s in image_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"image_shape must be (height, width, channels), got {image_shape}.")
+    if kind not in ("mlp", "conv"):
+        raise ValueError(f"Unknown model kind {kind!r}; use 'mlp' or 'conv'.")
+    if kind == "conv" and (shape[0] % 4 or shape[1] % 4):
+        raise ValueError(
+            f"The conv model needs height and width divisible by 4, got {shape[:2]}; "
+            "resize the data (DataConfig.image_size) or use kind='mlp'."
+        )
+    return shape  # type: ignore[return-value]
+
+
+def check_images(x: jax.Array, image_shape: ImageShape, *, what: str) -> None:
+    """Raise a clear error (at trace time, before compiling) if `x` is not a batch of images."""
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"{what} expects floating-point images in [0, 1], got dtype {x.dtype}; "
+            "convert with x.astype(np.float32) / 255 for uint8 images."
+        )
+    if x.ndim != 4 or tuple(x.shape[1:]) != tuple(image_shape):
+        raise ValueError(
+            f"{what} expects images of shape [batch, {', '.join(map(str, image_shape))}], "
+            f"got {tuple(x.shape)}."
+        )
+
+
+def _pool2(x: jax.Array) -> jax.Array:
+    # 2x2 average pooling as a reshape-mean (flax's avg_pool breaks under strict promotion).
+    b, h, w, c = x.shape
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+class _MLP(nnx.Module):
+    def __init__(self, sizes: list[int], *, rngs: nnx.Rngs):
+        self.layers = nnx.List(
+            [nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
+        )
+
+    def __call__(self, h: jax.Array) -> jax.Array:
+        for i, layer in enumerate(self.layers):
+            h = layer(h)
+            if i < len(self.layers) - 1:
+                h = nnx.relu(h)
+        return h
+
+
+class VAE(nnx.Module):
+    """A Gaussian-latent VAE with a Bernoulli (sigmoid) decoder."""
+
+    def __init__(self, config: VAEConfig, *, image_shape: ImageShape, rngs: nnx.Rngs):
+        self.config = config
+        self.image_shape = _check_image_shape(image_shape, config.kind)
+        h, w, c = self.image_shape
+        lat, hid = config.latent_dim, config.hidden
+        if lat < 1:
+            raise ValueError(f"latent_dim must be >= 1, got {lat}.")
+        if config.kind == "mlp":
+            n = h * w * c
+            self.enc = _MLP([n, hid, hid, 2 * lat], rngs=rngs)
+            self.dec = _MLP([lat, hid, hid, n], rngs=rngs)
+        else:
+            c1, c2 = config.channels
+            self.conv1 = nnx.Conv(c, c1, (4, 4), strides=2, padding="SAME", rngs=rngs)
+            self.conv2 = nnx.Conv(c1, c2, (4, 4), strides=2, padding="SAME", rngs=rngs)
+            flat = (h // 4) * (w // 4) * c2
+            self.enc_head = _MLP([flat, hid, 2 * lat], rngs=rngs)
+            self.dec_head = _MLP([lat, hid, flat], rngs=rngs)
+            self.deconv1 = nnx.ConvTranspose(
+                c2, c1, (4, 4), strides=(2, 2), padding="SAME", rngs=rngs
+            )
+            self.deconv2 = nnx.ConvTranspose(
+                c1, c1, (4, 4), strides=(2, 2), padding="SAME", rngs=rngs
+            )
+            self.out = nnx.Conv(c1, c, (3, 3), padding="SAME", rngs=rngs)
+
+    def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x: [B, H, W, C] in [0, 1] -> (mean, logvar), each [B, latent]."""
+        check_images(x, self.image_shape, what="VAE.encode")
+        if self.config.kind == "mlp":
+            stats = self.enc(x.reshape(x.shape[0], -1))
+        else:
+            h = nnx.relu(self.conv1(x))
+            h = nnx.relu(self.conv2(h))
+            stats = self.enc_head(nnx.relu(h.reshape(h.shape[0], -1)))
+        mean, logvar = jnp.split(stats, 2, axis=-1)
+        return mean, logvar
+
+    def decode_logits(self, z: jax.Array) -> jax.Array:
+        """z: [B, latent] -> Bernoulli logits [B, H, W, C]."""
+        if z.ndim != 2 or z.shape[-1] != self.config.latent_dim:
+            raise ValueError(
+                f"decode expects latent codes of shape [batch, {self.config.latent_dim}], "
+                f"got {tuple(z.shape)}."
+            )
+        h, w, c = self.image_shape
+        if self.config.kind == "mlp":
+            return self.dec(z).reshape(z.shape[0], h, w, c)
+        c2 = self.config.channels[1]
+        g = nnx.relu(self.dec_head(z)).reshape(z.shape[0], h // 4, w // 4, c2)
+        g = nnx.relu(self.deconv1(g))
+        g = nnx.relu(self.deconv2(g))
+        return self.out(g)
+
+    def decode(self, z: jax.Array) -> jax.Array:
+        """z: [B, latent] -> images [B, H, W, C] in [0, 1]."""
+        return nnx.sigmoid(self.decode_logits(z))
+
+
+class Classifier(nnx.Module):
+    """An image classifier returning logits."""
+
+    def __init__(
+        self,
+        config: ClassifierConfig,
+        *,
+        image_shape: ImageShape,
+        num_classes: int,
+        rngs: nnx.Rngs,
+    ):
+        self.config = config
+        self.image_shape = _check_image_shape(image_shape, config.kind)
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}.")
+        self.num_classes = int(num_classes)
+        h, w, c = self.image_shape
+        if config.kind == "mlp":
+            self.head = _MLP([h * w * c, config.hidden, config.hidden, num_classes], rngs=rngs)
+        else:
+            c1, c2 = config.channels
+            self.conv1 = nnx.Conv(c, c1, (3, 3), padding="SAME", rngs=rngs)
+            self.conv2 = nnx.Conv(c1, c2, (3, 3), padding="SAME", rngs=rngs)
+            flat = (h // 4) * (w // 4) * c2
+            self.head = _MLP([flat, config.hidden, num_classes], rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [B, H, W, C] in [0, 1] -> logits [B, num_classes]."""
+        check_images(x, self.image_shape, what="Classifier")
+        if self.config.kind == "conv":
+            x = nnx.relu(self.conv1(x))
+            x = _pool2(x)
+            x = nnx.relu(self.conv2(x))
+            x = _pool2(x)
+        return self.head(x.reshape(x.shape[0], -1))
+
+
+@struct.dataclass
+class Params:
+    """A model as a pure pytree: the NNX graph definition (static) and its weights (leaves)."""
+
+    graphdef: Any = struct.field(pytree_node=False)
+    state: Any  # nnx.State of nnx.Param leaves
+
+    def module(self) -> Any:
+        """Rebuild the NNX module (cheap; done at trace time inside jitted code)."""
+        return nnx.merge(self.graphdef, self.state)
+
+
+def params_of(model: nnx.Module) -> Params:
+    """Split an NNX model into a pure `Params` pytree."""
+    graphdef, state = nnx.split(model)
+    return Params(graphdef, state)
+
+
+def encode(params: Params, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x: [B, H, W, C] -> (mean [B, L], logvar [B, L])."""
+    return params.module().encode(x)
+
+
+def decode(params: Params, z: jax.Array) -> jax.Array:
+    """z: [B, L] -> x: [B, H, W, C] in [0, 1]."""
+    return params.module().decode(z)
+
+
+def logits(params: Params, x: jax.Array) -> jax.Array:
+    """x: [B, H, W, C] -> logits [B, num_classes]."""
+    return params.module()(x)
+
+
+def num_params(params: Params) -> int:
+    return int(sum(math.prod(p.shape) for p in jax.tree.leaves(params.state)))
