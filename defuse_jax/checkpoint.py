@@ -1,0 +1,142 @@
+"""Orbax checkpoints behind one small class: periodic saves, keep-last-K, automatic resume.
+
+A checkpoint directory belongs to one configuration: every checkpoint stores a JSON
+`fingerprint` of the settings that determine its contents, and resuming with different settings
+raises `CheckpointError` instead of silently mixing runs or starting afresh. A checkpoint that
+cannot be read (corrupt, truncated, wrong shapes) also raises `CheckpointError` naming the
+directory, so work is never thrown away without the user deciding to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory that cannot be resumed from."""
+
+
+def _canonical(obj: Any) -> Any:
+    # Round-trip through JSON so tuples/lists and int/float keys compare equal after a reload.
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+class Checkpointer:
+    """Saves and restores a training state pytree plus JSON metadata.
+
+    Args:
+        directory: where the checkpoints live (created if missing).
+        fingerprint: JSON-able settings that must match for a resume to be valid; None to
+            read checkpoints without checking (read-only loading of a finished model).
+        save_every: save when `step % save_every == 0` (and always on `save(..., force=True)`).
+        keep: how many of the most recent checkpoints to keep.
+
+    Example:
+        >>> ckpt = Checkpointer("/tmp/run/ckpt", fingerprint={"lr": 1e-3}, save_every=100)
+        >>> restored = ckpt.restore_latest(init_state)  # None when the directory is empty
+        >>> ckpt.save(step, state, meta={"history": []})
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        fingerprint: dict[str, Any] | None,
+        save_every: int = 200,
+        keep: int = 3,
+    ):
+        if save_every < 1 or keep < 1:
+            raise ValueError(f"save_every and keep must be >= 1, got {save_every}, {keep}.")
+        self.directory = os.path.abspath(os.fspath(directory))
+        self.fingerprint = None if fingerprint is None else _canonical(fingerprint)
+        self.save_every = int(save_every)
+        # Synchronous saves: the train step donates its buffers, and a run killed mid-save must
+        # leave only complete checkpoints behind (Orbax commits a step by an atomic rename).
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=False
+        )
+        try:
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
+        except Exception as e:  # noqa: BLE001 - re-raised with the directory named
+            raise CheckpointError(f"Cannot open checkpoint directory {self.directory}: {e}") from e
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def restore_latest(self, target: Any) -> tuple[Any, dict[str, Any]] | None:
+        """Restore the newest checkpoint shaped like `target`, or None if there is none.
+
+        Args:
+            target: a pytree with the structure, shapes and dtypes of the saved state (e.g. the
+                freshly initialised state).
+
+        Returns:
+            (state, meta) or None.
+
+        Raises:
+            CheckpointError: the checkpoint is unreadable or was written by another config.
+        """
+        step = self._manager.latest_step()
+        if step is None:
+            return None
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        try:
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+                ),
+            )
+        except Exception as e:  # noqa: BLE001 - any failure here means an unusable checkpoint
+            raise CheckpointError(
+                f"The checkpoint at step {step} in {self.directory} cannot be restored "
+                f"({type(e).__name__}: {str(e)[:300]}). It is corrupt or was written by an "
+                "incompatible model. Nothing was overwritten: move the directory away (or pass "
+                "a new output directory) to start fresh, or fix the configuration to match it."
+            ) from e
+        meta = dict(restored["meta"] or {})
+        saved = meta.get("fingerprint")
+        if self.fingerprint is not None and saved != self.fingerprint:
+            diff = _describe_diff(saved or {}, self.fingerprint)
+            raise CheckpointError(
+                f"{self.directory} holds checkpoints of a different configuration ({diff}). "
+                "Use a new output directory, or rerun with the original settings to resume."
+            )
+        return restored["state"], meta
+
+    def save(
+        self, step: int, state: Any, *, meta: dict[str, Any] | None = None, force: bool = False
+    ) -> bool:
+        """Save if `step` is on the schedule (or `force`); returns whether it saved."""
+        if self.fingerprint is None:
+            raise CheckpointError(f"{self.directory} was opened read-only (no fingerprint).")
+        if not force and step % self.save_every != 0:
+            return False
+        if self._manager.latest_step() == step:
+            return False
+        meta = {**(meta or {}), "fingerprint": self.fingerprint, "step": int(step)}
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(_canonical(meta))
+            ),
+            force=True,
+        )
+        self._manager.wait_until_finished()
+        return True
+
+    def close(self) -> None:
+        self._manager.close()
+
+
+def _describe_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
+    keys = sorted(set(old) | set(new))
+    diffs = [
+        f"{k}: saved {old.get(k)!r} vs now {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)
+    ]
+    return "; ".join(diffs[:5]) or "unknown difference"

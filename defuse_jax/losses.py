@@ -1,0 +1,60 @@
+"""Training objectives: the annealed beta-VAE ELBO and the classifier's cross-entropy."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from defuse_jax.models import Params
+
+
+def kl_weight(step: jax.Array, *, beta: float, anneal_steps: int) -> jax.Array:
+    """Linear KL annealing: 0 at step 0, `beta` from `anneal_steps` on."""
+    if anneal_steps <= 0:
+        return jnp.asarray(beta, jnp.float32)
+    frac = jnp.minimum(step.astype(jnp.float32) / float(anneal_steps), 1.0)
+    return jnp.float32(beta) * frac
+
+
+def vae_loss(
+    params: Params, batch: dict[str, jax.Array], key: jax.Array, step: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Negative annealed ELBO with a Bernoulli likelihood; batch["x"]: [B, H, W, C] in [0, 1]."""
+    vae = params.module()
+    x = batch["x"]
+    mean, logvar = vae.encode(x)
+    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
+    recon = optax.sigmoid_binary_cross_entropy(vae.decode_logits(z), x).sum(axis=(1, 2, 3))
+    kl = 0.5 * (jnp.exp(logvar) + mean**2 - 1.0 - logvar).sum(axis=-1)
+    w = kl_weight(step, beta=vae.config.beta, anneal_steps=vae.config.kl_anneal_steps)
+    recon, kl = recon.mean(), kl.mean()
+    return recon + w * kl, {"recon": recon, "kl": kl, "kl_weight": w}
+
+
+def vae_eval(params: Params, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Per-example reconstruction error (from the mean code) and KL; [B] each."""
+    vae = params.module()
+    x = batch["x"]
+    mean, logvar = vae.encode(x)
+    recon = optax.sigmoid_binary_cross_entropy(vae.decode_logits(mean), x).sum(axis=(1, 2, 3))
+    kl = 0.5 * (jnp.exp(logvar) + mean**2 - 1.0 - logvar).sum(axis=-1)
+    return {"recon": recon, "kl": kl}
+
+
+def classifier_loss(
+    params: Params, batch: dict[str, jax.Array], key: jax.Array, step: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean softmax cross-entropy; batch = {"x": [B, H, W, C], "y": [B] int32}."""
+    del key, step
+    logits = params.module()(batch["x"])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+    acc = (logits.argmax(-1) == batch["y"]).astype(jnp.float32).mean()
+    return loss, {"accuracy": acc}
+
+
+def classifier_eval(params: Params, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Per-example accuracy and loss; [B] each."""
+    logits = params.module()(batch["x"])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+    return {"accuracy": (logits.argmax(-1) == batch["y"]).astype(jnp.float32), "loss": loss}

@@ -1,0 +1,223 @@
+"""One reusable optax training loop: a jitted, buffer-donating train step and a resumable fit.
+
+Randomness is a pure function of (seed, step): the batch order of epoch e comes from
+`fold_in(data_key, e)` and the step's noise from `fold_in(step_key, step)`, so a run resumed from
+any checkpoint repeats exactly what the uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
+
+from defuse_jax.checkpoint import Checkpointer
+from defuse_jax.models import Params
+
+Batch = Mapping[str, jax.Array]
+# loss_fn(params, batch, key, step) -> (scalar loss, {metric name: scalar})
+LossFn = Callable[[Params, Batch, jax.Array, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+# eval_fn(params, batch) -> {metric name: [batch] per-example values}
+EvalFn = Callable[[Params, Batch], dict[str, jax.Array]]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings shared by every training stage.
+
+    Attributes:
+        epochs: passes over the training data (the last partial batch of an epoch is dropped so
+            every step has the same shape).
+        batch_size: examples per step (split across devices when divisible by their count).
+        learning_rate: optimiser step size.
+        optimizer: "adam", "adamw" or "sgd" (with `momentum`).
+        momentum: SGD momentum.
+        weight_decay: decoupled weight decay (adamw only).
+        seed: root of all randomness of the run.
+        checkpoint_every: save a checkpoint every this many steps (and at the end).
+        keep_checkpoints: how many recent checkpoints to keep.
+        progress: show a progress bar.
+    """
+
+    epochs: int = 30
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    seed: int = 0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    progress: bool = True
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # [] int32, number of completed steps
+    params: Any  # nnx.State of the model weights
+    opt_state: Any  # optax state
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """The optax optimiser named by `config`."""
+    if config.optimizer == "adam":
+        return optax.adam(config.learning_rate)
+    if config.optimizer == "adamw":
+        return optax.adamw(config.learning_rate, weight_decay=config.weight_decay)
+    if config.optimizer == "sgd":
+        return optax.sgd(config.learning_rate, momentum=config.momentum)
+    raise ValueError(f"Unknown optimizer {config.optimizer!r}; use 'adam', 'adamw' or 'sgd'.")
+
+
+def make_train_step(
+    loss_fn: LossFn, graphdef: Any, optimizer: optax.GradientTransformation
+) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
+    """A jitted `train_step(state, batch, step_key) -> (state, metrics)` that donates `state`."""
+
+    def train_step(state: TrainState, batch: Batch, step_key: jax.Array):
+        key = jax.random.fold_in(step_key, state.step)
+
+        def objective(p):
+            return loss_fn(Params(graphdef, p), batch, key, state.step)
+
+        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(state.step + 1, params, opt_state), {"loss": loss, **metrics}
+
+    return jax.jit(train_step, donate_argnums=0)
+
+
+def evaluate(
+    eval_fn: EvalFn, params: Params, data: Mapping[str, np.ndarray], *, batch_size: int = 512
+) -> dict[str, float]:
+    """Mean of `eval_fn`'s per-example metrics over `data`, in fixed-size padded batches."""
+    n = len(next(iter(data.values())))
+    if n == 0:
+        return {}
+    step = jax.jit(eval_fn)
+    sums: dict[str, float] = {}
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, start + batch_size)
+        valid = idx < n
+        batch = {k: jnp.asarray(v[np.where(valid, idx, 0)]) for k, v in data.items()}
+        out = step(params, batch)
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + float(np.asarray(v)[valid].sum())
+    return {k: v / n for k, v in sums.items()}
+
+
+def _data_mesh(batch_size: int) -> Mesh | None:
+    devices = jax.devices()
+    if len(devices) > 1 and batch_size % len(devices) == 0:
+        return Mesh(np.asarray(devices), ("data",))
+    return None
+
+
+def fit(
+    params: Params,
+    loss_fn: LossFn,
+    train_data: Mapping[str, np.ndarray],
+    *,
+    config: TrainConfig,
+    checkpoint_dir: str,
+    fingerprint: dict[str, Any],
+    eval_fn: EvalFn | None = None,
+    eval_data: Mapping[str, np.ndarray] | None = None,
+    desc: str = "train",
+) -> tuple[Params, list[dict[str, float]]]:
+    """Train `params` on `train_data`, resuming from `checkpoint_dir` if it holds a checkpoint.
+
+    Args:
+        params: the initial model (used as-is for a fresh run, as the shape template on resume).
+        loss_fn: `(params, batch, key, step) -> (loss, metrics)`.
+        train_data: arrays with a common leading dimension, e.g. {"x": [N, H, W, C], "y": [N]}.
+        config: optimisation settings.
+        checkpoint_dir: where checkpoints are saved and resumed from.
+        fingerprint: settings that must match for a resume (model config, data, train config).
+        eval_fn: optional per-example metrics, evaluated on `eval_data` after every epoch.
+        eval_data: arrays for `eval_fn`.
+        desc: progress-bar label.
+
+    Returns:
+        (trained params, per-epoch history of train and eval metrics).
+    """
+    n = len(next(iter(train_data.values())))
+    steps_per_epoch = n // config.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"batch_size {config.batch_size} exceeds the {n} training examples; lower it."
+        )
+    if config.epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {config.epochs}.")
+    total_steps = config.epochs * steps_per_epoch
+    optimizer = make_optimizer(config)
+    # Copy: the train step donates its state, and the caller keeps its `params`.
+    init = jax.tree.map(jnp.copy, params.state)
+    state = TrainState(jnp.zeros((), jnp.int32), init, optimizer.init(init))
+    # Epochs and checkpoint cadence may change between resumes (e.g. to train longer).
+    resumable = dataclasses.asdict(config)
+    for k in ("epochs", "checkpoint_every", "keep_checkpoints", "progress"):
+        resumable.pop(k)
+    ckpt = Checkpointer(
+        checkpoint_dir,
+        fingerprint={**fingerprint, "train": resumable, "steps_per_epoch": steps_per_epoch},
+        save_every=config.checkpoint_every,
+        keep=config.keep_checkpoints,
+    )
+    history: list[dict[str, float]] = []
+    restored = ckpt.restore_latest(state)
+    if restored is not None:
+        state, meta = restored
+        history = list(meta.get("history", []))
+    start = int(state.step)
+
+    mesh = _data_mesh(config.batch_size)
+    replicated = NamedSharding(mesh, P()) if mesh else None
+    sharded = NamedSharding(mesh, P("data")) if mesh else None
+    data = {k: jax.device_put(np.asarray(v), replicated) for k, v in train_data.items()}
+    if replicated is not None:
+        state = jax.device_put(state, replicated)
+
+    root = jax.random.key(config.seed)
+    data_key, step_key = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
+    train_step = make_train_step(loss_fn, params.graphdef, optimizer)
+    gather = jax.jit(lambda arrays, idx: {k: v[idx] for k, v in arrays.items()})
+
+    bar = tqdm(total=total_steps, initial=start, desc=desc, disable=not config.progress)
+    sums: dict[str, jax.Array] = {}
+    t0 = time.perf_counter()
+    for step in range(start, total_steps):
+        epoch, pos = divmod(step, steps_per_epoch)
+        if pos == 0 or step == start:
+            perm = np.asarray(jax.random.permutation(jax.random.fold_in(data_key, epoch), n))
+        idx = perm[pos * config.batch_size : (pos + 1) * config.batch_size]
+        batch = gather(data, jax.device_put(idx, sharded))
+        state, metrics = train_step(state, batch, step_key)
+        sums = {k: sums.get(k, 0.0) + v for k, v in metrics.items()}
+        bar.update(1)
+        done = step + 1
+        if done % steps_per_epoch == 0:
+            # Steps of a resumed partial epoch are averaged over what this process ran.
+            ran = done - max(start, done - steps_per_epoch)
+            record = {"epoch": epoch + 1, **{k: float(v) / ran for k, v in sums.items()}}
+            if eval_fn is not None and eval_data is not None:
+                p = Params(params.graphdef, state.params)
+                ev = evaluate(eval_fn, p, eval_data)
+                record.update({f"test_{k}": v for k, v in ev.items()})
+            record["seconds"] = time.perf_counter() - t0
+            history.append(record)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k != "epoch"})
+            sums = {}
+        ckpt.save(done, state, meta={"history": history}, force=done == total_steps)
+    bar.close()
+    ckpt.close()
+    return Params(params.graphdef, state.params), history
