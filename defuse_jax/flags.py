@@ -1,0 +1,124 @@
+"""Map frozen config dataclasses onto argparse flags and back.
+
+`add_flags(parser, TrainConfig, prefix="clf-")` adds `--clf-epochs`, `--clf-batch-size`, ...
+with the dataclass defaults; `from_flags(args, TrainConfig, prefix="clf-")` builds the config.
+Booleans become `--flag/--no-flag`, tuples take several values, Literals become choices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any, Literal
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _attribute_docs(cls: type) -> dict[str, str]:
+    """Field descriptions from the Google-style `Attributes:` section of `cls`'s docstring."""
+    docs: dict[str, str] = {}
+    lines = (cls.__doc__ or "").splitlines()
+    current = None
+    inside = False
+    for line in lines:
+        stripped = line.strip()
+        if stripped == "Attributes:":
+            inside = True
+            continue
+        if not inside:
+            continue
+        if not stripped:
+            current = None
+            continue
+        head, sep, rest = stripped.partition(":")
+        if sep and head.isidentifier() and " " not in head:
+            current = head
+            docs[current] = rest.strip()
+        elif current is not None:
+            docs[current] += " " + stripped
+    return docs
+
+
+def _dest(prefix: str, name: str) -> str:
+    return (prefix + name).replace("-", "_")
+
+
+def add_flags(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    *,
+    prefix: str = "",
+    defaults: Any = None,
+    skip: tuple[str, ...] = (),
+    rename: dict[str, str] | None = None,
+) -> None:
+    """Add one flag per field of dataclass `cls` (defaults from `defaults` or the class)."""
+    rename = rename or {}
+    hints = _field_types(cls)
+    docs = _attribute_docs(cls)
+    group = parser.add_argument_group(f"{cls.__name__} ({prefix or 'no prefix'})")
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        default = getattr(defaults, f.name) if defaults is not None else f.default
+        name = rename.get(f.name, f.name)
+        flag = "--" + prefix + name.replace("_", "-")
+        dest = _dest(prefix, name)
+        tp, optional = _unwrap_optional(hints[f.name])
+        origin = typing.get_origin(tp)
+        help_ = f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%").strip()
+        if tp is bool:
+            group.add_argument(
+                flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=help_
+            )
+        elif origin is Literal:
+            group.add_argument(
+                flag, dest=dest, choices=list(typing.get_args(tp)), default=default, help=help_
+            )
+        elif origin is tuple:
+            elem = typing.get_args(tp)[0]
+            group.add_argument(flag, dest=dest, nargs="+", type=elem, default=default, help=help_)
+        else:
+            conv = _optional(tp) if optional else tp
+            group.add_argument(flag, dest=dest, type=conv, default=default, help=help_)
+
+
+def _optional(tp: Any):
+    def parse(s: str):
+        return None if s.lower() in ("none", "") else tp(s)
+
+    parse.__name__ = getattr(tp, "__name__", "value")
+    return parse
+
+
+def from_flags(
+    args: argparse.Namespace,
+    cls: type,
+    *,
+    prefix: str = "",
+    rename: dict[str, str] | None = None,
+    **overrides: Any,
+) -> Any:
+    """Build `cls` from the parsed flags that `add_flags` added (plus `overrides`)."""
+    rename = rename or {}
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        dest = _dest(prefix, rename.get(f.name, f.name))
+        if hasattr(args, dest):
+            value = getattr(args, dest)
+            kwargs[f.name] = tuple(value) if isinstance(value, list) else value
+    kwargs.update(overrides)
+    return cls(**kwargs)
