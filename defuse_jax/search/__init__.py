@@ -1,0 +1,14 @@
+"""Identification: compiled, batched, sharded latent search for unrestricted adversarial examples.
+
+Example:
+  >>> from defuse_jax.search import SearchConfig, latent_search
+  >>> res = latent_search(decode_fn, classify_fn, z0, y0, key=jax.random.key(0),
+  ...                     config=SearchConfig(mode="sample", num_samples=100))
+  >>> print(res.summary())
+"""
+
+from defuse_jax.search.api import latent_search
+from defuse_jax.search.config import SearchConfig
+from defuse_jax.search.result import SearchResult
+
+__all__ = ["SearchConfig", "SearchResult", "latent_search"]

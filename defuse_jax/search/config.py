@@ -1,0 +1,121 @@
+"""`SearchConfig`: every knob of the latent search, validated, hashable (one jit per config)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+MODES = ("sample", "iterative", "gradient")
+DISTRIBUTIONS = ("gaussian", "laplace", "uniform_ball", "beta_offset")
+DTYPES = ("float32", "bfloat16")
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    """Configuration of `latent_search`.
+
+    Work is organised in *chains*: every source point gets `chains_per_source` chains and every
+    chain runs `rounds_per_chain` rounds, evaluating one latent code per round. In `"sample"` mode
+    a chain is a single i.i.d. perturbation (one round), so `num_samples` (Q in the paper) chains
+    per source; in `"iterative"` and `"gradient"` mode `chains_per_source` chains run
+    `num_rounds` rounds each.
+
+    Attributes:
+      mode: `"sample"` (the paper: Q i.i.d. perturbations per source), `"iterative"` (Zhao et al.
+        radius window that widens until a flip and then shrinks toward the source), or
+        `"gradient"` (optax descent on the source-label margin plus a distance penalty).
+      num_samples: Q, perturbations per source in `"sample"` mode.
+      chains_per_source: chains per source in `"iterative"` / `"gradient"` mode.
+      num_rounds: rounds (radius updates or optimiser steps) per chain in those modes.
+      distribution: perturbation law in `"sample"` mode: `"gaussian"` (N(0, scale^2) per
+        dimension), `"laplace"` (Laplace(0, scale) per dimension), `"uniform_ball"` (uniform
+        direction, radius uniform in [radius_min, radius_max]) or `"beta_offset"` (Beta(beta_a,
+        beta_a) per dimension, *not* centred: the reference demo's law, for parity runs).
+      scale: scale of the gaussian / laplace laws; also the initial jitter of gradient chains.
+      radius_min: inner radius of `"uniform_ball"`.
+      radius_max: outer radius of `"uniform_ball"`.
+      beta_a: the Beta(a, a) parameter of `"beta_offset"` (reference: 50; 75 for SVHN).
+      radius_step: `"iterative"`: width of the first radius window and of each widening step.
+      learning_rate: `"gradient"`: optimiser step size.
+      optimizer: `"gradient"`: `"adam"` or `"sgd"`.
+      distance_penalty: `"gradient"`: weight of ||z - z0||^2 in the loss.
+      margin_floor: `"gradient"`: the margin loss is clipped at -margin_floor, so once a chain has
+        crossed the boundary by that much only the distance penalty pulls (chains then walk
+        along the boundary, close to the source, recording many small flips).
+      max_keep_per_source: keep the k smallest-norm adversarial examples per source (reference:
+        3-5); `None` keeps every one found.
+      skip_misclassified: skip sources the classifier already gets wrong at z0.
+      chunk_size: chains evaluated together per device step; bounds memory (decoded images exist
+        only for one chunk) and sets the cache working set. Results do not depend on it.
+      compute_dtype: `"float32"` or `"bfloat16"`; z is cast to it before `decode_fn` (which must
+        then accept that dtype) and logits are read back in float32.
+      seed: used only when `latent_search` is called with `key=None`.
+    """
+
+    mode: str = "sample"
+    num_samples: int = 100
+    chains_per_source: int = 8
+    num_rounds: int = 16
+    distribution: str = "gaussian"
+    scale: float = 0.5
+    radius_min: float = 0.0
+    radius_max: float = 2.0
+    beta_a: float = 50.0
+    radius_step: float = 0.25
+    learning_rate: float = 0.05
+    optimizer: str = "adam"
+    distance_penalty: float = 0.1
+    margin_floor: float = 0.0
+    max_keep_per_source: int | None = 5
+    skip_misclassified: bool = True
+    chunk_size: int = 2048
+    compute_dtype: str = "float32"
+    seed: int = 0
+
+    def __post_init__(self):
+        def fail(msg):
+            raise ValueError(f"SearchConfig: {msg}")
+
+        if self.mode not in MODES:
+            fail(f"mode={self.mode!r}; choose one of {MODES}.")
+        if self.distribution not in DISTRIBUTIONS:
+            fail(f"distribution={self.distribution!r}; choose one of {DISTRIBUTIONS}.")
+        if self.compute_dtype not in DTYPES:
+            fail(f"compute_dtype={self.compute_dtype!r}; choose one of {DTYPES}.")
+        if self.optimizer not in OPTIMIZERS:
+            fail(f"optimizer={self.optimizer!r}; choose one of {OPTIMIZERS}.")
+        for name in ("num_samples", "chains_per_source", "num_rounds", "chunk_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                fail(f"{name}={value!r}; it must be a positive int (zero samples search nothing).")
+        k = self.max_keep_per_source
+        if k is not None and (not isinstance(k, int) or k < 1):
+            fail(f"max_keep_per_source={k!r}; use a positive int, or None to keep all.")
+        for name in ("scale", "beta_a", "radius_step", "learning_rate", "radius_max"):
+            if not float(getattr(self, name)) > 0.0:
+                fail(f"{name}={getattr(self, name)!r}; it must be > 0.")
+        if not 0.0 <= self.radius_min < self.radius_max:
+            fail(f"need 0 <= radius_min < radius_max, got {self.radius_min}, {self.radius_max}.")
+        if self.distance_penalty < 0.0 or self.margin_floor < 0.0:
+            fail("distance_penalty and margin_floor must be >= 0.")
+
+    @property
+    def chains(self) -> int:
+        """Chains per source point."""
+        return self.num_samples if self.mode == "sample" else self.chains_per_source
+
+    @property
+    def rounds(self) -> int:
+        """Rounds (evaluated latent codes) per chain."""
+        return 1 if self.mode == "sample" else self.num_rounds
+
+    @property
+    def samples_per_source(self) -> int:
+        """Latent codes evaluated per source point."""
+        return self.chains * self.rounds
+
+    @property
+    def keep(self) -> int:
+        """Candidates kept per source on device (k of the top-k)."""
+        k = self.max_keep_per_source
+        return self.samples_per_source if k is None else min(k, self.samples_per_source)

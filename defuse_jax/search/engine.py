@@ -1,0 +1,167 @@
+"""The compiled search program: blocks of chains, per-source top-k on device, sharded over devices.
+
+Layout. Sources are padded and laid out as `[D * G, S, ...]`: D devices (leading axis sharded over
+every mesh axis), G blocks per device (a `lax.scan`, so one dispatch for the whole problem), S
+sources per block. A block evaluates its sources' chains in sub-chunks of `c` chains per source
+(another `lax.scan`) and merges the flips into a running per-source top-k by perturbation norm,
+so memory is O(N * k) plus one block's decoded images, whatever N * Q is.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from defuse_jax.search.config import SearchConfig
+from defuse_jax.search.modes import RUNNERS, Candidates, forward, read_logits
+from defuse_jax.search.perturb import ChainRng, words_per_round
+
+
+class Layout(NamedTuple):
+    """How N sources x C chains are cut into fixed-shape work."""
+
+    devices: int  # D
+    blocks: int  # G, blocks per device
+    sources: int  # S, sources per block
+    chains: int  # c, chains per source per sub-chunk
+    sub_chunks: int  # ceil(C / c)
+
+    @property
+    def padded_sources(self) -> int:
+        return self.devices * self.blocks * self.sources
+
+
+def plan_layout(num_sources: int, devices: int, config: SearchConfig) -> Layout:
+    """Chooses S, c, G so one sub-chunk evaluates about `chunk_size` chains per device."""
+    total_chains = config.chains
+    if total_chains >= config.chunk_size:
+        per_block, chains = 1, config.chunk_size
+    else:
+        per_block, chains = config.chunk_size // total_chains, total_chains
+    per_device = math.ceil(num_sources / devices)
+    per_block = max(1, min(per_block, per_device))
+    blocks = math.ceil(per_device / per_block)
+    return Layout(devices, blocks, per_block, chains, math.ceil(total_chains / chains))
+
+
+class DeviceOutput(NamedTuple):
+    """What the program returns: leading [D * G, S]."""
+
+    best: Candidates  # [D*G, S, k, ...] the k smallest-norm flips per source
+    num_flips: jax.Array  # [D*G, S] int32 flips per source before the top-k
+    used: jax.Array  # [D*G, S] bool source searched (valid and, if skipping, correct at z0)
+
+
+def _merge_top_k(best: Candidates, new: Candidates, k: int) -> Candidates:
+    """Per-row top-k of two candidate sets [S, k] and [S, m] by smallest norm among found."""
+    both = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=1), best, new)
+    score = jnp.where(both.found, -both.norm, jnp.float32(-jnp.inf))
+    _, idx = jax.lax.top_k(score, k)  # ties keep the lower index, i.e. earlier chains
+
+    def take(a):
+        ix = idx.reshape(idx.shape + (1,) * (a.ndim - 2))
+        return jnp.take_along_axis(a, ix, axis=1)
+
+    return jax.tree.map(take, both)
+
+
+def _empty(sources: int, k: int, latent: int) -> Candidates:
+    return Candidates(
+        found=jnp.zeros((sources, k), bool),
+        z=jnp.zeros((sources, k, latent), jnp.float32),
+        pred=jnp.zeros((sources, k), jnp.int32),
+        prob=jnp.zeros((sources, k), jnp.float32),
+        norm=jnp.full((sources, k), jnp.inf, jnp.float32),
+    )
+
+
+def _search_block(decode_fn, classify_fn, config, layout, root, z0, y0, src, valid):
+    """One block: z0 [S, L], y0/src/valid [S] -> (best [S, k], flips [S], used [S])."""
+    s, latent = z0.shape
+    pred0, _ = read_logits(forward(decode_fn, classify_fn, z0, config=config))
+    used = valid & (pred0 == y0) if config.skip_misclassified else valid
+    runner = functools.partial(RUNNERS[config.mode], decode_fn, classify_fn, config=config)
+
+    def sub_chunk(carry, j):
+        best, flips = carry
+        chain_idx = j * layout.chains + jnp.arange(layout.chains, dtype=jnp.int32)
+        rng = ChainRng(root, src, chain_idx, config.rounds, words_per_round(latent))
+        cand = runner(z0, y0, rng)  # [S, c, R, ...]
+        mask = used[:, None, None] & (chain_idx < config.chains)[None, :, None]
+        cand = cand._replace(found=cand.found & mask)
+        flips = flips + jnp.sum(cand.found, axis=(1, 2), dtype=jnp.int32)
+        flat = jax.tree.map(lambda a: a.reshape((s, -1) + a.shape[3:]), cand)
+        return (_merge_top_k(best, flat, config.keep), flips), None
+
+    init = (_empty(s, config.keep, latent), jnp.zeros((s,), jnp.int32))
+    (best, flips), _ = jax.lax.scan(sub_chunk, init,
+                                    jnp.arange(layout.sub_chunks, dtype=jnp.int32))
+    return best, flips, used
+
+
+def build_program(decode_fn, classify_fn, config: SearchConfig, layout: Layout, mesh: Mesh):
+    """The jitted program.
+
+    (key data [2] uint32, z0 [D*G, S, L], y0 / src / valid [D*G, S]) -> `DeviceOutput`.
+    """
+    block = functools.partial(_search_block, decode_fn, classify_fn, config, layout)
+
+    def per_device(root, z0, y0, src, valid):  # local leading dim: G blocks
+        def body(_, xs):
+            return None, block(root, *xs)
+
+        _, (best, flips, used) = jax.lax.scan(body, None, (z0, y0, src, valid))
+        return DeviceOutput(best, flips, used)
+
+    axes = P(tuple(mesh.axis_names))
+    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), axes, axes, axes, axes),
+                            out_specs=axes, check_vma=False)
+    return jax.jit(sharded)
+
+
+_PROGRAMS: dict = {}
+
+
+def get_program(decode_fn, classify_fn, config: SearchConfig, layout: Layout, mesh: Mesh):
+    """Cached `build_program` (a new jit per distinct functions / config / layout / mesh)."""
+    cache_key = (decode_fn, classify_fn, config, layout, mesh)
+    if cache_key not in _PROGRAMS:
+        if len(_PROGRAMS) > 32:  # closures may hold model weights: keep the cache small
+            _PROGRAMS.clear()
+        _PROGRAMS[cache_key] = build_program(decode_fn, classify_fn, config, layout, mesh)
+    return _PROGRAMS[cache_key]
+
+
+def default_mesh() -> Mesh:
+    """A 1-D mesh over every device (all hosts after `jax.distributed.initialize()`)."""
+    return Mesh(np.asarray(jax.devices()), ("chains",))
+
+
+def lay_out_inputs(z0: np.ndarray, y0: np.ndarray, layout: Layout, mesh: Mesh):
+    """Pads the host inputs to `layout` and places them sharded over `mesh`."""
+    n, latent = z0.shape
+    pad = layout.padded_sources - n
+    shape = (layout.devices * layout.blocks, layout.sources)
+    z = np.concatenate([z0, np.zeros((pad, latent), np.float32)]).reshape(shape + (latent,))
+    y = np.concatenate([y0, np.zeros((pad,), np.int32)]).reshape(shape)
+    src = np.arange(layout.padded_sources, dtype=np.int32).reshape(shape)
+    valid = (np.arange(layout.padded_sources) < n).reshape(shape)
+    sharding = NamedSharding(mesh, P(tuple(mesh.axis_names)))
+    return tuple(jax.device_put(a, sharding) for a in (z, y, src, valid))
+
+
+def fetch(tree):
+    """One device->host transfer of the whole output (gathered across hosts if needed)."""
+    leaves = jax.tree.leaves(tree)
+    if all(getattr(a, "is_fully_addressable", True) for a in leaves):
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)

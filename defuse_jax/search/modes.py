@@ -1,0 +1,154 @@
+"""The three search modes, each a fixed-shape function of one block of chains.
+
+Each `run_<mode>` takes the block's source codes `z0: [S, L]`, labels `y0: [S]` and the chains'
+randomness `rng` (S sources x c chains), and returns `Candidates` with leading shape [S, c, R]
+(R = rounds per chain): every evaluated latent code, whether it flips the prediction, and its
+prediction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from defuse_jax.search.config import SearchConfig
+from defuse_jax.search.perturb import ChainRng, sample_offset, unit_direction
+
+DecodeFn = Callable[[jax.Array], jax.Array]
+ClassifyFn = Callable[[jax.Array], jax.Array]
+
+
+class Candidates(NamedTuple):
+    """Evaluated latent codes of a block of chains (leading dims `...` = [S, c, R] or [S, k])."""
+
+    found: jax.Array  # [...] bool: prediction != source label
+    z: jax.Array  # [..., L] float32
+    pred: jax.Array  # [...] int32 predicted label
+    prob: jax.Array  # [...] float32 probability of the predicted label
+    norm: jax.Array  # [...] float32 ||z - z0||_2
+
+
+def forward(decode_fn: DecodeFn, classify_fn: ClassifyFn, z: jax.Array, *,
+            config: SearchConfig) -> jax.Array:
+    """decode + classify in the compute dtype: z [B, L] -> float32 logits [B, C]."""
+    dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
+    return classify_fn(decode_fn(z.astype(dtype))).astype(jnp.float32)
+
+
+def read_logits(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Logits [B, C] -> (argmax [B] int32, its softmax probability [B] float32)."""
+    pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    prob = jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1)
+    return pred, prob
+
+
+def _flat(x: jax.Array, lead: int) -> jax.Array:
+    return x.reshape((-1,) + x.shape[lead:])
+
+
+def run_sample(decode_fn, classify_fn, z0, y0, rng: ChainRng, *,
+               config: SearchConfig) -> Candidates:
+    """Paper mode: one i.i.d. perturbation per chain (R = 1)."""
+    s, c = z0.shape[0], rng.chain.shape[0]
+    latent = z0.shape[-1]
+    delta = sample_offset(rng, latent, config=config)  # [S, c, L]
+    z = z0[:, None, :] + delta  # [S, c, L]
+    pred, prob = read_logits(forward(decode_fn, classify_fn, _flat(z, 2), config=config))
+    pred, prob = pred.reshape(s, c), prob.reshape(s, c)
+    found = pred != y0[:, None]
+    norm = jnp.linalg.norm(delta, axis=-1)
+    return Candidates(found[..., None], z[:, :, None], pred[..., None], prob[..., None],
+                      norm[..., None])
+
+
+def run_iterative(decode_fn, classify_fn, z0, y0, rng: ChainRng, *,
+                  config: SearchConfig) -> Candidates:
+    """Zhao-style radius window per chain, one random direction per round.
+
+    Until a chain's first flip the window [lo, hi] slides outward by `radius_step` each round
+    (iterative stochastic search); after a flip at radius r the window becomes [lo / 2, r] and
+    each further miss moves lo halfway toward hi (hybrid shrinking search), so later flips are
+    closer to the source.
+    """
+    s, c = z0.shape[0], rng.chain.shape[0]
+    latent = z0.shape[-1]
+    step = jnp.float32(config.radius_step)
+    z0_b = jnp.repeat(z0, c, axis=0)  # [B, L], B = S * c
+    y0_b = jnp.repeat(y0, c, axis=0)
+
+    def one_round(state, r):
+        lo, hi, hit_before = state  # [B] float32, [B] float32, [B] bool
+        u = unit_direction(rng.normal(r, latent)).reshape(-1, latent)  # [B, L]
+        t = rng.uniform(r, latent + 1)[..., latent].reshape(-1)  # [B]
+        radius = lo + t * (hi - lo)
+        z = z0_b + radius[:, None] * u
+        pred, prob = read_logits(forward(decode_fn, classify_fn, z, config=config))
+        hit = pred != y0_b
+        hit_any = hit_before | hit
+        new_lo = jnp.where(hit, 0.5 * lo, jnp.where(hit_before, 0.5 * (lo + hi), hi))
+        new_hi = jnp.where(hit, radius, jnp.where(hit_before, hi, hi + step))
+        return (new_lo, new_hi, hit_any), Candidates(hit, z, pred, prob, radius)
+
+    b = s * c
+    init = (jnp.zeros((b,), jnp.float32), jnp.full((b,), step), jnp.zeros((b,), bool))
+    _, out = jax.lax.scan(one_round, init, jnp.arange(config.num_rounds, dtype=jnp.int32))
+    # out leaves: [R, B, ...] -> [S, c, R, ...]
+    return jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1).reshape((s, c) + a.shape[:1] + a.shape[2:]),
+                        out)
+
+
+def margin(logits: jax.Array, label: jax.Array) -> jax.Array:
+    """logit[label] - max_{j != label} logit[j]: [B]; negative iff the prediction flipped."""
+    onehot = jax.nn.one_hot(label, logits.shape[-1], dtype=jnp.bool_)
+    own = jnp.sum(jnp.where(onehot, logits, jnp.float32(0.0)), axis=-1)
+    other = jnp.max(jnp.where(onehot, jnp.float32(-jnp.inf), logits), axis=-1)
+    return own - other
+
+
+def run_gradient(decode_fn, classify_fn, z0, y0, rng: ChainRng, *,
+                 config: SearchConfig) -> Candidates:
+    """Gradient-guided search: optax steps on margin(z) + penalty * ||z - z0||^2.
+
+    Chains start at z0 plus N(0, scale^2 / L) jitter (so chains of one source differ) and every
+    step's code is evaluated on the way (the forward pass of the gradient), so each step is one
+    evaluated sample and every flipping step is recorded.
+    """
+    s, c = z0.shape[0], rng.chain.shape[0]
+    latent = z0.shape[-1]
+    z0_b = jnp.repeat(z0, c, axis=0)
+    y0_b = jnp.repeat(y0, c, axis=0)
+    jitter = jnp.float32(config.scale / latent**0.5)
+    z_init = z0_b + jitter * rng.normal(0, latent).reshape(-1, latent)
+    if config.optimizer == "adam":
+        opt = optax.adam(config.learning_rate)
+    else:
+        opt = optax.sgd(config.learning_rate)
+    penalty = jnp.float32(config.distance_penalty)
+    floor = jnp.float32(-config.margin_floor)
+
+    def loss_fn(z):
+        logits = forward(decode_fn, classify_fn, z, config=config)
+        dist2 = jnp.sum(jnp.square(z - z0_b), axis=-1)
+        per_chain = jnp.maximum(margin(logits, y0_b), floor) + penalty * dist2
+        return jnp.sum(per_chain), logits  # chains are independent: grad of the sum is per chain
+
+    def one_step(state, _):
+        z, opt_state = state
+        (_, logits), grad = jax.value_and_grad(loss_fn, has_aux=True)(z)
+        pred, prob = read_logits(logits)
+        norm = jnp.linalg.norm(z - z0_b, axis=-1)
+        with jax.numpy_dtype_promotion("standard"):  # optax's bias correction mixes int/float
+            updates, opt_state = opt.update(grad, opt_state, z)
+        return (optax.apply_updates(z, updates), opt_state), Candidates(
+            pred != y0_b, z, pred, prob, norm)
+
+    _, out = jax.lax.scan(one_step, (z_init, opt.init(z_init)), None, length=config.num_rounds)
+    return jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1).reshape((s, c) + a.shape[:1] + a.shape[2:]),
+                        out)
+
+
+RUNNERS = {"sample": run_sample, "iterative": run_iterative, "gradient": run_gradient}

@@ -1,0 +1,103 @@
+"""Counter-based randomness per chain, and the perturbation laws.
+
+Every random word a chain uses is `threefry2x32(root, (source, (chain * R + round) * W + j))`:
+a pure function of the chain's *global* coordinates, never of a split whose shape depends on how
+the work is chunked or sharded. That is what makes results independent of chunk size and device
+count. (One threefry call per block, instead of per-chain `fold_in` keys, is also what keeps
+compile time and RNG cost small next to the networks.)
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.extend.random import threefry_2x32
+
+from defuse_jax.search.config import SearchConfig
+
+
+def words_per_round(latent_dim: int) -> int:
+    """W: random 32-bit words reserved per chain and round (enough for every law and mode)."""
+    return latent_dim + 2
+
+
+class ChainRng(NamedTuple):
+    """Random words for a block of chains: S sources x c chains."""
+
+    key: jax.Array  # [2] uint32 threefry key of the search
+    source: jax.Array  # [S] int32 global source indices
+    chain: jax.Array  # [c] int32 chain indices within a source
+    rounds: int  # R, rounds per chain
+    words: int  # W, words per chain and round
+
+    def bits(self, round_index: jax.Array | int, n: int) -> jax.Array:
+        """[S, c, n] uint32 words 0..n-1 of round `round_index` (n <= W)."""
+        assert n <= self.words
+        s, c = self.source.shape[0], self.chain.shape[0]
+        base = (self.chain.astype(jnp.uint32) * jnp.uint32(self.rounds)
+                + jnp.asarray(round_index).astype(jnp.uint32)) * jnp.uint32(self.words)
+        x1 = base[None, :, None] + jnp.arange(n, dtype=jnp.uint32)[None, None, :]
+        x1 = jnp.broadcast_to(x1, (s, c, n)).reshape(-1)
+        x0 = jnp.broadcast_to(self.source.astype(jnp.uint32)[:, None, None], (s, c, n))
+        out = threefry_2x32(self.key, jnp.concatenate([x0.reshape(-1), x1]))
+        return out[: s * c * n].reshape(s, c, n)
+
+    def uniform(self, round_index, n: int) -> jax.Array:
+        """[S, c, n] float32 uniform on the open interval (0, 1)."""
+        top = jax.lax.shift_right_logical(self.bits(round_index, n), jnp.uint32(8))
+        return (top.astype(jnp.float32) + jnp.float32(0.5)) * jnp.float32(2.0**-24)
+
+    def normal(self, round_index, n: int) -> jax.Array:
+        """[S, c, n] float32 standard normal (inverse CDF of `uniform`)."""
+        u = self.uniform(round_index, n)
+        return jnp.float32(2.0**0.5) * jax.lax.erf_inv(jnp.float32(2.0) * u - jnp.float32(1.0))
+
+
+def check_counter_range(chains: int, rounds: int, latent_dim: int) -> None:
+    """Raises if the per-source counter would overflow 32 bits."""
+    if chains * rounds * words_per_round(latent_dim) >= 2**32:
+        raise ValueError(
+            f"chains x rounds x (latent_dim + 2) = {chains} x {rounds} x "
+            f"{words_per_round(latent_dim)} exceeds 2**32 per source; use fewer samples per "
+            "source (or more source points).")
+
+
+def unit_direction(gauss: jax.Array) -> jax.Array:
+    """Normalises [..., L] gaussian draws to directions uniform on the unit sphere."""
+    norm = jnp.linalg.norm(gauss, axis=-1, keepdims=True)
+    return gauss / jnp.maximum(norm, jnp.float32(1e-12))
+
+
+def sample_offset(rng: ChainRng, latent_dim: int, *, config: SearchConfig) -> jax.Array:
+    """One perturbation `z - z0` per chain (round 0) from the configured law.
+
+    Args:
+      rng: the block's chain randomness.
+      latent_dim: L.
+      config: `distribution`, `scale`, `radius_min`, `radius_max`, `beta_a` are read.
+
+    Returns:
+      [S, c, L] float32 offsets.
+    """
+    dist = config.distribution
+    if dist == "gaussian":
+        return jnp.float32(config.scale) * rng.normal(0, latent_dim)
+    if dist == "laplace":  # inverse CDF; u in (0, 1) so the log is finite
+        v = rng.uniform(0, latent_dim) - jnp.float32(0.5)
+        mag = -jnp.log1p(jnp.float32(-2.0) * jnp.abs(v))
+        return jnp.float32(config.scale) * jnp.sign(v) * mag
+    if dist == "uniform_ball":  # uniform direction, radius uniform in the window
+        direction = unit_direction(rng.normal(0, latent_dim))
+        t = rng.uniform(0, latent_dim + 1)[..., latent_dim:]
+        radius = jnp.float32(config.radius_min) + t * jnp.float32(
+            config.radius_max - config.radius_min)
+        return radius * direction
+    if dist == "beta_offset":  # the reference's Beta(a, a) per dimension (not centred)
+        keys = jax.random.wrap_key_data(rng.bits(0, 2), impl="threefry2x32")
+        a = jnp.float32(config.beta_a)
+        flat = keys.reshape(-1)
+        out = jax.vmap(lambda k: jax.random.beta(k, a, a, (latent_dim,), jnp.float32))(flat)
+        return out.reshape(keys.shape + (latent_dim,))
+    raise ValueError(f"unknown distribution {dist!r}")

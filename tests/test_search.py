@@ -1,0 +1,235 @@
+"""Correctness of the latent search engine (defuse_jax.search), with toy decoders/classifiers."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from defuse_jax.search import SearchConfig, SearchResult, latent_search
+from defuse_jax.search.perturb import ChainRng, sample_offset
+
+LATENT, HIDDEN, CLASSES = 4, 16, 3
+_W = np.asarray(jax.random.normal(jax.random.key(1), (LATENT, HIDDEN)), np.float32)
+_V = np.asarray(jax.random.normal(jax.random.key(2), (HIDDEN, CLASSES)), np.float32)
+
+
+def decode(z):  # [B, L] -> [B, 4, 4, 1]: a toy decoder (weights cast to the compute dtype)
+    return jnp.tanh(z @ jnp.asarray(_W, z.dtype)).reshape(z.shape[0], 4, 4, 1)
+
+
+def classify(x):  # [B, 4, 4, 1] -> [B, C]
+    return x.reshape(x.shape[0], -1) @ jnp.asarray(_V, x.dtype)
+
+
+def constant_classify(x):  # always predicts class 0
+    return jnp.zeros((x.shape[0], CLASSES), x.dtype) + jnp.asarray([1.0, 0.0, 0.0], x.dtype)
+
+
+def _sources(n=24, seed=0):
+    z0 = np.random.default_rng(seed).normal(size=(n, LATENT)).astype(np.float32)
+    y0 = np.asarray(jnp.argmax(classify(decode(jnp.asarray(z0))), -1), np.int32)
+    return z0, y0
+
+
+def _mesh(n):
+    return Mesh(np.asarray(jax.devices()[:n]), ("d",))
+
+
+MODES = [
+    SearchConfig(mode="sample", num_samples=24, chunk_size=64),
+    SearchConfig(mode="sample", distribution="laplace", num_samples=24, chunk_size=64),
+    SearchConfig(mode="sample", distribution="uniform_ball", num_samples=24, chunk_size=64),
+    SearchConfig(mode="iterative", chains_per_source=4, num_rounds=6, chunk_size=16),
+    SearchConfig(mode="gradient", chains_per_source=4, num_rounds=6, chunk_size=16),
+]
+IDS = ["gaussian", "laplace", "uniform_ball", "iterative", "gradient"]
+
+
+@pytest.fixture(scope="module")
+def results():
+    """One run per mode on 4 devices (mesh=None: all devices), shared by several tests."""
+    z0, y0 = _sources()
+    return {i: latent_search(decode, classify, z0, y0, key=jax.random.key(0), config=c)
+            for i, c in zip(IDS, MODES, strict=True)}
+
+
+@pytest.mark.parametrize("mode", IDS)
+def test_every_example_is_really_misclassified(results, mode):
+    z0, y0 = _sources()
+    res = results[mode]
+    assert isinstance(res, SearchResult) and res.num_found > 0
+    logits = np.asarray(classify(decode(jnp.asarray(res.z))))
+    pred = logits.argmax(-1)
+    np.testing.assert_array_equal(pred, res.pred_label)
+    assert (pred != res.source_label).all()
+    np.testing.assert_array_equal(res.source_label, y0[res.source_index])
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), -1)).max(-1)
+    np.testing.assert_allclose(res.prob, probs, rtol=1e-4, atol=1e-5)
+    norms = np.linalg.norm(res.z - z0[res.source_index], axis=-1)
+    np.testing.assert_allclose(res.perturbation_norm, norms, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", IDS)
+def test_keep_smallest_per_source_sorted(results, mode):
+    res = results[mode]
+    k = res.config.max_keep_per_source
+    counts = np.bincount(res.source_index, minlength=24)
+    assert counts.max() <= k
+    np.testing.assert_array_equal(counts, np.minimum(res.flips_per_source, k))
+    for s in np.unique(res.source_index):  # ascending norm within each source, sources ascending
+        assert np.all(np.diff(res.perturbation_norm[res.source_index == s]) >= 0)
+    assert np.all(np.diff(res.source_index) >= 0)
+    assert res.num_samples_evaluated == res.num_sources_used * res.config.samples_per_source
+
+
+def _offsets(config, n_src=64, n_chain=256):
+    rng = ChainRng(jax.random.key_data(jax.random.key(3)), jnp.arange(n_src, dtype=jnp.int32),
+                   jnp.arange(n_chain, dtype=jnp.int32), 1, 8 + 2)
+    return np.asarray(sample_offset(rng, 8, config=config)).reshape(-1, 8)
+
+
+@pytest.mark.parametrize(
+    "config, mean, std",
+    [
+        (SearchConfig(distribution="gaussian", scale=0.7), 0.0, 0.7),
+        (SearchConfig(distribution="laplace", scale=0.5), 0.0, 0.5 * 2**0.5),
+        (SearchConfig(distribution="beta_offset", beta_a=50.0), 0.5, (1 / (4 * 101)) ** 0.5),
+    ],
+)
+def test_perturbation_statistics_per_dimension(config, mean, std):
+    d = _offsets(config)  # 16384 x 8 draws
+    np.testing.assert_allclose(d.mean(0), mean, atol=5 * std / np.sqrt(d.shape[0]))
+    np.testing.assert_allclose(d.std(0), std, rtol=0.03)
+    assert abs(np.corrcoef(d[:, 0], d[:, 1])[0, 1]) < 0.03  # independent dimensions
+
+
+def test_perturbation_statistics_uniform_ball():
+    d = _offsets(SearchConfig(distribution="uniform_ball", radius_min=0.5, radius_max=1.5))
+    r = np.linalg.norm(d, axis=-1)
+    assert r.min() >= 0.5 - 1e-5 and r.max() <= 1.5 + 1e-5
+    np.testing.assert_allclose(np.quantile(r, [0.25, 0.5, 0.75]), [0.75, 1.0, 1.25], atol=0.02)
+    u = d / r[:, None]  # uniform direction: mean ~ 0, second moment I / L
+    np.testing.assert_allclose(u.mean(0), 0.0, atol=0.03)
+    np.testing.assert_allclose(np.diag(u.T @ u / len(u)), 1 / 8, atol=0.01)
+
+
+@pytest.mark.parametrize("mode", ["sample", "iterative", "gradient"])
+def test_constant_classifier_finds_nothing(mode):
+    z0 = np.random.default_rng(1).normal(size=(8, LATENT)).astype(np.float32)
+    y0 = np.zeros(8, np.int32)
+    res = latent_search(decode, constant_classify, z0, y0, key=jax.random.key(0),
+                        config=SearchConfig(mode=mode, num_samples=16, num_rounds=4))
+    assert res.num_found == 0 and len(res) == 0 and res.num_flips == 0
+    assert res.z.shape == (0, LATENT) and res.source_index.shape == (0,)
+    assert res.num_sources_used == 8 and res.num_sources_skipped == 0
+    assert "no adversarial examples found" in res.summary()
+
+
+def test_misclassified_sources_are_skipped():
+    z0 = np.random.default_rng(1).normal(size=(8, LATENT)).astype(np.float32)
+    y0 = np.asarray([0, 1, 2, 0, 1, 2, 0, 1], np.int32)  # constant classifier: only 0s correct
+    cfg = SearchConfig(num_samples=16)
+    res = latent_search(decode, constant_classify, z0, y0, key=jax.random.key(0), config=cfg)
+    assert res.num_sources_skipped == 5 and res.num_sources_used == 3
+    np.testing.assert_array_equal(res.used, y0 == 0)
+    assert res.num_samples_evaluated == 3 * 16
+    # without skipping, every wrong source "flips" at every sample
+    res = latent_search(decode, constant_classify, z0, y0, key=jax.random.key(0),
+                        config=dataclasses.replace(cfg, skip_misclassified=False))
+    assert res.num_sources_skipped == 0 and res.num_flips == 5 * 16
+    assert set(res.source_index.tolist()) == {1, 2, 4, 5, 7}
+
+
+def _assert_same(a, b, exact=True):
+    for f in ("source_index", "pred_label", "flips_per_source", "used"):
+        np.testing.assert_array_equal(getattr(a, f), getattr(b, f), err_msg=f)
+    tol = {} if exact else {"rtol": 1e-5, "atol": 1e-6}
+    for f in ("z", "prob", "perturbation_norm"):
+        np.testing.assert_allclose(getattr(a, f), getattr(b, f), err_msg=f, **tol)
+
+
+@pytest.mark.parametrize("index", [0, 3, 4], ids=["sample", "iterative", "gradient"])
+def test_deterministic_and_key_dependent(results, index):
+    z0, y0 = _sources()
+    cfg = MODES[index]
+    again = latent_search(decode, classify, z0, y0, key=jax.random.key(0), config=cfg)
+    _assert_same(results[IDS[index]], again)
+    other = latent_search(decode, classify, z0, y0, key=jax.random.key(1), config=cfg)
+    assert not np.array_equal(other.z, again.z) or other.num_found != again.num_found
+    raw = latent_search(decode, classify, z0, y0, key=jax.random.PRNGKey(0), config=cfg)
+    _assert_same(raw, again)
+
+
+@pytest.mark.parametrize("index", [0, 3, 4], ids=["sample", "iterative", "gradient"])
+def test_one_device_equals_four_devices(results, index):
+    assert len(jax.devices()) >= 4, "conftest forces 4 CPU devices"
+    z0, y0 = _sources()
+    one = latent_search(decode, classify, z0, y0, key=jax.random.key(0), config=MODES[index],
+                        mesh=_mesh(1))
+    four = latent_search(decode, classify, z0, y0, key=jax.random.key(0), config=MODES[index],
+                         mesh=_mesh(4))
+    _assert_same(one, four, exact=False)
+    _assert_same(four, results[IDS[index]], exact=False)
+
+
+@pytest.mark.parametrize("chunk_size", [7, 24, 100, 4096])
+def test_chunk_size_does_not_change_results(results, chunk_size):
+    z0, y0 = _sources()
+    cfg = dataclasses.replace(MODES[0], chunk_size=chunk_size)  # 7 < Q: sub-chunks per source
+    res = latent_search(decode, classify, z0, y0, key=jax.random.key(0), config=cfg,
+                        mesh=_mesh(2))
+    _assert_same(res, results["gaussian"], exact=False)
+
+
+def test_keep_all_and_bf16():
+    z0, y0 = _sources(8)
+    cfg = SearchConfig(num_samples=32, max_keep_per_source=None)
+    res = latent_search(decode, classify, z0, y0, key=jax.random.key(0), config=cfg)
+    assert res.num_found == res.num_flips > 0
+    half = latent_search(decode, classify, z0, y0, key=jax.random.key(0),
+                         config=dataclasses.replace(cfg, compute_dtype="bfloat16"))
+    assert half.num_found > 0
+    # same perturbations; bf16 may flip a few borderline samples differently
+    assert abs(half.num_found - res.num_found) <= 0.2 * res.num_found + 2
+
+
+@pytest.mark.parametrize(
+    "z0, y0, config, match",
+    [
+        (np.zeros((4, LATENT)), np.zeros(3, np.int32), None, "y0 must be"),
+        (np.zeros((4, LATENT)), np.array([0, 1, 2, 3]), None, r"outside \[0, 3\)"),
+        (np.zeros((4, LATENT)), np.array([0, -1, 2, 1]), None, r"outside \[0, 3\)"),
+        (np.array([[0.0] * LATENT, [np.nan] * LATENT]), np.zeros(2, np.int32), None,
+         "non-finite"),
+        (np.array([[0.0] * LATENT, [np.inf] * LATENT]), np.zeros(2, np.int32), None,
+         "non-finite"),
+        (np.zeros((0, LATENT)), np.zeros(0, np.int32), None, "zero source points"),
+        (np.zeros(LATENT), np.zeros(1, np.int32), None, r"z0 must be \[num_sources"),
+        (np.zeros((2, LATENT)), np.zeros(2, np.float32), None, "integer labels"),
+        (np.zeros((2, LATENT)), np.zeros(2, np.int32), "notaconfig", "SearchConfig"),
+    ],
+)
+def test_bad_input_is_a_clear_error(z0, y0, config, match):
+    with pytest.raises(ValueError, match=match):
+        latent_search(decode, classify, z0, y0, key=jax.random.key(0), config=config)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"num_samples": 0}, "num_samples=0"),
+        ({"num_rounds": 0}, "num_rounds=0"),
+        ({"chunk_size": 0}, "chunk_size=0"),
+        ({"mode": "bogus"}, "mode="),
+        ({"distribution": "cauchy"}, "distribution="),
+        ({"max_keep_per_source": 0}, "max_keep_per_source"),
+        ({"scale": 0.0}, "scale"),
+        ({"radius_min": 2.0, "radius_max": 1.0}, "radius_min"),
+    ],
+)
+def test_bad_config_is_a_clear_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SearchConfig(**kwargs)
