@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
 
 ImageShape = tuple[int, int, int]
@@ -90,6 +91,29 @@ def check_images(x: jax.Array, image_shape: ImageShape, *, what: str) -> None:
         )
 
 
+def host_lecun_normal(
+    key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32
+) -> jax.Array:
+    """LeCun truncated-normal kernel init drawn with NumPy from the JAX key.
+
+    Same distribution as `jax.nn.initializers.lecun_normal()`, but eager model construction
+    compiles no XLA program per weight shape (that costs seconds per layer on a CPU). Under a
+    trace (e.g. `nnx.eval_shape`) it falls back to the JAX initializer.
+    """
+    if isinstance(key, jax.core.Tracer):
+        return jax.nn.initializers.lecun_normal()(key, shape, dtype)
+    seed = np.asarray(jax.random.key_data(key)).astype(np.uint64).ravel()
+    rng = np.random.default_rng(seed)
+    fan_in = math.prod(shape[:-1])
+    w = rng.standard_normal(shape)
+    bad = np.abs(w) > 2.0
+    while bad.any():  # truncate to +-2 std by resampling, as jax.random.truncated_normal does
+        w[bad] = rng.standard_normal(int(bad.sum()))
+        bad = np.abs(w) > 2.0
+    std = math.sqrt(1.0 / fan_in) / 0.87962566103423978  # std of N(0,1) truncated to [-2, 2]
+    return jnp.asarray((w * std).astype(np.dtype(dtype)))
+
+
 def _pool2(x: jax.Array) -> jax.Array:
     # 2x2 average pooling as a reshape-mean (flax's avg_pool breaks under strict promotion).
     b, h, w, c = x.shape
@@ -99,7 +123,10 @@ def _pool2(x: jax.Array) -> jax.Array:
 class _MLP(nnx.Module):
     def __init__(self, sizes: list[int], *, rngs: nnx.Rngs):
         self.layers = nnx.List(
-            [nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
+            [
+                nnx.Linear(a, b, kernel_init=host_lecun_normal, rngs=rngs)
+                for a, b in zip(sizes[:-1], sizes[1:], strict=True)
+            ]
         )
 
     def __call__(self, h: jax.Array) -> jax.Array:
@@ -126,18 +153,36 @@ class VAE(nnx.Module):
             self.dec = _MLP([lat, hid, hid, n], rngs=rngs)
         else:
             c1, c2 = config.channels
-            self.conv1 = nnx.Conv(c, c1, (4, 4), strides=2, padding="SAME", rngs=rngs)
-            self.conv2 = nnx.Conv(c1, c2, (4, 4), strides=2, padding="SAME", rngs=rngs)
+            self.conv1 = nnx.Conv(
+                c, c1, (4, 4), strides=2, padding="SAME", kernel_init=host_lecun_normal, rngs=rngs
+            )
+            self.conv2 = nnx.Conv(
+                c1, c2, (4, 4), strides=2, padding="SAME", kernel_init=host_lecun_normal, rngs=rngs
+            )
             flat = (h // 4) * (w // 4) * c2
             self.enc_head = _MLP([flat, hid, 2 * lat], rngs=rngs)
             self.dec_head = _MLP([lat, hid, flat], rngs=rngs)
             self.deconv1 = nnx.ConvTranspose(
-                c2, c1, (4, 4), strides=(2, 2), padding="SAME", rngs=rngs
+                c2,
+                c1,
+                (4, 4),
+                strides=(2, 2),
+                padding="SAME",
+                kernel_init=host_lecun_normal,
+                rngs=rngs,
             )
             self.deconv2 = nnx.ConvTranspose(
-                c1, c1, (4, 4), strides=(2, 2), padding="SAME", rngs=rngs
+                c1,
+                c1,
+                (4, 4),
+                strides=(2, 2),
+                padding="SAME",
+                kernel_init=host_lecun_normal,
+                rngs=rngs,
             )
-            self.out = nnx.Conv(c1, c, (3, 3), padding="SAME", rngs=rngs)
+            self.out = nnx.Conv(
+                c1, c, (3, 3), padding="SAME", kernel_init=host_lecun_normal, rngs=rngs
+            )
 
     def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x: [B, H, W, C] in [0, 1] -> (mean, logvar), each [B, latent]."""
@@ -193,8 +238,12 @@ class Classifier(nnx.Module):
             self.head = _MLP([h * w * c, config.hidden, config.hidden, num_classes], rngs=rngs)
         else:
             c1, c2 = config.channels
-            self.conv1 = nnx.Conv(c, c1, (3, 3), padding="SAME", rngs=rngs)
-            self.conv2 = nnx.Conv(c1, c2, (3, 3), padding="SAME", rngs=rngs)
+            self.conv1 = nnx.Conv(
+                c, c1, (3, 3), padding="SAME", kernel_init=host_lecun_normal, rngs=rngs
+            )
+            self.conv2 = nnx.Conv(
+                c1, c2, (3, 3), padding="SAME", kernel_init=host_lecun_normal, rngs=rngs
+            )
             flat = (h // 4) * (w // 4) * c2
             self.head = _MLP([flat, config.hidden, num_classes], rngs=rngs)
 
