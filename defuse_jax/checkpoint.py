@@ -84,22 +84,13 @@ class Checkpointer:
         step = self._manager.latest_step()
         if step is None:
             return None
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        # Check the fingerprint first, so a config change is reported as such (not as a shape
+        # mismatch deep inside Orbax).
         try:
-            restored = self._manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
-                ),
-            )
+            meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            meta = dict(meta["meta"] or {})
         except Exception as e:  # noqa: BLE001 - any failure here means an unusable checkpoint
-            raise CheckpointError(
-                f"The checkpoint at step {step} in {self.directory} cannot be restored "
-                f"({type(e).__name__}: {str(e)[:300]}). It is corrupt or was written by an "
-                "incompatible model. Nothing was overwritten: move the directory away (or pass "
-                "a new output directory) to start fresh, or fix the configuration to match it."
-            ) from e
-        meta = dict(restored["meta"] or {})
+            raise self._unreadable(step, e) from e
         saved = meta.get("fingerprint")
         if self.fingerprint is not None and saved != self.fingerprint:
             diff = _describe_diff(saved or {}, self.fingerprint)
@@ -107,7 +98,22 @@ class Checkpointer:
                 f"{self.directory} holds checkpoints of a different configuration ({diff}). "
                 "Use a new output directory, or rerun with the original settings to resume."
             )
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+            )
+        except Exception as e:  # noqa: BLE001
+            raise self._unreadable(step, e) from e
         return restored["state"], meta
+
+    def _unreadable(self, step: int, e: Exception) -> CheckpointError:
+        return CheckpointError(
+            f"The checkpoint at step {step} in {self.directory} cannot be restored "
+            f"({type(e).__name__}: {str(e)[:300]}). It is corrupt or was written by an "
+            "incompatible model. Nothing was overwritten: move the directory away (or pass "
+            "a new output directory) to start fresh, or fix the configuration to match it."
+        )
 
     def save(
         self, step: int, state: Any, *, meta: dict[str, Any] | None = None, force: bool = False

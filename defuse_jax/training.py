@@ -8,6 +8,7 @@ any checkpoint repeats exactly what the uninterrupted run would have done.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, NamedTuple
@@ -81,7 +82,10 @@ def make_train_step(
     loss_fn: LossFn, graphdef: Any, optimizer: optax.GradientTransformation
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
     """A jitted `train_step(state, batch, step_key) -> (state, metrics)` that donates `state`."""
+    return jax.jit(_step_fn(loss_fn, graphdef, optimizer), donate_argnums=0)
 
+
+def _step_fn(loss_fn: LossFn, graphdef: Any, optimizer: optax.GradientTransformation):
     def train_step(state: TrainState, batch: Batch, step_key: jax.Array):
         key = jax.random.fold_in(step_key, state.step)
 
@@ -89,11 +93,58 @@ def make_train_step(
             return loss_fn(Params(graphdef, p), batch, key, state.step)
 
         (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        # optax mixes Python floats with int32 step counts internally.
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return TrainState(state.step + 1, params, opt_state), {"loss": loss, **metrics}
 
-    return jax.jit(train_step, donate_argnums=0)
+    return train_step
+
+
+def make_train_segment(
+    loss_fn: LossFn,
+    graphdef: Any,
+    optimizer: optax.GradientTransformation,
+    *,
+    batch_sharding: NamedSharding | None = None,
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """A jitted `segment(state, data, idx, valid, step_key) -> (state, metrics)`.
+
+    Runs `len(idx)` steps as one `lax.scan` (one dispatch instead of one per step), gathering
+    each batch from the device-resident `data`. Steps whose `valid` flag is False leave the state
+    untouched, so segments have a fixed length and compile once.
+
+    Args (of the returned function):
+        state: the train state (donated).
+        data: {name: [N, ...]} device arrays.
+        idx: [L, B] int32 example indices per step.
+        valid: [L] bool, which steps to run.
+        step_key: root key of the per-step noise.
+
+    Returns:
+        (state, metrics) with metrics {name: [L]} (zeros where not valid).
+    """
+    step = _step_fn(loss_fn, graphdef, optimizer)
+
+    def segment(state, data, idx, valid, step_key):
+        def body(st, inputs):
+            i, ok = inputs
+            batch = {k: v[i] for k, v in data.items()}
+            if batch_sharding is not None:
+                batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+            new, metrics = step(st, batch, step_key)
+            new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, st)
+            return new, jax.tree.map(lambda m: jnp.where(ok, m, jnp.zeros_like(m)), metrics)
+
+        return jax.lax.scan(body, state, (idx, valid))
+
+    return jax.jit(segment, donate_argnums=0)
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted(fn: Callable) -> Callable:
+    return jax.jit(fn)
 
 
 def evaluate(
@@ -103,7 +154,7 @@ def evaluate(
     n = len(next(iter(data.values())))
     if n == 0:
         return {}
-    step = jax.jit(eval_fn)
+    step = _jitted(eval_fn)
     sums: dict[str, float] = {}
     for start in range(0, n, batch_size):
         idx = np.arange(start, start + batch_size)
@@ -113,6 +164,11 @@ def evaluate(
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + float(np.asarray(v)[valid].sum())
     return {k: v / n for k, v in sums.items()}
+
+
+def _segment_length(checkpoint_every: int, steps_per_epoch: int, cap: int = 64) -> int:
+    """Fixed scan length: at most `cap` and no longer than an epoch or a checkpoint interval."""
+    return max(1, min(cap, checkpoint_every, steps_per_epoch))
 
 
 def _data_mesh(batch_size: int) -> Mesh | None:
@@ -189,35 +245,50 @@ def fit(
 
     root = jax.random.key(config.seed)
     data_key, step_key = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
-    train_step = make_train_step(loss_fn, params.graphdef, optimizer)
-    gather = jax.jit(lambda arrays, idx: {k: v[idx] for k, v in arrays.items()})
+    seg_len = _segment_length(config.checkpoint_every, steps_per_epoch)
+    run_segment = make_train_segment(loss_fn, params.graphdef, optimizer, batch_sharding=sharded)
 
-    bar = tqdm(total=total_steps, initial=start, desc=desc, disable=not config.progress)
-    sums: dict[str, jax.Array] = {}
-    t0 = time.perf_counter()
-    for step in range(start, total_steps):
+    def batch_indices(step: int) -> np.ndarray:
         epoch, pos = divmod(step, steps_per_epoch)
-        if pos == 0 or step == start:
-            perm = np.asarray(jax.random.permutation(jax.random.fold_in(data_key, epoch), n))
-        idx = perm[pos * config.batch_size : (pos + 1) * config.batch_size]
-        batch = gather(data, jax.device_put(idx, sharded))
-        state, metrics = train_step(state, batch, step_key)
-        sums = {k: sums.get(k, 0.0) + v for k, v in metrics.items()}
-        bar.update(1)
-        done = step + 1
-        if done % steps_per_epoch == 0:
+        if epoch not in perms:
+            perms.clear()
+            perms[epoch] = np.asarray(
+                jax.random.permutation(jax.random.fold_in(data_key, epoch), n)
+            )
+        return perms[epoch][pos * config.batch_size : (pos + 1) * config.batch_size]
+
+    perms: dict[int, np.ndarray] = {}
+    bar = tqdm(total=total_steps, initial=start, desc=desc, disable=not config.progress)
+    sums: dict[str, float] = {}
+    ran = 0
+    t0 = time.perf_counter()
+    step = start
+    while step < total_steps:
+        # A segment ends at the next epoch end or checkpoint, whichever comes first.
+        epoch_end = (step // steps_per_epoch + 1) * steps_per_epoch
+        ckpt_next = (step // config.checkpoint_every + 1) * config.checkpoint_every
+        count = min(epoch_end, ckpt_next, total_steps, step + seg_len) - step
+        idx = np.zeros((seg_len, config.batch_size), np.int32)
+        for i in range(count):
+            idx[i] = batch_indices(step + i)
+        valid = np.arange(seg_len) < count
+        state, metrics = run_segment(state, data, idx, valid, step_key)
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(np.asarray(v)[:count].sum())
+        ran += count
+        step += count
+        bar.update(count)
+        if step % steps_per_epoch == 0:
             # Steps of a resumed partial epoch are averaged over what this process ran.
-            ran = done - max(start, done - steps_per_epoch)
-            record = {"epoch": epoch + 1, **{k: float(v) / ran for k, v in sums.items()}}
+            record = {"epoch": step // steps_per_epoch, **{k: v / ran for k, v in sums.items()}}
             if eval_fn is not None and eval_data is not None:
-                p = Params(params.graphdef, state.params)
-                ev = evaluate(eval_fn, p, eval_data)
+                ev = evaluate(eval_fn, Params(params.graphdef, state.params), eval_data)
                 record.update({f"test_{k}": v for k, v in ev.items()})
             record["seconds"] = time.perf_counter() - t0
             history.append(record)
             bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k != "epoch"})
-            sums = {}
-        ckpt.save(done, state, meta={"history": history}, force=done == total_steps)
+            sums, ran = {}, 0
+        ckpt.save(step, state, meta={"history": history}, force=step == total_steps)
     bar.close()
     ckpt.close()
     return Params(params.graphdef, state.params), history
