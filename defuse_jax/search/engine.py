@@ -85,8 +85,11 @@ def _empty(sources: int, k: int, latent: int) -> Candidates:
 def _search_block(decode_fn, classify_fn, config, layout, root, z0, y0, src, valid):
     """One block: z0 [S, L], y0/src/valid [S] -> (best [S, k], flips [S], used [S])."""
     s, latent = z0.shape
-    pred0, _ = read_logits(forward(decode_fn, classify_fn, z0, config=config))
-    used = valid & (pred0 == y0) if config.skip_misclassified else valid
+    if config.skip_misclassified:  # one extra forward per source (1/Q of the search's work)
+        pred0, _ = read_logits(forward(decode_fn, classify_fn, z0, config=config))
+        used = valid & (pred0 == y0)
+    else:
+        used = valid
     runner = functools.partial(RUNNERS[config.mode], decode_fn, classify_fn, config=config)
 
     def sub_chunk(carry, j):

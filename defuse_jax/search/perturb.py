@@ -1,6 +1,6 @@
 """Counter-based randomness per chain, and the perturbation laws.
 
-Every random word a chain uses is `threefry2x32(root, (source, (chain * R + round) * W + j))`:
+Every random word a chain uses comes from `threefry2x32(root, (source, (chain*R + round)*W + i))`:
 a pure function of the chain's *global* coordinates, never of a split whose shape depends on how
 the work is chunked or sharded. That is what makes results independent of chunk size and device
 count. (One threefry call per block, instead of per-chain `fold_in` keys, is also what keeps
@@ -35,14 +35,16 @@ class ChainRng(NamedTuple):
     def bits(self, round_index: jax.Array | int, n: int) -> jax.Array:
         """[S, c, n] uint32 words 0..n-1 of round `round_index` (n <= W)."""
         assert n <= self.words
-        s, c = self.source.shape[0], self.chain.shape[0]
+        s, c, p = self.source.shape[0], self.chain.shape[0], (n + 1) // 2
         base = (self.chain.astype(jnp.uint32) * jnp.uint32(self.rounds)
                 + jnp.asarray(round_index).astype(jnp.uint32)) * jnp.uint32(self.words)
-        x1 = base[None, :, None] + jnp.arange(n, dtype=jnp.uint32)[None, None, :]
-        x1 = jnp.broadcast_to(x1, (s, c, n)).reshape(-1)
-        x0 = jnp.broadcast_to(self.source.astype(jnp.uint32)[:, None, None], (s, c, n))
+        # counter pair (source, base + i) hashes to words 2i and 2i + 1
+        x1 = base[None, :, None] + jnp.arange(p, dtype=jnp.uint32)[None, None, :]
+        x1 = jnp.broadcast_to(x1, (s, c, p)).reshape(-1)
+        x0 = jnp.broadcast_to(self.source.astype(jnp.uint32)[:, None, None], (s, c, p))
         out = threefry_2x32(self.key, jnp.concatenate([x0.reshape(-1), x1]))
-        return out[: s * c * n].reshape(s, c, n)
+        words = jnp.stack([out[: s * c * p], out[s * c * p:]], axis=-1)  # [S*c*p, 2]
+        return words.reshape(s, c, 2 * p)[..., :n]
 
     def uniform(self, round_index, n: int) -> jax.Array:
         """[S, c, n] float32 uniform on the open interval (0, 1)."""

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from defuse_jax.search.config import SearchConfig
+
+
+@functools.lru_cache(maxsize=64)
+def _logits_shape(decode_fn, classify_fn, latent_dim: int) -> jax.ShapeDtypeStruct:
+    """Abstract evaluation only (shapes, no compile); cached so repeated searches skip tracing."""
+    spec = jax.ShapeDtypeStruct((1, latent_dim), jnp.float32)
+    try:
+        return jax.eval_shape(lambda zz: classify_fn(decode_fn(zz)), spec)
+    except Exception as e:  # noqa: BLE001 - re-raised with context
+        raise ValueError(f"classify_fn(decode_fn(z)) failed on z of shape (1, {latent_dim}): "
+                         f"{e}") from e
 
 
 def check_inputs(decode_fn, classify_fn, z0, y0, *, config: SearchConfig
@@ -53,13 +66,7 @@ def check_inputs(decode_fn, classify_fn, z0, y0, *, config: SearchConfig
         raise ValueError(f"z0 has non-finite values (NaN/inf) in rows {rows}"
                          f"{' ...' if bad.sum() > 5 else ''}; drop or fix those source points.")
 
-    # Abstract evaluation only: shapes and dtypes, no compile.
-    spec = jax.ShapeDtypeStruct((1, z.shape[1]), jnp.float32)
-    try:
-        out = jax.eval_shape(lambda zz: classify_fn(decode_fn(zz)), spec)
-    except Exception as e:  # noqa: BLE001 - re-raised with context
-        raise ValueError(f"classify_fn(decode_fn(z)) failed on z of shape (1, {z.shape[1]}): "
-                         f"{e}") from e
+    out = _logits_shape(decode_fn, classify_fn, z.shape[1])
     if len(out.shape) != 2 or out.shape[0] != 1:
         raise ValueError(f"classify_fn(decode_fn(z)) must return logits [batch, classes]; "
                          f"got shape {out.shape} for a batch of 1.")

@@ -1,0 +1,422 @@
+"""`defuse-jax bench search`: throughput of the latent search engine against its honest ceilings.
+
+For each model size (digits-sized MLP VAE decoder + MLP classifier; MNIST-sized conv VAE decoder
++ conv classifier, random weights, no data needed) it measures, in one run:
+
+- the engine's latent samples evaluated per second for chain counts 256 .. 65,536 (sample mode,
+  Q per source, the chunk size tuned first);
+- the bare jitted forward pass (decode + classify + argmax, no search logic) at its best batch
+  size: the ceiling for any search with these networks, and the engine's fraction of it;
+- FLOPs per sample from XLA's cost analysis, achieved GFLOP/s, a large matmul's GFLOP/s;
+- the reference's structure: a Python loop over source points with Q perturbations each, results
+  pulled to the host per point, as a per-point jitted JAX function and (if `torch` is importable)
+  as PyTorch modules of the same shapes; the engine's speed-up over each;
+- (MLP) distinct errors per evaluated sample of the "sample", "iterative" and "gradient" modes.
+
+Timings are wall-clock best-of-`--repeats` after a warm-up call (compilation excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import time
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from defuse_jax.search import SearchConfig, latent_search
+
+MODEL_SHAPES = {"mlp": (8, 8, 1), "conv": (28, 28, 1)}
+LATENT_DIM = 8
+NUM_CLASSES = 10
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Registers the benchmark's flags."""
+    parser.add_argument("--models", default="mlp,conv", help="comma list of: mlp, conv")
+    parser.add_argument("--chains", default="256,1024,4096,16384,65536",
+                        help="comma list of total chain (= sample) counts per search call")
+    parser.add_argument("--samples-per-source", type=int, default=32,
+                        help="Q of the throughput sweep (sources = chains / Q)")
+    parser.add_argument("--chunk-sizes", default="",
+                        help="chunk sizes to try (default: 256..8192 mlp, 32..1024 conv)")
+    parser.add_argument("--ref-points", type=int, default=64,
+                        help="source points timed in the per-point reference loops")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="best of this many timings (1 for calls longer than 5 s)")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    parser.add_argument("--no-modes", action="store_true", help="skip the mode comparison")
+    parser.add_argument("--quick", action="store_true", help="smoke run: small sizes, 1 repeat")
+    parser.add_argument("--out", default="bench_results/search.json", help="JSON output path")
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+
+
+def build_models(kind: str):
+    """Random-weight VAE + classifier of one size: (decode_fn, classify_fn, vae, clf)."""
+    from flax import nnx
+
+    from defuse_jax import models
+
+    shape = MODEL_SHAPES[kind]
+    vae = models.VAE(models.VAEConfig(kind=kind, latent_dim=LATENT_DIM), image_shape=shape,
+                     rngs=nnx.Rngs(0))
+    clf = models.Classifier(models.ClassifierConfig(kind=kind), image_shape=shape,
+                            num_classes=NUM_CLASSES, rngs=nnx.Rngs(1))
+    vp, cp = models.params_of(vae), models.params_of(clf)
+    return partial(models.decode, vp), partial(models.logits, cp), vae, clf
+
+
+def _timeit(fn, repeats: int) -> float:
+    """Best wall time of `fn()` (which must block until its result is ready)."""
+    t = time.perf_counter()
+    fn()  # warm-up / compile
+    if time.perf_counter() - t > 5.0:
+        repeats = 1
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def _sources(decode_fn, classify_fn, n: int, seed: int = 0):
+    """n random latent codes and the labels the classifier gives them (so no source is skipped)."""
+    z0 = np.random.default_rng(seed).normal(size=(n, LATENT_DIM)).astype(np.float32)
+    y0 = np.asarray(jax.jit(lambda z: jnp.argmax(classify_fn(decode_fn(z)), -1))(z0), np.int32)
+    return z0, y0
+
+
+# ---------------------------------------------------------------------------------------------
+# measurements
+
+
+def matmul_gflops(repeats: int, n: int = 2048) -> float:
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    t = _timeit(lambda: f(a).block_until_ready(), repeats)
+    return 2.0 * n**3 / t / 1e9
+
+
+def forward_ceiling(decode_fn, classify_fn, batches, repeats: int) -> dict:
+    """Bare decode + classify + argmax at each batch size, the batch sharded over all devices
+    like the engine's chains; FLOPs/sample from XLA's cost analysis."""
+    fwd = jax.jit(lambda z: jnp.argmax(classify_fn(decode_fn(z)), axis=-1))
+    devices = jax.devices()
+    sharding = NamedSharding(Mesh(np.asarray(devices), ("b",)), P("b"))
+    rows, flops = [], None
+    for b in batches:
+        b = -(-b // len(devices)) * len(devices)
+        z = jax.random.normal(jax.random.key(0), (b, LATENT_DIM), jnp.float32)
+        z = jax.device_put(z, sharding)
+        if flops is None:
+            cost = fwd.lower(z).compile().cost_analysis()
+            cost = cost[0] if isinstance(cost, list | tuple) else cost
+            flops = float(cost.get("flops", float("nan"))) / b
+        t = _timeit(lambda z=z: fwd(z).block_until_ready(), repeats)
+        rows.append({"batch": b, "samples_per_s": b / t})
+    best = max(rows, key=lambda r: r["samples_per_s"])
+    return {"by_batch": rows, "best_batch": best["batch"],
+            "best_samples_per_s": best["samples_per_s"], "flops_per_sample": flops}
+
+
+def engine_throughput(decode_fn, classify_fn, chains: int, q: int, chunk: int,
+                      repeats: int) -> dict:
+    n = max(1, chains // q)
+    z0, y0 = _sources(decode_fn, classify_fn, n)
+    cfg = SearchConfig(mode="sample", num_samples=q, chunk_size=chunk, max_keep_per_source=5)
+    key = jax.random.key(0)
+    res = latent_search(decode_fn, classify_fn, z0, y0, key=key, config=cfg)
+    t = _timeit(lambda: latent_search(decode_fn, classify_fn, z0, y0, key=key, config=cfg),
+                repeats)
+    return {"chains": n * q, "sources": n, "q": q, "chunk_size": chunk,
+            "seconds": t, "samples_per_s": n * q / t, "found": res.num_found,
+            "sources_used": res.num_sources_used}
+
+
+def reference_jax_loop(decode_fn, classify_fn, q: int, points: int, keep: int = 3) -> dict:
+    """The reference's structure: a Python loop over sources, one jitted call per point, results
+    pulled to the host per point, mismatches and the `keep` smallest perturbations chosen there."""
+
+    @jax.jit
+    def per_point(z0, key):  # z0: [L] -> (z [Q, L], pred [Q], norm [Q])
+        delta = jnp.float32(0.5) * jax.random.normal(key, (q, LATENT_DIM), jnp.float32)
+        z = z0[None, :] + delta
+        pred = jnp.argmax(classify_fn(decode_fn(z)), axis=-1)
+        return z, pred, jnp.linalg.norm(delta, axis=-1)
+
+    z0, y0 = _sources(decode_fn, classify_fn, points, seed=1)
+    root = jax.random.key(0)
+
+    def loop():
+        kept = []
+        for i in range(points):
+            z, pred, norm = jax.device_get(per_point(z0[i], jax.random.fold_in(root, i)))
+            bad = np.flatnonzero(pred != y0[i])
+            kept.append(z[bad[np.argsort(norm[bad])[:keep]]])
+        return kept
+
+    t = _timeit(loop, 1)
+    return {"q": q, "points": points, "seconds": t, "samples_per_s": points * q / t}
+
+
+def _torch_modules(vae, clf, kind: str):
+    """PyTorch decoder + classifier with the same layer shapes as the flax models."""
+    import torch
+    from torch import nn
+
+    h, w, c = MODEL_SHAPES[kind]
+    vc, cc = vae.config, clf.config
+    if kind == "mlp":
+        dec = nn.Sequential(nn.Linear(LATENT_DIM, vc.hidden), nn.ReLU(),
+                            nn.Linear(vc.hidden, vc.hidden), nn.ReLU(),
+                            nn.Linear(vc.hidden, h * w * c), nn.Sigmoid(),
+                            nn.Unflatten(1, (c, h, w)))
+        net = nn.Sequential(nn.Flatten(), nn.Linear(h * w * c, cc.hidden), nn.ReLU(),
+                            nn.Linear(cc.hidden, cc.hidden), nn.ReLU(),
+                            nn.Linear(cc.hidden, NUM_CLASSES))
+    else:
+        c1, c2 = vc.channels
+        dec = nn.Sequential(nn.Linear(LATENT_DIM, vc.hidden), nn.ReLU(),
+                            nn.Linear(vc.hidden, (h // 4) * (w // 4) * c2), nn.ReLU(),
+                            nn.Unflatten(1, (c2, h // 4, w // 4)),
+                            nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1), nn.ReLU(),
+                            nn.ConvTranspose2d(c1, c1, 4, stride=2, padding=1), nn.ReLU(),
+                            nn.Conv2d(c1, c, 3, padding=1), nn.Sigmoid())
+        k1, k2 = cc.channels
+        net = nn.Sequential(nn.Conv2d(c, k1, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+                            nn.Conv2d(k1, k2, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+                            nn.Flatten(), nn.Linear((h // 4) * (w // 4) * k2, cc.hidden),
+                            nn.ReLU(), nn.Linear(cc.hidden, NUM_CLASSES))
+    with torch.no_grad():
+        out = dec(torch.zeros(2, LATENT_DIM))
+        assert tuple(out.shape) == (2, c, h, w), out.shape
+        assert tuple(net(out).shape) == (2, NUM_CLASSES)
+    return dec.eval(), net.eval()
+
+
+def reference_torch_loop(vae, clf, kind: str, q: int, points: int, keep: int = 3) -> dict:
+    """The reference loop in PyTorch; timed with torch's default threads and with 1 thread (on
+    a shared machine oversubscription can hurt), the faster one reported."""
+    import torch  # lazily: torch is never a runtime dependency of defuse-jax
+
+    default_threads = torch.get_num_threads()
+    best = None
+    for threads in sorted({default_threads, 1}):
+        torch.set_num_threads(threads)
+        try:
+            r = _torch_loop_once(vae, clf, kind, q, points, keep)
+        finally:
+            torch.set_num_threads(default_threads)
+        r["threads"] = threads
+        if best is None or r["samples_per_s"] > best["samples_per_s"]:
+            best = r
+    return best
+
+
+def _torch_loop_once(vae, clf, kind: str, q: int, points: int, keep: int) -> dict:
+    import torch
+
+    dec, net = _torch_modules(vae, clf, kind)
+    gen = torch.Generator().manual_seed(0)
+    z0 = torch.randn(points, LATENT_DIM, generator=gen)
+    y0 = np.random.default_rng(0).integers(0, NUM_CLASSES, points)
+
+    def loop():
+        kept = []
+        with torch.no_grad():
+            for i in range(points):
+                delta = 0.5 * torch.randn(q, LATENT_DIM, generator=gen)
+                z = z0[i][None, :] + delta
+                pred = net(dec(z)).argmax(dim=1).numpy()
+                norm = delta.norm(dim=1).numpy()
+                bad = np.flatnonzero(pred != y0[i])
+                kept.append(z.numpy()[bad[np.argsort(norm[bad])[:keep]]])
+        return kept
+
+    t = _timeit(loop, 1)
+    return {"q": q, "points": points, "seconds": t, "samples_per_s": points * q / t,
+            "torch": torch.__version__}
+
+
+def _distinct(res, cell: float) -> int:
+    """Distinct errors: different (source, latent grid cell of side `cell`) pairs."""
+    if res.num_found == 0:
+        return 0
+    cells = np.floor(res.z / cell).astype(np.int64)
+    return int(np.unique(np.concatenate([res.source_index[:, None], cells], 1), axis=0).shape[0])
+
+
+def compare_modes(decode_fn, classify_fn, sources: int, budget: int, repeats: int) -> list:
+    """Errors found per evaluated sample by each mode at the same sample budget per source."""
+    z0, y0 = _sources(decode_fn, classify_fn, sources, seed=2)
+    rounds = 8
+    configs = {
+        "sample": SearchConfig(mode="sample", num_samples=budget),
+        "iterative": SearchConfig(mode="iterative", chains_per_source=budget // rounds,
+                                  num_rounds=rounds),
+        "gradient": SearchConfig(mode="gradient", chains_per_source=budget // rounds,
+                                 num_rounds=rounds),
+    }
+    rows = []
+    for mode, cfg in configs.items():
+        cfg = dataclasses.replace(cfg, max_keep_per_source=None, chunk_size=1024)
+        key = jax.random.key(0)
+        res = latent_search(decode_fn, classify_fn, z0, y0, key=key, config=cfg)
+        t = _timeit(lambda cfg=cfg, key=key: latent_search(decode_fn, classify_fn, z0, y0,
+                                                              key=key, config=cfg), repeats)
+        n = res.num_samples_evaluated
+        first = [res.perturbation_norm[res.source_index == s].min()
+                 for s in np.unique(res.source_index)]
+        rows.append({
+            "mode": mode, "samples": n, "seconds": t, "flips": res.num_flips,
+            "flips_per_sample": res.num_flips / n,
+            "distinct_per_sample": _distinct(res, 0.1) / n,
+            "distinct_per_s": _distinct(res, 0.1) / t,
+            "distinct_pred_pairs": int(np.unique(
+                np.stack([res.source_index, res.pred_label], 1), axis=0).shape[0]),
+            "sources_with_error": int(np.unique(res.source_index).size),
+            "median_smallest_norm": float(np.median(first)) if first else None,
+        })
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# driver
+
+
+def _ints(text: str) -> list[int]:
+    return [int(t) for t in text.split(",") if t.strip()]
+
+
+def bench_model(kind: str, args) -> dict:
+    quick, repeats = args.quick, (1 if args.quick else args.repeats)
+    decode_fn, classify_fn, vae, clf = build_models(kind)
+    chains = _ints(args.chains)
+    if quick:
+        chains = [c for c in chains if c <= 4096] or chains[:1]
+    q = args.samples_per_source
+    if args.chunk_sizes:
+        chunks = _ints(args.chunk_sizes)
+    else:
+        chunks = [256, 1024, 2048, 4096, 8192] if kind == "mlp" else [32, 64, 128, 256, 512]
+    if quick:
+        chunks = chunks[1:3]
+    out = {"model": kind, "image_shape": MODEL_SHAPES[kind], "latent_dim": LATENT_DIM}
+
+    batches = [64, 256, 1024, 4096, 16384] if kind == "mlp" else [16, 64, 256, 1024]
+    out["forward"] = fwd = forward_ceiling(decode_fn, classify_fn,
+                                           batches[:3] if quick else batches, repeats)
+    print(f"[{kind}] forward ceiling {fwd['best_samples_per_s']:,.0f} samples/s "
+          f"at batch {fwd['best_batch']}; {fwd['flops_per_sample']:,.0f} FLOPs/sample")
+
+    tune_chains = min(max(chains), 16384 if kind == "mlp" else 2048)
+    out["chunk_tuning"] = [engine_throughput(decode_fn, classify_fn, tune_chains, q, c, repeats)
+                           for c in chunks]
+    best_chunk = max(out["chunk_tuning"], key=lambda r: r["samples_per_s"])["chunk_size"]
+    out["best_chunk_size"] = best_chunk
+    print(f"[{kind}] chunk tuning at {tune_chains} chains: " + ", ".join(
+        f"{r['chunk_size']}: {r['samples_per_s']:,.0f}/s" for r in out["chunk_tuning"]))
+
+    out["sweep"] = sweep = []
+    for c in chains:
+        row = engine_throughput(decode_fn, classify_fn, c, q, best_chunk, repeats)
+        row["fraction_of_forward"] = row["samples_per_s"] / fwd["best_samples_per_s"]
+        row["gflops_per_s"] = row["samples_per_s"] * fwd["flops_per_sample"] / 1e9
+        sweep.append(row)
+    engine_best = max(r["samples_per_s"] for r in sweep)
+    out["engine_best_samples_per_s"] = engine_best
+    out["engine_fraction_of_forward"] = engine_best / fwd["best_samples_per_s"]
+    out["forward_gflops_per_s"] = fwd["best_samples_per_s"] * fwd["flops_per_sample"] / 1e9
+
+    points = max(8, args.ref_points // (4 if quick else 1))
+    out["reference"] = refs = []
+    for qq in (10, 100):
+        pts = points if qq == 10 else max(4, points // 4)
+        r = {"impl": "jax per-point jit", **reference_jax_loop(decode_fn, classify_fn, qq, pts)}
+        refs.append(r)
+        if not args.no_torch:
+            try:
+                r = {"impl": "torch per-point", **reference_torch_loop(vae, clf, kind, qq, pts)}
+                refs.append(r)
+            except ImportError:
+                refs.append({"impl": "torch per-point", "q": qq, "skipped": "torch not installed"})
+    for r in refs:
+        if "samples_per_s" in r:
+            r["engine_speedup"] = engine_best / r["samples_per_s"]
+
+    if kind == "mlp" and not args.no_modes:
+        out["modes"] = compare_modes(decode_fn, classify_fn, 64 if quick else 256,
+                                     64, repeats)
+    return out
+
+
+def _print_model(r: dict) -> None:
+    fwd = r["forward"]
+    print(f"\n== {r['model']} models, image {tuple(r['image_shape'])}, latent {r['latent_dim']} ==")
+    print(f"bare forward (decode+classify+argmax): best {fwd['best_samples_per_s']:>12,.0f} "
+          f"samples/s at batch {fwd['best_batch']}, {fwd['flops_per_sample']:,.0f} FLOPs/sample, "
+          f"{r['forward_gflops_per_s']:.1f} GFLOP/s")
+    print(f"{'chains':>8} {'sources':>8} {'chunk':>6} {'samples/s':>12} {'of fwd':>7} "
+          f"{'GFLOP/s':>8} {'found':>6}")
+    for s in r["sweep"]:
+        print(f"{s['chains']:>8} {s['sources']:>8} {s['chunk_size']:>6} "
+              f"{s['samples_per_s']:>12,.0f} {s['fraction_of_forward']:>6.1%} "
+              f"{s['gflops_per_s']:>8.1f} {s['found']:>6}")
+    print(f"{'reference loop':<22} {'Q':>4} {'points':>6} {'samples/s':>12} {'engine x':>9}")
+    for ref in r["reference"]:
+        if "samples_per_s" not in ref:
+            print(f"{ref['impl']:<22} {ref['q']:>4}   ({ref['skipped']})")
+            continue
+        print(f"{ref['impl']:<22} {ref['q']:>4} {ref['points']:>6} "
+              f"{ref['samples_per_s']:>12,.0f} {ref['engine_speedup']:>8.1f}x")
+    if "modes" in r:
+        print(f"{'mode':<10} {'samples':>8} {'flips/smp':>9} {'distinct/smp':>12} "
+              f"{'distinct/s':>11} {'(src,pred)':>10} {'srcs':>5} {'med min |dz|':>12}")
+        for m in r["modes"]:
+            med = m["median_smallest_norm"]
+            print(f"{m['mode']:<10} {m['samples']:>8} {m['flips_per_sample']:>9.3f} "
+                  f"{m['distinct_per_sample']:>12.3f} {m['distinct_per_s']:>11,.0f} "
+                  f"{m['distinct_pred_pairs']:>10} {m['sources_with_error']:>5} "
+                  f"{(med if med is not None else float('nan')):>12.3f}")
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Runs the benchmark, prints a table, writes JSON to `args.out`; returns the results."""
+    repeats = 1 if args.quick else args.repeats
+    result = {
+        "benchmark": "search",
+        "quick": bool(args.quick),
+        "platform": platform.platform(),
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "cpu_count": os.cpu_count(),
+        "jax": jax.__version__,
+        "matmul_2048_gflops_per_s": matmul_gflops(repeats),
+        "models": [],
+    }
+    print(f"backend {result['backend']} x{len(result['devices'])}; 2048^2 matmul "
+          f"{result['matmul_2048_gflops_per_s']:.1f} GFLOP/s")
+    for kind in [k.strip() for k in args.models.split(",") if k.strip()]:
+        if kind not in MODEL_SHAPES:
+            raise ValueError(f"--models: unknown model {kind!r}; use mlp and/or conv.")
+        r = bench_model(kind, args)
+        result["models"].append(r)
+        _print_model(r)
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2, default=float)
+        print(f"\nwrote {args.out}")
+    return result
