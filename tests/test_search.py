@@ -34,8 +34,8 @@ def _sources(n=24, seed=0):
     return z0, y0
 
 
-def _mesh(n):
-    return Mesh(np.asarray(jax.devices()[:n]), ("d",))
+def _mesh(n):  # same axis name as the default mesh, so _mesh(4) reuses its compiled program
+    return Mesh(np.asarray(jax.devices()[:n]), ("chains",))
 
 
 MODES = [
@@ -175,10 +175,11 @@ def test_one_device_equals_four_devices(results, index):
     _assert_same(four, results[IDS[index]], exact=False)
 
 
-@pytest.mark.parametrize("chunk_size", [7, 24, 100, 4096])
+@pytest.mark.parametrize("chunk_size", [7, 100])
 def test_chunk_size_does_not_change_results(results, chunk_size):
     z0, y0 = _sources()
-    cfg = dataclasses.replace(MODES[0], chunk_size=chunk_size)  # 7 < Q: sub-chunks per source
+    # 7 < Q: several sub-chunks per source (padded); 100: 4 sources per block (MODES[0]: 2)
+    cfg = dataclasses.replace(MODES[0], chunk_size=chunk_size)
     res = latent_search(decode, classify, z0, y0, key=jax.random.key(0), config=cfg,
                         mesh=_mesh(2))
     _assert_same(res, results["gaussian"], exact=False)

@@ -61,6 +61,6 @@ def latent_search(
     check_counter_range(config.chains, config.rounds, z.shape[1])
     layout = engine.plan_layout(z.shape[0], mesh.devices.size, config)
     program = engine.get_program(decode_fn, classify_fn, config, layout, mesh)
-    out = program(root, *engine.lay_out_inputs(z, y, layout, mesh))
-    host = engine.fetch(out)
+    floats, ints = engine.fetch(program(root, *engine.lay_out_inputs(z, y, layout, mesh)))
+    host = engine.unpack(floats, ints, z.shape[1])
     return compact(host, z.shape[0], y, config=config, wall_time_s=time.perf_counter() - start)

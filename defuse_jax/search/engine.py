@@ -52,7 +52,7 @@ def plan_layout(num_sources: int, devices: int, config: SearchConfig) -> Layout:
 
 
 class DeviceOutput(NamedTuple):
-    """What the program returns: leading [D * G, S]."""
+    """The program's output (after `unpack`): leading [D * G, S]."""
 
     best: Candidates  # [D*G, S, k, ...] the k smallest-norm flips per source
     num_flips: jax.Array  # [D*G, S] int32 flips per source before the top-k
@@ -112,21 +112,42 @@ def _search_block(decode_fn, classify_fn, config, layout, root, z0, y0, src, val
 def build_program(decode_fn, classify_fn, config: SearchConfig, layout: Layout, mesh: Mesh):
     """The jitted program.
 
-    (key data [2] uint32, z0 [D*G, S, L], y0 / src / valid [D*G, S]) -> `DeviceOutput`.
+    (key data [2] uint32, z0 [D*G, S, L] float32, y0 [D*G, S] int32 with -1 for padding)
+    -> (floats [D*G, S, k, L + 2], ints [D*G, S, 2k + 2]): the outputs packed into two arrays
+    so that the host fetches them in two transfers (`unpack` reverses it).
     """
     block = functools.partial(_search_block, decode_fn, classify_fn, config, layout)
 
-    def per_device(root, z0, y0, src, valid):  # local leading dim: G blocks
+    def per_device(root, z0, y0, src):  # local leading dim: G blocks
         def body(_, xs):
-            return None, block(root, *xs)
+            z, y, s = xs
+            return None, block(root, z, jnp.maximum(y, 0), s, y >= 0)
 
-        _, (best, flips, used) = jax.lax.scan(body, None, (z0, y0, src, valid))
-        return DeviceOutput(best, flips, used)
+        _, (best, flips, used) = jax.lax.scan(body, None, (z0, y0, src))
+        floats = jnp.concatenate([best.z, best.prob[..., None], best.norm[..., None]], axis=-1)
+        ints = jnp.concatenate([best.found.astype(jnp.int32), best.pred, flips[..., None],
+                                used.astype(jnp.int32)[..., None]], axis=-1)
+        return floats, ints
 
     axes = P(tuple(mesh.axis_names))
-    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), axes, axes, axes, axes),
-                            out_specs=axes, check_vma=False)
-    return jax.jit(sharded)
+    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), axes, axes, axes),
+                            out_specs=(axes, axes), check_vma=False)
+
+    def program(root, z0, y0):
+        src = jnp.arange(y0.size, dtype=jnp.int32).reshape(y0.shape)  # global source index
+        return sharded(root, z0, y0, src)
+
+    rows = NamedSharding(mesh, axes)
+    return jax.jit(program, in_shardings=(NamedSharding(mesh, P()), rows, rows))
+
+
+def unpack(floats: np.ndarray, ints: np.ndarray, latent: int) -> DeviceOutput:
+    """Host side of `build_program`'s packing: numpy arrays back to a `DeviceOutput`."""
+    k = floats.shape[2]
+    best = Candidates(found=ints[..., :k].astype(bool), z=floats[..., :latent],
+                      pred=ints[..., k:2 * k], prob=floats[..., latent],
+                      norm=floats[..., latent + 1])
+    return DeviceOutput(best, ints[..., 2 * k], ints[..., 2 * k + 1].astype(bool))
 
 
 _PROGRAMS: dict = {}
@@ -148,20 +169,25 @@ def default_mesh() -> Mesh:
 
 
 def lay_out_inputs(z0: np.ndarray, y0: np.ndarray, layout: Layout, mesh: Mesh):
-    """Pads the host inputs to `layout` and places them sharded over `mesh`."""
+    """Pads the host inputs to `layout` (padding rows get label -1).
+
+    Returns numpy arrays, which the jitted program places with its input shardings; with several
+    processes they become global arrays (every process passes the same full inputs).
+    """
     n, latent = z0.shape
     pad = layout.padded_sources - n
     shape = (layout.devices * layout.blocks, layout.sources)
     z = np.concatenate([z0, np.zeros((pad, latent), np.float32)]).reshape(shape + (latent,))
-    y = np.concatenate([y0, np.zeros((pad,), np.int32)]).reshape(shape)
-    src = np.arange(layout.padded_sources, dtype=np.int32).reshape(shape)
-    valid = (np.arange(layout.padded_sources) < n).reshape(shape)
-    sharding = NamedSharding(mesh, P(tuple(mesh.axis_names)))
-    return tuple(jax.device_put(a, sharding) for a in (z, y, src, valid))
+    y = np.concatenate([y0, np.full((pad,), -1, np.int32)]).reshape(shape)
+    if jax.process_count() == 1:
+        return z, y
+    rows = NamedSharding(mesh, P(tuple(mesh.axis_names)))
+    return tuple(jax.make_array_from_callback(a.shape, rows, lambda idx, a=a: a[idx])
+                 for a in (z, y))
 
 
 def fetch(tree):
-    """One device->host transfer of the whole output (gathered across hosts if needed)."""
+    """Device -> host transfer of the output (gathered across hosts if needed)."""
     leaves = jax.tree.leaves(tree)
     if all(getattr(a, "is_fully_addressable", True) for a in leaves):
         return jax.device_get(tree)

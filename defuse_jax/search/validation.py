@@ -94,8 +94,8 @@ def as_key(key, seed: int) -> jax.Array:
         data = jax.random.key_data(arr)
         if data.shape != (2,) or data.dtype != jnp.uint32:  # other PRNG impl: derive threefry
             data = jax.random.bits(arr, (2,), jnp.uint32)
-        return data
+        return np.asarray(data)
     if arr.dtype != jnp.uint32 or arr.shape != (2,):
         raise ValueError(
             f"key must be a jax.random.key or a raw uint32[2] PRNGKey; got {arr.dtype}{arr.shape}.")
-    return arr
+    return np.asarray(arr)
