@@ -52,8 +52,10 @@ IDS = ["gaussian", "laplace", "uniform_ball", "iterative", "gradient"]
 def results():
     """One run per mode on 4 devices (mesh=None: all devices), shared by several tests."""
     z0, y0 = _sources()
-    return {i: latent_search(decode, classify, z0, y0, key=jax.random.key(0), config=c)
-            for i, c in zip(IDS, MODES, strict=True)}
+    return {
+        i: latent_search(decode, classify, z0, y0, key=jax.random.key(0), config=c)
+        for i, c in zip(IDS, MODES, strict=True)
+    }
 
 
 @pytest.mark.parametrize("mode", IDS)
@@ -86,8 +88,13 @@ def test_keep_smallest_per_source_sorted(results, mode):
 
 
 def _offsets(config, n_src=64, n_chain=256):
-    rng = ChainRng(jax.random.key_data(jax.random.key(3)), jnp.arange(n_src, dtype=jnp.int32),
-                   jnp.arange(n_chain, dtype=jnp.int32), 1, 8 + 2)
+    rng = ChainRng(
+        jax.random.key_data(jax.random.key(3)),
+        jnp.arange(n_src, dtype=jnp.int32),
+        jnp.arange(n_chain, dtype=jnp.int32),
+        1,
+        8 + 2,
+    )
     return np.asarray(sample_offset(rng, 8, config=config)).reshape(-1, 8)
 
 
@@ -120,8 +127,14 @@ def test_perturbation_statistics_uniform_ball():
 def test_constant_classifier_finds_nothing(mode):
     z0 = np.random.default_rng(1).normal(size=(8, LATENT)).astype(np.float32)
     y0 = np.zeros(8, np.int32)
-    res = latent_search(decode, constant_classify, z0, y0, key=jax.random.key(0),
-                        config=SearchConfig(mode=mode, num_samples=16, num_rounds=4))
+    res = latent_search(
+        decode,
+        constant_classify,
+        z0,
+        y0,
+        key=jax.random.key(0),
+        config=SearchConfig(mode=mode, num_samples=16, num_rounds=4),
+    )
     assert res.num_found == 0 and len(res) == 0 and res.num_flips == 0
     assert res.z.shape == (0, LATENT) and res.source_index.shape == (0,)
     assert res.num_sources_used == 8 and res.num_sources_skipped == 0
@@ -137,8 +150,14 @@ def test_misclassified_sources_are_skipped():
     np.testing.assert_array_equal(res.used, y0 == 0)
     assert res.num_samples_evaluated == 3 * 16
     # without skipping, every wrong source "flips" at every sample
-    res = latent_search(decode, constant_classify, z0, y0, key=jax.random.key(0),
-                        config=dataclasses.replace(cfg, skip_misclassified=False))
+    res = latent_search(
+        decode,
+        constant_classify,
+        z0,
+        y0,
+        key=jax.random.key(0),
+        config=dataclasses.replace(cfg, skip_misclassified=False),
+    )
     assert res.num_sources_skipped == 0 and res.num_flips == 5 * 16
     assert set(res.source_index.tolist()) == {1, 2, 4, 5, 7}
 
@@ -167,10 +186,12 @@ def test_deterministic_and_key_dependent(results, index):
 def test_one_device_equals_four_devices(results, index):
     assert len(jax.devices()) >= 4, "conftest forces 4 CPU devices"
     z0, y0 = _sources()
-    one = latent_search(decode, classify, z0, y0, key=jax.random.key(0), config=MODES[index],
-                        mesh=_mesh(1))
-    four = latent_search(decode, classify, z0, y0, key=jax.random.key(0), config=MODES[index],
-                         mesh=_mesh(4))
+    one = latent_search(
+        decode, classify, z0, y0, key=jax.random.key(0), config=MODES[index], mesh=_mesh(1)
+    )
+    four = latent_search(
+        decode, classify, z0, y0, key=jax.random.key(0), config=MODES[index], mesh=_mesh(4)
+    )
     _assert_same(one, four, exact=False)
     _assert_same(four, results[IDS[index]], exact=False)
 
@@ -180,8 +201,7 @@ def test_chunk_size_does_not_change_results(results, chunk_size):
     z0, y0 = _sources()
     # 7 < Q: several sub-chunks per source (padded); 100: 4 sources per block (MODES[0]: 2)
     cfg = dataclasses.replace(MODES[0], chunk_size=chunk_size)
-    res = latent_search(decode, classify, z0, y0, key=jax.random.key(0), config=cfg,
-                        mesh=_mesh(2))
+    res = latent_search(decode, classify, z0, y0, key=jax.random.key(0), config=cfg, mesh=_mesh(2))
     _assert_same(res, results["gaussian"], exact=False)
 
 
@@ -190,8 +210,14 @@ def test_keep_all_and_bf16():
     cfg = SearchConfig(num_samples=32, max_keep_per_source=None)
     res = latent_search(decode, classify, z0, y0, key=jax.random.key(0), config=cfg)
     assert res.num_found == res.num_flips > 0
-    half = latent_search(decode, classify, z0, y0, key=jax.random.key(0),
-                         config=dataclasses.replace(cfg, compute_dtype="bfloat16"))
+    half = latent_search(
+        decode,
+        classify,
+        z0,
+        y0,
+        key=jax.random.key(0),
+        config=dataclasses.replace(cfg, compute_dtype="bfloat16"),
+    )
     assert half.num_found > 0
     # same perturbations; bf16 may flip a few borderline samples differently
     assert abs(half.num_found - res.num_found) <= 0.2 * res.num_found + 2
@@ -203,10 +229,8 @@ def test_keep_all_and_bf16():
         (np.zeros((4, LATENT)), np.zeros(3, np.int32), None, "y0 must be"),
         (np.zeros((4, LATENT)), np.array([0, 1, 2, 3]), None, r"outside \[0, 3\)"),
         (np.zeros((4, LATENT)), np.array([0, -1, 2, 1]), None, r"outside \[0, 3\)"),
-        (np.array([[0.0] * LATENT, [np.nan] * LATENT]), np.zeros(2, np.int32), None,
-         "non-finite"),
-        (np.array([[0.0] * LATENT, [np.inf] * LATENT]), np.zeros(2, np.int32), None,
-         "non-finite"),
+        (np.array([[0.0] * LATENT, [np.nan] * LATENT]), np.zeros(2, np.int32), None, "non-finite"),
+        (np.array([[0.0] * LATENT, [np.inf] * LATENT]), np.zeros(2, np.int32), None, "non-finite"),
         (np.zeros((0, LATENT)), np.zeros(0, np.int32), None, "zero source points"),
         (np.zeros(LATENT), np.zeros(1, np.int32), None, r"z0 must be \[num_sources"),
         (np.zeros((2, LATENT)), np.zeros(2, np.float32), None, "integer labels"),

@@ -42,16 +42,34 @@ NUM_CLASSES = 10
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Registers the benchmark's flags."""
     parser.add_argument("--models", default="mlp,conv", help="comma list of: mlp, conv")
-    parser.add_argument("--chains", default="256,1024,4096,16384,65536",
-                        help="comma list of total chain (= sample) counts per search call")
-    parser.add_argument("--samples-per-source", type=int, default=32,
-                        help="Q of the throughput sweep (sources = chains / Q)")
-    parser.add_argument("--chunk-sizes", default="",
-                        help="chunk sizes to try (default: 256..8192 mlp, 32..1024 conv)")
-    parser.add_argument("--ref-points", type=int, default=64,
-                        help="source points timed in the per-point reference loops")
-    parser.add_argument("--repeats", type=int, default=5,
-                        help="best of this many timings (1 for calls longer than 5 s)")
+    parser.add_argument(
+        "--chains",
+        default="256,1024,4096,16384,65536",
+        help="comma list of total chain (= sample) counts per search call",
+    )
+    parser.add_argument(
+        "--samples-per-source",
+        type=int,
+        default=32,
+        help="Q of the throughput sweep (sources = chains / Q)",
+    )
+    parser.add_argument(
+        "--chunk-sizes",
+        default="",
+        help="chunk sizes to try (default: 256..8192 mlp, 32..1024 conv)",
+    )
+    parser.add_argument(
+        "--ref-points",
+        type=int,
+        default=64,
+        help="source points timed in the per-point reference loops",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="best of this many timings (1 for calls longer than 5 s)",
+    )
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     parser.add_argument("--no-modes", action="store_true", help="skip the mode comparison")
     parser.add_argument("--quick", action="store_true", help="smoke run: small sizes, 1 repeat")
@@ -69,10 +87,15 @@ def build_models(kind: str):
     from defuse_jax import models
 
     shape = MODEL_SHAPES[kind]
-    vae = models.VAE(models.VAEConfig(kind=kind, latent_dim=LATENT_DIM), image_shape=shape,
-                     rngs=nnx.Rngs(0))
-    clf = models.Classifier(models.ClassifierConfig(kind=kind), image_shape=shape,
-                            num_classes=NUM_CLASSES, rngs=nnx.Rngs(1))
+    vae = models.VAE(
+        models.VAEConfig(kind=kind, latent_dim=LATENT_DIM), image_shape=shape, rngs=nnx.Rngs(0)
+    )
+    clf = models.Classifier(
+        models.ClassifierConfig(kind=kind),
+        image_shape=shape,
+        num_classes=NUM_CLASSES,
+        rngs=nnx.Rngs(1),
+    )
     vp, cp = models.params_of(vae), models.params_of(clf)
     return partial(models.decode, vp), partial(models.logits, cp), vae, clf
 
@@ -127,22 +150,33 @@ def forward_ceiling(decode_fn, classify_fn, batches, repeats: int) -> dict:
         t = _timeit(lambda z=z: fwd(z).block_until_ready(), repeats)
         rows.append({"batch": b, "samples_per_s": b / t})
     best = max(rows, key=lambda r: r["samples_per_s"])
-    return {"by_batch": rows, "best_batch": best["batch"],
-            "best_samples_per_s": best["samples_per_s"], "flops_per_sample": flops}
+    return {
+        "by_batch": rows,
+        "best_batch": best["batch"],
+        "best_samples_per_s": best["samples_per_s"],
+        "flops_per_sample": flops,
+    }
 
 
-def engine_throughput(decode_fn, classify_fn, chains: int, q: int, chunk: int,
-                      repeats: int) -> dict:
+def engine_throughput(
+    decode_fn, classify_fn, chains: int, q: int, chunk: int, repeats: int
+) -> dict:
     n = max(1, chains // q)
     z0, y0 = _sources(decode_fn, classify_fn, n)
     cfg = SearchConfig(mode="sample", num_samples=q, chunk_size=chunk, max_keep_per_source=5)
     key = jax.random.key(0)
     res = latent_search(decode_fn, classify_fn, z0, y0, key=key, config=cfg)
-    t = _timeit(lambda: latent_search(decode_fn, classify_fn, z0, y0, key=key, config=cfg),
-                repeats)
-    return {"chains": n * q, "sources": n, "q": q, "chunk_size": chunk,
-            "seconds": t, "samples_per_s": n * q / t, "found": res.num_found,
-            "sources_used": res.num_sources_used}
+    t = _timeit(lambda: latent_search(decode_fn, classify_fn, z0, y0, key=key, config=cfg), repeats)
+    return {
+        "chains": n * q,
+        "sources": n,
+        "q": q,
+        "chunk_size": chunk,
+        "seconds": t,
+        "samples_per_s": n * q / t,
+        "found": res.num_found,
+        "sources_used": res.num_sources_used,
+    }
 
 
 def reference_jax_loop(decode_fn, classify_fn, q: int, points: int, keep: int = 3) -> dict:
@@ -179,26 +213,51 @@ def _torch_modules(vae, clf, kind: str):
     h, w, c = MODEL_SHAPES[kind]
     vc, cc = vae.config, clf.config
     if kind == "mlp":
-        dec = nn.Sequential(nn.Linear(LATENT_DIM, vc.hidden), nn.ReLU(),
-                            nn.Linear(vc.hidden, vc.hidden), nn.ReLU(),
-                            nn.Linear(vc.hidden, h * w * c), nn.Sigmoid(),
-                            nn.Unflatten(1, (c, h, w)))
-        net = nn.Sequential(nn.Flatten(), nn.Linear(h * w * c, cc.hidden), nn.ReLU(),
-                            nn.Linear(cc.hidden, cc.hidden), nn.ReLU(),
-                            nn.Linear(cc.hidden, NUM_CLASSES))
+        dec = nn.Sequential(
+            nn.Linear(LATENT_DIM, vc.hidden),
+            nn.ReLU(),
+            nn.Linear(vc.hidden, vc.hidden),
+            nn.ReLU(),
+            nn.Linear(vc.hidden, h * w * c),
+            nn.Sigmoid(),
+            nn.Unflatten(1, (c, h, w)),
+        )
+        net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(h * w * c, cc.hidden),
+            nn.ReLU(),
+            nn.Linear(cc.hidden, cc.hidden),
+            nn.ReLU(),
+            nn.Linear(cc.hidden, NUM_CLASSES),
+        )
     else:
         c1, c2 = vc.channels
-        dec = nn.Sequential(nn.Linear(LATENT_DIM, vc.hidden), nn.ReLU(),
-                            nn.Linear(vc.hidden, (h // 4) * (w // 4) * c2), nn.ReLU(),
-                            nn.Unflatten(1, (c2, h // 4, w // 4)),
-                            nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1), nn.ReLU(),
-                            nn.ConvTranspose2d(c1, c1, 4, stride=2, padding=1), nn.ReLU(),
-                            nn.Conv2d(c1, c, 3, padding=1), nn.Sigmoid())
+        dec = nn.Sequential(
+            nn.Linear(LATENT_DIM, vc.hidden),
+            nn.ReLU(),
+            nn.Linear(vc.hidden, (h // 4) * (w // 4) * c2),
+            nn.ReLU(),
+            nn.Unflatten(1, (c2, h // 4, w // 4)),
+            nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1),
+            nn.ReLU(),
+            nn.ConvTranspose2d(c1, c1, 4, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(c1, c, 3, padding=1),
+            nn.Sigmoid(),
+        )
         k1, k2 = cc.channels
-        net = nn.Sequential(nn.Conv2d(c, k1, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
-                            nn.Conv2d(k1, k2, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
-                            nn.Flatten(), nn.Linear((h // 4) * (w // 4) * k2, cc.hidden),
-                            nn.ReLU(), nn.Linear(cc.hidden, NUM_CLASSES))
+        net = nn.Sequential(
+            nn.Conv2d(c, k1, 3, padding=1),
+            nn.ReLU(),
+            nn.AvgPool2d(2),
+            nn.Conv2d(k1, k2, 3, padding=1),
+            nn.ReLU(),
+            nn.AvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear((h // 4) * (w // 4) * k2, cc.hidden),
+            nn.ReLU(),
+            nn.Linear(cc.hidden, NUM_CLASSES),
+        )
     with torch.no_grad():
         out = dec(torch.zeros(2, LATENT_DIM))
         assert tuple(out.shape) == (2, c, h, w), out.shape
@@ -246,8 +305,13 @@ def _torch_loop_once(vae, clf, kind: str, q: int, points: int, keep: int) -> dic
         return kept
 
     t = _timeit(loop, 1)
-    return {"q": q, "points": points, "seconds": t, "samples_per_s": points * q / t,
-            "torch": torch.__version__}
+    return {
+        "q": q,
+        "points": points,
+        "seconds": t,
+        "samples_per_s": points * q / t,
+        "torch": torch.__version__,
+    }
 
 
 def _distinct(res, cell: float) -> int:
@@ -264,31 +328,44 @@ def compare_modes(decode_fn, classify_fn, sources: int, budget: int, repeats: in
     rounds = 8
     configs = {
         "sample": SearchConfig(mode="sample", num_samples=budget),
-        "iterative": SearchConfig(mode="iterative", chains_per_source=budget // rounds,
-                                  num_rounds=rounds),
-        "gradient": SearchConfig(mode="gradient", chains_per_source=budget // rounds,
-                                 num_rounds=rounds),
+        "iterative": SearchConfig(
+            mode="iterative", chains_per_source=budget // rounds, num_rounds=rounds
+        ),
+        "gradient": SearchConfig(
+            mode="gradient", chains_per_source=budget // rounds, num_rounds=rounds
+        ),
     }
     rows = []
     for mode, cfg in configs.items():
         cfg = dataclasses.replace(cfg, max_keep_per_source=None, chunk_size=1024)
         key = jax.random.key(0)
         res = latent_search(decode_fn, classify_fn, z0, y0, key=key, config=cfg)
-        t = _timeit(lambda cfg=cfg, key=key: latent_search(decode_fn, classify_fn, z0, y0,
-                                                              key=key, config=cfg), repeats)
+        t = _timeit(
+            lambda cfg=cfg, key=key: latent_search(
+                decode_fn, classify_fn, z0, y0, key=key, config=cfg
+            ),
+            repeats,
+        )
         n = res.num_samples_evaluated
-        first = [res.perturbation_norm[res.source_index == s].min()
-                 for s in np.unique(res.source_index)]
-        rows.append({
-            "mode": mode, "samples": n, "seconds": t, "flips": res.num_flips,
-            "flips_per_sample": res.num_flips / n,
-            "distinct_per_sample": _distinct(res, 0.1) / n,
-            "distinct_per_s": _distinct(res, 0.1) / t,
-            "distinct_pred_pairs": int(np.unique(
-                np.stack([res.source_index, res.pred_label], 1), axis=0).shape[0]),
-            "sources_with_error": int(np.unique(res.source_index).size),
-            "median_smallest_norm": float(np.median(first)) if first else None,
-        })
+        first = [
+            res.perturbation_norm[res.source_index == s].min() for s in np.unique(res.source_index)
+        ]
+        rows.append(
+            {
+                "mode": mode,
+                "samples": n,
+                "seconds": t,
+                "flips": res.num_flips,
+                "flips_per_sample": res.num_flips / n,
+                "distinct_per_sample": _distinct(res, 0.1) / n,
+                "distinct_per_s": _distinct(res, 0.1) / t,
+                "distinct_pred_pairs": int(
+                    np.unique(np.stack([res.source_index, res.pred_label], 1), axis=0).shape[0]
+                ),
+                "sources_with_error": int(np.unique(res.source_index).size),
+                "median_smallest_norm": float(np.median(first)) if first else None,
+            }
+        )
     return rows
 
 
@@ -316,18 +393,24 @@ def bench_model(kind: str, args) -> dict:
     out = {"model": kind, "image_shape": MODEL_SHAPES[kind], "latent_dim": LATENT_DIM}
 
     batches = [64, 256, 1024, 4096, 16384] if kind == "mlp" else [16, 64, 256, 1024]
-    out["forward"] = fwd = forward_ceiling(decode_fn, classify_fn,
-                                           batches[:3] if quick else batches, repeats)
-    print(f"[{kind}] forward ceiling {fwd['best_samples_per_s']:,.0f} samples/s "
-          f"at batch {fwd['best_batch']}; {fwd['flops_per_sample']:,.0f} FLOPs/sample")
+    out["forward"] = fwd = forward_ceiling(
+        decode_fn, classify_fn, batches[:3] if quick else batches, repeats
+    )
+    print(
+        f"[{kind}] forward ceiling {fwd['best_samples_per_s']:,.0f} samples/s "
+        f"at batch {fwd['best_batch']}; {fwd['flops_per_sample']:,.0f} FLOPs/sample"
+    )
 
     tune_chains = min(max(chains), 16384 if kind == "mlp" else 2048)
-    out["chunk_tuning"] = [engine_throughput(decode_fn, classify_fn, tune_chains, q, c, repeats)
-                           for c in chunks]
+    out["chunk_tuning"] = [
+        engine_throughput(decode_fn, classify_fn, tune_chains, q, c, repeats) for c in chunks
+    ]
     best_chunk = max(out["chunk_tuning"], key=lambda r: r["samples_per_s"])["chunk_size"]
     out["best_chunk_size"] = best_chunk
-    print(f"[{kind}] chunk tuning at {tune_chains} chains: " + ", ".join(
-        f"{r['chunk_size']}: {r['samples_per_s']:,.0f}/s" for r in out["chunk_tuning"]))
+    print(
+        f"[{kind}] chunk tuning at {tune_chains} chains: "
+        + ", ".join(f"{r['chunk_size']}: {r['samples_per_s']:,.0f}/s" for r in out["chunk_tuning"])
+    )
 
     out["sweep"] = sweep = []
     for c in chains:
@@ -357,39 +440,50 @@ def bench_model(kind: str, args) -> dict:
             r["engine_speedup"] = engine_best / r["samples_per_s"]
 
     if kind == "mlp" and not args.no_modes:
-        out["modes"] = compare_modes(decode_fn, classify_fn, 64 if quick else 256,
-                                     64, repeats)
+        out["modes"] = compare_modes(decode_fn, classify_fn, 64 if quick else 256, 64, repeats)
     return out
 
 
 def _print_model(r: dict) -> None:
     fwd = r["forward"]
     print(f"\n== {r['model']} models, image {tuple(r['image_shape'])}, latent {r['latent_dim']} ==")
-    print(f"bare forward (decode+classify+argmax): best {fwd['best_samples_per_s']:>12,.0f} "
-          f"samples/s at batch {fwd['best_batch']}, {fwd['flops_per_sample']:,.0f} FLOPs/sample, "
-          f"{r['forward_gflops_per_s']:.1f} GFLOP/s")
-    print(f"{'chains':>8} {'sources':>8} {'chunk':>6} {'samples/s':>12} {'of fwd':>7} "
-          f"{'GFLOP/s':>8} {'found':>6}")
+    print(
+        f"bare forward (decode+classify+argmax): best {fwd['best_samples_per_s']:>12,.0f} "
+        f"samples/s at batch {fwd['best_batch']}, {fwd['flops_per_sample']:,.0f} FLOPs/sample, "
+        f"{r['forward_gflops_per_s']:.1f} GFLOP/s"
+    )
+    print(
+        f"{'chains':>8} {'sources':>8} {'chunk':>6} {'samples/s':>12} {'of fwd':>7} "
+        f"{'GFLOP/s':>8} {'found':>6}"
+    )
     for s in r["sweep"]:
-        print(f"{s['chains']:>8} {s['sources']:>8} {s['chunk_size']:>6} "
-              f"{s['samples_per_s']:>12,.0f} {s['fraction_of_forward']:>6.1%} "
-              f"{s['gflops_per_s']:>8.1f} {s['found']:>6}")
+        print(
+            f"{s['chains']:>8} {s['sources']:>8} {s['chunk_size']:>6} "
+            f"{s['samples_per_s']:>12,.0f} {s['fraction_of_forward']:>6.1%} "
+            f"{s['gflops_per_s']:>8.1f} {s['found']:>6}"
+        )
     print(f"{'reference loop':<22} {'Q':>4} {'points':>6} {'samples/s':>12} {'engine x':>9}")
     for ref in r["reference"]:
         if "samples_per_s" not in ref:
             print(f"{ref['impl']:<22} {ref['q']:>4}   ({ref['skipped']})")
             continue
-        print(f"{ref['impl']:<22} {ref['q']:>4} {ref['points']:>6} "
-              f"{ref['samples_per_s']:>12,.0f} {ref['engine_speedup']:>8.1f}x")
+        print(
+            f"{ref['impl']:<22} {ref['q']:>4} {ref['points']:>6} "
+            f"{ref['samples_per_s']:>12,.0f} {ref['engine_speedup']:>8.1f}x"
+        )
     if "modes" in r:
-        print(f"{'mode':<10} {'samples':>8} {'flips/smp':>9} {'distinct/smp':>12} "
-              f"{'distinct/s':>11} {'(src,pred)':>10} {'srcs':>5} {'med min |dz|':>12}")
+        print(
+            f"{'mode':<10} {'samples':>8} {'flips/smp':>9} {'distinct/smp':>12} "
+            f"{'distinct/s':>11} {'(src,pred)':>10} {'srcs':>5} {'med min |dz|':>12}"
+        )
         for m in r["modes"]:
             med = m["median_smallest_norm"]
-            print(f"{m['mode']:<10} {m['samples']:>8} {m['flips_per_sample']:>9.3f} "
-                  f"{m['distinct_per_sample']:>12.3f} {m['distinct_per_s']:>11,.0f} "
-                  f"{m['distinct_pred_pairs']:>10} {m['sources_with_error']:>5} "
-                  f"{(med if med is not None else float('nan')):>12.3f}")
+            print(
+                f"{m['mode']:<10} {m['samples']:>8} {m['flips_per_sample']:>9.3f} "
+                f"{m['distinct_per_sample']:>12.3f} {m['distinct_per_s']:>11,.0f} "
+                f"{m['distinct_pred_pairs']:>10} {m['sources_with_error']:>5} "
+                f"{(med if med is not None else float('nan')):>12.3f}"
+            )
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -406,8 +500,10 @@ def run(args: argparse.Namespace) -> dict:
         "matmul_2048_gflops_per_s": matmul_gflops(repeats),
         "models": [],
     }
-    print(f"backend {result['backend']} x{len(result['devices'])}; 2048^2 matmul "
-          f"{result['matmul_2048_gflops_per_s']:.1f} GFLOP/s")
+    print(
+        f"backend {result['backend']} x{len(result['devices'])}; 2048^2 matmul "
+        f"{result['matmul_2048_gflops_per_s']:.1f} GFLOP/s"
+    )
     for kind in [k.strip() for k in args.models.split(",") if k.strip()]:
         if kind not in MODEL_SHAPES:
             raise ValueError(f"--models: unknown model {kind!r}; use mlp and/or conv.")

@@ -104,8 +104,7 @@ def _search_block(decode_fn, classify_fn, config, layout, root, z0, y0, src, val
         return (_merge_top_k(best, flat, config.keep), flips), None
 
     init = (_empty(s, config.keep, latent), jnp.zeros((s,), jnp.int32))
-    (best, flips), _ = jax.lax.scan(sub_chunk, init,
-                                    jnp.arange(layout.sub_chunks, dtype=jnp.int32))
+    (best, flips), _ = jax.lax.scan(sub_chunk, init, jnp.arange(layout.sub_chunks, dtype=jnp.int32))
     return best, flips, used
 
 
@@ -125,13 +124,25 @@ def build_program(decode_fn, classify_fn, config: SearchConfig, layout: Layout, 
 
         _, (best, flips, used) = jax.lax.scan(body, None, (z0, y0, src))
         floats = jnp.concatenate([best.z, best.prob[..., None], best.norm[..., None]], axis=-1)
-        ints = jnp.concatenate([best.found.astype(jnp.int32), best.pred, flips[..., None],
-                                used.astype(jnp.int32)[..., None]], axis=-1)
+        ints = jnp.concatenate(
+            [
+                best.found.astype(jnp.int32),
+                best.pred,
+                flips[..., None],
+                used.astype(jnp.int32)[..., None],
+            ],
+            axis=-1,
+        )
         return floats, ints
 
     axes = P(tuple(mesh.axis_names))
-    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), axes, axes, axes),
-                            out_specs=(axes, axes), check_vma=False)
+    sharded = jax.shard_map(
+        per_device,
+        mesh=mesh,
+        in_specs=(P(), axes, axes, axes),
+        out_specs=(axes, axes),
+        check_vma=False,
+    )
 
     def program(root, z0, y0):
         src = jnp.arange(y0.size, dtype=jnp.int32).reshape(y0.shape)  # global source index
@@ -144,9 +155,13 @@ def build_program(decode_fn, classify_fn, config: SearchConfig, layout: Layout, 
 def unpack(floats: np.ndarray, ints: np.ndarray, latent: int) -> DeviceOutput:
     """Host side of `build_program`'s packing: numpy arrays back to a `DeviceOutput`."""
     k = floats.shape[2]
-    best = Candidates(found=ints[..., :k].astype(bool), z=floats[..., :latent],
-                      pred=ints[..., k:2 * k], prob=floats[..., latent],
-                      norm=floats[..., latent + 1])
+    best = Candidates(
+        found=ints[..., :k].astype(bool),
+        z=floats[..., :latent],
+        pred=ints[..., k : 2 * k],
+        prob=floats[..., latent],
+        norm=floats[..., latent + 1],
+    )
     return DeviceOutput(best, ints[..., 2 * k], ints[..., 2 * k + 1].astype(bool))
 
 
@@ -182,8 +197,9 @@ def lay_out_inputs(z0: np.ndarray, y0: np.ndarray, layout: Layout, mesh: Mesh):
     if jax.process_count() == 1:
         return z, y
     rows = NamedSharding(mesh, P(tuple(mesh.axis_names)))
-    return tuple(jax.make_array_from_callback(a.shape, rows, lambda idx, a=a: a[idx])
-                 for a in (z, y))
+    return tuple(
+        jax.make_array_from_callback(a.shape, rows, lambda idx, a=a: a[idx]) for a in (z, y)
+    )
 
 
 def fetch(tree):

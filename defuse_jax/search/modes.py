@@ -32,8 +32,9 @@ class Candidates(NamedTuple):
     norm: jax.Array  # [...] float32 ||z - z0||_2
 
 
-def forward(decode_fn: DecodeFn, classify_fn: ClassifyFn, z: jax.Array, *,
-            config: SearchConfig) -> jax.Array:
+def forward(
+    decode_fn: DecodeFn, classify_fn: ClassifyFn, z: jax.Array, *, config: SearchConfig
+) -> jax.Array:
     """decode + classify in the compute dtype: z [B, L] -> float32 logits [B, C]."""
     dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
     return classify_fn(decode_fn(z.astype(dtype))).astype(jnp.float32)
@@ -50,8 +51,9 @@ def _flat(x: jax.Array, lead: int) -> jax.Array:
     return x.reshape((-1,) + x.shape[lead:])
 
 
-def run_sample(decode_fn, classify_fn, z0, y0, rng: ChainRng, *,
-               config: SearchConfig) -> Candidates:
+def run_sample(
+    decode_fn, classify_fn, z0, y0, rng: ChainRng, *, config: SearchConfig
+) -> Candidates:
     """Paper mode: one i.i.d. perturbation per chain (R = 1)."""
     s, c = z0.shape[0], rng.chain.shape[0]
     latent = z0.shape[-1]
@@ -61,12 +63,14 @@ def run_sample(decode_fn, classify_fn, z0, y0, rng: ChainRng, *,
     pred, prob = pred.reshape(s, c), prob.reshape(s, c)
     found = pred != y0[:, None]
     norm = jnp.linalg.norm(delta, axis=-1)
-    return Candidates(found[..., None], z[:, :, None], pred[..., None], prob[..., None],
-                      norm[..., None])
+    return Candidates(
+        found[..., None], z[:, :, None], pred[..., None], prob[..., None], norm[..., None]
+    )
 
 
-def run_iterative(decode_fn, classify_fn, z0, y0, rng: ChainRng, *,
-                  config: SearchConfig) -> Candidates:
+def run_iterative(
+    decode_fn, classify_fn, z0, y0, rng: ChainRng, *, config: SearchConfig
+) -> Candidates:
     """Zhao-style radius window per chain, one random direction per round.
 
     Until a chain's first flip the window [lo, hi] slides outward by `radius_step` each round
@@ -97,8 +101,9 @@ def run_iterative(decode_fn, classify_fn, z0, y0, rng: ChainRng, *,
     init = (jnp.zeros((b,), jnp.float32), jnp.full((b,), step), jnp.zeros((b,), bool))
     _, out = jax.lax.scan(one_round, init, jnp.arange(config.num_rounds, dtype=jnp.int32))
     # out leaves: [R, B, ...] -> [S, c, R, ...]
-    return jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1).reshape((s, c) + a.shape[:1] + a.shape[2:]),
-                        out)
+    return jax.tree.map(
+        lambda a: jnp.moveaxis(a, 0, 1).reshape((s, c) + a.shape[:1] + a.shape[2:]), out
+    )
 
 
 def margin(logits: jax.Array, label: jax.Array) -> jax.Array:
@@ -109,8 +114,9 @@ def margin(logits: jax.Array, label: jax.Array) -> jax.Array:
     return own - other
 
 
-def run_gradient(decode_fn, classify_fn, z0, y0, rng: ChainRng, *,
-                 config: SearchConfig) -> Candidates:
+def run_gradient(
+    decode_fn, classify_fn, z0, y0, rng: ChainRng, *, config: SearchConfig
+) -> Candidates:
     """Gradient-guided search: optax steps on margin(z) + penalty * ||z - z0||^2.
 
     Chains start at z0 plus N(0, scale^2 / L) jitter (so chains of one source differ) and every
@@ -144,11 +150,13 @@ def run_gradient(decode_fn, classify_fn, z0, y0, rng: ChainRng, *,
         with jax.numpy_dtype_promotion("standard"):  # optax's bias correction mixes int/float
             updates, opt_state = opt.update(grad, opt_state, z)
         return (optax.apply_updates(z, updates), opt_state), Candidates(
-            pred != y0_b, z, pred, prob, norm)
+            pred != y0_b, z, pred, prob, norm
+        )
 
     _, out = jax.lax.scan(one_step, (z_init, opt.init(z_init)), None, length=config.num_rounds)
-    return jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1).reshape((s, c) + a.shape[:1] + a.shape[2:]),
-                        out)
+    return jax.tree.map(
+        lambda a: jnp.moveaxis(a, 0, 1).reshape((s, c) + a.shape[:1] + a.shape[2:]), out
+    )
 
 
 RUNNERS = {"sample": run_sample, "iterative": run_iterative, "gradient": run_gradient}

@@ -36,14 +36,16 @@ class ChainRng(NamedTuple):
         """[S, c, n] uint32 words 0..n-1 of round `round_index` (n <= W)."""
         assert n <= self.words
         s, c, p = self.source.shape[0], self.chain.shape[0], (n + 1) // 2
-        base = (self.chain.astype(jnp.uint32) * jnp.uint32(self.rounds)
-                + jnp.asarray(round_index).astype(jnp.uint32)) * jnp.uint32(self.words)
+        base = (
+            self.chain.astype(jnp.uint32) * jnp.uint32(self.rounds)
+            + jnp.asarray(round_index).astype(jnp.uint32)
+        ) * jnp.uint32(self.words)
         # counter pair (source, base + i) hashes to words 2i and 2i + 1
         x1 = base[None, :, None] + jnp.arange(p, dtype=jnp.uint32)[None, None, :]
         x1 = jnp.broadcast_to(x1, (s, c, p)).reshape(-1)
         x0 = jnp.broadcast_to(self.source.astype(jnp.uint32)[:, None, None], (s, c, p))
         out = threefry_2x32(self.key, jnp.concatenate([x0.reshape(-1), x1]))
-        words = jnp.stack([out[: s * c * p], out[s * c * p:]], axis=-1)  # [S*c*p, 2]
+        words = jnp.stack([out[: s * c * p], out[s * c * p :]], axis=-1)  # [S*c*p, 2]
         return words.reshape(s, c, 2 * p)[..., :n]
 
     def uniform(self, round_index, n: int) -> jax.Array:
@@ -63,7 +65,8 @@ def check_counter_range(chains: int, rounds: int, latent_dim: int) -> None:
         raise ValueError(
             f"chains x rounds x (latent_dim + 2) = {chains} x {rounds} x "
             f"{words_per_round(latent_dim)} exceeds 2**32 per source; use fewer samples per "
-            "source (or more source points).")
+            "source (or more source points)."
+        )
 
 
 def unit_direction(gauss: jax.Array) -> jax.Array:
@@ -94,7 +97,8 @@ def sample_offset(rng: ChainRng, latent_dim: int, *, config: SearchConfig) -> ja
         direction = unit_direction(rng.normal(0, latent_dim))
         t = rng.uniform(0, latent_dim + 1)[..., latent_dim:]
         radius = jnp.float32(config.radius_min) + t * jnp.float32(
-            config.radius_max - config.radius_min)
+            config.radius_max - config.radius_min
+        )
         return radius * direction
     if dist == "beta_offset":  # the reference's Beta(a, a) per dimension (not centred)
         keys = jax.random.wrap_key_data(rng.bits(0, 2), impl="threefry2x32")

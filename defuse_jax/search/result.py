@@ -61,15 +61,20 @@ class SearchResult:
         if self.num_found == 0:
             found = "no adversarial examples found"
         else:
-            found = (f"{self.num_found} adversarial examples kept ({self.num_flips} flips) from "
-                     f"{np.unique(self.source_index).size} sources")
-        return (f"{self.config.mode} search: {self.num_samples_evaluated} samples on "
-                f"{self.num_sources_used} sources ({self.num_sources_skipped} skipped as "
-                f"misclassified) in {self.wall_time_s:.3f}s; {found}.")
+            found = (
+                f"{self.num_found} adversarial examples kept ({self.num_flips} flips) from "
+                f"{np.unique(self.source_index).size} sources"
+            )
+        return (
+            f"{self.config.mode} search: {self.num_samples_evaluated} samples on "
+            f"{self.num_sources_used} sources ({self.num_sources_skipped} skipped as "
+            f"misclassified) in {self.wall_time_s:.3f}s; {found}."
+        )
 
 
-def compact(host_out, num_sources: int, y0: np.ndarray, *, config: SearchConfig,
-            wall_time_s: float) -> SearchResult:
+def compact(
+    host_out, num_sources: int, y0: np.ndarray, *, config: SearchConfig, wall_time_s: float
+) -> SearchResult:
     """Takes the found examples out of the device's padded [N_pad, k] top-k arrays.
 
     Args:

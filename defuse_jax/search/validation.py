@@ -18,12 +18,14 @@ def _logits_shape(decode_fn, classify_fn, latent_dim: int) -> jax.ShapeDtypeStru
     try:
         return jax.eval_shape(lambda zz: classify_fn(decode_fn(zz)), spec)
     except Exception as e:  # noqa: BLE001 - re-raised with context
-        raise ValueError(f"classify_fn(decode_fn(z)) failed on z of shape (1, {latent_dim}): "
-                         f"{e}") from e
+        raise ValueError(
+            f"classify_fn(decode_fn(z)) failed on z of shape (1, {latent_dim}): {e}"
+        ) from e
 
 
-def check_inputs(decode_fn, classify_fn, z0, y0, *, config: SearchConfig
-                 ) -> tuple[np.ndarray, np.ndarray, int]:
+def check_inputs(
+    decode_fn, classify_fn, z0, y0, *, config: SearchConfig
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Validates and normalises `z0`, `y0`.
 
     Args:
@@ -56,20 +58,25 @@ def check_inputs(decode_fn, classify_fn, z0, y0, *, config: SearchConfig
     if y.ndim != 1 or y.shape[0] != z.shape[0]:
         raise ValueError(
             f"y0 must be [num_sources] matching z0 [{z.shape[0]}, {z.shape[1]}]; got shape "
-            f"{y.shape}. Pass one integer label per source point.")
+            f"{y.shape}. Pass one integer label per source point."
+        )
     if not (np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_):
         raise ValueError(f"y0 must hold integer labels, got dtype {y.dtype}.")
     z = z.astype(np.float32)
     bad = ~np.isfinite(z).all(axis=1)
     if bad.any():
         rows = np.flatnonzero(bad)[:5].tolist()
-        raise ValueError(f"z0 has non-finite values (NaN/inf) in rows {rows}"
-                         f"{' ...' if bad.sum() > 5 else ''}; drop or fix those source points.")
+        raise ValueError(
+            f"z0 has non-finite values (NaN/inf) in rows {rows}"
+            f"{' ...' if bad.sum() > 5 else ''}; drop or fix those source points."
+        )
 
     out = _logits_shape(decode_fn, classify_fn, z.shape[1])
     if len(out.shape) != 2 or out.shape[0] != 1:
-        raise ValueError(f"classify_fn(decode_fn(z)) must return logits [batch, classes]; "
-                         f"got shape {out.shape} for a batch of 1.")
+        raise ValueError(
+            f"classify_fn(decode_fn(z)) must return logits [batch, classes]; "
+            f"got shape {out.shape} for a batch of 1."
+        )
     num_classes = int(out.shape[1])
     if num_classes < 2:
         raise ValueError(f"the classifier has {num_classes} class(es); need at least 2.")
@@ -79,7 +86,8 @@ def check_inputs(decode_fn, classify_fn, z0, y0, *, config: SearchConfig
         raise ValueError(
             f"y0 has labels outside [0, {num_classes}) (the classifier's {num_classes} classes): "
             f"e.g. {y[out_of_range][:5].tolist()} at rows "
-            f"{np.flatnonzero(out_of_range)[:5].tolist()}.")
+            f"{np.flatnonzero(out_of_range)[:5].tolist()}."
+        )
     return z, y.astype(np.int32), num_classes
 
 
@@ -97,5 +105,6 @@ def as_key(key, seed: int) -> jax.Array:
         return np.asarray(data)
     if arr.dtype != jnp.uint32 or arr.shape != (2,):
         raise ValueError(
-            f"key must be a jax.random.key or a raw uint32[2] PRNGKey; got {arr.dtype}{arr.shape}.")
+            f"key must be a jax.random.key or a raw uint32[2] PRNGKey; got {arr.dtype}{arr.shape}."
+        )
     return np.asarray(arr)
