@@ -1,0 +1,433 @@
+"""Run report: ``report.json``, ``report.md`` and summary plots (METHOD.md step 6).
+
+The pipeline builds one JSON-able dict with every number of a run; :func:`write_report` stores
+it unchanged (plus the plot paths) as ``report.json``, renders the human summary
+``report.md`` a person debugging the model reads first, and draws two plots under ``plots/``:
+
+* ``latent_pca.png``: the error codes projected on their first two principal components,
+  coloured by region (skipped when fewer than 3 codes);
+* ``region_accuracy.png``: accuracy before/after correction per labeled region (skipped when no
+  labeled region has an accuracy).
+
+All paths inside the report are relative to the run directory, so the directory can be moved or
+rendered as Markdown anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+import numpy as np
+
+from defuse_jax.plots import plt
+
+STAGE_ORDER: Final = ("train", "search", "distill", "label", "correct", "evaluate")
+PCA_PLOT: Final = "plots/latent_pca.png"
+ACCURACY_PLOT: Final = "plots/region_accuracy.png"
+_NA: Final = "n/a"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _atomic_write(path: str, write: Any, *, mode: str = "w") -> None:
+    """Write via a temp file in the same directory + os.replace (readers never see half a file)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    try:
+        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain-JSON copy: numpy scalars/arrays to Python, non-finite floats to None.
+
+    NaN/Infinity are not JSON; strict parsers (jq, browsers) reject them, so they become null.
+    """
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return _jsonable(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _pct(x: float | None) -> str:
+    return _NA if x is None else f"{100.0 * float(x):.1f}%"
+
+
+def _pp(before: float | None, after: float | None) -> str:
+    if before is None or after is None:
+        return _NA
+    return f"{100.0 * (float(after) - float(before)):+.1f} pp"
+
+
+def _cell(text: Any) -> str:
+    """Escape a value for a Markdown table cell."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _class_name(class_names: Sequence[str], idx: int | None) -> str:
+    if idx is None:
+        return _NA
+    idx = int(idx)
+    return str(class_names[idx]) if 0 <= idx < len(class_names) else str(idx)
+
+
+def _is_labeled(region: Mapping[str, Any]) -> bool:
+    return not region.get("skipped") and region.get("label") is not None
+
+
+def _region_label(region: Mapping[str, Any], class_names: Sequence[str]) -> str:
+    if region.get("skipped"):
+        return "skipped"
+    if region.get("label") is None:
+        return "unlabeled"
+    return region.get("label_name") or _class_name(class_names, region["label"])
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _save_figure(fig: Any, path: str) -> None:
+    try:
+        fig.tight_layout()
+        _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100), mode="wb")
+    finally:
+        plt.close(fig)
+
+
+def pca_2d(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Project codes [M, L] on their first two principal components (numpy SVD).
+
+    Returns:
+        ([M, 2] projection, [2] fraction of the variance each component explains). With L = 1 or
+        rank-deficient codes the missing components are zeros.
+    """
+    x = np.asarray(codes, np.float64)
+    x = x - x.mean(axis=0, keepdims=True)
+    _, s, vt = np.linalg.svd(x, full_matrices=False)
+    k = min(2, vt.shape[0])
+    proj = np.zeros((x.shape[0], 2))
+    proj[:, :k] = x @ vt[:k].T
+    total = float(np.sum(s**2))
+    explained = np.zeros(2)
+    if total > 0:
+        explained[:k] = s[:k] ** 2 / total
+    return proj, explained
+
+
+def plot_latent_pca(
+    path: str, codes: np.ndarray, assignment: np.ndarray, *, title: str | None = None
+) -> str:
+    """Scatter the error codes in 2-D PCA coordinates, coloured by region; returns path."""
+    proj, explained = pca_2d(codes)
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    outside = assignment < 0
+    if outside.any():
+        ax.scatter(*proj[outside].T, s=4, c="lightgrey", alpha=0.6, label="no region")
+    region_ids = np.unique(assignment[~outside])
+    cmap = plt.get_cmap("tab20" if len(region_ids) > 10 else "tab10")
+    for i, rid in enumerate(region_ids):
+        pts = proj[assignment == rid]
+        color = cmap(i % cmap.N)
+        ax.scatter(*pts.T, s=6, color=color, alpha=0.7, label=f"region {rid}")
+        cx, cy = pts.mean(axis=0)
+        ax.annotate(
+            str(rid),
+            (cx, cy),
+            ha="center",
+            va="center",
+            fontsize=9,
+            weight="bold",
+            bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": color, "alpha": 0.85},
+        )
+    ax.set_xlabel(f"PC 1 ({100 * explained[0]:.1f}% of variance)")
+    ax.set_ylabel(f"PC 2 ({100 * explained[1]:.1f}% of variance)")
+    ax.set_title(title or f"Error codes in latent space (M = {len(proj)})", fontsize=10)
+    if 0 < len(region_ids) <= 20:  # a legend with dozens of entries hides the points
+        ax.legend(fontsize=7, markerscale=2, loc="best", framealpha=0.8)
+    _save_figure(fig, path)
+    return path
+
+
+def plot_region_accuracy(
+    path: str,
+    regions: Sequence[Mapping[str, Any]],
+    *,
+    class_names: Sequence[str],
+    overall_before: float | None,
+    overall_after: float | None,
+) -> str:
+    """Grouped bars of accuracy before/after per region, dashed overall lines; returns path."""
+    n = len(regions)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * n + 2.0), 4.0))
+    x = np.arange(n)
+    width = 0.38
+    for offset, key, color, name in (
+        (-width / 2, "accuracy_before", "tab:red", "before"),
+        (width / 2, "accuracy_after", "tab:green", "after"),
+    ):
+        values = [r.get(key) for r in regions]
+        heights = [100.0 * v if v is not None else 0.0 for v in values]
+        bars = ax.bar(x + offset, heights, width, color=color, label=name)
+        for bar, v in zip(bars, values, strict=True):
+            if v is None:  # make a missing value visible instead of a silent zero bar
+                ax.text(bar.get_x() + bar.get_width() / 2, 1.0, _NA, ha="center", fontsize=7)
+    for value, color, name in (
+        (overall_before, "tab:red", "overall before"),
+        (overall_after, "tab:green", "overall after"),
+    ):
+        if value is not None:
+            ax.axhline(100.0 * value, color=color, ls="--", lw=1, label=name)
+    ax.set_xticks(x)
+    ax.set_xticklabels(
+        [f"{r['id']}\n({_region_label(r, class_names)})" for r in regions], fontsize=7
+    )
+    ax.set_xlim(-1.0, n)  # keeps bars narrow when only one or two regions are labeled
+    ax.set_xlabel("region (label)")
+    ax.set_ylabel("accuracy on held-out region samples (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title("Region accuracy before / after correction", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    _save_figure(fig, path)
+    return path
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def _summary_lines(report: Mapping[str, Any]) -> list[str]:
+    n_err = report["num_errors_found"]
+    text = (
+        f"The search started from {report['num_sources_used']:,} of {report['num_sources']:,} "
+        f"source points ({report['num_sources_skipped']:,} skipped because the classifier "
+        f"already got them wrong), decoded and classified "
+        f"{report['num_samples_evaluated']:,} samples and found {report['num_flips']:,} "
+        f"misclassified ones, of which {n_err:,} error codes were kept."
+    )
+    if n_err == 0:
+        text += " **No errors were found**, so there are no regions to label or correct."
+    elif report["num_regions"] == 0:
+        text += " Distillation kept **no region**, so there is nothing to label or correct."
+    else:
+        text += (
+            f" Distillation kept {report['num_regions']} misclassification regions; "
+            f"{report['num_regions_labeled']} labeled, {report['num_regions_skipped']} skipped."
+        )
+        if report["num_regions_labeled"] == 0:
+            text += " **No region is labeled**, so the classifier was not corrected."
+    return [text]
+
+
+def _results_table(report: Mapping[str, Any]) -> list[str]:
+    rows = (
+        ("Test accuracy", "test_accuracy"),
+        ("Region accuracy (held-out region samples)", "region_accuracy"),
+        ("Accuracy on the found error codes", "error_code_accuracy"),
+    )
+    lines = ["| metric | before | after | change |", "|---|---:|---:|---:|"]
+    for name, key in rows:
+        b, a = report.get(f"{key}_before"), report.get(f"{key}_after")
+        lines.append(f"| {name} | {_pct(b)} | {_pct(a)} | {_pp(b, a)} |")
+    return lines
+
+
+def _regions_section(report: Mapping[str, Any]) -> list[str]:
+    regions = report["regions"]
+    names = report["class_names"]
+    if not regions:
+        return ["No misclassification regions."]
+    lines = [
+        "| region | codes | weight | source -> predicted | error rate | label "
+        "| accuracy before -> after |",
+        "|---:|---:|---:|---|---:|---|---|",
+    ]
+    for r in regions:
+        flow = (
+            f"{_class_name(names, r.get('majority_source_label'))} -> "
+            f"{_class_name(names, r.get('majority_pred_label'))}"
+        )
+        acc = (
+            f"{_pct(r.get('accuracy_before'))} -> {_pct(r.get('accuracy_after'))}"
+            if _is_labeled(r)
+            else _NA
+        )
+        lines.append(
+            f"| {r['id']} | {r['num_codes']:,} | {float(r['weight']):.3f} | {_cell(flow)} "
+            f"| {_pct(r.get('error_rate'))} | {_cell(_region_label(r, names))} | {acc} |"
+        )
+    grids = [r for r in regions if r.get("grid")]
+    if grids:
+        lines += ["", "### Region samples", ""]
+        for r in grids:
+            lines += [
+                f"**Region {r['id']}** ({_cell(_region_label(r, names))}):",
+                "",
+                f"![region {r['id']}]({r['grid']})",
+                "",
+            ]
+        lines.pop()
+    return lines
+
+
+def _timings_section(stage_seconds: Mapping[str, float]) -> list[str]:
+    if not stage_seconds:
+        return ["No stage timings recorded."]
+    order = [s for s in STAGE_ORDER if s in stage_seconds]
+    order += sorted(s for s in stage_seconds if s not in STAGE_ORDER)
+    lines = ["| stage | seconds |", "|---|---:|"]
+    total = 0.0
+    for s in order:
+        sec = stage_seconds[s]
+        total += float(sec or 0.0)
+        lines.append(f"| {_cell(s)} | {_NA if sec is None else f'{float(sec):.1f}'} |")
+    lines.append(f"| **total** | **{total:.1f}** |")
+    return lines
+
+
+def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str], *, run_dir: str) -> str:
+    """Render the human summary of a run (see :func:`write_report` for the report schema)."""
+    out = [f"# Defuse report: {report['dataset']}", "", "## What happened", ""]
+    out += _summary_lines(report)
+    if report.get("messages"):
+        out += ["", "Notes:", ""] + [f"- {m}" for m in report["messages"]]
+
+    out += ["", "## Before / after correction", ""] + _results_table(report)
+    corr = report.get("correction") or {}
+    if corr.get("skipped"):
+        out += ["", f"Correction was skipped: {corr.get('reason') or 'no reason given'}."]
+    elif corr:
+        sec = corr.get("seconds")
+        out += [
+            "",
+            f"Correction fine-tuned the classifier for {corr.get('epochs')} epochs with "
+            f"lambda = {corr.get('lam')}"
+            + (f" in {float(sec):.1f} s." if sec is not None else "."),
+        ]
+
+    out += ["", "## Regions", ""] + _regions_section(report)
+
+    if plots:
+        out += ["", "## Plots", ""]
+        if "latent_pca" in plots:
+            out += ["![latent PCA of the error codes by region](" + plots["latent_pca"] + ")", ""]
+        if "region_accuracy" in plots:
+            out += ["![accuracy before and after per region](" + plots["region_accuracy"] + ")", ""]
+        out.pop()
+
+    out += ["", "## Stage timings", ""] + _timings_section(report.get("stage_seconds") or {})
+    dev = report.get("devices") or {}
+    if dev:
+        devices = ", ".join(str(d) for d in dev.get("devices") or []) or _NA
+        out += ["", f"Backend: {dev.get('backend', _NA)}; devices: {devices}."]
+
+    out += [
+        "",
+        "## Relabel and rerun",
+        "",
+        "The region labels live in the labels file of this run. To review or change them, label "
+        "the regions by hand and rerun; finished stages upstream of labeling are reused:",
+        "",
+        "```sh",
+        f"defuse-jax label --out {run_dir}",
+        f"defuse-jax run --out {run_dir}",
+        "```",
+        "",
+    ]
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def write_report(
+    run_dir: str, report: dict, *, codes: np.ndarray, assignment: np.ndarray
+) -> dict[str, str]:
+    """Write <run_dir>/report.json, <run_dir>/report.md and plots under <run_dir>/plots/.
+
+    Args:
+        run_dir: the run directory (created if missing).
+        report: JSON-able dict built by the pipeline (schema in the module docs of the pipeline;
+            keys ``dataset``, ``class_names``, ``num_*``, ``*_accuracy_before/after``,
+            ``regions``, ``correction``, ``stage_seconds``, ``search``, ``devices``,
+            ``messages``, ``config``). It is not modified.
+        codes: [M, L] float32 latent codes of the errors the search found (M may be 0).
+        assignment: [M] int32 region index of each code, -1 for codes outside every kept region.
+
+    Returns:
+        {"json": path, "markdown": path, "latent_pca": path or absent,
+        "region_accuracy": path or absent}; each path is ``os.path.join(run_dir, ...)``.
+
+    Raises:
+        ValueError: codes is not 2-D or assignment does not have one entry per code.
+    """
+    codes = np.asarray(codes, np.float32)
+    assignment = np.asarray(assignment, np.int64).reshape(-1)
+    if codes.ndim != 2:
+        if codes.size == 0:  # an empty search may hand over a shapeless empty array
+            codes = codes.reshape(0, 0)
+        else:
+            raise ValueError(f"codes must be [M, L], got shape {codes.shape}")
+    if assignment.shape[0] != codes.shape[0]:
+        raise ValueError(f"assignment has {assignment.shape[0]} entries for {codes.shape[0]} codes")
+    os.makedirs(run_dir, exist_ok=True)
+    names = report.get("class_names") or []
+    plots: dict[str, str] = {}
+    paths: dict[str, str] = {}
+
+    finite = np.isfinite(codes).all(axis=1) if codes.size else np.zeros(0, bool)
+    if codes.shape[0] >= 3 and codes.shape[1] >= 1 and finite.sum() >= 3:
+        paths["latent_pca"] = plot_latent_pca(
+            os.path.join(run_dir, PCA_PLOT),
+            codes[finite],
+            assignment[finite],
+            title=f"{report.get('dataset', '')}: {int(finite.sum()):,} error codes by region",
+        )
+        plots["latent_pca"] = PCA_PLOT
+
+    labeled = [r for r in report.get("regions") or [] if _is_labeled(r)]
+    has_numbers = any(
+        r.get("accuracy_before") is not None or r.get("accuracy_after") is not None for r in labeled
+    )
+    if has_numbers:  # labeled regions without an accuracy show as n/a bars
+        paths["region_accuracy"] = plot_region_accuracy(
+            os.path.join(run_dir, ACCURACY_PLOT),
+            labeled,
+            class_names=names,
+            overall_before=report.get("region_accuracy_before"),
+            overall_after=report.get("region_accuracy_after"),
+        )
+        plots["region_accuracy"] = ACCURACY_PLOT
+
+    for key, rel in (("latent_pca", PCA_PLOT), ("region_accuracy", ACCURACY_PLOT)):
+        stale = os.path.join(run_dir, rel)
+        if key not in plots and os.path.exists(stale):  # from an earlier report of this run
+            os.remove(stale)
+
+    data = _jsonable({**report, "plots": plots})
+    json_path = os.path.join(run_dir, "report.json")
+    _atomic_write(
+        json_path,
+        lambda f: (json.dump(data, f, indent=2, sort_keys=True, allow_nan=False), f.write("\n")),
+    )
+    md_path = os.path.join(run_dir, "report.md")
+    markdown = render_markdown(data, plots, run_dir=run_dir)
+    _atomic_write(md_path, lambda f: f.write(markdown))
+    return {"json": json_path, "markdown": md_path, **paths}

@@ -1,0 +1,359 @@
+"""Run report: report.json round trip, report.md content, plots and degenerate runs."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import numpy as np
+import pytest
+
+from defuse_jax.report import ACCURACY_PLOT, PCA_PLOT, pca_2d, write_report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+NAMES = [str(i) for i in range(10)]
+REQUIRED = (
+    "dataset",
+    "num_sources",
+    "num_samples_evaluated",
+    "num_errors_found",
+    "num_regions",
+    "num_regions_labeled",
+    "test_accuracy_before",
+    "test_accuracy_after",
+    "region_accuracy_before",
+    "region_accuracy_after",
+    "regions",
+    "stage_seconds",
+)
+
+
+def _region(rid, num_codes, src, pred, *, label=None, skipped=False, before=None, after=None):
+    counts_src = [0] * 10
+    counts_src[src] = num_codes
+    counts_pred = [0] * 10
+    counts_pred[pred] = num_codes
+    return {
+        "id": rid,
+        "num_codes": num_codes,
+        "weight": num_codes / 200,
+        "majority_source_label": src,
+        "majority_pred_label": pred,
+        "source_label_counts": counts_src,
+        "pred_label_counts": counts_pred,
+        "error_rate": 0.875 if not skipped else None,
+        "label": label,
+        "label_name": None if label is None else NAMES[label],
+        "skipped": skipped,
+        "accuracy_before": before,
+        "accuracy_after": after,
+        "grid": f"label/region_{rid:03d}.png",
+    }
+
+
+def _report(**overrides):
+    regions = [
+        _region(3, 120, 6, 1, label=6, before=0.125, after=0.9375),
+        _region(0, 50, 4, 9, skipped=True),
+        _region(7, 30, 2, 7, label=2),  # labeled, but no held-out accuracy
+    ]
+    report = {
+        "dataset": "digits",
+        "class_names": NAMES,
+        "num_sources": 360,
+        "num_sources_used": 350,
+        "num_sources_skipped": 10,
+        "num_samples_evaluated": 35000,
+        "num_errors_found": 200,
+        "num_flips": 1234,
+        "num_regions": 3,
+        "num_regions_labeled": 2,
+        "num_regions_skipped": 1,
+        "test_accuracy_before": 0.95,
+        "test_accuracy_after": 0.9444,
+        "region_accuracy_before": 0.125,
+        "region_accuracy_after": 0.9375,
+        "error_code_accuracy_before": 0.0,
+        "error_code_accuracy_after": 0.81,
+        "regions": regions,
+        "correction": {"skipped": False, "reason": None, "lam": 0.01, "epochs": 3, "seconds": 4.5},
+        "stage_seconds": {
+            "evaluate": 1.0,
+            "train": 10.0,
+            "search": 2.5,
+            "distill": 0.5,
+            "label": 0.1,
+            "correct": 4.5,
+        },
+        "search": {
+            "num_samples_evaluated": 35000,
+            "wall_time_s": 2.4,
+            "config": {"mode": "sample", "num_samples": 100},
+        },
+        "devices": {"backend": "cpu", "devices": ["TFRT_CPU_0", "TFRT_CPU_1"]},
+        "messages": ["Region 0 was skipped by the labeler."],
+        "config": {"search": {"scale": 1.0}, "correct": {"lam": 0.01}},
+    }
+    report.update(overrides)
+    return report
+
+
+def _codes(m, rng_seed=0, num_regions=3):
+    rng = np.random.default_rng(rng_seed)
+    codes = rng.normal(size=(m, 8)).astype(np.float32)
+    assignment = rng.integers(-1, num_regions, size=m).astype(np.int32)
+    ids = np.array([3, 0, 7])
+    assignment = np.where(assignment >= 0, ids[np.maximum(assignment, 0)], -1).astype(np.int32)
+    return codes, assignment
+
+
+def _assert_png(path):
+    assert os.path.isfile(path)
+    assert os.path.getsize(path) > 2000  # a real figure, not an empty stub
+    with open(path, "rb") as f:
+        assert f.read(8) == PNG_SIGNATURE
+
+
+def _read(paths):
+    with open(paths["json"], encoding="utf-8") as f:
+        data = json.load(f)
+    with open(paths["markdown"], encoding="utf-8") as f:
+        md = f.read()
+    return data, md
+
+
+def test_full_report(tmp_path):
+    run_dir = str(tmp_path / "run")
+    report = _report()
+    original = copy.deepcopy(report)
+    codes, assignment = _codes(200)
+    paths = write_report(run_dir, report, codes=codes, assignment=assignment)
+
+    assert report == original  # the caller's dict is not modified
+    assert set(paths) == {"json", "markdown", "latent_pca", "region_accuracy"}
+    assert paths["json"] == os.path.join(run_dir, "report.json")
+    assert paths["markdown"] == os.path.join(run_dir, "report.md")
+    _assert_png(paths["latent_pca"])
+    _assert_png(paths["region_accuracy"])
+    assert paths["latent_pca"] == os.path.join(run_dir, PCA_PLOT)
+    # No temp files are left behind by the atomic writes.
+    leftovers = [n for _, _, fs in os.walk(run_dir) for n in fs if n.startswith(".tmp-")]
+    assert leftovers == []
+
+    data, md = _read(paths)
+    for key in REQUIRED:
+        assert key in data
+    assert data["plots"] == {"latent_pca": PCA_PLOT, "region_accuracy": ACCURACY_PLOT}
+    assert {k: v for k, v in data.items() if k != "plots"} == original
+    with open(paths["json"], encoding="utf-8") as f:
+        text = f.read()
+    assert text == json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    assert md.startswith("# Defuse report: digits")
+    assert "350 of 360 source points" in md and "35,000 samples" in md
+    assert "200 error codes" in md and "2 labeled, 1 skipped" in md
+    assert "- Region 0 was skipped by the labeler." in md
+    # Before/after table with percentages and percentage-point changes.
+    assert "| Test accuracy | 95.0% | 94.4% | -0.6 pp |" in md
+    assert "| Region accuracy (held-out region samples) | 12.5% | 93.8% | +81.2 pp |" in md
+    assert "| Accuracy on the found error codes | 0.0% | 81.0% | +81.0 pp |" in md
+    # Per-region rows, in the given order, with class names, labels and accuracies.
+    assert "| 3 | 120 | 0.600 | 6 -> 1 | 87.5% | 6 | 12.5% -> 93.8% |" in md
+    assert "| 0 | 50 | 0.250 | 4 -> 9 | n/a | skipped | n/a |" in md
+    assert "| 7 | 30 | 0.150 | 2 -> 7 | 87.5% | 2 | n/a -> n/a |" in md
+    assert md.index("| 3 | 120") < md.index("| 0 | 50") < md.index("| 7 | 30")
+    for rid in (3, 0, 7):
+        assert f"![region {rid}](label/region_{rid:03d}.png)" in md
+    assert f"]({PCA_PLOT})" in md and f"]({ACCURACY_PLOT})" in md
+    assert "lambda = 0.01" in md
+    # Stage timings in pipeline order, with a total.
+    assert md.index("| train |") < md.index("| search |") < md.index("| evaluate |")
+    assert "| **total** | **18.6** |" in md
+    assert f"defuse-jax label --out {run_dir}" in md
+    assert f"defuse-jax run --out {run_dir}" in md
+
+
+def test_rewrite_is_idempotent_and_handles_numpy_and_nan(tmp_path):
+    run_dir = str(tmp_path)
+    codes, assignment = _codes(50)
+    report = _report(
+        num_errors_found=np.int64(50),
+        test_accuracy_after=np.float32(0.5),
+        error_code_accuracy_after=float("nan"),
+    )
+    first, _ = _read(write_report(run_dir, report, codes=codes, assignment=assignment))
+    second, md = _read(write_report(run_dir, report, codes=codes, assignment=assignment))
+    assert first == second
+    assert first["num_errors_found"] == 50 and first["test_accuracy_after"] == 0.5
+    assert first["error_code_accuracy_after"] is None  # NaN is not valid JSON
+    assert "| Accuracy on the found error codes | 0.0% | n/a | n/a |" in md
+    # A later report without plots (e.g. a rerun that found nothing) removes the stale ones.
+    paths = write_report(
+        run_dir,
+        _report(regions=[], region_accuracy_before=None),
+        codes=codes[:2],
+        assignment=assignment[:2],
+    )
+    assert set(paths) == {"json", "markdown"}
+    assert not os.path.exists(os.path.join(run_dir, PCA_PLOT))
+    assert not os.path.exists(os.path.join(run_dir, ACCURACY_PLOT))
+
+
+def test_zero_errors(tmp_path):
+    report = _report(
+        num_errors_found=0,
+        num_flips=0,
+        num_regions=0,
+        num_regions_labeled=0,
+        num_regions_skipped=0,
+        regions=[],
+        region_accuracy_before=None,
+        region_accuracy_after=None,
+        error_code_accuracy_before=None,
+        error_code_accuracy_after=None,
+        test_accuracy_after=0.95,
+        correction={
+            "skipped": True,
+            "reason": "no labeled region",
+            "lam": 0.01,
+            "epochs": 0,
+            "seconds": None,
+        },
+        messages=["The search found no errors; try a larger perturbation scale."],
+    )
+    paths = write_report(
+        str(tmp_path),
+        report,
+        codes=np.zeros((0, 8), np.float32),
+        assignment=np.zeros((0,), np.int32),
+    )
+    assert set(paths) == {"json", "markdown"}
+    assert not os.path.exists(tmp_path / "plots")
+    data, md = _read(paths)
+    assert data["plots"] == {} and data["regions"] == []
+    assert "No errors were found" in md
+    assert "The search found no errors; try a larger perturbation scale." in md
+    assert "No misclassification regions." in md
+    assert "Correction was skipped: no labeled region." in md
+    assert "| Region accuracy (held-out region samples) | n/a | n/a | n/a |" in md
+    assert "| Test accuracy | 95.0% | 95.0% | +0.0 pp |" in md
+    assert "![" not in md
+
+
+def test_errors_but_zero_regions(tmp_path):
+    codes = np.random.default_rng(1).normal(size=(5, 4)).astype(np.float32)
+    report = _report(
+        num_regions=0,
+        num_regions_labeled=0,
+        num_regions_skipped=0,
+        regions=[],
+        num_errors_found=5,
+        region_accuracy_before=None,
+        region_accuracy_after=None,
+    )
+    paths = write_report(str(tmp_path), report, codes=codes, assignment=np.full((5,), -1, np.int32))
+    assert set(paths) == {"json", "markdown", "latent_pca"}  # all-grey scatter still drawn
+    _assert_png(paths["latent_pca"])
+    _, md = _read(paths)
+    assert "kept **no region**" in md
+    assert "No misclassification regions." in md
+
+
+def test_no_labeled_regions(tmp_path):
+    regions = [_region(1, 40, 3, 5, skipped=True), _region(2, 20, 8, 3)]  # skipped, unanswered
+    report = _report(
+        regions=regions,
+        num_regions=2,
+        num_regions_labeled=0,
+        num_regions_skipped=1,
+        region_accuracy_before=None,
+        region_accuracy_after=None,
+        correction={
+            "skipped": True,
+            "reason": "every region was skipped",
+            "lam": 0.01,
+            "epochs": 0,
+            "seconds": None,
+        },
+    )
+    codes, assignment = _codes(2)  # M < 3: no PCA plot either
+    paths = write_report(str(tmp_path), report, codes=codes, assignment=assignment)
+    assert set(paths) == {"json", "markdown"}
+    data, md = _read(paths)
+    assert data["plots"] == {}
+    assert "**No region is labeled**" in md
+    assert "Correction was skipped: every region was skipped." in md
+    assert "| 1 | 40 | 0.200 | 3 -> 5 | n/a | skipped | n/a |" in md
+    assert "| 2 | 20 | 0.100 | 8 -> 3 | 87.5% | unlabeled | n/a |" in md
+    assert "## Plots" not in md
+
+
+def test_class_names_and_missing_grid(tmp_path):
+    names = ["not|smiling", "smiling"]
+    region = _region(0, 10, 0, 1, label=0, before=0.0, after=1.0)
+    region.update(
+        source_label_counts=[10, 0], pred_label_counts=[0, 10], label_name=names[0], grid=None
+    )
+    report = _report(
+        class_names=names,
+        regions=[region],
+        num_regions=1,
+        num_regions_labeled=1,
+        num_regions_skipped=0,
+    )
+    codes = np.random.default_rng(2).normal(size=(10, 1)).astype(np.float32)  # L = 1
+    paths = write_report(str(tmp_path), report, codes=codes, assignment=np.zeros(10, np.int32))
+    _assert_png(paths["latent_pca"])
+    _assert_png(paths["region_accuracy"])
+    _, md = _read(paths)
+    row = "| 0 | 10 | 0.050 | not\\|smiling -> smiling | 87.5% | not\\|smiling | 0.0% -> 100.0% |"
+    assert row in md
+    assert "![region 0]" not in md
+
+
+def test_labeled_regions_without_accuracy_skip_the_bar_chart(tmp_path):
+    report = _report(
+        regions=[_region(7, 30, 2, 7, label=2)],
+        num_regions=1,
+        num_regions_labeled=1,
+        num_regions_skipped=0,
+        region_accuracy_before=None,
+        region_accuracy_after=None,
+    )
+    codes, assignment = _codes(30, num_regions=1)
+    paths = write_report(str(tmp_path), report, codes=codes, assignment=assignment)
+    assert "region_accuracy" not in paths and "latent_pca" in paths
+    assert not os.path.exists(tmp_path / ACCURACY_PLOT)
+
+
+def test_bad_shapes(tmp_path):
+    with pytest.raises(ValueError, match="assignment"):
+        write_report(
+            str(tmp_path),
+            _report(),
+            codes=np.zeros((4, 2), np.float32),
+            assignment=np.zeros(3, np.int32),
+        )
+    with pytest.raises(ValueError, match="codes"):
+        write_report(
+            str(tmp_path),
+            _report(),
+            codes=np.zeros(4, np.float32),
+            assignment=np.zeros(4, np.int32),
+        )
+
+
+def test_pca_2d():
+    rng = np.random.default_rng(0)
+    # Variance mostly along one axis: PC 1 explains most of it.
+    codes = rng.normal(size=(500, 3)) * np.array([10.0, 1.0, 0.1])
+    proj, explained = pca_2d(codes)
+    assert proj.shape == (500, 2)
+    np.testing.assert_allclose(proj.mean(axis=0), 0.0, atol=1e-9)
+    assert explained[0] > 0.95 and explained[0] > explained[1] > 0
+    np.testing.assert_allclose(
+        np.abs(proj[:, 0]), np.abs(codes[:, 0] - codes[:, 0].mean()), rtol=0.05, atol=0.5
+    )
+    proj1, explained1 = pca_2d(rng.normal(size=(5, 1)))
+    assert proj1.shape == (5, 2) and np.all(proj1[:, 1] == 0) and explained1[1] == 0
