@@ -1,45 +1,104 @@
-"""`defuse-jax` command line: thin wrappers over the library's stage functions."""
+"""`defuse-jax` command line: thin wrappers over the library's stage functions.
+
+Every command works on a run directory (`--out`, default `runs/<dataset>`). The directory
+remembers its configuration (`config.json`): flags given on the command line override it, flags
+left out keep their saved values, so rerunning a command resumes it and `defuse-jax label` or
+`defuse-jax evaluate` need nothing but `--out`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import os
 import platform
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from defuse_jax import flags
+from defuse_jax.correction import CorrectConfig
 from defuse_jax.data import DataConfig
+from defuse_jax.evaluation import EvalConfig
 from defuse_jax.models import ClassifierConfig, VAEConfig
+from defuse_jax.regions import DistillConfig
+from defuse_jax.run_config import DEFAULT_SEARCH, STAGES, RunConfig, load_run_config
+from defuse_jax.search import SearchConfig
 from defuse_jax.training import TrainConfig
+
+_DATA_RENAME = {"name": "dataset", "seed": "data_seed"}
+_NESTED = ("data", "vae", "vae_train", "classifier", "classifier_train", "search", "distill",
+           "correct", "eval")  # fmt: skip
+EXIT_LABELS_PENDING = 3
 
 
 def default_run_dir(dataset: str) -> str:
     return os.path.join("runs", dataset.replace("/", "_"))
 
 
-_DATA_RENAME = {"name": "dataset", "seed": "data_seed"}
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """Flags for every part of `RunConfig` (absent from the namespace unless typed)."""
+    from defuse_jax import train_models as tm
+
+    p.add_argument("--out", default=None, help="run directory (default: runs/<dataset>)")
+    flags.add_flags(p, DataConfig, rename=_DATA_RENAME, suppress=True)
+    flags.add_flags(p, RunConfig, skip=_NESTED, suppress=True)
+    auto = "chosen from the image shape"
+    flags.add_flags(p, VAEConfig, prefix="vae-", unset_default=auto, suppress=True)
+    skip = ("progress",)
+    flags.add_flags(p, TrainConfig, prefix="vae-", defaults=tm.VAE_TRAIN_DEFAULT, skip=skip,
+                    suppress=True)  # fmt: skip
+    flags.add_flags(p, ClassifierConfig, prefix="clf-", unset_default=auto, suppress=True)
+    flags.add_flags(p, TrainConfig, prefix="clf-", defaults=tm.CLASSIFIER_TRAIN_DEFAULT,
+                    skip=skip, suppress=True)  # fmt: skip
+    flags.add_flags(p, SearchConfig, prefix="search-", defaults=DEFAULT_SEARCH, suppress=True)
+    flags.add_flags(p, DistillConfig, prefix="distill-", suppress=True)
+    flags.add_flags(p, CorrectConfig, prefix="correct-", suppress=True)
+    flags.add_flags(p, EvalConfig, prefix="eval-", suppress=True)
 
 
-def add_data_flags(parser: argparse.ArgumentParser) -> None:
-    flags.add_flags(parser, DataConfig, rename=_DATA_RENAME)
-    parser.add_argument(
-        "--out", default=None, help="run directory (default: runs/<dataset>); reused to resume"
+def resolve(args: argparse.Namespace) -> tuple[str, RunConfig]:
+    """(run directory, config): the directory's saved config with the typed flags on top."""
+    dataset = getattr(args, "dataset", None)
+    out = args.out or default_run_dir(dataset or "digits")
+    base = load_run_config(out) or RunConfig()
+    data = flags.from_flags(args, DataConfig, rename=_DATA_RENAME, base=base.data)
+    top = flags.from_flags(args, RunConfig, base=base)  # top-level fields only
+    vae, clf = base.vae, base.classifier
+    if data != base.data:
+        vae = clf = None  # the automatic architecture follows the new data
+    if flags.given(args, VAEConfig, prefix="vae-") or flags.given(
+        args, ClassifierConfig, prefix="clf-"
+    ):
+        from defuse_jax import train_models as tm
+        from defuse_jax.data import load_dataset
+
+        shape = load_dataset(data).image_shape
+        if flags.given(args, VAEConfig, prefix="vae-"):
+            vae = flags.from_flags(args, VAEConfig, prefix="vae-",
+                                   base=vae or tm.default_vae_config(shape))  # fmt: skip
+        if flags.given(args, ClassifierConfig, prefix="clf-"):
+            clf = flags.from_flags(args, ClassifierConfig, prefix="clf-",
+                                   base=clf or tm.default_classifier_config(shape))  # fmt: skip
+    config = dataclasses.replace(
+        top,
+        data=data,
+        vae=vae,
+        classifier=clf,
+        vae_train=flags.from_flags(args, TrainConfig, prefix="vae-", base=base.vae_train),
+        classifier_train=flags.from_flags(
+            args, TrainConfig, prefix="clf-", base=base.classifier_train
+        ),
+        search=flags.from_flags(args, SearchConfig, prefix="search-", base=base.search),
+        distill=flags.from_flags(args, DistillConfig, prefix="distill-", base=base.distill),
+        correct=flags.from_flags(args, CorrectConfig, prefix="correct-", base=base.correct),
+        eval=flags.from_flags(args, EvalConfig, prefix="eval-", base=base.eval),
     )
-
-
-def data_config(args: argparse.Namespace) -> DataConfig:
-    return flags.from_flags(args, DataConfig, rename=_DATA_RENAME)
-
-
-def run_dir(args: argparse.Namespace) -> str:
-    return args.out or default_run_dir(args.dataset)
+    return out, config
 
 
 # ---------------------------------------------------------------------------------------------
-# info
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -71,48 +130,53 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------------------------
-# training
-
-
-def _add_train_flags(p: argparse.ArgumentParser, model_cls: type, default_train: TrainConfig):
-    add_data_flags(p)
-    flags.add_flags(p, model_cls, prefix="model-", defaults=None)
-    p.add_argument(
-        "--default-model",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="pick the model kind/size from the image shape; --no-default-model uses --model-*",
-    )
-    flags.add_flags(p, TrainConfig, defaults=default_train)
-
-
 def cmd_train(args: argparse.Namespace, *, kind: str) -> int:
+    """Train one model into <run>/train/<kind> (the same place `run` uses)."""
+    from defuse_jax import pipeline
     from defuse_jax import train_models as tm
-    from defuse_jax.data import load_dataset
 
-    ds = load_dataset(data_config(args))
-    train = flags.from_flags(args, TrainConfig)
-    out = os.path.join(run_dir(args), kind)
+    out, config = resolve(args)
+    pipeline.save_run_config(out, config)
+    ctx = pipeline.Context(os.path.abspath(out), config, print)
     if kind == "vae":
-        cfg = None if args.default_model else flags.from_flags(args, VAEConfig, prefix="model-")
-        result = tm.train_vae(ds, out_dir=out, config=cfg, train=train)
+        train = dataclasses.replace(config.vae_train, progress=config.progress)
+        result = tm.train_vae(ctx.dataset, out_dir=ctx.path("train", "vae"), config=config.vae,
+                              train=train)  # fmt: skip
     else:
-        cfg = (
-            None
-            if args.default_model
-            else flags.from_flags(args, ClassifierConfig, prefix="model-")
-        )
-        result = tm.train_classifier(ds, out_dir=out, config=cfg, train=train)
-    print(
-        f"{kind} trained in {out}: test "
-        + ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items())
-    )
+        train = dataclasses.replace(config.classifier_train, progress=config.progress)
+        result = tm.train_classifier(ctx.dataset, out_dir=ctx.path("train", "classifier"),
+                                     config=config.classifier, train=train)  # fmt: skip
+    metrics = ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items())
+    print(f"{kind} trained in {result.out_dir}: test {metrics}")
+    return 0
+
+
+def cmd_stage(args: argparse.Namespace, *, until: str) -> int:
+    """Run (or resume) every stage up to `until`."""
+    from defuse_jax import pipeline
+
+    out, config = resolve(args)
+    try:
+        pipeline.run(out, config, until=until)
+    except pipeline.LabelsPending as e:
+        print(f"defuse-jax: {e}", file=sys.stderr)
+        return EXIT_LABELS_PENDING
+    if until == "evaluate":
+        print(f"report: {os.path.join(out, 'report.md')}")
+    return 0
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    """Label the regions in the terminal (after running the stages up to distill)."""
+    from defuse_jax import pipeline
+
+    out, config = resolve(args)
+    answers = pipeline.label_interactively(out, config)
+    print(f"{len(answers)} regions answered. Rerun `defuse-jax run --out {out}` to continue.")
     return 0
 
 
 # ---------------------------------------------------------------------------------------------
-# benchmarks
 
 
 def _add_bench_parsers(sub: argparse._SubParsersAction) -> None:
@@ -137,12 +201,16 @@ def _fail(msg: str) -> int:
     return 2
 
 
-# ---------------------------------------------------------------------------------------------
+STAGE_HELP = {
+    "run": "run (or resume) every stage: train, search, distill, label, correct, evaluate",
+    "search": "stages up to the latent search (errors.npz)",
+    "distill": "stages up to the misclassification regions (regions.json)",
+    "correct": "stages up to fine-tuning the classifier on the labeled regions",
+    "evaluate": "stages up to the before/after evaluation and the report (same as run)",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from defuse_jax import train_models as tm
-
     parser = argparse.ArgumentParser(
         prog="defuse-jax",
         description="Defuse in JAX: find, distill, label and correct a classifier's errors.",
@@ -153,22 +221,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("train-vae", help="train (or resume) the VAE")
-    _add_train_flags(p, VAEConfig, tm.VAE_TRAIN_DEFAULT)
-    p.set_defaults(func=lambda a: cmd_train(a, kind="vae"))
+    for name, kind in (("train-vae", "vae"), ("train-classifier", "classifier")):
+        p = sub.add_parser(name, help=f"train (or resume) the {kind} into <run>/train/{kind}")
+        add_run_flags(p)
+        p.set_defaults(func=lambda a, k=kind: cmd_train(a, kind=k))
 
-    p = sub.add_parser("train-classifier", help="train (or resume) the classifier")
-    _add_train_flags(p, ClassifierConfig, tm.CLASSIFIER_TRAIN_DEFAULT)
-    p.set_defaults(func=lambda a: cmd_train(a, kind="classifier"))
+    for name, help_ in STAGE_HELP.items():
+        p = sub.add_parser(name, help=help_)
+        add_run_flags(p)
+        until = "evaluate" if name == "run" else name
+        p.set_defaults(func=lambda a, u=until: cmd_stage(a, until=u))
 
-    for register in EXTRA_COMMANDS:
-        register(sub)
+    p = sub.add_parser("label", help="label the regions in the terminal (resumable)")
+    add_run_flags(p)
+    p.set_defaults(func=cmd_label)
+
     _add_bench_parsers(sub)
     return parser
-
-
-# Later stages register their subcommands here (pipeline, labeling, sweeps).
-EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -184,9 +253,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         return _fail(f"{e}\n(set DEFUSE_JAX_TRACEBACK=1 for the full traceback)")
     except KeyboardInterrupt:
-        print("\ninterrupted; rerun the same command to resume from the last checkpoint.")
+        print("\ninterrupted; rerun the same command to resume.", file=sys.stderr)
         return 130
 
+
+assert set(STAGE_HELP) - {"run"} <= set(STAGES)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -64,8 +64,17 @@ def add_flags(
     defaults: Any = None,
     skip: tuple[str, ...] = (),
     rename: dict[str, str] | None = None,
+    unset_default: str | None = None,
+    suppress: bool = False,
 ) -> None:
-    """Add one flag per field of dataclass `cls` (defaults from `defaults` or the class)."""
+    """Add one flag per field of dataclass `cls` (defaults from `defaults` or the class).
+
+    With `unset_default` (a description such as "chosen from the image shape"), every flag
+    defaults to None and `from_flags(..., base=...)` fills the unset ones from a base config.
+    With `suppress`, flags not given on the command line are absent from the parsed namespace
+    (the help still shows the default), so `from_flags(..., base=...)` overrides only what the
+    user typed.
+    """
     rename = rename or {}
     hints = _field_types(cls)
     docs = _attribute_docs(cls)
@@ -74,12 +83,17 @@ def add_flags(
         if f.name in skip:
             continue
         default = getattr(defaults, f.name) if defaults is not None else f.default
+        if unset_default is not None:
+            default = None
         name = rename.get(f.name, f.name)
         flag = "--" + prefix + name.replace("_", "-")
         dest = _dest(prefix, name)
         tp, optional = _unwrap_optional(hints[f.name])
         origin = typing.get_origin(tp)
-        help_ = f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%").strip()
+        shown = unset_default if unset_default is not None else default
+        if suppress:
+            default = argparse.SUPPRESS
+        help_ = f"{docs.get(f.name, '')} (default: {shown})".replace("%", "%%").strip()
         if tp is bool:
             group.add_argument(
                 flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=help_
@@ -96,6 +110,14 @@ def add_flags(
             group.add_argument(flag, dest=dest, type=conv, default=default, help=help_)
 
 
+def given(args: argparse.Namespace, cls: type, *, prefix: str = "", rename=None) -> bool:
+    """Whether any flag of `cls` is present in `args` (see `add_flags(suppress=True)`)."""
+    rename = rename or {}
+    return any(
+        hasattr(args, _dest(prefix, rename.get(f.name, f.name))) for f in dataclasses.fields(cls)
+    )
+
+
 def _optional(tp: Any):
     def parse(s: str):
         return None if s.lower() in ("none", "") else tp(s)
@@ -110,15 +132,22 @@ def from_flags(
     *,
     prefix: str = "",
     rename: dict[str, str] | None = None,
+    base: Any = None,
     **overrides: Any,
 ) -> Any:
-    """Build `cls` from the parsed flags that `add_flags` added (plus `overrides`)."""
+    """Build `cls` from the parsed flags that `add_flags` added (plus `overrides`).
+
+    With `base`, flags left at None take `base`'s value (see `add_flags(unset_default=...)`).
+    """
     rename = rename or {}
-    kwargs = {}
+    # Shallow: nested dataclass fields of `base` stay dataclasses.
+    kwargs = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)} if base else {}
     for f in dataclasses.fields(cls):
         dest = _dest(prefix, rename.get(f.name, f.name))
         if hasattr(args, dest):
             value = getattr(args, dest)
+            if base is not None and value is None:
+                continue
             kwargs[f.name] = tuple(value) if isinstance(value, list) else value
     kwargs.update(overrides)
     return cls(**kwargs)

@@ -6,6 +6,7 @@ import jax
 import pytest
 
 from defuse_jax import cli
+from defuse_jax.pipeline import save_run_config
 
 
 def test_info_lists_devices(capsys):
@@ -21,7 +22,7 @@ def test_info_lists_devices(capsys):
     [
         (["train-classifier", "--dataset", "imagenet"], "Unknown dataset 'imagenet'"),
         (["train-vae", "--data-dir", "/no/such/dir"], "/no/such/dir"),
-        (["train-classifier", "--batch-size", "5000", "--epochs", "1"], "batch_size 5000"),
+        (["train-classifier", "--clf-batch-size", "5000", "--clf-epochs", "1"], "batch_size 5000"),
     ],
 )
 def test_bad_input_is_one_clear_error(argv, message, capsys, tmp_path):
@@ -31,15 +32,32 @@ def test_bad_input_is_one_clear_error(argv, message, capsys, tmp_path):
     assert "Traceback" not in err
 
 
-def test_flags_map_onto_configs(tmp_path):
+def test_flags_override_the_saved_run_config(tmp_path):
+    out = str(tmp_path / "run")
     parser = cli.build_parser()
     args = parser.parse_args(
-        ["train-vae", "--epochs", "3", "--no-progress", "--model-channels", "8", "16",
-         "--max-train", "none", "--dataset", "mnist", "--data-seed", "4"]
+        ["run", "--out", out, "--vae-epochs", "3", "--no-progress", "--vae-channels", "8", "16",
+         "--vae-kind", "conv", "--max-train", "none", "--data-seed", "4", "--search-scale", "0.7",
+         "--correct-lam", "0.5", "--labeler", "manual"]
     )  # fmt: skip
-    train = cli.flags.from_flags(args, cli.TrainConfig)
-    assert train.epochs == 3 and train.progress is False
-    model = cli.flags.from_flags(args, cli.VAEConfig, prefix="model-")
-    assert model.channels == (8, 16)
-    data = cli.data_config(args)
-    assert data.name == "mnist" and data.max_train is None and data.seed == 4
+    _, config = cli.resolve(args)
+    assert config.vae_train.epochs == 3 and config.progress is False
+    assert config.vae.channels == (8, 16) and config.vae.kind == "conv"
+    assert config.classifier is None  # untouched: still chosen from the image shape
+    assert config.data.max_train is None and config.data.seed == 4
+    assert config.search.scale == 0.7 and config.search.num_samples == 100
+    assert config.correct.lam == 0.5 and config.labeler == "manual"
+    # The run directory remembers it: a later command with only --out gets the same config,
+    # and a new flag changes only its own field.
+    save_run_config(out, config)
+    _, again = cli.resolve(parser.parse_args(["label", "--out", out]))
+    assert again == config
+    _, changed = cli.resolve(parser.parse_args(["run", "--out", out, "--search-num-samples", "7"]))
+    assert changed.search.num_samples == 7 and changed.search.scale == 0.7
+    assert changed.vae == config.vae
+
+
+def test_unknown_choice_is_rejected_by_argparse(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["run", "--labeler", "human"])
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err

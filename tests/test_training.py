@@ -112,15 +112,15 @@ def test_labels_out_of_range(y, match):
 def _cli(out, *extra):
     return [
         "train-classifier", "--out", str(out),
-        "--max-train", "512", "--max-test", "64", "--no-default-model", "--model-hidden", "32",
-        "--batch-size", "32", "--checkpoint-every", "40", "--no-progress", *extra,
+        "--max-train", "512", "--max-test", "64", "--clf-kind", "mlp", "--clf-hidden", "32",
+        "--clf-batch-size", "32", "--clf-checkpoint-every", "40", "--no-progress", *extra,
     ]  # fmt: skip
 
 
 def test_sigkill_then_restart_matches_uninterrupted_run(tmp_path):
-    epochs = ["--epochs", "30"]  # 480 steps: long enough to be killed mid-way
+    epochs = ["--clf-epochs", "30"]  # 480 steps: long enough to be killed mid-way
     assert cli.main(_cli(tmp_path / "ref", *epochs)) == 0
-    ckpt = tmp_path / "killed" / "classifier" / "ckpt"
+    ckpt = tmp_path / "killed" / "train" / "classifier" / "ckpt"
     cmd = [sys.executable, "-m", "defuse_jax.cli", *_cli(tmp_path / "killed", *epochs)]
     proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -136,6 +136,6 @@ def test_sigkill_then_restart_matches_uninterrupted_run(tmp_path):
     assert killed_at < 480
     again = subprocess.run(cmd, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
-    a, _ = train_models.load_trained(str(tmp_path / "ref" / "classifier"))
-    b, _ = train_models.load_trained(str(tmp_path / "killed" / "classifier"))
+    a, _ = train_models.load_trained(str(tmp_path / "ref" / "train" / "classifier"))
+    b, _ = train_models.load_trained(str(tmp_path / "killed" / "train" / "classifier"))
     _assert_same(a, b)

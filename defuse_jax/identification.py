@@ -1,0 +1,99 @@
+"""The search stage: encode test points, run the latent search, save the errors found.
+
+Writes `errors.npz` (codes and their metadata, read with allow_pickle=False) and `summary.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from defuse_jax import models
+from defuse_jax.data import Dataset
+from defuse_jax.models import Params
+from defuse_jax.search import SearchConfig, SearchResult, latent_search
+
+ERROR_FIELDS = ("z", "source_index", "source_label", "pred_label", "prob", "perturbation_norm")
+
+
+def encode_sources(vae: Params, x: np.ndarray, *, batch_size: int = 1024) -> np.ndarray:
+    """Latent means of images x: [N, H, W, C] -> [N, L]."""
+    enc = jax.jit(lambda p, xb: models.encode(p, xb)[0])
+    return np.concatenate(
+        [
+            np.asarray(enc(vae, jnp.asarray(x[i : i + batch_size])))
+            for i in range(0, len(x), batch_size)
+        ]
+    )
+
+
+def run_search(
+    ds: Dataset,
+    vae: Params,
+    classifier: Params,
+    *,
+    search: SearchConfig,
+    max_sources: int | None = None,
+    seed: int = 0,
+    mesh: jax.sharding.Mesh | None = None,
+) -> tuple[SearchResult, np.ndarray]:
+    """Search from the test points; returns (result, indices of the test points used as sources).
+
+    Args:
+        ds: the dataset (sources are its test points).
+        vae: the trained VAE; classifier: the trained classifier.
+        search: the search configuration.
+        max_sources: search from at most this many test points (a seeded subset; None: all).
+            Points the classifier gets wrong at their code are skipped by the search itself.
+        seed: seed of that subset.
+        mesh: devices to shard the search over (default: all).
+    """
+    n = len(ds.x_test)
+    idx = np.arange(n)
+    if max_sources is not None and max_sources < n:
+        idx = np.sort(np.random.default_rng(seed).choice(n, max_sources, replace=False))
+    z0 = encode_sources(vae, ds.x_test[idx])
+    result = latent_search(
+        functools.partial(models.decode, vae),
+        functools.partial(models.logits, classifier),
+        z0,
+        ds.y_test[idx].astype(np.int32),
+        key=jax.random.key(search.seed),
+        config=search,
+        mesh=mesh,
+    )
+    return result, idx
+
+
+def save_search(result: SearchResult, test_index: np.ndarray, directory: str) -> dict[str, Any]:
+    """Write errors.npz and summary.json; returns the summary."""
+    os.makedirs(directory, exist_ok=True)
+    arrays = {f: np.asarray(getattr(result, f)) for f in ERROR_FIELDS}
+    # Map source indices back to test-set indices so the errors can be traced to images.
+    arrays["test_index"] = test_index[arrays["source_index"]].astype(np.int32)
+    np.savez(os.path.join(directory, "errors.npz"), **arrays)
+    summary = {
+        "num_sources": int(len(test_index)),
+        "num_sources_used": int(result.num_sources_used),
+        "num_sources_skipped": int(result.num_sources_skipped),
+        "num_samples_evaluated": int(result.num_samples_evaluated),
+        "num_flips": int(result.num_flips),
+        "num_errors_found": int(result.num_found),
+        "wall_time_s": float(result.wall_time_s),
+        "config": dataclasses.asdict(result.config),
+    }
+    with open(os.path.join(directory, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def load_errors(directory: str) -> dict[str, np.ndarray]:
+    with np.load(os.path.join(directory, "errors.npz"), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}

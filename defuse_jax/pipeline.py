@@ -1,0 +1,511 @@
+"""`defuse-jax run`: all Defuse stages in one resumable run directory.
+
+    <run>/train/{vae,classifier}/   trained models (Orbax checkpoints, configs, histories)
+    <run>/search/                   errors.npz, summary.json
+    <run>/distill/                  regions.npz, regions.json
+    <run>/label/                    labels.csv, region_XXX.png grids (oracle/ for that labeler)
+    <run>/correct/                  fine-tuned classifier (its own checkpoints)
+    <run>/report.json, report.md, plots/
+    <run>/stale/                    outputs of stages whose configuration changed (kept)
+
+Every stage writes `<stage>/stage.json` with the fingerprint of its configuration and of every
+stage upstream. A rerun skips stages whose fingerprint matches, resumes interrupted ones (training
+resumes from its checkpoints), and moves aside the outputs of stages whose configuration changed
+before redoing them, so nothing computed (labels above all) is ever lost.
+
+Example:
+    >>> from defuse_jax.pipeline import RunConfig, run
+    >>> report = run("runs/digits", RunConfig())
+    >>> report["region_accuracy_after"]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+from defuse_jax import evaluation, identification, labeling, models, plots
+from defuse_jax import report as report_lib
+from defuse_jax import train_models as tm
+from defuse_jax.correction import make_correction_loss
+from defuse_jax.data import Dataset, load_dataset
+from defuse_jax.models import Params
+from defuse_jax.regions import (
+    Regions,
+    distill,
+    load_regions,
+    region_cholesky,
+    sample_regions,
+    save_regions,
+)
+from defuse_jax.run_config import STAGES, RunConfig, stage_fingerprints
+from defuse_jax.training import fit
+
+
+class LabelsPending(RuntimeError):
+    """The manual labeler is waiting for a person to fill in the labels file."""
+
+
+def _write_json(path: str, obj: Any) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+def _read_json(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+@dataclasses.dataclass
+class Context:
+    """What the stages share inside one `run` call (loaded lazily, once)."""
+
+    run_dir: str
+    config: RunConfig
+    log: Callable[[str], None]
+    messages: list[str] = dataclasses.field(default_factory=list)
+    _dataset: Dataset | None = None
+    _models: dict[str, Params] = dataclasses.field(default_factory=dict)
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.run_dir, *parts)
+
+    @property
+    def dataset(self) -> Dataset:
+        if self._dataset is None:
+            self._dataset = load_dataset(self.config.data)
+        return self._dataset
+
+    def model(self, name: str) -> Params:
+        """ "vae", "classifier" (original), "corrected" or "oracle"."""
+        if name not in self._models:
+            where = {
+                "vae": ("train", "vae"),
+                "classifier": ("train", "classifier"),
+                "corrected": ("correct", "classifier"),
+                "oracle": ("label", "oracle"),
+            }[name]
+            self._models[name] = tm.load_trained(self.path(*where))[0]
+        return self._models[name]
+
+
+# --------------------------------------------------------------------------------------------
+# Stages. Each returns a JSON-able summary stored in <stage>/stage.json.
+
+
+def stage_train(ctx: Context) -> dict[str, Any]:
+    cfg, ds = ctx.config, ctx.dataset
+    vae_train = dataclasses.replace(cfg.vae_train, progress=cfg.progress)
+    clf_train = dataclasses.replace(cfg.classifier_train, progress=cfg.progress)
+    clf = tm.train_classifier(
+        ds, out_dir=ctx.path("train", "classifier"), config=cfg.classifier, train=clf_train
+    )
+    ctx.log(f"classifier: test accuracy {clf.metrics['accuracy']:.4f}")
+    vae = tm.train_vae(ds, out_dir=ctx.path("train", "vae"), config=cfg.vae, train=vae_train)
+    ctx.log(
+        f"VAE: test reconstruction error {vae.metrics['recon']:.3f}, KL {vae.metrics['kl']:.3f}"
+    )
+    ctx._models.update(vae=vae.params, classifier=clf.params)
+    return {"classifier_test": clf.metrics, "vae_test": vae.metrics}
+
+
+def stage_search(ctx: Context) -> dict[str, Any]:
+    result, idx = identification.run_search(
+        ctx.dataset,
+        ctx.model("vae"),
+        ctx.model("classifier"),
+        search=ctx.config.search,
+        max_sources=ctx.config.max_sources,
+        seed=ctx.config.data.seed,
+    )
+    summary = identification.save_search(result, idx, ctx.path("search"))
+    ctx.log(
+        f"search: {summary['num_errors_found']} errors kept ({summary['num_flips']} flips) from "
+        f"{summary['num_samples_evaluated']} samples around {summary['num_sources_used']} sources "
+        f"in {summary['wall_time_s']:.1f}s"
+    )
+    return summary
+
+
+def stage_distill(ctx: Context) -> dict[str, Any]:
+    errors = identification.load_errors(ctx.path("search"))
+    cfg = ctx.config.distill
+    n = len(errors["z"])
+    if n < max(cfg.min_codes, 2):
+        msg = (
+            f"The search found {n} errors, too few to distill regions (min_codes={cfg.min_codes}). "
+            "Widen the search (--search-scale, --search-num-samples, --max-sources) and rerun."
+        )
+        ctx.log(msg)
+        L = errors["z"].shape[1] if errors["z"].ndim == 2 else 0
+        regions = Regions(
+            np.zeros((0, L), np.float32), np.zeros((0, L, L), np.float32),
+            np.zeros((0,), np.float32), np.full(n, -1, np.int32), [],
+        )  # fmt: skip
+        save_regions(regions, ctx.path("distill"))
+        return {"num_regions": 0, "message": msg}
+    vae, clf = ctx.model("vae"), ctx.model("classifier")
+    regions = distill(
+        errors["z"],
+        errors["source_label"],
+        errors["pred_label"],
+        num_classes=ctx.dataset.num_classes,
+        config=cfg,
+        predict_fn=lambda z: evaluation.predict(vae, clf, np.asarray(z)),
+    )
+    save_regions(regions, ctx.path("distill"))
+    covered = int((regions.assignment >= 0).sum())
+    ctx.log(f"distill: {regions.num_regions} regions explain {covered} of {n} errors")
+    return {"num_regions": regions.num_regions, "codes_in_regions": covered}
+
+
+def _region_rows(regions: Regions) -> list[dict[str, Any]]:
+    return [
+        {**{k: r[k] for k in ("id", "num_codes", "weight", "source_label_counts",
+                              "pred_label_counts")}, "grid": f"label/region_{r['id']:03d}.png"}
+        for r in regions.records
+    ]  # fmt: skip
+
+
+def write_region_grids(ctx: Context, regions: Regions) -> None:
+    """One PNG per region: decoded samples titled with the classifier's predictions."""
+    if regions.num_regions == 0:
+        return
+    vae, clf = ctx.model("vae"), ctx.model("classifier")
+    key = jax.random.fold_in(jax.random.key(ctx.config.distill.seed), 2)
+    z = sample_regions(regions, key, ctx.config.grid_samples, tau=ctx.config.distill.tau)
+    names = ctx.dataset.class_names
+    decode = jax.jit(models.decode)
+    for rec, zr in zip(regions.records, z, strict=True):
+        images = np.asarray(decode(vae, zr))
+        pred = evaluation.predict(vae, clf, zr)
+        src = names[rec["majority_source_label"]]
+        plots.save_image_grid(
+            images,
+            ctx.path("label", f"region_{rec['id']:03d}.png"),
+            titles=[f"pred {names[p]}" for p in pred],
+            suptitle=f"region {rec['id']}: {rec['num_codes']} errors, mostly {src} -> "
+            f"{names[rec['majority_pred_label']]}",
+        )
+
+
+def stage_label(ctx: Context) -> dict[str, Any]:
+    regions = load_regions(ctx.path("distill"))
+    names = ctx.dataset.class_names
+    path = ctx.path("label", "labels.csv")
+    os.makedirs(ctx.path("label"), exist_ok=True)
+    rows = _region_rows(regions)
+    write_region_grids(ctx, regions)
+    suggestions = labeling.label_by_source(rows) if rows else {}
+    if ctx.config.labeler == "source":
+        labeling.write_auto_labels(path, rows, names, suggestions, labeler="source")
+    elif ctx.config.labeler == "oracle":
+        oracle = train_oracle(ctx)
+        key = jax.random.fold_in(jax.random.key(ctx.config.distill.seed), 3)
+        z = sample_regions(regions, key, 64, tau=ctx.config.distill.tau)
+        preds = {r["id"]: evaluation.predict(ctx.model("vae"), oracle, zr)
+                 for r, zr in zip(regions.records, z, strict=True)}  # fmt: skip
+        labeling.write_auto_labels(
+            path, rows, names, labeling.label_by_oracle(preds), labeler="oracle"
+        )
+    else:
+        labeling.write_labels_file(path, rows, names, suggestions=suggestions)
+    answers = labeling.read_labels(path, region_ids=[r["id"] for r in rows], class_names=names)
+    missing = [r["id"] for r in rows if r["id"] not in answers]
+    if missing:
+        raise LabelsPending(
+            f"{len(missing)} of {len(rows)} regions await a label in {path} (regions "
+            f"{missing[:10]}{'...' if len(missing) > 10 else ''}). Look at the grids in "
+            f"{ctx.path('label')}, then fill in the file or run `defuse-jax label --out "
+            f"{ctx.run_dir}`, and rerun the same command to continue."
+        )
+    labeled = sum(v is not None for v in answers.values())
+    ctx.log(
+        f"label ({ctx.config.labeler}): {labeled} regions labeled, {len(answers) - labeled} skipped"
+    )
+    return {
+        "labeler": ctx.config.labeler,
+        "num_labeled": labeled,
+        "num_skipped": len(answers) - labeled,
+    }
+
+
+def train_oracle(ctx: Context) -> Params:
+    """The 'oracle' labeler: a wider classifier trained longer with another seed."""
+    train = dataclasses.replace(
+        ctx.config.classifier_train,
+        epochs=2 * ctx.config.classifier_train.epochs,
+        seed=ctx.config.classifier_train.seed + 1,
+        progress=ctx.config.progress,
+    )
+    shape = ctx.dataset.image_shape
+    config = dataclasses.replace(tm.default_classifier_config(shape), hidden=512)
+    oracle = tm.train_classifier(
+        ctx.dataset, out_dir=ctx.path("label", "oracle"), config=config, train=train
+    )
+    ctx.log(f"oracle classifier: test accuracy {oracle.metrics['accuracy']:.4f}")
+    ctx._models["oracle"] = oracle.params
+    return oracle.params
+
+
+def read_answers(ctx: Context) -> dict[int, int | None]:
+    regions = load_regions(ctx.path("distill"))
+    return labeling.read_labels(
+        ctx.path("label", "labels.csv"),
+        region_ids=[r["id"] for r in regions.records],
+        class_names=ctx.dataset.class_names,
+    )
+
+
+def stage_correct(ctx: Context) -> dict[str, Any]:
+    cfg = ctx.config.correct
+    labels = {k: v for k, v in read_answers(ctx).items() if v is not None}
+    if not labels:
+        msg = "No region is labeled (all skipped, or no regions): correction skipped."
+        ctx.log(msg)
+        return {"skipped": True, "reason": msg}
+    regions = load_regions(ctx.path("distill"))
+    ids = np.asarray(sorted(labels), np.int64)
+    loss = make_correction_loss(
+        ctx.model("vae"),
+        regions.means[ids],
+        region_cholesky(regions, tau=cfg.tau)[ids],
+        np.asarray([labels[int(i)] for i in ids], np.int32),
+        lam=cfg.lam,
+        region_batch_size=cfg.region_batch_size,
+    )
+    ds = ctx.dataset
+    out = ctx.path("correct", "classifier")
+    original = ctx.path("train", "classifier")
+    os.makedirs(out, exist_ok=True)
+    shutil.copyfile(os.path.join(original, "config.json"), os.path.join(out, "config.json"))
+    t0 = time.perf_counter()
+    params, history = fit(
+        ctx.model("classifier"),
+        loss,
+        {"x": ds.x_train, "y": ds.y_train.astype(np.int32)},
+        config=cfg.train_config(progress=ctx.config.progress),
+        checkpoint_dir=os.path.join(out, "ckpt"),
+        fingerprint={
+            "correct": dataclasses.asdict(cfg),
+            "labels": {str(k): v for k, v in labels.items()},
+        },
+        desc="correct",
+    )
+    # load_trained reads the optimiser from config.json; record the fine-tuning one.
+    saved = _read_json(os.path.join(out, "config.json"))
+    saved["train"] = dataclasses.asdict(cfg.train_config())
+    _write_json(os.path.join(out, "config.json"), saved)
+    ctx._models["corrected"] = params
+    ctx.log(f"correct: fine-tuned on {len(ids)} labeled regions (lambda={cfg.lam})")
+    return {"skipped": False, "reason": None, "num_regions": len(ids),
+            "seconds": time.perf_counter() - t0, "history": history}  # fmt: skip
+
+
+def stage_evaluate(ctx: Context) -> dict[str, Any]:
+    return build_report(ctx)
+
+
+STAGE_FNS: dict[str, Callable[[Context], dict[str, Any]]] = {
+    "train": stage_train,
+    "search": stage_search,
+    "distill": stage_distill,
+    "label": stage_label,
+    "correct": stage_correct,
+    "evaluate": stage_evaluate,
+}
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def build_report(ctx: Context) -> dict[str, Any]:
+    """Evaluate before/after and write report.json, report.md and the plots."""
+    ds = ctx.dataset
+    regions = load_regions(ctx.path("distill"))
+    errors = identification.load_errors(ctx.path("search"))
+    answers = read_answers(ctx) if regions.num_regions else {}
+    labels = {k: v for k, v in answers.items() if v is not None}
+    correct_summary = _read_json(ctx.path("correct", "stage.json"))["summary"]
+    common = dict(
+        x_test=ds.x_test, y_test=ds.y_test, regions=regions, labels=labels, errors=errors,
+        config=ctx.config.eval,
+    )  # fmt: skip
+    vae = ctx.model("vae")
+    before = evaluation.evaluate_classifier(ctx.model("classifier"), vae, **common)
+    after = (
+        before if correct_summary["skipped"]
+        else evaluation.evaluate_classifier(ctx.model("corrected"), vae, **common)
+    )  # fmt: skip
+    search = _read_json(ctx.path("search", "summary.json"))
+    names = ds.class_names
+    region_records = []
+    for rec in regions.records:
+        rid = rec["id"]
+        label = answers.get(rid)
+        region_records.append({
+            **{k: v for k, v in rec.items() if k not in ("mean", "covariance")},
+            "error_rate": rec.get("error_rate"),
+            "label": label,
+            "label_name": names[label] if label is not None else None,
+            "skipped": rid in answers and label is None,
+            "accuracy_before": before["per_region"].get(rid),
+            "accuracy_after": after["per_region"].get(rid),
+            "grid": f"label/region_{rid:03d}.png",
+        })  # fmt: skip
+    if search["num_errors_found"] == 0:
+        ctx.messages.append(
+            "The search found no errors: the classifier was never fooled within the search "
+            "radius. Widen the search (--search-scale, --search-num-samples) to probe further."
+        )
+    if correct_summary["skipped"]:
+        ctx.messages.append(correct_summary["reason"])
+    stage_seconds = {}
+    for stage in STAGES[:-1]:
+        marker = ctx.path(stage, "stage.json")
+        if os.path.exists(marker):
+            stage_seconds[stage] = _read_json(marker)["seconds"]
+    report = {
+        "dataset": ds.name,
+        "class_names": list(names),
+        "num_sources": search["num_sources"],
+        "num_sources_used": search["num_sources_used"],
+        "num_sources_skipped": search["num_sources_skipped"],
+        "num_samples_evaluated": search["num_samples_evaluated"],
+        "num_errors_found": search["num_errors_found"],
+        "num_flips": search["num_flips"],
+        "num_regions": regions.num_regions,
+        "num_regions_labeled": len(labels),
+        "num_regions_skipped": len(answers) - len(labels),
+        "test_accuracy_before": before["test_accuracy"],
+        "test_accuracy_after": after["test_accuracy"],
+        "region_accuracy_before": before["region_accuracy"],
+        "region_accuracy_after": after["region_accuracy"],
+        "error_code_accuracy_before": before["error_code_accuracy"],
+        "error_code_accuracy_after": after["error_code_accuracy"],
+        "regions": region_records,
+        "correction": {
+            "skipped": correct_summary["skipped"],
+            "reason": correct_summary.get("reason"),
+            "lam": ctx.config.correct.lam,
+            "epochs": ctx.config.correct.epochs,
+            "seconds": correct_summary.get("seconds"),
+        },
+        "stage_seconds": stage_seconds,
+        "search": search,
+        "devices": {"backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()]},
+        "messages": list(ctx.messages),
+        "config": dataclasses.asdict(ctx.config),
+    }
+    report_lib.write_report(ctx.run_dir, report, codes=errors["z"], assignment=regions.assignment)
+    ctx.log(
+        f"evaluate: test accuracy {_pct(report['test_accuracy_before'])} -> "
+        f"{_pct(report['test_accuracy_after'])}, region accuracy "
+        f"{_pct(report['region_accuracy_before'])} -> {_pct(report['region_accuracy_after'])}"
+    )
+    return {k: report[k] for k in ("test_accuracy_before", "test_accuracy_after",
+                                   "region_accuracy_before", "region_accuracy_after")}  # fmt: skip
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def run(
+    run_dir: str,
+    config: RunConfig = RunConfig(),  # noqa: B008 - frozen
+    *,
+    until: str = "evaluate",
+    log: Callable[[str], None] = print,
+    dataset: Dataset | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) the stages up to and including `until`; returns the stage summaries.
+
+    Raises:
+        LabelsPending: the manual labeler still waits for labels (rerun once they are in).
+    """
+    if until not in STAGES:
+        raise ValueError(f"Unknown stage {until!r}; stages are {', '.join(STAGES)}.")
+    ctx = Context(os.path.abspath(run_dir), config, log, _dataset=dataset)
+    save_run_config(ctx.run_dir, config)
+    summaries: dict[str, Any] = {}
+    for stage in STAGES[: STAGES.index(until) + 1]:
+        # Recomputed per stage: the correction's fingerprint covers the labels file's content.
+        fp = stage_fingerprints(config, ctx.run_dir)[stage]
+        marker = ctx.path(stage, "stage.json")
+        started = ctx.path(stage, "started.json")
+        if os.path.exists(marker) and _read_json(marker)["fingerprint"] == fp:
+            summaries[stage] = _read_json(marker)["summary"]
+            log(f"[{stage}] done earlier, skipped")
+            continue
+        if os.path.exists(marker) or (
+            os.path.exists(started) and _read_json(started)["fingerprint"] != fp
+        ):
+            # Finished or begun with another configuration. (A directory without these files,
+            # e.g. from `defuse-jax train-vae`, is reused: training checks its own checkpoints.)
+            _move_aside(ctx, stage)
+        _write_json(started, {"fingerprint": fp})
+        log(f"[{stage}] running")
+        t0 = time.perf_counter()
+        summary = STAGE_FNS[stage](ctx)
+        _write_json(
+            marker, {"fingerprint": fp, "seconds": time.perf_counter() - t0, "summary": summary}
+        )
+        summaries[stage] = summary
+    return summaries
+
+
+def save_run_config(run_dir: str, config: RunConfig) -> None:
+    """Remember the run's configuration in <run>/config.json (the CLI's defaults next time)."""
+    _write_json(os.path.join(run_dir, "config.json"), dataclasses.asdict(config))
+
+
+def label_interactively(
+    run_dir: str,
+    config: RunConfig,
+    *,
+    input_fn: Callable[[str], str] = input,
+    print_fn: Callable[..., None] = print,
+) -> dict[int, int | None]:
+    """Walk a person through the unlabeled regions (runs the stages up to distill first)."""
+    run(run_dir, config, until="distill", log=print_fn)
+    ctx = Context(os.path.abspath(run_dir), config, print_fn)
+    regions = load_regions(ctx.path("distill"))
+    if regions.num_regions == 0:
+        print_fn("No regions to label: the search found too few errors.")
+        return {}
+    rows = _region_rows(regions)
+    if not all(os.path.exists(ctx.path(r["grid"])) for r in rows):
+        write_region_grids(ctx, regions)
+    return labeling.interactive_label(
+        ctx.path("label", "labels.csv"),
+        rows,
+        ctx.dataset.class_names,
+        run_dir=ctx.run_dir,
+        input_fn=input_fn,
+        print_fn=print_fn,
+    )
+
+
+def _move_aside(ctx: Context, stage: str) -> None:
+    """Keep the outputs of a stage whose configuration changed under <run>/stale/."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest = ctx.path("stale", f"{stage}-{stamp}")
+    n = 1
+    while os.path.exists(dest):
+        dest = ctx.path("stale", f"{stage}-{stamp}-{n}")
+        n += 1
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    shutil.move(ctx.path(stage), dest)
+    ctx.log(f"[{stage}] configuration changed: previous outputs moved to {dest}")

@@ -1,0 +1,238 @@
+"""Distillation: misclassification regions from the latent codes of the errors the search found.
+
+A mixture model is fitted on the error codes; every kept component is one *region*, one kind of
+model bug. A region is stored as its mean and covariance in latent space; fresh inputs from it
+are decoded from z ~ N(mean, tau * covariance).
+
+Example:
+    >>> regions = distill(codes, source_label, pred_label, num_classes=10,
+    ...                   config=DistillConfig(), predict_fn=predict)
+    >>> z = sample_regions(regions, jax.random.key(0), 64, tau=0.01)  # [R, 64, L]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from defuse_jax.mixture import BayesianGaussianMixture, GaussianMixture
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """How error codes become regions.
+
+    Attributes:
+        method: "dpgmm" (Dirichlet-process variational mixture, the reference) or "gmm" (EM).
+        n_components: mixture components (an upper bound for "dpgmm"; the reference uses 100).
+        max_iter: mixture iterations.
+        weight_cutoff: keep components whose weight exceeds this (the reference uses 0.01).
+        min_codes: keep regions that hold at least this many error codes.
+        per_label: fit one mixture per predicted label instead of one on all codes.
+        max_codes: fit on at most this many codes (a seeded subsample; the reference uses
+            10,000); every code is still assigned to a region afterwards.
+        tau: regions are sampled from N(mean, tau * covariance) (the reference uses 0.01).
+        error_samples: fresh samples per region for its error-rate estimate.
+        seed: seed of the subsample, the mixture initialisation and the region samples.
+    """
+
+    method: Literal["dpgmm", "gmm"] = "dpgmm"
+    n_components: int = 100
+    max_iter: int = 500
+    weight_cutoff: float = 0.01
+    min_codes: int = 10
+    per_label: bool = False
+    max_codes: int = 10_000
+    tau: float = 0.01
+    error_samples: int = 256
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Regions:
+    """The kept regions, sorted by how many errors they explain (largest first).
+
+    Attributes:
+        means: [R, L] region means in latent space.
+        covariances: [R, L, L] region covariances.
+        weights: [R] mixture weights (of the whole error set).
+        assignment: [M] region index of every error code, -1 for codes in dropped components.
+        records: per-region summaries (JSON-able dicts; see `distill`).
+    """
+
+    means: np.ndarray
+    covariances: np.ndarray
+    weights: np.ndarray
+    assignment: np.ndarray
+    records: list[dict[str, Any]]
+
+    @property
+    def num_regions(self) -> int:
+        return len(self.records)
+
+
+def _fit_mixture(x: np.ndarray, config: DistillConfig, seed: int):
+    k = int(min(config.n_components, max(1, len(x) // 2)))
+    common = dict(
+        n_components=k, covariance_type="full", max_iter=config.max_iter, random_state=seed
+    )
+    if config.method == "dpgmm":
+        model = BayesianGaussianMixture(**common)
+    elif config.method == "gmm":
+        model = GaussianMixture(**common)
+    else:
+        raise ValueError(f"Unknown distill method {config.method!r}; use 'dpgmm' or 'gmm'.")
+    return model.fit(x)
+
+
+def distill(
+    codes: np.ndarray,
+    source_label: np.ndarray,
+    pred_label: np.ndarray,
+    *,
+    num_classes: int,
+    config: DistillConfig,
+    predict_fn: Callable[[jax.Array], jax.Array] | None = None,
+) -> Regions:
+    """Fit the mixture on the error codes and keep the regions that pass the cutoffs.
+
+    Args:
+        codes: [M, L] latent codes of the errors.
+        source_label: [M] true labels of their source points.
+        pred_label: [M] the classifier's predictions on them.
+        num_classes: number of classes (for the label histograms).
+        config: distillation settings.
+        predict_fn: optional `z [B, L] -> predicted class [B]` (decode + classify) used to
+            measure each region's error rate on fresh samples.
+
+    Returns:
+        `Regions`; each record holds id, num_codes, weight, mean, covariance, source/predicted
+        label histograms, majority source label and (with `predict_fn`) `error_rate`.
+
+    Raises:
+        ValueError: no codes, or fewer codes than `min_codes` (nothing to distill).
+    """
+    codes = np.asarray(codes, np.float32)
+    m = len(codes)
+    if codes.ndim != 2 or m == 0:
+        raise ValueError(
+            "No error codes to distill: the search found no misclassified samples. Widen the "
+            "search (larger perturbation scale or more samples per source) and rerun."
+        )
+    if m < config.min_codes:
+        raise ValueError(
+            f"Only {m} error codes, fewer than min_codes={config.min_codes}: too few to form a "
+            "region. Search more (more samples or sources) or lower min_codes."
+        )
+    rng = np.random.default_rng(config.seed)
+    groups = (
+        [(int(c), np.flatnonzero(pred_label == c)) for c in np.unique(pred_label)]
+        if config.per_label
+        else [(None, np.arange(m))]
+    )
+    means, covs, weights, members = [], [], [], []
+    for g, (_, idx) in enumerate(groups):
+        if len(idx) < max(config.min_codes, 2):
+            continue
+        fit_idx = (
+            idx
+            if len(idx) <= config.max_codes
+            else rng.choice(idx, config.max_codes, replace=False)
+        )
+        model = _fit_mixture(codes[fit_idx], config, config.seed + g)
+        comp = np.asarray(model.predict(codes[idx]))
+        share = len(idx) / m
+        for c in range(len(model.weights_)):
+            w = float(model.weights_[c]) * share
+            if w <= config.weight_cutoff:
+                continue
+            mine = idx[comp == c]
+            if len(mine) < config.min_codes:
+                continue
+            means.append(np.asarray(model.means_[c], np.float32))
+            covs.append(np.asarray(model.covariances_[c], np.float32))
+            weights.append(w)
+            members.append(mine)
+    order = np.argsort([-len(x) for x in members], kind="stable")
+    assignment = np.full(m, -1, np.int32)
+    records = []
+    for r, o in enumerate(order):
+        assignment[members[o]] = r
+        src = np.bincount(source_label[members[o]], minlength=num_classes)
+        prd = np.bincount(pred_label[members[o]], minlength=num_classes)
+        records.append(
+            {
+                "id": r,
+                "num_codes": int(len(members[o])),
+                "weight": float(weights[o]),
+                "mean": means[o].tolist(),
+                "covariance": covs[o].tolist(),
+                "source_label_counts": src.tolist(),
+                "pred_label_counts": prd.tolist(),
+                "majority_source_label": int(src.argmax()),
+                "majority_pred_label": int(prd.argmax()),
+            }
+        )
+    L = codes.shape[1]
+    regions = Regions(
+        means=np.stack([means[o] for o in order]) if records else np.zeros((0, L), np.float32),
+        covariances=np.stack([covs[o] for o in order])
+        if records
+        else np.zeros((0, L, L), np.float32),
+        weights=np.asarray([weights[o] for o in order], np.float32),
+        assignment=assignment,
+        records=records,
+    )
+    if predict_fn is not None and records:
+        key = jax.random.key(config.seed)
+        z = sample_regions(
+            regions, jax.random.fold_in(key, 1), config.error_samples, tau=config.tau
+        )
+        preds = np.asarray(predict_fn(jnp.asarray(z.reshape(-1, L)))).reshape(len(records), -1)
+        for rec, p in zip(records, preds, strict=True):
+            rec["error_rate"] = float(np.mean(p != rec["majority_source_label"]))
+    return regions
+
+
+def region_cholesky(regions: Regions, *, tau: float) -> np.ndarray:
+    """[R, L, L] lower Cholesky factors of tau * covariance (jitter added if needed)."""
+    L = regions.means.shape[1]
+    cov = tau * regions.covariances.astype(np.float64) + 1e-9 * np.eye(L)
+    return np.linalg.cholesky(cov).astype(np.float32)
+
+
+def sample_regions(regions: Regions, key: jax.Array, n: int, *, tau: float) -> np.ndarray:
+    """Draw n codes per region from N(mean, tau * cov): [R, n, L]."""
+    chol = jnp.asarray(region_cholesky(regions, tau=tau))
+    means = jnp.asarray(regions.means)
+    eps = jax.random.normal(key, (means.shape[0], n, means.shape[1]), jnp.float32)
+    return np.asarray(means[:, None, :] + jnp.einsum("rij,rnj->rni", chol, eps))
+
+
+def save_regions(regions: Regions, directory: str) -> None:
+    """Write regions.npz (arrays) and regions.json (records) into `directory`."""
+    os.makedirs(directory, exist_ok=True)
+    np.savez(
+        os.path.join(directory, "regions.npz"),
+        means=regions.means,
+        covariances=regions.covariances,
+        weights=regions.weights,
+        assignment=regions.assignment,
+    )
+    with open(os.path.join(directory, "regions.json"), "w") as f:
+        json.dump({"regions": regions.records}, f, indent=1)
+
+
+def load_regions(directory: str) -> Regions:
+    with np.load(os.path.join(directory, "regions.npz"), allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    with open(os.path.join(directory, "regions.json")) as f:
+        records = json.load(f)["regions"]
+    return Regions(records=records, **arrays)

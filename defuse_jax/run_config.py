@@ -1,0 +1,150 @@
+"""`RunConfig`: everything a Defuse run depends on, its JSON form, and per-stage fingerprints."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import typing
+from typing import Any, Literal
+
+from defuse_jax import train_models as tm
+from defuse_jax.correction import CorrectConfig
+from defuse_jax.data import DataConfig
+from defuse_jax.evaluation import EvalConfig
+from defuse_jax.models import ClassifierConfig, VAEConfig
+from defuse_jax.regions import DistillConfig
+from defuse_jax.search import SearchConfig
+from defuse_jax.training import TrainConfig
+
+STAGES = ("train", "search", "distill", "label", "correct", "evaluate")
+DEFAULT_SEARCH = SearchConfig(mode="sample", num_samples=100, scale=0.5, max_keep_per_source=10)
+ORACLE_CLASSIFIER = ClassifierConfig(kind="mlp", hidden=512)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything a Defuse run depends on (each stage's fingerprint covers its part).
+
+    Attributes:
+        data: the dataset.
+        vae: VAE architecture (None: chosen from the image shape).
+        vae_train: VAE optimisation.
+        classifier: classifier architecture (None: chosen from the image shape).
+        classifier_train: classifier optimisation.
+        max_sources: search from at most this many test points (None: all of them).
+        search: the latent search.
+        distill: the mixture and region cutoffs.
+        labeler: "source" (majority source label), "oracle" (a stronger, separately trained
+            classifier) or "manual" (a person fills in label/labels.csv or runs
+            `defuse-jax label`).
+        grid_samples: decoded samples per region shown in its grid.
+        correct: fine-tuning.
+        eval: evaluation.
+        progress: progress bars.
+    """
+
+    data: DataConfig = DataConfig()
+    vae: VAEConfig | None = None
+    vae_train: TrainConfig = tm.VAE_TRAIN_DEFAULT
+    classifier: ClassifierConfig | None = None
+    classifier_train: TrainConfig = tm.CLASSIFIER_TRAIN_DEFAULT
+    max_sources: int | None = None
+    search: SearchConfig = DEFAULT_SEARCH
+    distill: DistillConfig = DistillConfig()
+    labeler: Literal["source", "oracle", "manual"] = "source"
+    grid_samples: int = 16
+    correct: CorrectConfig = CorrectConfig()
+    eval: EvalConfig = EvalConfig()
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.labeler not in ("source", "oracle", "manual"):
+            raise ValueError(
+                f"Unknown labeler {self.labeler!r}; use 'source', 'oracle' or 'manual'."
+            )
+        if self.max_sources is not None and self.max_sources < 1:
+            raise ValueError(f"max_sources must be >= 1 (or None for all), got {self.max_sources}.")
+
+
+def _hash(obj: Any) -> str:
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _train_part(t: TrainConfig) -> dict[str, Any]:
+    return {k: v for k, v in dataclasses.asdict(t).items() if k != "progress"}
+
+
+def stage_fingerprints(config: RunConfig, run_dir: str) -> dict[str, str]:
+    """Fingerprint of every stage: its own settings plus the fingerprint of the stage before."""
+    parts: dict[str, Any] = {
+        "train": {
+            "data": dataclasses.asdict(config.data),
+            "vae": config.vae and dataclasses.asdict(config.vae),
+            "vae_train": _train_part(config.vae_train),
+            "classifier": config.classifier and dataclasses.asdict(config.classifier),
+            "classifier_train": _train_part(config.classifier_train),
+        },
+        "search": {"search": dataclasses.asdict(config.search), "max_sources": config.max_sources},
+        "distill": dataclasses.asdict(config.distill),
+        "label": {"labeler": config.labeler, "grid_samples": config.grid_samples},
+        # Hand edits of the labels file redo the correction.
+        "correct": {"correct": dataclasses.asdict(config.correct), "labels": _file_hash(
+            os.path.join(run_dir, "label", "labels.csv"))},
+        "evaluate": dataclasses.asdict(config.eval),
+    }  # fmt: skip
+    out, prev = {}, ""
+    for stage in STAGES:
+        prev = _hash({"upstream": prev, "stage": stage, "config": parts[stage]})
+        out[stage] = prev
+    return out
+
+
+def _file_hash(path: str) -> str | None:
+    if not os.path.exists(path):
+        return None
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def _build(cls: type, value: Any) -> Any:
+    """Rebuild a (possibly optional) dataclass field from its JSON form."""
+    if value is None or not dataclasses.is_dataclass(cls):
+        return value
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in value:
+            continue  # a field added since the file was written keeps its default
+        v = value[f.name]
+        tp = hints[f.name]
+        sub = _dataclass_in(tp)
+        if sub is not None:
+            v = _build(sub, v)
+        elif isinstance(v, list):
+            v = tuple(v)
+        kwargs[f.name] = v
+    return cls(**kwargs)
+
+
+def _dataclass_in(tp: Any) -> type | None:
+    for t in (tp, *typing.get_args(tp)):
+        if dataclasses.is_dataclass(t):
+            return t
+    return None
+
+
+def config_from_dict(d: dict[str, Any]) -> RunConfig:
+    """Inverse of `dataclasses.asdict(RunConfig)` (e.g. a run directory's config.json)."""
+    return _build(RunConfig, d)
+
+
+def load_run_config(run_dir: str) -> RunConfig | None:
+    """The configuration a run directory was last run with, or None for a new directory."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return config_from_dict(json.load(f))
