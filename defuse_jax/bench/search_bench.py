@@ -179,6 +179,45 @@ def engine_throughput(
     }
 
 
+def paired_fraction(
+    decode_fn, classify_fn, chains: int, q: int, chunk: int, batch: int, repeats: int
+) -> dict:
+    """Engine vs bare forward on the same number of samples, timed alternately so that both see
+    the same machine load (on a shared CPU an unpaired ceiling is biased by lucky moments)."""
+    n = max(1, chains // q)
+    z0, y0 = _sources(decode_fn, classify_fn, n)
+    cfg = SearchConfig(mode="sample", num_samples=q, chunk_size=chunk, max_keep_per_source=5)
+    key = jax.random.key(0)
+    fwd = jax.jit(lambda z: jnp.argmax(classify_fn(decode_fn(z)), axis=-1))
+    z = jax.random.normal(jax.random.key(1), (batch, LATENT_DIM), jnp.float32)
+    calls = -(-n * q // batch)
+
+    def forward_all():  # async dispatch of every batch, one wait at the end
+        out = [fwd(z) for _ in range(calls)]
+        jax.block_until_ready(out)
+
+    def engine():
+        latent_search(decode_fn, classify_fn, z0, y0, key=key, config=cfg)
+
+    forward_all(), engine()
+    t_fwd, t_eng = float("inf"), float("inf")
+    for _ in range(max(repeats, 3)):
+        t = time.perf_counter()
+        forward_all()
+        t_fwd = min(t_fwd, time.perf_counter() - t)
+        t = time.perf_counter()
+        engine()
+        t_eng = min(t_eng, time.perf_counter() - t)
+    return {
+        "chains": n * q,
+        "chunk_size": chunk,
+        "forward_batch": batch,
+        "forward_samples_per_s": calls * batch / t_fwd,
+        "engine_samples_per_s": n * q / t_eng,
+        "fraction": (n * q / t_eng) / (calls * batch / t_fwd),
+    }
+
+
 def reference_jax_loop(decode_fn, classify_fn, q: int, points: int, keep: int = 3) -> dict:
     """The reference's structure: a Python loop over sources, one jitted call per point, results
     pulled to the host per point, mismatches and the `keep` smallest perturbations chosen there."""
@@ -201,7 +240,7 @@ def reference_jax_loop(decode_fn, classify_fn, q: int, points: int, keep: int = 
             kept.append(z[bad[np.argsort(norm[bad])[:keep]]])
         return kept
 
-    t = _timeit(loop, 1)
+    t = _timeit(loop, 3)
     return {"q": q, "points": points, "seconds": t, "samples_per_s": points * q / t}
 
 
@@ -304,7 +343,7 @@ def _torch_loop_once(vae, clf, kind: str, q: int, points: int, keep: int) -> dic
                 kept.append(z.numpy()[bad[np.argsort(norm[bad])[:keep]]])
         return kept
 
-    t = _timeit(loop, 1)
+    t = _timeit(loop, 3)
     return {
         "q": q,
         "points": points,
@@ -422,6 +461,14 @@ def bench_model(kind: str, args) -> dict:
     out["engine_best_samples_per_s"] = engine_best
     out["engine_fraction_of_forward"] = engine_best / fwd["best_samples_per_s"]
     out["forward_gflops_per_s"] = fwd["best_samples_per_s"] * fwd["flops_per_sample"] / 1e9
+    pair_chains = min(max(chains), 16384 if kind == "mlp" else 2048)
+    out["paired"] = pf = paired_fraction(
+        decode_fn, classify_fn, pair_chains, q, best_chunk, fwd["best_batch"], repeats
+    )
+    print(
+        f"[{kind}] paired at {pf['chains']} samples: engine {pf['engine_samples_per_s']:,.0f}/s, "
+        f"forward {pf['forward_samples_per_s']:,.0f}/s -> {pf['fraction']:.1%} of the forward pass"
+    )
 
     points = max(8, args.ref_points // (4 if quick else 1))
     out["reference"] = refs = []
@@ -451,6 +498,12 @@ def _print_model(r: dict) -> None:
         f"bare forward (decode+classify+argmax): best {fwd['best_samples_per_s']:>12,.0f} "
         f"samples/s at batch {fwd['best_batch']}, {fwd['flops_per_sample']:,.0f} FLOPs/sample, "
         f"{r['forward_gflops_per_s']:.1f} GFLOP/s"
+    )
+    pf = r["paired"]
+    print(
+        f"paired (alternating timings, {pf['chains']} samples): engine "
+        f"{pf['engine_samples_per_s']:,.0f}/s vs forward {pf['forward_samples_per_s']:,.0f}/s "
+        f"= {pf['fraction']:.1%} of the bare forward pass"
     )
     print(
         f"{'chains':>8} {'sources':>8} {'chunk':>6} {'samples/s':>12} {'of fwd':>7} "
