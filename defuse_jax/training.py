@@ -291,4 +291,6 @@ def fit(
         ckpt.save(step, state, meta={"history": history}, force=step == total_steps)
     bar.close()
     ckpt.close()
-    return Params(params.graphdef, state.params), history
+    # Hand back the weights placed like the caller's, so they mix with its other arrays.
+    shardings = jax.tree.map(lambda a: a.sharding, params.state)
+    return Params(params.graphdef, jax.device_put(state.params, shardings)), history
