@@ -72,6 +72,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     parser.add_argument("--no-modes", action="store_true", help="skip the mode comparison")
+    parser.add_argument(
+        "--run-dir",
+        default="",
+        help="a trained digits run (<run>/train/vae, <run>/train/classifier): also time the "
+        "default search on its test points and compare the modes there",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: small sizes, 1 repeat")
     parser.add_argument("--out", default="bench_results/search.json", help="JSON output path")
 
@@ -361,9 +367,8 @@ def _distinct(res, cell: float) -> int:
     return int(np.unique(np.concatenate([res.source_index[:, None], cells], 1), axis=0).shape[0])
 
 
-def compare_modes(decode_fn, classify_fn, sources: int, budget: int, repeats: int) -> list:
+def compare_modes(decode_fn, classify_fn, z0, y0, budget: int, repeats: int) -> list:
     """Errors found per evaluated sample by each mode at the same sample budget per source."""
-    z0, y0 = _sources(decode_fn, classify_fn, sources, seed=2)
     rounds = 8
     configs = {
         "sample": SearchConfig(mode="sample", num_samples=budget),
@@ -406,6 +411,39 @@ def compare_modes(decode_fn, classify_fn, sources: int, budget: int, repeats: in
             }
         )
     return rows
+
+
+def trained_digits(run_dir: str, repeats: int) -> dict:
+    """The default search and the mode comparison with trained models on digits test points."""
+    from defuse_jax import models
+    from defuse_jax.data import DataConfig, load_dataset
+    from defuse_jax.train_models import load_trained
+
+    vp, _ = load_trained(os.path.join(run_dir, "train", "vae"))
+    cp, _ = load_trained(os.path.join(run_dir, "train", "classifier"))
+    ds = load_dataset(DataConfig())
+    decode_fn, classify_fn = partial(models.decode, vp), partial(models.logits, cp)
+    z0 = np.asarray(jax.jit(lambda x: models.encode(vp, x)[0])(ds.x_test), np.float32)
+    y0 = ds.y_test.astype(np.int32)
+    out = {"run_dir": run_dir, "sources": len(y0)}
+    cfg = SearchConfig()
+    key = jax.random.key(0)
+    cold = latent_search(decode_fn, classify_fn, z0, y0, key=key, config=cfg)
+    warm = _timeit(lambda: latent_search(decode_fn, classify_fn, z0, y0, key=key, config=cfg), 3)
+    out["default_search"] = {
+        "config": dataclasses.asdict(cfg),
+        "first_call_s": cold.wall_time_s,
+        "warm_call_s": warm,
+        "found": cold.num_found,
+        "flips": cold.num_flips,
+        "sources_used": cold.num_sources_used,
+        "sources_skipped": cold.num_sources_skipped,
+        "samples": cold.num_samples_evaluated,
+    }
+    print(f"[digits, trained] default search: {cold.summary()} warm call {warm:.3f}s")
+    out["modes"] = compare_modes(decode_fn, classify_fn, z0, y0, 64, repeats)
+    _print_modes(out["modes"])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,7 +525,8 @@ def bench_model(kind: str, args) -> dict:
             r["engine_speedup"] = engine_best / r["samples_per_s"]
 
     if kind == "mlp" and not args.no_modes:
-        out["modes"] = compare_modes(decode_fn, classify_fn, 64 if quick else 256, 64, repeats)
+        z0, y0 = _sources(decode_fn, classify_fn, 64 if quick else 256, seed=2)
+        out["modes"] = compare_modes(decode_fn, classify_fn, z0, y0, 64, repeats)
     return out
 
 
@@ -525,18 +564,22 @@ def _print_model(r: dict) -> None:
             f"{ref['samples_per_s']:>12,.0f} {ref['engine_speedup']:>8.1f}x"
         )
     if "modes" in r:
+        _print_modes(r["modes"])
+
+
+def _print_modes(rows: list) -> None:
+    print(
+        f"{'mode':<10} {'samples':>8} {'flips/smp':>9} {'distinct/smp':>12} "
+        f"{'distinct/s':>11} {'(src,pred)':>10} {'srcs':>5} {'med min |dz|':>12}"
+    )
+    for m in rows:
+        med = m["median_smallest_norm"]
         print(
-            f"{'mode':<10} {'samples':>8} {'flips/smp':>9} {'distinct/smp':>12} "
-            f"{'distinct/s':>11} {'(src,pred)':>10} {'srcs':>5} {'med min |dz|':>12}"
+            f"{m['mode']:<10} {m['samples']:>8} {m['flips_per_sample']:>9.3f} "
+            f"{m['distinct_per_sample']:>12.3f} {m['distinct_per_s']:>11,.0f} "
+            f"{m['distinct_pred_pairs']:>10} {m['sources_with_error']:>5} "
+            f"{(med if med is not None else float('nan')):>12.3f}"
         )
-        for m in r["modes"]:
-            med = m["median_smallest_norm"]
-            print(
-                f"{m['mode']:<10} {m['samples']:>8} {m['flips_per_sample']:>9.3f} "
-                f"{m['distinct_per_sample']:>12.3f} {m['distinct_per_s']:>11,.0f} "
-                f"{m['distinct_pred_pairs']:>10} {m['sources_with_error']:>5} "
-                f"{(med if med is not None else float('nan')):>12.3f}"
-            )
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -563,6 +606,8 @@ def run(args: argparse.Namespace) -> dict:
         r = bench_model(kind, args)
         result["models"].append(r)
         _print_model(r)
+    if args.run_dir:
+        result["trained_digits"] = trained_digits(args.run_dir, repeats)
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:
