@@ -35,6 +35,8 @@ class CorrectConfig:
         learning_rate: optimiser step size.
         optimizer: "adam", "adamw" or "sgd" (the reference: SGD, lr 1e-3, momentum 0.9).
         momentum: SGD momentum.
+        anchor: weight of an L2 pull towards the original weights (L2-SP), which keeps the
+            fine-tuned model close to the one that earned the test accuracy; 0 disables it.
         seed: seed of the batch order and of the region samples.
         checkpoint_every: save every this many steps.
     """
@@ -47,6 +49,7 @@ class CorrectConfig:
     learning_rate: float = 3e-4
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     momentum: float = 0.9
+    anchor: float = 0.0
     seed: int = 0
     checkpoint_every: int = 500
 
@@ -71,6 +74,8 @@ def make_correction_loss(
     *,
     lam: float,
     region_batch_size: int,
+    anchor: Params | None = None,
+    anchor_weight: float = 0.0,
 ) -> LossFn:
     """The fine-tuning objective over labeled regions.
 
@@ -81,7 +86,10 @@ def make_correction_loss(
         labels: [R] int32 class of each region.
         lam: weight of the region term.
         region_batch_size: region samples per step.
+        anchor: the original classifier, for the L2-SP term.
+        anchor_weight: weight of sum ||w - w_original||^2 (0: off).
     """
+    anchor_state = anchor.state if anchor is not None and anchor_weight > 0 else None
     means_j, chol_j = jnp.asarray(means, jnp.float32), jnp.asarray(chol, jnp.float32)
     labels_j = jnp.asarray(labels, jnp.int32)
     num_regions, latent = means_j.shape
@@ -102,6 +110,12 @@ def make_correction_loss(
         ).mean()
         acc_region = (region_logits.argmax(-1) == labels_j[r]).astype(jnp.float32).mean()
         loss = ce_train + jnp.float32(lam) * ce_region
-        return loss, {"ce_train": ce_train, "ce_region": ce_region, "region_accuracy": acc_region}
+        metrics = {"ce_train": ce_train, "ce_region": ce_region, "region_accuracy": acc_region}
+        if anchor_state is not None:
+            sq = jax.tree.map(lambda w, w0: jnp.sum((w - w0) ** 2), params.state, anchor_state)
+            drift = sum(jax.tree.leaves(sq))
+            loss = loss + jnp.float32(anchor_weight) * drift
+            metrics["drift"] = drift
+        return loss, metrics
 
     return loss_fn

@@ -244,6 +244,26 @@ def _not_prepared_message(
     )
 
 
+def prepare_dataset(name: str, *, data_dir: str | None = None) -> str:
+    """Download and prepare a TFDS dataset in the array_record format `load_dataset` reads.
+
+    Needs network access and, for most image datasets, TensorFlow (e.g. in Colab); run it once,
+    then `load_dataset` works offline from the same `data_dir`.
+
+    Returns:
+        The directory the dataset was prepared in.
+    """
+    if name not in _TFDS_SPECS:
+        raise ValueError(
+            f"{name!r} is not a TFDS dataset defuse-jax reads; use one of {list(_TFDS_SPECS)}."
+        )
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+    builder.download_and_prepare()
+    return str(builder.data_dir)
+
+
 def _open_sources(name: str, splits: Sequence[str], data_dir: str | None) -> tuple[Any, list[Any]]:
     """Returns (builder info, one random-access source per split); never downloads."""
     import tensorflow_datasets as tfds
