@@ -284,6 +284,8 @@ def stage_correct(ctx: Context) -> dict[str, Any]:
         np.asarray([labels[int(i)] for i in ids], np.int32),
         lam=cfg.lam,
         region_batch_size=cfg.region_batch_size,
+        anchor=ctx.model("classifier"),
+        anchor_weight=cfg.anchor,
     )
     ds = ctx.dataset
     out = ctx.path("correct", "classifier")
