@@ -9,7 +9,10 @@ own checkpoints elsewhere, so the original model is never overwritten.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+import json
+import os
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +21,8 @@ import optax
 
 from defuse_jax import models
 from defuse_jax.models import Params
-from defuse_jax.training import LossFn, TrainConfig
+from defuse_jax.regions import Regions, region_cholesky
+from defuse_jax.training import LossFn, TrainConfig, fit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,3 +123,76 @@ def make_correction_loss(
         return loss, metrics
 
     return loss_fn
+
+
+def fine_tune(
+    classifier: Params,
+    vae: Params,
+    regions: Regions,
+    labels: Mapping[int, int],
+    *,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    config: CorrectConfig,
+    out_dir: str,
+    progress: bool = True,
+) -> tuple[Params, list[dict[str, float]]]:
+    """Fine-tune `classifier` on its training data plus samples of the labeled regions.
+
+    Args:
+        classifier: the trained classifier (its weights are the starting point; it is not
+            modified, and nothing is written where it was loaded from).
+        vae: the trained VAE.
+        regions: the distilled regions.
+        labels: {region id: class} of the labeled regions (skipped ones left out).
+        x_train: [N, H, W, C] training images; y_train: [N] labels.
+        config: fine-tuning settings.
+        out_dir: where the fine-tuned model's checkpoints and config.json go (resumable).
+        progress: show a progress bar.
+
+    Returns:
+        (fine-tuned params, per-epoch history).
+    """
+    if not labels:
+        raise ValueError("fine_tune needs at least one labeled region.")
+    ids = np.asarray(sorted(labels), np.int64)
+    loss = make_correction_loss(
+        vae,
+        regions.means[ids],
+        region_cholesky(regions, tau=config.tau)[ids],
+        np.asarray([labels[int(i)] for i in ids], np.int32),
+        lam=config.lam,
+        region_batch_size=config.region_batch_size,
+        anchor=classifier,
+        anchor_weight=config.anchor,
+    )
+    train = config.train_config(progress=progress)
+    params, history = fit(
+        classifier,
+        loss,
+        {"x": x_train, "y": np.asarray(y_train, np.int32)},
+        config=train,
+        checkpoint_dir=os.path.join(out_dir, "ckpt"),
+        fingerprint={
+            "correct": dataclasses.asdict(config),
+            "labels": {str(k): int(v) for k, v in labels.items()},
+        },  # fmt: skip
+        desc="correct",
+    )
+    _describe(out_dir, classifier, train)
+    return params, history
+
+
+def _describe(out_dir: str, classifier: Params, train: TrainConfig) -> None:
+    """config.json next to the checkpoints, so `train_models.load_trained` can reload them."""
+    module = classifier.module()
+    meta: dict[str, Any] = {
+        "kind": "classifier",
+        "data": {"image_shape": list(module.image_shape), "num_classes": module.num_classes},
+        "model": dataclasses.asdict(module.config),
+        "train": dataclasses.asdict(train),
+        "fine_tuned": True,
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(meta, f, indent=2)

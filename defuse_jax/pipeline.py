@@ -35,19 +35,17 @@ import numpy as np
 from defuse_jax import evaluation, identification, labeling, models, plots
 from defuse_jax import report as report_lib
 from defuse_jax import train_models as tm
-from defuse_jax.correction import make_correction_loss
+from defuse_jax.correction import fine_tune
 from defuse_jax.data import Dataset, load_dataset
 from defuse_jax.models import Params
 from defuse_jax.regions import (
     Regions,
     distill,
     load_regions,
-    region_cholesky,
     sample_regions,
     save_regions,
 )
 from defuse_jax.run_config import STAGES, RunConfig, stage_fingerprints
-from defuse_jax.training import fit
 
 
 class LabelsPending(RuntimeError):
@@ -275,43 +273,22 @@ def stage_correct(ctx: Context) -> dict[str, Any]:
         msg = "No region is labeled (all skipped, or no regions): correction skipped."
         ctx.log(msg)
         return {"skipped": True, "reason": msg}
-    regions = load_regions(ctx.path("distill"))
-    ids = np.asarray(sorted(labels), np.int64)
-    loss = make_correction_loss(
-        ctx.model("vae"),
-        regions.means[ids],
-        region_cholesky(regions, tau=cfg.tau)[ids],
-        np.asarray([labels[int(i)] for i in ids], np.int32),
-        lam=cfg.lam,
-        region_batch_size=cfg.region_batch_size,
-        anchor=ctx.model("classifier"),
-        anchor_weight=cfg.anchor,
-    )
     ds = ctx.dataset
-    out = ctx.path("correct", "classifier")
-    original = ctx.path("train", "classifier")
-    os.makedirs(out, exist_ok=True)
-    shutil.copyfile(os.path.join(original, "config.json"), os.path.join(out, "config.json"))
     t0 = time.perf_counter()
-    params, history = fit(
+    params, history = fine_tune(
         ctx.model("classifier"),
-        loss,
-        {"x": ds.x_train, "y": ds.y_train.astype(np.int32)},
-        config=cfg.train_config(progress=ctx.config.progress),
-        checkpoint_dir=os.path.join(out, "ckpt"),
-        fingerprint={
-            "correct": dataclasses.asdict(cfg),
-            "labels": {str(k): v for k, v in labels.items()},
-        },
-        desc="correct",
+        ctx.model("vae"),
+        load_regions(ctx.path("distill")),
+        labels,
+        x_train=ds.x_train,
+        y_train=ds.y_train,
+        config=cfg,
+        out_dir=ctx.path("correct", "classifier"),
+        progress=ctx.config.progress,
     )
-    # load_trained reads the optimiser from config.json; record the fine-tuning one.
-    saved = _read_json(os.path.join(out, "config.json"))
-    saved["train"] = dataclasses.asdict(cfg.train_config())
-    _write_json(os.path.join(out, "config.json"), saved)
     ctx._models["corrected"] = params
-    ctx.log(f"correct: fine-tuned on {len(ids)} labeled regions (lambda={cfg.lam})")
-    return {"skipped": False, "reason": None, "num_regions": len(ids),
+    ctx.log(f"correct: fine-tuned on {len(labels)} labeled regions (lambda={cfg.lam})")
+    return {"skipped": False, "reason": None, "num_regions": len(labels),
             "seconds": time.perf_counter() - t0, "history": history}  # fmt: skip
 
 
