@@ -26,7 +26,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -475,6 +475,37 @@ def label_interactively(
         input_fn=input_fn,
         print_fn=print_fn,
     )
+
+
+def set_labels(
+    run_dir: str, config: RunConfig, answers: Mapping[int, str]
+) -> dict[int, int | None]:
+    """Record answers for some regions ({region id: class name, index or "skip"}).
+
+    For notebooks and scripts; the terminal equivalent is `label_interactively`. Answers already
+    in the labels file for other regions are kept; rerun `run` afterwards to redo the correction.
+
+    Returns:
+        All answers now in the file.
+    """
+    ctx = Context(os.path.abspath(run_dir), config, print)
+    regions = load_regions(ctx.path("distill"))
+    rows, names = _region_rows(regions), ctx.dataset.class_names
+    path = ctx.path("label", "labels.csv")
+    ids = [r["id"] for r in rows]
+    current = (
+        labeling.read_labels(path, region_ids=ids, class_names=names)
+        if os.path.exists(path)
+        else {}
+    )
+    for rid, text in answers.items():
+        if int(rid) not in ids:
+            raise ValueError(f"Unknown region id {rid}; the regions are {ids}.")
+        value = labeling.parse_label(str(text), names)
+        if value != labeling.UNLABELED:
+            current[int(rid)] = value
+    labeling.write_auto_labels(path, rows, names, current, labeler="manual")
+    return labeling.read_labels(path, region_ids=ids, class_names=names)
 
 
 def _move_aside(ctx: Context, stage: str) -> None:

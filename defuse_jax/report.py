@@ -236,6 +236,11 @@ def _summary_lines(report: Mapping[str, Any]) -> list[str]:
     return [text]
 
 
+def before_after_table(report: Mapping[str, Any]) -> str:
+    """The before/after accuracy table of a report, as Markdown (e.g. for a notebook)."""
+    return "\n".join(_results_table(report))
+
+
 def _results_table(report: Mapping[str, Any]) -> list[str]:
     rows = (
         ("Test accuracy", "test_accuracy"),

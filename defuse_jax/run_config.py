@@ -109,6 +109,24 @@ def _file_hash(path: str) -> str | None:
         return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
+def quick(config: RunConfig) -> RunConfig:
+    """A downsized copy of `config` for smoke tests and notebooks (about a minute on a CPU)."""
+    small_train = dict(epochs=6, batch_size=32, learning_rate=2e-3)
+    return dataclasses.replace(
+        config,
+        data=dataclasses.replace(config.data, max_train=600, max_test=200),
+        vae_train=dataclasses.replace(config.vae_train, **{**small_train, "epochs": 15}),
+        classifier_train=dataclasses.replace(config.classifier_train, **small_train),
+        max_sources=80,
+        search=dataclasses.replace(config.search, num_samples=64),
+        distill=dataclasses.replace(
+            config.distill, n_components=8, max_iter=100, min_codes=5, error_samples=32
+        ),
+        grid_samples=8,
+        correct=dataclasses.replace(config.correct, epochs=2, batch_size=32),
+    )
+
+
 def _build(cls: type, value: Any) -> Any:
     """Rebuild a (possibly optional) dataclass field from its JSON form."""
     if value is None or not dataclasses.is_dataclass(cls):
