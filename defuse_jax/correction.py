@@ -9,7 +9,6 @@ own checkpoints elsewhere, so the original model is never overwritten.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -20,6 +19,7 @@ import numpy as np
 import optax
 
 from defuse_jax import models
+from defuse_jax.files import write_json
 from defuse_jax.models import Params
 from defuse_jax.regions import Regions, region_cholesky
 from defuse_jax.training import LossFn, TrainConfig, fit
@@ -193,6 +193,4 @@ def _describe(out_dir: str, classifier: Params, train: TrainConfig) -> None:
         "train": dataclasses.asdict(train),
         "fine_tuned": True,
     }
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(meta, f, indent=2)
+    write_json(os.path.join(out_dir, "config.json"), meta)

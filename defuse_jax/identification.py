@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from typing import Any
 
@@ -17,6 +16,7 @@ import numpy as np
 
 from defuse_jax import models
 from defuse_jax.data import Dataset
+from defuse_jax.files import write_json
 from defuse_jax.models import Params
 from defuse_jax.search import SearchConfig, SearchResult, latent_search
 
@@ -89,8 +89,7 @@ def save_search(result: SearchResult, test_index: np.ndarray, directory: str) ->
         "wall_time_s": float(result.wall_time_s),
         "config": dataclasses.asdict(result.config),
     }
-    with open(os.path.join(directory, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_json(os.path.join(directory, "summary.json"), summary)
     return summary
 
 

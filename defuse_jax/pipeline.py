@@ -22,7 +22,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import time
@@ -37,6 +36,7 @@ from defuse_jax import report as report_lib
 from defuse_jax import train_models as tm
 from defuse_jax.correction import fine_tune
 from defuse_jax.data import Dataset, load_dataset
+from defuse_jax.files import read_json, write_json
 from defuse_jax.models import Params
 from defuse_jax.regions import (
     Regions,
@@ -50,19 +50,6 @@ from defuse_jax.run_config import STAGES, RunConfig, stage_fingerprints
 
 class LabelsPending(RuntimeError):
     """The manual labeler is waiting for a person to fill in the labels file."""
-
-
-def _write_json(path: str, obj: Any) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)
-
-
-def _read_json(path: str) -> Any:
-    with open(path) as f:
-        return json.load(f)
 
 
 @dataclasses.dataclass
@@ -316,7 +303,7 @@ def build_report(ctx: Context) -> dict[str, Any]:
     errors = identification.load_errors(ctx.path("search"))
     answers = read_answers(ctx) if regions.num_regions else {}
     labels = {k: v for k, v in answers.items() if v is not None}
-    correct_summary = _read_json(ctx.path("correct", "stage.json"))["summary"]
+    correct_summary = read_json(ctx.path("correct", "stage.json"))["summary"]
     common = dict(
         x_test=ds.x_test, y_test=ds.y_test, regions=regions, labels=labels, errors=errors,
         config=ctx.config.eval,
@@ -327,7 +314,7 @@ def build_report(ctx: Context) -> dict[str, Any]:
         before if correct_summary["skipped"]
         else evaluation.evaluate_classifier(ctx.model("corrected"), vae, **common)
     )  # fmt: skip
-    search = _read_json(ctx.path("search", "summary.json"))
+    search = read_json(ctx.path("search", "summary.json"))
     names = ds.class_names
     region_records = []
     for rec in regions.records:
@@ -354,7 +341,7 @@ def build_report(ctx: Context) -> dict[str, Any]:
     for stage in STAGES[:-1]:
         marker = ctx.path(stage, "stage.json")
         if os.path.exists(marker):
-            stage_seconds[stage] = _read_json(marker)["seconds"]
+            stage_seconds[stage] = read_json(marker)["seconds"]
     report = {
         "dataset": ds.name,
         "class_names": list(names),
@@ -424,21 +411,21 @@ def run(
         fp = stage_fingerprints(config, ctx.run_dir)[stage]
         marker = ctx.path(stage, "stage.json")
         started = ctx.path(stage, "started.json")
-        if os.path.exists(marker) and _read_json(marker)["fingerprint"] == fp:
-            summaries[stage] = _read_json(marker)["summary"]
+        if os.path.exists(marker) and read_json(marker)["fingerprint"] == fp:
+            summaries[stage] = read_json(marker)["summary"]
             log(f"[{stage}] done earlier, skipped")
             continue
         if os.path.exists(marker) or (
-            os.path.exists(started) and _read_json(started)["fingerprint"] != fp
+            os.path.exists(started) and read_json(started)["fingerprint"] != fp
         ):
             # Finished or begun with another configuration. (A directory without these files,
             # e.g. from `defuse-jax train-vae`, is reused: training checks its own checkpoints.)
             _move_aside(ctx, stage)
-        _write_json(started, {"fingerprint": fp})
+        write_json(started, {"fingerprint": fp})
         log(f"[{stage}] running")
         t0 = time.perf_counter()
         summary = STAGE_FNS[stage](ctx)
-        _write_json(
+        write_json(
             marker, {"fingerprint": fp, "seconds": time.perf_counter() - t0, "summary": summary}
         )
         summaries[stage] = summary
@@ -447,7 +434,7 @@ def run(
 
 def save_run_config(run_dir: str, config: RunConfig) -> None:
     """Remember the run's configuration in <run>/config.json (the CLI's defaults next time)."""
-    _write_json(os.path.join(run_dir, "config.json"), dataclasses.asdict(config))
+    write_json(os.path.join(run_dir, "config.json"), dataclasses.asdict(config))
 
 
 def label_interactively(

@@ -16,7 +16,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -27,6 +26,7 @@ from flax import nnx
 from defuse_jax import losses, plots
 from defuse_jax.checkpoint import Checkpointer
 from defuse_jax.data import Dataset
+from defuse_jax.files import read_json, write_json
 from defuse_jax.models import VAE, Classifier, ClassifierConfig, Params, VAEConfig, params_of
 from defuse_jax.training import TrainConfig, TrainState, evaluate, fit, make_optimizer
 
@@ -55,14 +55,6 @@ def _dataset_meta(ds: Dataset) -> dict[str, Any]:
     }
 
 
-def _write_json(path: str, obj: Any) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)  # atomic: a kill never leaves half a file
-
-
 def check_labels(y: np.ndarray, num_classes: int, *, what: str) -> None:
     """Raise a clear error if labels are not integers in [0, num_classes)."""
     y = np.asarray(y)
@@ -80,6 +72,43 @@ def _fingerprint(ds: Dataset, model_config: Any) -> dict[str, Any]:
     return {"data": _dataset_meta(ds), "model": dataclasses.asdict(model_config)}
 
 
+def _train(
+    kind: str,
+    model: nnx.Module,
+    ds: Dataset,
+    data: dict[str, np.ndarray],
+    eval_data: dict[str, np.ndarray],
+    *,
+    out_dir: str,
+    train: TrainConfig,
+) -> TrainedModel:
+    """Shared by both models: describe the run, fit (resuming), evaluate, record the history."""
+    loss_fn, eval_fn = {
+        "vae": (losses.vae_loss, losses.vae_eval),
+        "classifier": (losses.classifier_loss, losses.classifier_eval),
+    }[kind]
+    config = model.config
+    write_json(
+        os.path.join(out_dir, "config.json"),
+        {"kind": kind, "data": _dataset_meta(ds), "model": dataclasses.asdict(config),
+         "train": dataclasses.asdict(train)},
+    )  # fmt: skip
+    params, history = fit(
+        params_of(model),
+        loss_fn,
+        data,
+        config=train,
+        checkpoint_dir=os.path.join(out_dir, "ckpt"),
+        fingerprint=_fingerprint(ds, config),
+        eval_fn=eval_fn,
+        eval_data=eval_data,
+        desc=kind,
+    )
+    metrics = evaluate(eval_fn, params, eval_data)
+    write_json(os.path.join(out_dir, "history.json"), {"history": history, "test": metrics})
+    return TrainedModel(params, config, history, metrics, out_dir)
+
+
 def train_vae(
     ds: Dataset,
     *,
@@ -90,30 +119,13 @@ def train_vae(
     """Train (or resume, or reload when finished) the VAE on `ds.x_train`."""
     config = config or default_vae_config(ds.image_shape)
     vae = VAE(config, image_shape=ds.image_shape, rngs=nnx.Rngs(train.seed))
-    _write_json(
-        os.path.join(out_dir, "config.json"),
-        {
-            "kind": "vae",
-            "data": _dataset_meta(ds),
-            "model": dataclasses.asdict(config),
-            "train": dataclasses.asdict(train),
-        },
+    result = _train(
+        "vae", vae, ds, {"x": ds.x_train}, {"x": ds.x_test}, out_dir=out_dir, train=train
     )
-    params, history = fit(
-        params_of(vae),
-        losses.vae_loss,
-        {"x": ds.x_train},
-        config=train,
-        checkpoint_dir=os.path.join(out_dir, "ckpt"),
-        fingerprint=_fingerprint(ds, config),
-        eval_fn=losses.vae_eval,
-        eval_data={"x": ds.x_test},
-        desc="vae",
+    save_reconstructions(
+        result.params, ds.x_test[:16], os.path.join(out_dir, "reconstructions.png")
     )
-    metrics = evaluate(losses.vae_eval, params, {"x": ds.x_test})
-    _write_json(os.path.join(out_dir, "history.json"), {"history": history, "test": metrics})
-    save_reconstructions(params, ds.x_test[:16], os.path.join(out_dir, "reconstructions.png"))
-    return TrainedModel(params, config, history, metrics, out_dir)
+    return result
 
 
 def train_classifier(
@@ -130,30 +142,9 @@ def train_classifier(
     clf = Classifier(
         config, image_shape=ds.image_shape, num_classes=ds.num_classes, rngs=nnx.Rngs(train.seed)
     )
-    _write_json(
-        os.path.join(out_dir, "config.json"),
-        {
-            "kind": "classifier",
-            "data": _dataset_meta(ds),
-            "model": dataclasses.asdict(config),
-            "train": dataclasses.asdict(train),
-        },
-    )
+    train_data = {"x": ds.x_train, "y": ds.y_train.astype(np.int32)}
     test = {"x": ds.x_test, "y": ds.y_test.astype(np.int32)}
-    params, history = fit(
-        params_of(clf),
-        losses.classifier_loss,
-        {"x": ds.x_train, "y": ds.y_train.astype(np.int32)},
-        config=train,
-        checkpoint_dir=os.path.join(out_dir, "ckpt"),
-        fingerprint=_fingerprint(ds, config),
-        eval_fn=losses.classifier_eval,
-        eval_data=test,
-        desc="classifier",
-    )
-    metrics = evaluate(losses.classifier_eval, params, test)
-    _write_json(os.path.join(out_dir, "history.json"), {"history": history, "test": metrics})
-    return TrainedModel(params, config, history, metrics, out_dir)
+    return _train("classifier", clf, ds, train_data, test, out_dir=out_dir, train=train)
 
 
 def default_vae_config(image_shape: tuple[int, int, int]) -> VAEConfig:
@@ -197,8 +188,7 @@ def load_trained(out_dir: str) -> tuple[Params, Any]:
         raise FileNotFoundError(
             f"No trained model in {out_dir} (missing config.json); train it first."
         )
-    with open(cfg_path) as f:
-        saved = json.load(f)
+    saved = read_json(cfg_path)
     model_cfg, meta = saved["model"], saved["data"]
     shape = tuple(meta["image_shape"])
     if saved["kind"] == "vae":
