@@ -236,6 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_flags(p)
     p.set_defaults(func=cmd_label)
 
+    from defuse_jax import sweep as sweep_lib
+
+    p = sub.add_parser("sweep", help="grid over search settings on a trained run (table + plot)")
+    sweep_lib.add_arguments(p)
+    p.set_defaults(func=sweep_lib.run)
+
     _add_bench_parsers(sub)
     return parser
 

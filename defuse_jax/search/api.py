@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 
 import jax
+import numpy as np
 from jax.sharding import Mesh
 
 from defuse_jax.search import engine
 from defuse_jax.search.config import SearchConfig
-from defuse_jax.search.perturb import check_counter_range
+from defuse_jax.search.perturb import check_counter_range, noise_scale
 from defuse_jax.search.result import SearchResult, compact
 from defuse_jax.search.validation import as_key, check_inputs
 
@@ -55,12 +57,36 @@ def latent_search(
     """
     start = time.perf_counter()
     config = SearchConfig() if config is None else config
+    return run_scales(
+        decode_fn, classify_fn, z0, y0, key=key, config=config, scales=None, mesh=mesh,
+        start=start,
+    )[0]  # fmt: skip
+
+
+def run_scales(
+    decode_fn, classify_fn, z0, y0, *, key, config: SearchConfig, scales, mesh, start: float
+) -> list[SearchResult]:
+    """The search at each of `scales` (already validated) as one program; see `latent_search`.
+
+    `scales=None` means `(config.scale,)`. `start` is the caller's start time: every result's
+    `wall_time_s` is the whole call's.
+    """
     z, y, _ = check_inputs(decode_fn, classify_fn, z0, y0, config=config)
+    scales = (config.scale,) if scales is None else scales
     root = as_key(key, config.seed)
     mesh = engine.default_mesh() if mesh is None else mesh
-    check_counter_range(config.chains, config.rounds, z.shape[1])
-    layout = engine.plan_layout(z.shape[0], mesh.devices.size, config)
-    program = engine.get_program(decode_fn, classify_fn, config, layout, mesh)
-    floats, ints = engine.fetch(program(root, *engine.lay_out_inputs(z, y, layout, mesh)))
-    host = engine.unpack(floats, ints, z.shape[1])
-    return compact(host, z.shape[0], y, config=config, wall_time_s=time.perf_counter() - start)
+    n, latent = z.shape
+    check_counter_range(config.chains, config.rounds, latent)
+    configs = [dataclasses.replace(config, scale=s) for s in scales]
+    layout = engine.plan_layout(n, mesh.devices.size, config)  # of one replica
+    program = engine.get_program(
+        decode_fn, classify_fn, config, engine.replicate(layout, len(configs)), mesh
+    )
+    noise = np.asarray([noise_scale(c, latent) for c in configs], np.float32)
+    floats, ints = engine.fetch(program(root, *engine.lay_out_inputs(z, y, noise, layout, mesh)))
+    host = engine.unpack(floats, ints, latent)
+    wall = time.perf_counter() - start
+    return [
+        compact(part, n, y, config=c, wall_time_s=wall)
+        for part, c in zip(engine.split_replicas(host, layout, len(configs)), configs, strict=True)
+    ]

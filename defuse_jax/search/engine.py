@@ -5,10 +5,15 @@ every mesh axis), G blocks per device (a `lax.scan`, so one dispatch for the who
 sources per block. A block evaluates its sources' chains in sub-chunks of `c` chains per source
 (another `lax.scan`) and merges the flips into a running per-source top-k by perturbation norm,
 so memory is O(N * k) plus one block's decoded images, whatever N * Q is.
+
+Sweeps. The perturbation scale is a per-row input. A sweep over K scales replicates the padded
+sources K times along each device's block axis (`replicate`, `lay_out_inputs`), so one program
+runs every (scale, source, chain) with blocks shaped exactly as in a single search.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import NamedTuple
@@ -82,8 +87,8 @@ def _empty(sources: int, k: int, latent: int) -> Candidates:
     )
 
 
-def _search_block(decode_fn, classify_fn, config, layout, root, z0, y0, src, valid):
-    """One block: z0 [S, L], y0/src/valid [S] -> (best [S, k], flips [S], used [S])."""
+def _search_block(decode_fn, classify_fn, config, layout, root, z0, y0, src, valid, noise):
+    """One block: z0 [S, L], y0/src/valid/noise [S] -> (best [S, k], flips [S], used [S])."""
     s, latent = z0.shape
     if config.skip_misclassified:  # one extra forward per source (1/Q of the search's work)
         pred0, _ = read_logits(forward(decode_fn, classify_fn, z0, config=config))
@@ -96,7 +101,7 @@ def _search_block(decode_fn, classify_fn, config, layout, root, z0, y0, src, val
         best, flips = carry
         chain_idx = j * layout.chains + jnp.arange(layout.chains, dtype=jnp.int32)
         rng = ChainRng(root, src, chain_idx, config.rounds, words_per_round(latent))
-        cand = runner(z0, y0, rng)  # [S, c, R, ...]
+        cand = runner(z0, y0, rng, noise=noise)  # [S, c, R, ...]
         mask = used[:, None, None] & (chain_idx < config.chains)[None, :, None]
         cand = cand._replace(found=cand.found & mask)
         flips = flips + jnp.sum(cand.found, axis=(1, 2), dtype=jnp.int32)
@@ -111,18 +116,25 @@ def _search_block(decode_fn, classify_fn, config, layout, root, z0, y0, src, val
 def build_program(decode_fn, classify_fn, config: SearchConfig, layout: Layout, mesh: Mesh):
     """The jitted program.
 
-    (key data [2] uint32, z0 [D*G, S, L] float32, y0 [D*G, S] int32 with -1 for padding)
+    (key data [2] uint32, then rows with leading [D*G, S]: z0 [.., L] float32, y0 int32 with -1
+    for padding, src int32 (the source index the chains' RNG is derived from), noise float32
+    (the noise scale, `perturb.noise_scale`))
     -> (floats [D*G, S, k, L + 2], ints [D*G, S, 2k + 2]): the outputs packed into two arrays
     so that the host fetches them in two transfers (`unpack` reverses it).
+
+    The scale is a traced input, never a compile-time constant, so one program serves every scale
+    and a sweep's rows (replicated sources, `src` repeating) compute exactly what a single search
+    computes (a constant would let XLA fold it into neighbouring constants and round differently).
+    `config.scale` is not read.
     """
     block = functools.partial(_search_block, decode_fn, classify_fn, config, layout)
 
-    def per_device(root, z0, y0, src):  # local leading dim: G blocks
+    def per_device(root, z0, y0, src, noise):  # local leading dim: G blocks
         def body(_, xs):
-            z, y, s = xs
-            return None, block(root, z, jnp.maximum(y, 0), s, y >= 0)
+            z, y, s, n = xs
+            return None, block(root, z, jnp.maximum(y, 0), s, y >= 0, n)
 
-        _, (best, flips, used) = jax.lax.scan(body, None, (z0, y0, src))
+        _, (best, flips, used) = jax.lax.scan(body, None, (z0, y0, src, noise))
         floats = jnp.concatenate([best.z, best.prob[..., None], best.norm[..., None]], axis=-1)
         ints = jnp.concatenate(
             [
@@ -139,17 +151,12 @@ def build_program(decode_fn, classify_fn, config: SearchConfig, layout: Layout, 
     sharded = jax.shard_map(
         per_device,
         mesh=mesh,
-        in_specs=(P(), axes, axes, axes),
+        in_specs=(P(), axes, axes, axes, axes),
         out_specs=(axes, axes),
         check_vma=False,
     )
-
-    def program(root, z0, y0):
-        src = jnp.arange(y0.size, dtype=jnp.int32).reshape(y0.shape)  # global source index
-        return sharded(root, z0, y0, src)
-
     rows = NamedSharding(mesh, axes)
-    return jax.jit(program, in_shardings=(NamedSharding(mesh, P()), rows, rows))
+    return jax.jit(sharded, in_shardings=(NamedSharding(mesh, P()),) + (rows,) * 4)
 
 
 def unpack(floats: np.ndarray, ints: np.ndarray, latent: int) -> DeviceOutput:
@@ -166,10 +173,13 @@ def unpack(floats: np.ndarray, ints: np.ndarray, latent: int) -> DeviceOutput:
 
 
 _PROGRAMS: dict = {}
+_CANONICAL_SCALE = 1.0  # programs read the scale per row: it is no part of their identity
 
 
 def get_program(decode_fn, classify_fn, config: SearchConfig, layout: Layout, mesh: Mesh):
-    """Cached `build_program` (a new jit per distinct functions / config / layout / mesh)."""
+    """Cached `build_program` (a new jit per distinct functions / config but its scale / layout /
+    mesh)."""
+    config = dataclasses.replace(config, scale=_CANONICAL_SCALE)
     cache_key = (decode_fn, classify_fn, config, layout, mesh)
     if cache_key not in _PROGRAMS:
         if len(_PROGRAMS) > 32:  # closures may hold model weights: keep the cache small
@@ -183,23 +193,59 @@ def default_mesh() -> Mesh:
     return Mesh(np.asarray(jax.devices()), ("chains",))
 
 
-def lay_out_inputs(z0: np.ndarray, y0: np.ndarray, layout: Layout, mesh: Mesh):
-    """Pads the host inputs to `layout` (padding rows get label -1).
+def replicate(layout: Layout, copies: int) -> Layout:
+    """The layout of `copies` replicas of the sources (one per swept setting): every device
+    holds its G blocks once per replica, so blocks have the same shapes as in a single search."""
+    return layout._replace(blocks=layout.blocks * copies)
 
-    Returns numpy arrays, which the jitted program places with its input shardings; with several
-    processes they become global arrays (every process passes the same full inputs).
+
+def lay_out_inputs(
+    z0: np.ndarray, y0: np.ndarray, noise: np.ndarray, layout: Layout, mesh: Mesh
+) -> tuple:
+    """Pads the host inputs to `layout` and replicates them once per entry of `noise`.
+
+    Args:
+      z0: [N, L] float32 source codes; y0: [N] int32 labels (padding rows get label -1).
+      noise: [K] float32 noise scale of each replica.
+      layout: the layout of *one* replica (`plan_layout(N, ...)`).
+      mesh: the devices.
+
+    Returns:
+      (z0, y0, src, noise) with leading [D * K * G, S] (`replicate(layout, K)`): device d holds
+      replica k's blocks d*G .. d*G + G - 1 at its local blocks k*G .. k*G + G - 1. `src` is a
+      row's index in the padded single-replica layout, the same in every replica. numpy arrays,
+      which the jitted program places with its input shardings; with several processes they
+      become global arrays (every process passes the same full inputs).
     """
     n, latent = z0.shape
+    k, d, g, s = len(noise), layout.devices, layout.blocks, layout.sources
     pad = layout.padded_sources - n
-    shape = (layout.devices * layout.blocks, layout.sources)
-    z = np.concatenate([z0, np.zeros((pad, latent), np.float32)]).reshape(shape + (latent,))
-    y = np.concatenate([y0, np.full((pad,), -1, np.int32)]).reshape(shape)
-    if jax.process_count() == 1:
-        return z, y
-    rows = NamedSharding(mesh, P(tuple(mesh.axis_names)))
-    return tuple(
-        jax.make_array_from_callback(a.shape, rows, lambda idx, a=a: a[idx]) for a in (z, y)
+    z = np.concatenate([z0, np.zeros((pad, latent), np.float32)]).reshape(d, 1, g, s, latent)
+    y = np.concatenate([y0, np.full((pad,), -1, np.int32)]).reshape(d, 1, g, s)
+    src = np.arange(layout.padded_sources, dtype=np.int32).reshape(d, 1, g, s)
+    scale = np.broadcast_to(np.asarray(noise, np.float32)[None, :, None, None], (d, k, g, s))
+    out = tuple(
+        np.ascontiguousarray(np.broadcast_to(a, (d, k, g, s) + a.shape[4:])).reshape(
+            (d * k * g, s) + a.shape[4:]
+        )
+        for a in (z, y, src, scale)
     )
+    if jax.process_count() == 1:
+        return out
+    rows = NamedSharding(mesh, P(tuple(mesh.axis_names)))
+    return tuple(jax.make_array_from_callback(a.shape, rows, lambda idx, a=a: a[idx]) for a in out)
+
+
+def split_replicas(host: DeviceOutput, layout: Layout, copies: int) -> list[DeviceOutput]:
+    """Inverse of `lay_out_inputs`'s replication: one `DeviceOutput` [D*G, S] per replica."""
+
+    def part(a: np.ndarray, i: int) -> np.ndarray:
+        a = np.asarray(a)
+        rest = a.shape[1:]  # (S, ...)
+        per = a.reshape((layout.devices, copies, layout.blocks) + rest)
+        return per[:, i].reshape((-1,) + rest)
+
+    return [jax.tree.map(lambda a, i=i: part(a, i), host) for i in range(copies)]
 
 
 def fetch(tree):

@@ -1,7 +1,8 @@
 """The three search modes, each a fixed-shape function of one block of chains.
 
-Each `run_<mode>` takes the block's source codes `z0: [S, L]`, labels `y0: [S]` and the chains'
-randomness `rng` (S sources x c chains), and returns `Candidates` with leading shape [S, c, R]
+Each `run_<mode>` takes the block's source codes `z0: [S, L]`, labels `y0: [S]`, the chains'
+randomness `rng` (S sources x c chains) and `noise: [S]` (each source row's noise scale, a traced
+input; see `perturb.noise_scale`), and returns `Candidates` with leading shape [S, c, R]
 (R = rounds per chain): every evaluated latent code, whether it flips the prediction, and its
 prediction.
 """
@@ -52,12 +53,12 @@ def _flat(x: jax.Array, lead: int) -> jax.Array:
 
 
 def run_sample(
-    decode_fn, classify_fn, z0, y0, rng: ChainRng, *, config: SearchConfig
+    decode_fn, classify_fn, z0, y0, rng: ChainRng, *, config: SearchConfig, noise: jax.Array
 ) -> Candidates:
     """Paper mode: one i.i.d. perturbation per chain (R = 1)."""
     s, c = z0.shape[0], rng.chain.shape[0]
     latent = z0.shape[-1]
-    delta = sample_offset(rng, latent, config=config)  # [S, c, L]
+    delta = sample_offset(rng, latent, config=config, noise=noise)  # [S, c, L]
     z = z0[:, None, :] + delta  # [S, c, L]
     pred, prob = read_logits(forward(decode_fn, classify_fn, _flat(z, 2), config=config))
     pred, prob = pred.reshape(s, c), prob.reshape(s, c)
@@ -69,14 +70,14 @@ def run_sample(
 
 
 def run_iterative(
-    decode_fn, classify_fn, z0, y0, rng: ChainRng, *, config: SearchConfig
+    decode_fn, classify_fn, z0, y0, rng: ChainRng, *, config: SearchConfig, noise: jax.Array
 ) -> Candidates:
     """Zhao-style radius window per chain, one random direction per round.
 
     Until a chain's first flip the window [lo, hi] slides outward by `radius_step` each round
     (iterative stochastic search); after a flip at radius r the window becomes [lo / 2, r] and
     each further miss moves lo halfway toward hi (hybrid shrinking search), so later flips are
-    closer to the source.
+    closer to the source. (No scale: `noise` is not read.)
     """
     s, c = z0.shape[0], rng.chain.shape[0]
     latent = z0.shape[-1]
@@ -115,7 +116,7 @@ def margin(logits: jax.Array, label: jax.Array) -> jax.Array:
 
 
 def run_gradient(
-    decode_fn, classify_fn, z0, y0, rng: ChainRng, *, config: SearchConfig
+    decode_fn, classify_fn, z0, y0, rng: ChainRng, *, config: SearchConfig, noise: jax.Array
 ) -> Candidates:
     """Gradient-guided search: optax steps on margin(z) + penalty * ||z - z0||^2.
 
@@ -127,7 +128,7 @@ def run_gradient(
     latent = z0.shape[-1]
     z0_b = jnp.repeat(z0, c, axis=0)
     y0_b = jnp.repeat(y0, c, axis=0)
-    jitter = jnp.float32(config.scale / latent**0.5)
+    jitter = jnp.repeat(noise, c)[:, None]  # [B, 1] scale / sqrt(L) per source
     z_init = z0_b + jitter * rng.normal(0, latent).reshape(-1, latent)
     if config.optimizer == "adam":
         opt = optax.adam(config.learning_rate)

@@ -75,24 +75,41 @@ def unit_direction(gauss: jax.Array) -> jax.Array:
     return gauss / jnp.maximum(norm, jnp.float32(1e-12))
 
 
-def sample_offset(rng: ChainRng, latent_dim: int, *, config: SearchConfig) -> jax.Array:
+SCALED_DISTRIBUTIONS = ("gaussian", "laplace")  # the "sample"-mode laws that read `scale`
+
+
+def noise_scale(config: SearchConfig, latent_dim: int) -> float:
+    """The factor that multiplies a chain's unit noise: `scale`, or `scale / sqrt(L)` for the
+    initial jitter of `"gradient"` chains. Computed on the host and passed to the program per
+    source row (so the scale is never a compile-time constant)."""
+    if config.mode == "gradient":
+        return config.scale / latent_dim**0.5
+    return config.scale
+
+
+def sample_offset(
+    rng: ChainRng, latent_dim: int, *, config: SearchConfig, noise: jax.Array | None = None
+) -> jax.Array:
     """One perturbation `z - z0` per chain (round 0) from the configured law.
 
     Args:
       rng: the block's chain randomness.
       latent_dim: L.
       config: `distribution`, `scale`, `radius_min`, `radius_max`, `beta_a` are read.
+      noise: optional [S] float32 scale per source (what the search programs pass) in place of
+        `config.scale`; only the gaussian and laplace laws have a scale.
 
     Returns:
       [S, c, L] float32 offsets.
     """
     dist = config.distribution
+    scale = jnp.float32(config.scale) if noise is None else noise[:, None, None]
     if dist == "gaussian":
-        return jnp.float32(config.scale) * rng.normal(0, latent_dim)
+        return scale * rng.normal(0, latent_dim)
     if dist == "laplace":  # inverse CDF; u in (0, 1) so the log is finite
         v = rng.uniform(0, latent_dim) - jnp.float32(0.5)
         mag = -jnp.log1p(jnp.float32(-2.0) * jnp.abs(v))
-        return jnp.float32(config.scale) * jnp.sign(v) * mag
+        return scale * jnp.sign(v) * mag
     if dist == "uniform_ball":  # uniform direction, radius uniform in the window
         direction = unit_direction(rng.normal(0, latent_dim))
         t = rng.uniform(0, latent_dim + 1)[..., latent_dim:]

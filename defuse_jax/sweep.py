@@ -1,0 +1,364 @@
+"""`defuse-jax sweep`: a grid over latent-search settings on a trained run, as one table.
+
+For every setting (perturbation distribution, scale, samples per source, mode) it records the
+errors found (flips, and the codes kept), the distinct regions a fast mixture finds in the kept
+codes, errors per million evaluated samples, throughput and timings. Settings that differ only in
+scale run as one compiled program (`latent_search_sweep`); every other axis is a separate call.
+Writes `sweep.csv`, `sweep.json` and `sweep.png` (errors per million and regions against scale).
+
+    defuse-jax sweep --run runs/digits --scales 0.25,0.5,1,2 --modes sample,gradient
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import functools
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from defuse_jax.regions import DistillConfig, distill
+from defuse_jax.search import SearchConfig, SearchResult, latent_search, latent_search_sweep
+from defuse_jax.search.config import DISTRIBUTIONS, MODES
+from defuse_jax.search.perturb import SCALED_DISTRIBUTIONS
+
+FAST_DISTILL = DistillConfig(n_components=20, max_iter=200)
+COLUMNS = (
+    "mode", "distribution", "scale", "samples_per_source", "sources_used", "samples_evaluated",
+    "flips", "errors_kept", "regions", "errors_per_million", "throughput_samples_per_s",
+    "run_s", "first_call_s", "compile_s", "settings_in_program", "distill_s",
+)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepGrid:
+    """The settings to sweep (their product, minus axes a setting does not use).
+
+    Attributes:
+      distributions: "sample"-mode perturbation laws (the other modes have none).
+      scales: perturbation scales (gaussian / laplace scale; "gradient": initial jitter). Laws
+        and modes without a scale ("uniform_ball", "beta_offset", "iterative") run once.
+      samples: latent codes evaluated per source; "iterative" / "gradient" run
+        ceil(samples / num_rounds) chains of num_rounds rounds.
+      modes: search modes.
+    """
+
+    distributions: tuple[str, ...] = ("gaussian", "laplace", "beta_offset")
+    scales: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
+    samples: tuple[int, ...] = (32, 100)
+    modes: tuple[str, ...] = ("sample", "gradient")
+
+    def __post_init__(self):
+        for name, known in (("distributions", DISTRIBUTIONS), ("modes", MODES)):
+            values = getattr(self, name)
+            if not values:
+                raise ValueError(f"sweep: {name} is empty; give at least one.")
+            bad = [v for v in values if v not in known]
+            if bad:
+                raise ValueError(f"sweep: unknown {name} {bad}; choose from {known}.")
+        if not self.scales or not self.samples:
+            raise ValueError("sweep: scales and samples must each hold at least one value.")
+        for s in self.scales:
+            if isinstance(s, bool) or not (math.isfinite(float(s)) and float(s) > 0):
+                raise ValueError(f"sweep: every scale must be finite and > 0; got {s!r}.")
+        for q in self.samples:
+            if isinstance(q, bool) or not isinstance(q, int) or q < 1:
+                raise ValueError(f"sweep: samples per source must be positive ints; got {q!r}.")
+
+
+QUICK_GRID = SweepGrid(
+    distributions=("gaussian", "laplace"), scales=(0.5, 1.0), samples=(16,), modes=("sample",)
+)
+
+
+def plan(grid: SweepGrid, base: SearchConfig) -> list[tuple[SearchConfig, tuple[float, ...]]]:
+    """The programs to run: (config, scales); an empty scales tuple means "no scale axis"."""
+    groups = []
+    for mode in grid.modes:
+        for q in grid.samples:
+            if mode == "sample":
+                for dist in grid.distributions:
+                    cfg = dataclasses.replace(base, mode=mode, distribution=dist, num_samples=q)
+                    groups.append((cfg, grid.scales if dist in SCALED_DISTRIBUTIONS else ()))
+            else:
+                chains = math.ceil(q / base.num_rounds)
+                cfg = dataclasses.replace(base, mode=mode, chains_per_source=chains)
+                groups.append((cfg, grid.scales if mode == "gradient" else ()))
+    return groups
+
+
+def _count_regions(res: SearchResult, num_classes: int, config: DistillConfig | None) -> int | None:
+    if config is None:
+        return None
+    if res.num_found < max(config.min_codes, 2):
+        return 0
+    with warnings.catch_warnings():  # the fast config caps iterations on purpose
+        warnings.filterwarnings("ignore", message=".*did not converge.*")
+        try:
+            return distill(
+                res.z, res.source_label, res.pred_label, num_classes=num_classes, config=config
+            ).num_regions
+        except ValueError:  # too few codes for a region
+            return 0
+
+
+def run_sweep(
+    decode_fn: Callable[[jax.Array], jax.Array],
+    classify_fn: Callable[[jax.Array], jax.Array],
+    z0: np.ndarray,
+    y0: np.ndarray,
+    *,
+    grid: SweepGrid,
+    base: SearchConfig,
+    key: jax.Array,
+    distill_config: DistillConfig | None = FAST_DISTILL,
+    mesh: jax.sharding.Mesh | None = None,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Runs every setting of `grid` around the sources; returns one table row per setting.
+
+    Each program runs twice: the first call compiles (`first_call_s`), the second is timed
+    (`run_s`, shared by the `settings_in_program` settings it ran; throughput is that program's
+    samples over `run_s`). Results of both calls are identical (same key).
+
+    Args:
+      decode_fn: z [B, L] -> x [B, ...]; classify_fn: x -> logits [B, C].
+      z0: [N, L] source codes; y0: [N] labels.
+      grid: the settings; base: every other search setting (e.g. the run's search config).
+      key: PRNG key shared by every setting (so settings differ only by their settings).
+      distill_config: the mixture used to count distinct regions in the kept codes (None: no
+        region count, `regions` is None).
+      mesh: devices (default: all).
+      log: progress lines.
+
+    Returns:
+      Rows with the keys of `COLUMNS` (`distribution` / `scale` None where not used).
+
+    Example:
+      >>> rows = run_sweep(decode, classify, mu, y, grid=QUICK_GRID, base=SearchConfig(),
+      ...                  key=jax.random.key(0))
+      >>> print(format_table(rows))
+    """
+    num_classes = int(
+        jax.eval_shape(
+            lambda z: classify_fn(decode_fn(z)), jax.ShapeDtypeStruct((1, z0.shape[1]), jnp.float32)
+        ).shape[-1]
+    )
+    rows = []
+    for config, scales in plan(grid, base):
+        if scales:
+            call = functools.partial(latent_search_sweep, config=config, scales=scales)
+        else:
+            call = functools.partial(lambda **kw: [latent_search(**kw)], config=config)
+        kwargs = dict(decode_fn=decode_fn, classify_fn=classify_fn, z0=z0, y0=y0, key=key,
+                      mesh=mesh)  # fmt: skip
+        t0 = time.perf_counter()
+        call(**kwargs)
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        results = call(**kwargs)
+        run_s = time.perf_counter() - t0
+        total = sum(r.num_samples_evaluated for r in results)
+        for res, scale in zip(results, scales or (None,), strict=True):
+            t0 = time.perf_counter()
+            regions = _count_regions(res, num_classes, distill_config)
+            n = res.num_samples_evaluated
+            rows.append({
+                "mode": config.mode,
+                "distribution": config.distribution if config.mode == "sample" else None,
+                "scale": scale,
+                "samples_per_source": config.samples_per_source,
+                "sources_used": res.num_sources_used,
+                "samples_evaluated": n,
+                "flips": res.num_flips,
+                "errors_kept": res.num_found,
+                "regions": regions,
+                "errors_per_million": res.num_flips / n * 1e6 if n else 0.0,
+                "throughput_samples_per_s": total / run_s,
+                "run_s": run_s,
+                "first_call_s": first,
+                "compile_s": max(first - run_s, 0.0),
+                "settings_in_program": len(results),
+                "distill_s": time.perf_counter() - t0,
+            })  # fmt: skip
+            log(_row_line(rows[-1]))
+    return rows
+
+
+def _row_line(row: dict[str, Any]) -> str:
+    return " ".join(_fmt(row[c]) for c in COLUMNS)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows as an aligned text table."""
+    cells = [list(COLUMNS)] + [[_fmt(r[c]) for c in COLUMNS] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    return "\n".join(
+        " ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells
+    )
+
+
+def write_outputs(
+    rows: Sequence[dict[str, Any]], out_dir: str, *, meta: dict[str, Any]
+) -> dict[str, str]:
+    """Writes sweep.csv, sweep.json (rows + `meta`) and sweep.png; returns their paths."""
+    from defuse_jax.files import write_json
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {k: os.path.join(out_dir, f"sweep.{k}") for k in ("csv", "json", "png")}
+    with open(paths["csv"], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows({c: ("" if r[c] is None else r[c]) for c in COLUMNS} for r in rows)
+    write_json(paths["json"], {**meta, "rows": list(rows)})
+    plot(rows, paths["png"])
+    return paths
+
+
+def plot(rows: Sequence[dict[str, Any]], path: str) -> None:
+    """Errors per million samples and distinct regions against scale, one line per (distribution,
+    mode, samples); settings without a scale are dashed horizontal lines."""
+    from defuse_jax.plots import plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    lines: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        lines.setdefault((r["distribution"], r["mode"], r["samples_per_source"]), []).append(r)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, ((dist, mode, q), rs) in enumerate(lines.items()):
+        label = f"{dist or '-'} / {mode} / {q} per source"
+        color = colors[i % len(colors)]
+        for ax, col in zip(axes, ("errors_per_million", "regions"), strict=True):
+            if rs[0]["scale"] is None:
+                if rs[0][col] is not None:
+                    ax.axhline(rs[0][col], ls="--", color=color, label=label)
+            else:
+                rs = sorted(rs, key=lambda r: r["scale"])
+                ys = [np.nan if r[col] is None else r[col] for r in rs]
+                ax.plot([r["scale"] for r in rs], ys, "o-", color=color, label=label)
+    scales = sorted({r["scale"] for r in rows if r["scale"] is not None})
+    for ax, title in zip(axes, ("errors per million samples", "distinct regions"), strict=True):
+        ax.set_xscale("log")
+        if scales:
+            ax.set_xticks(scales, labels=[f"{s:g}" for s in scales])
+            ax.minorticks_off()
+        ax.set_xlabel("perturbation scale")
+        ax.set_title(title)
+    axes[1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+
+
+def _split(text: str | None, cast: Callable[[str], Any], name: str) -> tuple | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(cast(t.strip()) for t in text.split(",") if t.strip())
+    except ValueError as e:
+        raise ValueError(f"sweep: --{name}={text!r} is not a comma list: {e}") from e
+    if not values:
+        raise ValueError(f"sweep: --{name} is empty; give at least one value.")
+    return values
+
+
+def grid_from_args(args: argparse.Namespace) -> SweepGrid:
+    """The grid: `--quick`'s or the default, with the given comma lists on top (validated)."""
+    base = QUICK_GRID if args.quick else SweepGrid()
+    given = {
+        "distributions": _split(args.distributions, str, "distributions"),
+        "scales": _split(args.scales, float, "scales"),
+        "samples": _split(args.samples, int, "samples"),
+        "modes": _split(args.modes, str, "modes"),
+    }
+    return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Registers the sweep's flags."""
+    parser.add_argument("--run", default="runs/digits", help="a trained run directory")
+    parser.add_argument("--out-dir", default=None, help="output folder (default <run>/sweep)")
+    parser.add_argument("--quick", action="store_true", help="a small grid (smoke test)")
+    parser.add_argument("--distributions", default=None,
+                        help=f"comma list of {DISTRIBUTIONS} (sample mode)")  # fmt: skip
+    parser.add_argument("--scales", default=None, help="comma list of perturbation scales")
+    parser.add_argument("--samples", default=None, help="comma list of samples per source")
+    parser.add_argument("--modes", default=None, help=f"comma list of {MODES}")
+    parser.add_argument("--max-sources", type=int, default=None,
+                        help="search from at most this many test points (default: all; quick: "
+                             "100)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="PRNG seed of every search")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Loads the run's models and test points, runs the grid, prints and writes the table."""
+    grid = grid_from_args(args)  # bad grid input fails here, before any loading or compiling
+    max_sources = (
+        args.max_sources if args.max_sources is not None else (100 if args.quick else None)
+    )
+    if max_sources is not None and max_sources < 1:
+        raise ValueError(f"sweep: --max-sources must be >= 1, got {max_sources}.")
+    from defuse_jax import identification, models
+    from defuse_jax import train_models as tm
+    from defuse_jax.data import load_dataset
+    from defuse_jax.run_config import load_run_config
+
+    config = load_run_config(args.run)
+    if config is None:
+        raise FileNotFoundError(
+            f"{args.run} holds no run (no config.json); run `defuse-jax run --out {args.run}`."
+        )
+    vae, _ = tm.load_trained(os.path.join(args.run, "train", "vae"))
+    clf, _ = tm.load_trained(os.path.join(args.run, "train", "classifier"))
+    ds = load_dataset(config.data)
+    idx = np.arange(len(ds.x_test))
+    if max_sources is not None and max_sources < len(idx):
+        idx = np.sort(np.random.default_rng(config.data.seed).choice(len(idx), max_sources,
+                                                                     replace=False))  # fmt: skip
+    z0 = identification.encode_sources(vae, ds.x_test[idx])
+    y0 = ds.y_test[idx].astype(np.int32)
+    print(f"sweep on {args.run}: {len(idx)} sources, devices {jax.devices()}")
+    rows = run_sweep(
+        functools.partial(models.decode, vae),
+        functools.partial(models.logits, clf),
+        z0,
+        y0,
+        grid=grid,
+        base=config.search,
+        key=jax.random.key(args.seed),
+        log=lambda s: print(s, flush=True),
+    )
+    meta = {
+        "run": args.run,
+        "num_sources": int(len(idx)),
+        "grid": dataclasses.asdict(grid),
+        "base_search": dataclasses.asdict(config.search),
+        "distill": dataclasses.asdict(FAST_DISTILL),
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+    }
+    paths = write_outputs(rows, args.out_dir or os.path.join(args.run, "sweep"), meta=meta)
+    print(format_table(rows))
+    print("wrote " + ", ".join(paths.values()))
+    return 0

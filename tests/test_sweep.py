@@ -1,0 +1,287 @@
+"""Scale sweeps in one program (`latent_search_sweep`) and the `defuse-jax sweep` table."""
+
+import argparse
+import csv
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from defuse_jax import cli
+from defuse_jax import sweep as sweep_lib
+from defuse_jax.search import SearchConfig, engine, latent_search, latent_search_sweep
+from defuse_jax.search.sweep import check_sweep
+
+LATENT, HIDDEN, CLASSES = 4, 16, 3
+_W = np.asarray(jax.random.normal(jax.random.key(1), (LATENT, HIDDEN)), np.float32)
+_V = np.asarray(jax.random.normal(jax.random.key(2), (HIDDEN, CLASSES)), np.float32)
+
+
+def decode(z):  # [B, L] -> [B, 4, 4, 1]
+    return jnp.tanh(z @ jnp.asarray(_W, z.dtype)).reshape(z.shape[0], 4, 4, 1)
+
+
+def classify(x):  # [B, 4, 4, 1] -> [B, C]
+    return x.reshape(x.shape[0], -1) @ jnp.asarray(_V, x.dtype)
+
+
+def _sources(n=24, seed=0):
+    z0 = np.random.default_rng(seed).normal(size=(n, LATENT)).astype(np.float32)
+    y0 = np.asarray(jnp.argmax(classify(decode(jnp.asarray(z0))), -1), np.int32)
+    return z0, y0
+
+
+def _counting_decode():
+    """A fresh decode function (own program cache entries) that counts its traces."""
+    count = [0]
+
+    def dec(z):
+        count[0] += 1  # Python side effect: runs once per trace, never per execution
+        return decode(z)
+
+    return dec, count
+
+
+FIELDS = ("z", "source_index", "source_label", "pred_label", "prob", "perturbation_norm",
+          "flips_per_source", "used")  # fmt: skip
+SWEEPABLE = {
+    "gaussian": SearchConfig(num_samples=24, chunk_size=64),
+    "laplace": SearchConfig(distribution="laplace", num_samples=24, chunk_size=64, seed=3),
+    "gaussian_keep_all": SearchConfig(num_samples=8, max_keep_per_source=None, chunk_size=5),
+    "gradient": SearchConfig(mode="gradient", chains_per_source=4, num_rounds=5, chunk_size=16),
+}
+
+
+@pytest.mark.parametrize("name", list(SWEEPABLE))
+def test_sweep_equals_separate_searches(name):
+    z0, y0 = _sources()
+    config, scales = SWEEPABLE[name], [0.3, 1.0, 0.7, 2.5]
+    results = latent_search_sweep(
+        decode, classify, z0, y0, key=jax.random.key(0), config=config, scales=scales
+    )
+    assert len(results) == len(scales)
+    found = []
+    for scale, res in zip(scales, results, strict=True):
+        ref = latent_search(
+            decode, classify, z0, y0, key=jax.random.key(0),
+            config=dataclasses.replace(config, scale=scale),
+        )  # fmt: skip
+        for f in FIELDS:  # bit-identical, not just close
+            np.testing.assert_array_equal(getattr(res, f), getattr(ref, f), err_msg=f)
+        assert res.config == ref.config and res.config.scale == scale
+        assert (res.num_samples_evaluated, res.num_sources_used, res.num_sources_skipped) == (
+            ref.num_samples_evaluated, ref.num_sources_used, ref.num_sources_skipped,
+        )  # fmt: skip
+        found.append(res.num_flips)
+    assert found[0] < found[-1]  # a wider perturbation flips more often (toy model)
+
+
+def test_common_random_numbers_across_scales():
+    """Chain j of source i draws the same unit noise at every scale: offsets are proportional."""
+    z0, y0 = _sources()
+    cfg = SearchConfig(num_samples=16, max_keep_per_source=None, skip_misclassified=False)
+    lo, hi = latent_search_sweep(
+        decode, classify, z0, y0, key=jax.random.key(0), config=cfg, scales=[0.5, 1.5]
+    )
+    # codes flipping at both scales share (source, chain); compare one per source: the sets
+    # differ, so match codes by direction: (z - z0) / scale must coincide for shared chains
+    u_lo = (lo.z - z0[lo.source_index]) / 0.5
+    u_hi = (hi.z - z0[hi.source_index]) / 1.5
+    shared = 0
+    for s in np.intersect1d(lo.source_index, hi.source_index):
+        a, b = u_lo[lo.source_index == s], u_hi[hi.source_index == s]
+        dist = np.abs(a[:, None, :] - b[None, :, :]).max(-1)
+        shared += int((dist < 1e-5).any(axis=1).sum())
+    assert shared > 0
+
+
+def test_one_program_for_all_scales():
+    z0, y0 = _sources(12)
+    cfg = SearchConfig(num_samples=16)
+    dec, count = _counting_decode()
+    latent_search_sweep(dec, classify, z0, y0, key=jax.random.key(0), config=cfg,
+                        scales=[0.25, 0.5, 1.0, 2.0])  # fmt: skip
+    traces = count[0]
+    ours = [k for k in engine._PROGRAMS if k[0] is dec]
+    assert len(ours) == 1, "one program (one jit) for the four scales"
+    # other values, same count: no new trace and no new program
+    latent_search_sweep(dec, classify, z0, y0, key=jax.random.key(1), config=cfg,
+                        scales=[0.1, 0.2, 0.3, 0.4])  # fmt: skip
+    assert count[0] == traces
+    assert len([k for k in engine._PROGRAMS if k[0] is dec]) == 1
+    # a fresh function traced by one single search takes as many traces as the whole sweep did
+    dec2, count2 = _counting_decode()
+    latent_search(dec2, classify, z0, y0, key=jax.random.key(0), config=cfg)
+    assert count2[0] == traces
+    # and the scale is no part of a single search's program either
+    latent_search(dec2, classify, z0, y0, key=jax.random.key(0),
+                  config=dataclasses.replace(cfg, scale=3.0))  # fmt: skip
+    assert count2[0] == traces
+
+
+@pytest.mark.parametrize(
+    "config, scales, match",
+    [
+        (SearchConfig(mode="iterative"), [0.5], "iterative.*does not use `scale`"),
+        (SearchConfig(distribution="uniform_ball"), [0.5], "uniform_ball.*does not use"),
+        (SearchConfig(distribution="beta_offset"), [0.5], "beta_offset.*does not use"),
+        (SearchConfig(), [], "scales is empty"),
+        (SearchConfig(), [0.5, 0.0], "finite and > 0"),
+        (SearchConfig(), [-1.0], "finite and > 0"),
+        (SearchConfig(), [float("nan")], "finite and > 0"),
+        (SearchConfig(), [True], "must be numbers"),
+        (SearchConfig(), "0.5", "sequence of numbers"),
+        ("notaconfig", [0.5], "SearchConfig"),
+    ],
+)
+def test_bad_sweep_is_a_clear_error_before_tracing(config, scales, match):
+    z0, y0 = _sources(4)
+    dec, count = _counting_decode()
+    with pytest.raises(ValueError, match=match):
+        latent_search_sweep(dec, classify, z0, y0, key=jax.random.key(0), config=config,
+                            scales=scales)  # fmt: skip
+    assert count[0] == 0  # nothing traced, nothing compiled
+
+
+def test_gradient_mode_is_sweepable():
+    assert check_sweep(SearchConfig(mode="gradient", distribution="beta_offset"), [1]) == (1.0,)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep table
+
+
+TOY_GRID = sweep_lib.SweepGrid(
+    distributions=("gaussian", "beta_offset"),
+    scales=(0.5, 1.5),
+    samples=(8,),
+    modes=("sample", "iterative", "gradient"),
+)
+
+
+def test_plan_groups_only_scales_into_one_program():
+    base = SearchConfig(num_rounds=4)
+    groups = sweep_lib.plan(TOY_GRID, base)
+    shapes = [(c.mode, c.distribution if c.mode == "sample" else None, s) for c, s in groups]
+    assert shapes == [
+        ("sample", "gaussian", (0.5, 1.5)),
+        ("sample", "beta_offset", ()),
+        ("iterative", None, ()),
+        ("gradient", None, (0.5, 1.5)),
+    ]
+    assert all(c.samples_per_source == 8 for c, _ in groups)
+
+
+def test_table_rows_match_the_searches(tmp_path):
+    z0, y0 = _sources(16)
+    base = SearchConfig(num_rounds=4, chunk_size=64)
+    rows = sweep_lib.run_sweep(
+        decode, classify, z0, y0, grid=TOY_GRID, base=base, key=jax.random.key(0),
+        distill_config=None, log=lambda s: None,
+    )  # fmt: skip
+    assert len(rows) == 6 and all(set(r) == set(sweep_lib.COLUMNS) for r in rows)
+    for r in rows:
+        cfg = dataclasses.replace(base, mode=r["mode"], num_samples=8, chains_per_source=2)
+        if r["distribution"]:
+            cfg = dataclasses.replace(cfg, distribution=r["distribution"])
+        if r["scale"] is not None:
+            cfg = dataclasses.replace(cfg, scale=r["scale"])
+        ref = latent_search(decode, classify, z0, y0, key=jax.random.key(0), config=cfg)
+        assert (r["flips"], r["errors_kept"], r["samples_evaluated"]) == (
+            ref.num_flips, ref.num_found, ref.num_samples_evaluated,
+        )  # fmt: skip
+        assert r["errors_per_million"] == pytest.approx(
+            1e6 * ref.num_flips / r["samples_evaluated"]
+        )
+        assert r["throughput_samples_per_s"] > 0 and r["run_s"] > 0
+        assert r["settings_in_program"] == (2 if r["scale"] is not None else 1)
+        assert r["regions"] is None
+    paths = sweep_lib.write_outputs(rows, str(tmp_path), meta={"run": "toy"})
+    with open(paths["csv"]) as f:
+        assert len(list(csv.DictReader(f))) == 6
+    with open(paths["json"]) as f:
+        assert json.load(f)["rows"][0]["flips"] == rows[0]["flips"]
+    assert os.path.getsize(paths["png"]) > 1000
+    assert "errors_per_million" in sweep_lib.format_table(rows).splitlines()[0]
+
+
+def test_regions_are_counted_with_the_mixture():
+    z0, y0 = _sources(16)
+    grid = sweep_lib.SweepGrid(distributions=("gaussian",), scales=(1.5,), samples=(32,),
+                               modes=("sample",))  # fmt: skip
+    from defuse_jax.regions import DistillConfig
+
+    rows = sweep_lib.run_sweep(
+        decode, classify, z0, y0, grid=grid, base=SearchConfig(max_keep_per_source=None),
+        key=jax.random.key(0), distill_config=DistillConfig(n_components=4, max_iter=30),
+        log=lambda s: None,
+    )  # fmt: skip
+    assert rows[0]["errors_kept"] >= 10 and rows[0]["regions"] >= 1
+
+
+def _args(**kw):
+    base = dict(quick=False, distributions=None, scales=None, samples=None, modes=None)
+    return argparse.Namespace(**{**base, **kw})
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"distributions": "gaussian,cauchy"}, r"unknown distributions \['cauchy'\]"),
+        ({"modes": "sample,bogus"}, r"unknown modes \['bogus'\]"),
+        ({"scales": "0.5,-1"}, "finite and > 0"),
+        ({"scales": "0"}, "finite and > 0"),
+        ({"scales": "abc"}, "not a comma list"),
+        ({"scales": ","}, "--scales is empty"),
+        ({"samples": "0"}, "positive ints"),
+        ({"samples": "1.5"}, "not a comma list"),
+    ],
+)
+def test_bad_grid_is_a_clear_error(kw, match):
+    with pytest.raises(ValueError, match=match):
+        sweep_lib.grid_from_args(_args(**kw))
+
+
+def test_grid_flags_override_the_quick_grid():
+    grid = sweep_lib.grid_from_args(_args(quick=True, scales="0.1, 0.2"))
+    assert grid.scales == (0.1, 0.2) and grid.samples == sweep_lib.QUICK_GRID.samples
+
+
+def test_cli_rejects_a_bad_grid_before_loading_anything(tmp_path, capsys):
+    missing = str(tmp_path / "no_run")  # would fail later: the grid error must come first
+    assert cli.main(["sweep", "--run", missing, "--modes", "bogus"]) == 2
+    assert "unknown modes" in capsys.readouterr().err
+    assert cli.main(["sweep", "--run", missing]) == 2
+    assert "holds no run" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A quickly trained run directory (small models, ~30-60 s on a CPU)."""
+    from defuse_jax import pipeline
+    from defuse_jax.run_config import RunConfig, quick
+
+    run_dir = str(tmp_path_factory.mktemp("sweep_run") / "run")
+    config = dataclasses.replace(quick(RunConfig()), progress=False)
+    pipeline.run(run_dir, config, until="train", log=lambda s: None)
+    return run_dir
+
+
+def test_cli_sweep_on_a_trained_run(tiny_run, tmp_path, capsys):
+    out = str(tmp_path / "sweep")
+    code = cli.main(["sweep", "--run", tiny_run, "--quick", "--distributions", "gaussian",
+                     "--max-sources", "20", "--samples", "8", "--out-dir", out])  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "errors_per_million" in printed and "sweep.png" in printed
+    with open(os.path.join(out, "sweep.json")) as f:
+        table = json.load(f)
+    assert table["num_sources"] == 20 and len(table["rows"]) == 2
+    assert [r["scale"] for r in table["rows"]] == [0.5, 1.0]
+    for r in table["rows"]:
+        assert r["samples_evaluated"] == 8 * r["sources_used"] and r["regions"] >= 0
+    assert os.path.exists(os.path.join(out, "sweep.csv"))
