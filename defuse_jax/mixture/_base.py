@@ -1,0 +1,274 @@
+"""What both estimators share: validation order, dtype/x64 handling, devices, the compiled fit
+call, error reporting, and the prediction methods (predict, predict_proba, score_samples, score,
+sample)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from sklearn.base import BaseEstimator, DensityMixin
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils import check_random_state
+from sklearn.utils.validation import check_is_fitted
+
+from defuse_jax.mixture import _engine, validation
+from defuse_jax.mixture._layout import bucket_rows, make_layout
+from defuse_jax.mixture.gaussian import weighted_log_prob
+
+ILL_DEFINED_MESSAGE = (
+    "Fitting the mixture model failed because some components have ill-defined empirical "
+    "covariance (for instance caused by singleton or collapsed samples). Try to decrease the "
+    "number of components, increase reg_covar, or scale the input data."
+)
+NON_FINITE_MESSAGE = (
+    "Fitting the mixture model failed because the lower bound or the parameters became "
+    "non-finite (overflow: the data's scale is too large or too small for the precision in "
+    "use). Scale the input data, increase reg_covar, or use dtype='float64'."
+)
+
+_PREDICT_BLOCK = 4096
+
+_fit_program = jax.jit(_engine.fit, static_argnames=("model", "cfg", "layout", "mesh"))
+
+
+def x64_context(dtype):
+    """Runs float64 work with x64 enabled locally (a no-op for float32 or when already on)."""
+    if dtype == np.float64 and not jax.config.read("jax_enable_x64"):
+        return jax.enable_x64(True)
+    return contextlib.nullcontext()
+
+
+def resolve_mesh(devices) -> Mesh | None:
+    """None (one device), "all", an int (the first n local devices) or a list of devices."""
+    if devices is None:
+        return None
+    if isinstance(devices, str):
+        if devices != "all":
+            raise ValueError(
+                f"devices must be None, 'all', an int or a list of devices, got {devices!r}."
+            )
+        devs = jax.devices()
+    elif isinstance(devices, int) and not isinstance(devices, bool):
+        avail = jax.devices()
+        if devices < 1 or devices > len(avail):
+            raise ValueError(f"devices={devices} but {len(avail)} device(s) are available.")
+        devs = avail[:devices]
+    else:
+        devs = list(devices)
+        if not devs:
+            raise ValueError("devices is an empty list.")
+    if len(devs) == 1:
+        return None
+    return Mesh(np.asarray(devs), ("rows",))
+
+
+def seed_of(random_state) -> int:
+    """An int seed from scikit-learn style random_state (None: a fresh random seed)."""
+    if random_state is None:
+        return int(np.random.default_rng().integers(0, 2**31 - 1))
+    if isinstance(random_state, np.random.RandomState):
+        return int(random_state.randint(0, 2**31 - 1))
+    return int(random_state) % (2**32)
+
+
+@functools.partial(jax.jit, static_argnames=("covariance_type",))
+def _posterior(xb, means, prec_chol, log_const, *, covariance_type: str):
+    """(log p(x) [nb, B], log responsibilities [nb, B, K]) of row blocks [nb, B, d], with the
+    exact centred Mahalanobis form (as scikit-learn)."""
+
+    def one(x):
+        wlp = weighted_log_prob(x, means, prec_chol, log_const, covariance_type)
+        lse = jax.nn.logsumexp(wlp, axis=1)
+        return lse, wlp - lse[:, None]
+
+    return jax.lax.map(one, xb)
+
+
+class MixtureBase(DensityMixin, BaseEstimator):
+    """Common machinery; subclasses define the model, its extra checks and its attributes."""
+
+    # -- subclass hooks ----------------------------------------------------------------------
+    def _check_specific(self, x: np.ndarray) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _make_model(self, n_features: int):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _set_fitted(self, out: dict) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- fitting ---------------------------------------------------------------------------
+    def _dtype(self):
+        return validation.resolve_dtype(self.dtype)
+
+    def _convergence_window(self) -> int:
+        return 0
+
+    def _engine_config(self, layout) -> _engine.EngineConfig:
+        return _engine.EngineConfig(
+            n_components=int(self.n_components),
+            covariance_type=self.covariance_type,
+            history_size=_engine.history_size_for(self.max_iter),
+            n_init=int(self.n_init),
+            init_params=self.init_params,
+            window=self._convergence_window(),
+            precompute_features=_engine.precompute_for(layout, self.covariance_type, self._dtype()),
+        )
+
+    def fit(self, X, y=None, *, init_resp=None):
+        """Fits the mixture to X [n_samples, n_features]; returns self.
+
+        init_resp: optional [n_samples, n_components] initial responsibilities, used instead of
+        `init_params` (a defuse-jax extension, e.g. to start exactly where another
+        implementation starts).
+        """
+        validation.check_common(self)
+        dtype = self._dtype()
+        x = validation.check_data(X, n_components=self.n_components)
+        n, d = x.shape
+        offset = x.mean(axis=0)
+        user = self._check_specific(x)  # host arrays in data coordinates (float64) or None
+        if init_resp is not None:
+            init_resp = validation.check_init_resp(init_resp, n, self.n_components)
+        mesh = resolve_mesh(self.devices)
+        n_shards = 1 if mesh is None else mesh.devices.size
+        layout = make_layout(n, d, n_shards, self.block_size)
+        cfg = self._engine_config(layout)
+        model = self._make_model(d)
+        seed = seed_of(self.random_state)
+        with x64_context(dtype):
+            # pad on the host to the layout's row count: similar sizes share a compiled program
+            pad = layout.n_padded - n
+            xc = jnp.asarray(np.pad((x - offset).astype(dtype), ((0, pad), (0, 0))))
+            mask = jnp.asarray(np.pad(np.ones(n, dtype), (0, pad)))
+            user_j = {
+                k: None
+                if v is None
+                else jnp.asarray((v - offset if k in self._offset_arrays else v).astype(dtype))
+                for k, v in user.items()
+            }
+            resp_j = (
+                None
+                if init_resp is None
+                else jnp.asarray(np.pad(init_resp.astype(dtype), ((0, pad), (0, 0))))
+            )
+            key = jax.random.key(seed)
+            hyper = _engine.make_hyper(self.tol, self.reg_covar, self.max_iter, dtype)
+            out = _fit_program(
+                xc,
+                key,
+                user_j,
+                hyper,
+                model=model,
+                cfg=cfg,
+                layout=layout,
+                mesh=mesh,
+                mask=mask,
+                init_resp=resp_j,
+            )
+            out = jax.device_get(out)
+        out = {k: np.asarray(v) for k, v in out.items()}
+        code = int(out["code"])
+        if code == _engine.ILL_DEFINED_COVARIANCE:
+            extra = (
+                " The numerical accuracy can also be improved by using dtype='float64'."
+                if dtype == np.float32
+                else ""
+            )
+            raise ValueError(ILL_DEFINED_MESSAGE + extra)
+        if code != _engine.OK:
+            raise ValueError(NON_FINITE_MESSAGE)
+        self._offset = offset
+        self.n_features_in_ = d
+        n_iter = int(out["n_iter"])
+        self.n_iter_ = n_iter
+        self.converged_ = bool(out["converged"])
+        self.lower_bound_ = float(out["lower_bound"])
+        self.lower_bounds_ = [float(v) for v in out["history"][:n_iter]]
+        self._means_c = out["means"]
+        self._log_const = out["log_const"]
+        self.means_ = (out["means"].astype(np.float64) + offset).astype(dtype)
+        self._set_fitted(out)
+        if not self.converged_ and self.max_iter > 0:
+            warnings.warn(
+                "Best performing initialization did not converge. Try different init "
+                "parameters, or increase max_iter, tol, or check for degenerate data.",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
+        return self
+
+    def fit_predict(self, X, y=None):
+        return self.fit(X).predict(X)
+
+    # -- prediction ------------------------------------------------------------------------
+    def _posterior(self, X):
+        check_is_fitted(self, "_means_c")
+        dtype = self._dtype()
+        x = validation.check_data(X, n_features=self.n_features_in_, fitting=False)
+        with x64_context(dtype):
+            n, d = x.shape
+            block = min(_PREDICT_BLOCK, bucket_rows(n))
+            nb = math.ceil(n / block)
+            xc = np.pad((x - self._offset).astype(dtype), ((0, nb * block - n), (0, 0)))
+            lse, log_resp = _posterior(
+                jnp.asarray(xc.reshape(nb, block, d)),
+                jnp.asarray(self._means_c),
+                jnp.asarray(self.precisions_cholesky_),
+                jnp.asarray(self._log_const),
+                covariance_type=self.covariance_type,
+            )
+            lse = np.asarray(lse).reshape(-1)[:n]
+            log_resp = np.asarray(log_resp).reshape(nb * block, -1)[:n]
+            return lse, log_resp
+
+    def score_samples(self, X):
+        """Log-likelihood of each sample under the model, [n_samples]."""
+        return self._posterior(X)[0]
+
+    def score(self, X, y=None):
+        """Mean log-likelihood of X (float)."""
+        return float(np.mean(self.score_samples(X).astype(np.float64)))
+
+    def predict(self, X):
+        """Most probable component of each sample, [n_samples] int."""
+        return np.argmax(self._posterior(X)[1], axis=1)
+
+    def predict_proba(self, X):
+        """Responsibilities (posterior component probabilities), [n_samples, n_components]."""
+        return np.exp(self._posterior(X)[1])
+
+    def sample(self, n_samples=1):
+        """(X [n_samples, n_features], component labels [n_samples]), as scikit-learn."""
+        check_is_fitted(self, "_means_c")
+        if not isinstance(n_samples, int | np.integer) or n_samples < 1:
+            raise ValueError(
+                f"Invalid value for 'n_samples': {n_samples!r}. The sampling "
+                "requires at least one sample."
+            )
+        rng = check_random_state(self.random_state)
+        weights = self.weights_.astype(np.float64)
+        counts = rng.multinomial(n_samples, weights / weights.sum())
+        means = self.means_.astype(np.float64)
+        cov = self.covariances_.astype(np.float64)
+        if self.covariance_type in ("full", "tied"):
+            cov = 0.5 * (cov + np.swapaxes(cov, -1, -2))  # exactly symmetric for numpy
+        d = means.shape[1]
+        parts = []
+        for k, c in enumerate(counts):
+            if self.covariance_type == "full":
+                parts.append(rng.multivariate_normal(means[k], cov[k], int(c)))
+            elif self.covariance_type == "tied":
+                parts.append(rng.multivariate_normal(means[k], cov, int(c)))
+            else:
+                parts.append(means[k] + rng.standard_normal(size=(int(c), d)) * np.sqrt(cov[k]))
+        x = np.vstack(parts).astype(self._dtype())
+        y = np.concatenate([np.full(int(c), k, dtype=np.int64) for k, c in enumerate(counts)])
+        return x, y

@@ -1,0 +1,381 @@
+"""The shared fitting engine: one data pass per iteration, a `lax.while_loop` over iterations,
+`vmap` over the `n_init` restarts and an optional `shard_map` over row shards.
+
+A *model* (EM in `em.py`, variational in `variational.py`) supplies only small per-component
+algebra:
+
+    model.priors(blocks, n, user, axis_name) -> pytree      data-dependent constants (VB priors)
+    model.init_params(nk, xk, sk, priors, user) -> (params, ok)
+    model.m_step(nk, xk, sk, priors) -> (params, ok)
+    model.estep_terms(params, priors) -> (W [K, Fd], const [K])
+        weighted log-prob of x under component k = const_k - 0.5 * W[k] . features(x)
+    model.lower_bound(params, ll_sum, entropy_sum, n, priors) -> lower bound
+    model.finalize(params, center, priors) -> pytree of outputs (means back in data coordinates)
+
+and the engine does everything that touches the N rows. One iteration is one pass over the
+blocks: E-step with the current parameters (log-domain, logsumexp over components), and the
+sufficient statistics of the M-step accumulated in the same pass (`features @ resp^T`), summed
+across shards with `psum`. The lower bound is computed exactly where scikit-learn computes it
+(EM: mean log-likelihood of the E-step; VB: after the M-step, with the E-step's entropy), and the
+convergence test is scikit-learn's `abs(change) < tol`.
+
+Numerical guards: the Mahalanobis term is clamped at 0, indefinite covariances are repaired
+(see `gaussian.repair_covariances`), and a step whose precisions or lower bound are not finite is
+not taken: the loop stops with an error code (1: a covariance is not positive definite, 2: the
+lower bound or the parameters overflowed) that the estimator turns into a ValueError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from defuse_jax.mixture import _init, _random
+from defuse_jax.mixture._layout import Blocks, Layout, psum, shard_index
+from defuse_jax.mixture.gaussian import features_t, moments_from_stats, n_stat_features
+
+# Stall rule (see `EngineConfig.stall_iters`): iterations without the bound rising more than
+# tol above its running maximum, after which a fit with tol > 0 counts as converged.
+STALL_ITERS = 10
+
+OK, ILL_DEFINED_COVARIANCE, NON_FINITE = 0, 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Static settings of a fit (hashable: part of the compiled program's cache key).
+
+    `tol`, `reg_covar` and `max_iter` are not here: they are traced scalars (`Hyper`), so
+    changing them does not recompile. `history_size` (>= max_iter) sizes the per-iteration
+    lower-bound record; `history_size_for` rounds it up to a power of two.
+
+    `precompute_features`: keep the [Fd, N] feature matrix for the whole fit (fastest on CPU;
+    Fd x N values) instead of recomputing it every pass (`precompute_for` picks it when the
+    matrix takes at most 1 GiB per device).
+
+    `stall_iters`: besides scikit-learn's `abs(change) < tol`, a fit with tol > 0 also counts as
+    converged once its lower bound has not risen more than tol above its running maximum for
+    this many iterations. With exact arithmetic the bound rises monotonically, so this never
+    fires before scikit-learn's test would; it matters in float32, where the variational bound
+    (a sum over samples, e.g. 1e5 in magnitude) cannot resolve a change of tol = 1e-3 and its
+    rounding noise of a few ulps would otherwise keep a converged fit running to max_iter.
+
+    `window`: 0 for scikit-learn's test on one step's change. W > 0 tests the change over the
+    last W iterations instead, `abs(lb_t - lb_(t-W)) < W * tol`: with a monotone bound whose
+    steps shrink this implies scikit-learn's test (so it fires at most W iterations later), and
+    it averages out rounding noise that would otherwise fire scikit-learn's test early (used
+    for the variational bound in float32, whose noise is a few times tol).
+    """
+
+    n_components: int
+    covariance_type: str = "full"
+    history_size: int = 128
+    n_init: int = 1
+    init_params: str = "kmeans"
+    precompute_features: bool = True
+    stall_iters: int = STALL_ITERS
+    window: int = 0
+
+
+# Keep the feature matrix for the whole fit when it takes at most this many bytes per device.
+PRECOMPUTE_BYTES = 1 << 30
+
+
+def precompute_for(layout: Layout, covariance_type: str, dtype) -> bool:
+    """Whether the [Fd, N] features fit in PRECOMPUTE_BYTES (else they are rebuilt per pass)."""
+    fd = n_stat_features(layout.n_features, covariance_type)
+    return fd * layout.n_local * jnp.dtype(dtype).itemsize <= PRECOMPUTE_BYTES
+
+
+def history_size_for(max_iter: int) -> int:
+    return max(16, 1 << max(0, int(max_iter) - 1).bit_length())
+
+
+class Hyper(NamedTuple):
+    """Traced hyperparameters: tol and reg_covar (data dtype scalars), max_iter (int32)."""
+
+    tol: jax.Array
+    reg_covar: jax.Array
+    max_iter: jax.Array
+
+
+def make_hyper(tol, reg_covar, max_iter, dtype) -> Hyper:
+    return Hyper(
+        jnp.asarray(tol, dtype), jnp.asarray(reg_covar, dtype), jnp.asarray(max_iter, jnp.int32)
+    )
+
+
+class LoopState(NamedTuple):
+    it: jax.Array
+    params: Any
+    lower_bound: jax.Array
+    best: jax.Array
+    stall: jax.Array
+    converged: jax.Array
+    code: jax.Array
+    history: jax.Array
+
+
+def data_pass(
+    w_mat,
+    const,
+    blocks: Blocks,
+    feats,
+    covariance_type: str,
+    *,
+    want_ll: bool,
+    want_entropy: bool,
+    axis_name,
+):
+    """One E-step over all blocks, accumulating sufficient statistics.
+
+    Returns (stats [Fd, K], sum of log p(x), sum of r log r), summed over shards.
+    """
+    k, fd = w_mat.shape
+    dtype = w_mat.dtype
+
+    def blk(carry, inp):
+        stats, ll, ent = carry
+        f = inp if feats is not None else features_t(inp[0], inp[1], covariance_type)
+        maha = jnp.maximum(w_mat @ f, 0)  # [K, B]
+        logits = const[:, None] - 0.5 * maha
+        mx = jnp.max(logits, axis=0, keepdims=True)
+        e = jnp.exp(logits - mx)
+        s = jnp.sum(e, axis=0, keepdims=True)
+        r = e / s
+        lse = (mx + jnp.log(s))[0]
+        mask = f[-1]
+        stats = stats + lax.dot_general(f, r, (((1,), (1,)), ((), ())))  # [Fd, K]
+        if want_ll:
+            ll = ll + jnp.sum(lse * mask)
+        if want_entropy:
+            ent = ent + jnp.sum(jnp.sum(r * (logits - lse[None, :]), axis=0) * mask)
+        return (stats, ll, ent), None
+
+    init = (jnp.zeros((fd, k), dtype), jnp.zeros((), dtype), jnp.zeros((), dtype))
+    xs = feats if feats is not None else (blocks.xt, blocks.mask)
+    (stats, ll, ent), _ = lax.scan(blk, init, xs)
+    return psum(stats, axis_name), psum(ll, axis_name), psum(ent, axis_name)
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def run_em_loop(
+    model,
+    cfg: EngineConfig,
+    hyper: Hyper,
+    params0,
+    ok0,
+    blocks: Blocks,
+    feats,
+    priors,
+    n,
+    axis_name,
+    *,
+    vmapped: bool,
+) -> LoopState:
+    """The `lax.while_loop` over iterations (one restart)."""
+    dtype = blocks.xt.dtype
+    d = blocks.xt.shape[1]
+    repair = "always" if vmapped else "cond"
+    history0 = jnp.zeros((cfg.history_size,), dtype)
+    minus_inf = jnp.asarray(-jnp.inf, dtype)
+    state0 = LoopState(
+        jnp.int32(0),
+        params0,
+        minus_inf,
+        minus_inf,
+        jnp.int32(0),
+        jnp.bool_(False),
+        jnp.where(ok0, OK, ILL_DEFINED_COVARIANCE).astype(jnp.int32),
+        history0,
+    )
+
+    def cond(s: LoopState):
+        return (s.it < hyper.max_iter) & ~s.converged & (s.code == OK)
+
+    def body(s: LoopState):
+        w_mat, const = model.estep_terms(s.params, priors)
+        stats, ll, ent = data_pass(
+            w_mat,
+            const,
+            blocks,
+            feats,
+            cfg.covariance_type,
+            want_ll=model.needs_ll,
+            want_entropy=model.needs_entropy,
+            axis_name=axis_name,
+        )
+        nk, xk, sk = moments_from_stats(
+            stats, d, cfg.covariance_type, hyper.reg_covar, repair=repair
+        )
+        new, ok = model.m_step(nk, xk, sk, priors)
+        lb = model.lower_bound(new, ll, ent, n, priors)
+        finite = jnp.isfinite(lb) & _all_finite(new)
+        good = ok & finite
+        code = jnp.where(ok, jnp.where(finite, OK, NON_FINITE), ILL_DEFINED_COVARIANCE)
+        change = lb - s.lower_bound
+        rose = lb > s.best + hyper.tol
+        best = jnp.where(rose, lb, s.best)
+        stall = jnp.where(rose, 0, s.stall + 1).astype(jnp.int32)
+        if cfg.window > 0:
+            back = s.history[jnp.maximum(s.it - cfg.window, 0)]
+            back = jnp.where(s.it >= cfg.window, back, -jnp.inf)
+            small = jnp.abs(lb - back) < cfg.window * hyper.tol
+        else:
+            small = jnp.abs(change) < hyper.tol
+        converged = good & (hyper.tol > 0) & (small | (stall >= cfg.stall_iters))
+        params = jax.tree.map(lambda a, b: jnp.where(good, a, b), new, s.params)
+        lb_keep = jnp.where(good, lb, s.lower_bound)
+        history = s.history.at[jnp.minimum(s.it, cfg.history_size - 1)].set(lb_keep)
+        return LoopState(
+            s.it + 1, params, lb_keep, best, stall, converged, code.astype(jnp.int32), history
+        )
+
+    return lax.while_loop(cond, body, state0)
+
+
+def fit_local(
+    x, mask, key, user, hyper, init_resp, *, model, cfg: EngineConfig, layout: Layout, axis_name
+):
+    """Everything one shard runs: centring, priors, initialisation, the loop, the best restart.
+
+    x: [n_local, d] this shard's rows (padded rows arbitrary), mask: [n_local] 1/0.
+    """
+    dtype = x.dtype
+    nb, b, d = layout.n_blocks, layout.block, layout.n_features
+    x = jnp.where(mask[:, None] > 0, x, 0)
+    n = psum(jnp.sum(mask), axis_name)
+    center = psum(jnp.sum(x, axis=0), axis_name) / n
+    center = center + psum(jnp.sum((x - center) * mask[:, None], axis=0), axis_name) / n
+    xc = (x - center) * mask[:, None]
+    offset = shard_index(axis_name).astype(jnp.uint32) * jnp.uint32(layout.n_local)
+    gidx = offset + jnp.arange(layout.n_local, dtype=jnp.uint32)
+    blocks = Blocks(
+        xc.reshape(nb, b, d).transpose(0, 2, 1), mask.reshape(nb, b), gidx.reshape(nb, b)
+    )
+    user = model.center_user(user, center)
+    priors = model.priors(blocks, n, user, axis_name)
+    feats = None
+    if cfg.precompute_features:
+        feats = jax.vmap(lambda xt, m: features_t(xt, m, cfg.covariance_type))(
+            blocks.xt, blocks.mask
+        )
+    if init_resp is not None:
+        aux = init_resp.astype(dtype).reshape(nb, b, -1).transpose(0, 2, 1)
+        method = "given"
+    else:
+        aux = None
+        method = cfg.init_params
+    vmapped = cfg.n_init > 1
+
+    def one(k):
+        words = _random.key_words(k)
+        if model.skip_resp_init(user):
+            params0, ok0 = model.init_params(None, None, None, priors, user)
+        else:
+            resp_fn = _init.responsibility_fn(method, blocks, cfg.n_components, words, n, axis_name)
+            nk, xk, sk = _init.initial_moments(
+                resp_fn,
+                blocks,
+                aux,
+                cfg.n_components,
+                cfg.covariance_type,
+                hyper.reg_covar,
+                axis_name,
+            )
+            params0, ok0 = model.init_params(nk, xk, sk, priors, user)
+        return run_em_loop(
+            model, cfg, hyper, params0, ok0, blocks, feats, priors, n, axis_name, vmapped=vmapped
+        )
+
+    if vmapped:
+        runs = jax.vmap(one)(jax.random.split(key, cfg.n_init))
+    else:
+        runs = jax.tree.map(lambda a: a[None], one(key))
+    good = runs.code == OK
+    score = jnp.where(good, runs.lower_bound, -jnp.inf)
+    # scikit-learn keeps the first restart with the largest bound (and the first if all -inf).
+    best = jnp.argmax(jnp.where(jnp.isnan(score), -jnp.inf, score))
+    best = jnp.where(jnp.any(good), best, 0)
+    run = jax.tree.map(lambda a: a[best], runs)
+    out = model.finalize(run.params, center, priors)
+    out.update(
+        lower_bound=run.lower_bound,
+        n_iter=run.it,
+        converged=run.converged,
+        code=run.code,
+        history=run.history,
+        center=center,
+        n_good=jnp.sum(good),
+    )
+    return out
+
+
+def fit(
+    x,
+    key,
+    user,
+    hyper: Hyper,
+    *,
+    model,
+    cfg: EngineConfig,
+    layout: Layout,
+    mesh: Mesh | None = None,
+    mask=None,
+    init_resp=None,
+):
+    """Jittable fit on [N, d] rows, optionally sharded over the 1-D `mesh` (rows split).
+
+    Padding to the layout happens here; `mask` (optional [N], 1/0) excludes rows.
+    """
+    n, d = x.shape
+    pad = layout.n_padded - n
+    if mask is None:
+        mask = jnp.ones((n,), x.dtype)
+    mask = mask.astype(x.dtype)
+    x = jnp.pad(x, ((0, pad), (0, 0)))
+    mask = jnp.pad(mask, (0, pad))
+    if init_resp is not None:
+        init_resp = jnp.pad(init_resp.astype(x.dtype), ((0, pad), (0, 0)))
+    if mesh is None:
+        return fit_local(
+            x,
+            mask,
+            key,
+            user,
+            hyper,
+            init_resp,
+            model=model,
+            cfg=cfg,
+            layout=layout,
+            axis_name=None,
+        )
+    name = mesh.axis_names[0]
+    rows = P(name)
+    kw = dict(model=model, cfg=cfg, layout=layout, axis_name=name)
+
+    if init_resp is None:
+
+        def local(xs, ms, k, u, h):
+            return fit_local(xs, ms, k, u, h, None, **kw)
+
+        args, specs = (x, mask, key, user, hyper), (rows, rows, P(), P(), P())
+    else:
+
+        def local(xs, ms, k, u, h, r):
+            return fit_local(xs, ms, k, u, h, r, **kw)
+
+        args = (x, mask, key, user, hyper, init_resp)
+        specs = (rows, rows, P(), P(), P(), rows)
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False)
+    return sharded(*args)

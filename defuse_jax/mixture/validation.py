@@ -1,0 +1,190 @@
+"""Host-side checks: every bad input is a clear ValueError before anything is traced or compiled."""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from defuse_jax.mixture.gaussian import COVARIANCE_TYPES
+
+INIT_METHODS = ("kmeans", "k-means++", "random", "random_from_data")
+DTYPES = {"float32": np.float32, "float64": np.float64}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def check_int(name: str, value, minimum: int) -> int:
+    if not _is_int(value) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    return int(value)
+
+
+def check_real(name: str, value, minimum: float = 0.0, *, strict: bool = False) -> float:
+    if (
+        not _is_real(value)
+        or not np.isfinite(value)
+        or (value <= minimum if strict else value < minimum)
+    ):
+        op = ">" if strict else ">="
+        raise ValueError(f"{name} must be a finite real number {op} {minimum}, got {value!r}.")
+    return float(value)
+
+
+def check_choice(name: str, value, choices) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}.")
+    return value
+
+
+def resolve_dtype(dtype) -> type:
+    """'float32' (default) or 'float64' (numpy types and names accepted)."""
+    try:
+        name = np.dtype(dtype).name
+    except TypeError as err:
+        raise ValueError(f"dtype must be float32 or float64, got {dtype!r}.") from err
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be float32 or float64, got {dtype!r}.")
+    return DTYPES[name]
+
+
+def check_common(est) -> None:
+    """Constructor arguments shared by both estimators."""
+    check_int("n_components", est.n_components, 1)
+    check_choice("covariance_type", est.covariance_type, COVARIANCE_TYPES)
+    check_real("tol", est.tol, 0.0)
+    check_real("reg_covar", est.reg_covar, 0.0)
+    check_int("max_iter", est.max_iter, 0)
+    check_int("n_init", est.n_init, 1)
+    check_choice("init_params", est.init_params, INIT_METHODS)
+    check_int("block_size", est.block_size, 8)
+    resolve_dtype(est.dtype)
+    rs = est.random_state
+    if rs is not None and not _is_int(rs) and not isinstance(rs, np.random.RandomState):
+        raise ValueError(f"random_state must be None, an int or a numpy RandomState, got {rs!r}.")
+
+
+def as_float_array(value, name: str, dtype=np.float64) -> np.ndarray:
+    try:
+        arr = np.asarray(value)
+    except Exception as err:  # ragged lists and the like
+        raise ValueError(f"{name} could not be converted to a numeric array: {err}") from err
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+        raise ValueError(f"{name} must be numeric, got an array of dtype {arr.dtype}.")
+    if np.iscomplexobj(arr):
+        raise ValueError(f"{name} must be real, got complex values.")
+    return arr.astype(dtype, copy=False)
+
+
+def check_data(
+    X, *, n_components: int | None = None, n_features: int | None = None, fitting: bool = True
+) -> np.ndarray:
+    """X as a finite float64 [n_samples, n_features] array, or a ValueError naming the problem."""
+    arr = as_float_array(X, "X")
+    if arr.ndim != 2:
+        raise ValueError(
+            f"Expected a 2-D array X of shape (n_samples, n_features), got {arr.ndim}-D input "
+            f"of shape {arr.shape}. Reshape your data, e.g. X.reshape(-1, 1) for one feature."
+        )
+    n, d = arr.shape
+    if d < 1:
+        raise ValueError(f"X has 0 features (shape {arr.shape}); at least 1 is required.")
+    if fitting and n < 2:
+        raise ValueError(f"X has {n} sample(s) (shape {arr.shape}); at least 2 are required.")
+    if n < 1:
+        raise ValueError(f"X has 0 samples (shape {arr.shape}).")
+    if not np.all(np.isfinite(arr)):
+        bad = int(np.sum(~np.isfinite(arr)))
+        raise ValueError(
+            f"X contains {bad} non-finite value(s) (NaN or infinity); remove or "
+            "impute them before fitting."
+        )
+    if fitting and n_components is not None and n < n_components:
+        raise ValueError(
+            f"Expected n_samples >= n_components but got n_components = "
+            f"{n_components}, n_samples = {n}."
+        )
+    if n_features is not None and d != n_features:
+        raise ValueError(
+            f"X has {d} features, but this model was fitted with {n_features} features."
+        )
+    return arr
+
+
+def check_shape(arr: np.ndarray, shape: tuple, name: str) -> None:
+    if arr.shape != shape:
+        raise ValueError(
+            f"The parameter '{name}' should have the shape of {shape}, but got {arr.shape}."
+        )
+
+
+def check_finite(arr: np.ndarray, name: str) -> None:
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"The parameter '{name}' contains non-finite values.")
+
+
+def check_spd(mat: np.ndarray, name: str) -> None:
+    if not (np.allclose(mat, mat.T) and np.all(np.linalg.eigvalsh(mat) > 0)):
+        raise ValueError(f"'{name}' should be symmetric, positive-definite.")
+
+
+def check_weights_init(weights, n_components: int, dtype) -> np.ndarray:
+    w = as_float_array(weights, "weights_init")
+    check_shape(w, (n_components,), "weights_init")
+    check_finite(w, "weights_init")
+    if np.any(w < 0) or np.any(w > 1):
+        raise ValueError(
+            "The parameter 'weights_init' should be in the range [0, 1], but got "
+            f"max value {w.max():.5f}, min value {w.min():.5f}."
+        )
+    atol = 1e-6 if dtype == np.float32 else 1e-8
+    if abs(1.0 - w.sum()) > atol:
+        raise ValueError(
+            "The parameter 'weights_init' should be normalized, but got "
+            f"sum(weights_init) = {w.sum():.5f}."
+        )
+    return w
+
+
+def check_means_init(means, n_components: int, n_features: int) -> np.ndarray:
+    m = as_float_array(means, "means_init")
+    check_shape(m, (n_components, n_features), "means_init")
+    check_finite(m, "means_init")
+    return m
+
+
+def check_precisions_init(
+    prec, covariance_type: str, n_components: int, n_features: int
+) -> np.ndarray:
+    p = as_float_array(prec, "precisions_init")
+    shape = {
+        "full": (n_components, n_features, n_features),
+        "tied": (n_features, n_features),
+        "diag": (n_components, n_features),
+        "spherical": (n_components,),
+    }[covariance_type]
+    check_shape(p, shape, "precisions_init")
+    check_finite(p, "precisions_init")
+    if covariance_type == "full":
+        for i in range(n_components):
+            check_spd(p[i], "full precisions_init")
+    elif covariance_type == "tied":
+        check_spd(p, "tied precisions_init")
+    elif np.any(p <= 0):
+        raise ValueError(f"'{covariance_type} precisions_init' should be positive.")
+    return p
+
+
+def check_init_resp(resp, n_samples: int, n_components: int) -> np.ndarray:
+    r = as_float_array(resp, "init_resp")
+    check_shape(r, (n_samples, n_components), "init_resp")
+    check_finite(r, "init_resp")
+    if np.any(r < 0):
+        raise ValueError("init_resp (initial responsibilities) must be non-negative.")
+    return r

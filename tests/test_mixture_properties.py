@@ -1,0 +1,211 @@
+"""Properties of the JAX mixtures: monotone bounds, sharding invariance, the functional core
+under jit, n_init restarts, robustness (no NaN, clear errors), float64, and the API surface."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+from sklearn.base import clone
+
+from defuse_jax.mixture import (
+    BayesianGaussianMixture,
+    GaussianMixture,
+    fit_bayesian_gaussian_mixture,
+    fit_gaussian_mixture,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+
+
+def blobs(seed=0, n=1200, d=4, k=4, spread=6.0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(k, d)) * spread + 3.0
+    labels = rng.integers(0, k, n)
+    factors = rng.normal(size=(k, d, d)) * 0.4 + np.eye(d)
+    return centers[labels] + np.einsum("nd,nde->ne", rng.normal(size=(n, d)), factors[labels])
+
+
+@pytest.fixture(scope="module")
+def data():
+    return blobs()
+
+
+def nondecreasing(bounds, rtol):
+    b = np.asarray(bounds, np.float64)
+    steps = np.diff(b)
+    return steps.min(initial=0.0) >= -rtol * np.abs(b).max()
+
+
+@pytest.mark.parametrize("covariance_type", ["full", "diag"])
+@pytest.mark.parametrize("cls", [GaussianMixture, BayesianGaussianMixture])
+def test_lower_bound_never_decreases(data, cls, covariance_type):
+    """EM log-likelihood and VB lower bound are monotone (up to float32 rounding)."""
+    model = cls(
+        n_components=8,
+        covariance_type=covariance_type,
+        max_iter=60,
+        tol=0.0,
+        init_params="random",
+        random_state=3,
+    ).fit(data)
+    assert model.n_iter_ == 60 and len(model.lower_bounds_) == 60
+    assert nondecreasing(model.lower_bounds_, rtol=5e-6)
+    assert model.lower_bounds_[-1] > model.lower_bounds_[0]
+
+
+@pytest.mark.parametrize("cls", [GaussianMixture, BayesianGaussianMixture])
+def test_lower_bound_never_decreases_float64(data, cls):
+    model = cls(
+        n_components=8, max_iter=40, tol=0.0, init_params="random", random_state=4, dtype="float64"
+    ).fit(data)
+    assert nondecreasing(model.lower_bounds_, rtol=1e-11)
+
+
+@pytest.mark.parametrize("cls", [GaussianMixture, BayesianGaussianMixture])
+def test_sharded_fit_equals_single_device(data, cls):
+    """Rows split over 4 devices (statistics summed) give the 1-device fit."""
+    assert len(jax.devices()) >= 4
+    kw = dict(n_components=5, max_iter=30, tol=0.0, random_state=7)
+    single = cls(**kw).fit(data[:1003])  # an odd size: padding differs between layouts
+    sharded = cls(devices=4, **kw).fit(data[:1003])
+    assert sharded.n_iter_ == single.n_iter_
+    np.testing.assert_allclose(sharded.lower_bounds_, single.lower_bounds_, rtol=1e-4)
+    np.testing.assert_allclose(sharded.weights_, single.weights_, atol=1e-4)
+    np.testing.assert_allclose(sharded.means_, single.means_, atol=1e-3)
+    np.testing.assert_allclose(sharded.covariances_, single.covariances_, atol=1e-3)
+    assert np.mean(sharded.predict(data) == single.predict(data)) > 0.999
+
+
+def test_functional_core_inside_jit_with_mesh_and_mask(data):
+    x = jnp.asarray(data[:800], jnp.float32)
+    mesh = Mesh(np.asarray(jax.devices()[:4]), ("rows",))
+    fit = jax.jit(
+        functools.partial(
+            fit_gaussian_mixture,
+            n_components=4,
+            max_iter=20,
+            tol=0.0,
+            init_params="random_from_data",
+            mesh=mesh,
+        )
+    )
+    out = fit(x, jax.random.key(0))
+    assert int(out["code"]) == 0 and int(out["n_iter"]) == 20
+    assert np.isfinite(np.asarray(out["means"])).all()
+    # masked rows are ignored exactly like absent rows (no mesh here: same padding)
+    extra = jnp.concatenate([x, 1e3 * jnp.ones((37, x.shape[1]), x.dtype)])
+    mask = jnp.concatenate([jnp.ones(800), jnp.zeros(37)])
+    fit1 = functools.partial(
+        fit_bayesian_gaussian_mixture,
+        n_components=4,
+        max_iter=15,
+        tol=0.0,
+        init_params="random",
+        block_size=256,
+    )
+    a = jax.jit(fit1)(x, jax.random.key(1))
+    b = jax.jit(fit1)(extra, jax.random.key(1), mask=mask)
+    np.testing.assert_allclose(np.asarray(a["means"]), np.asarray(b["means"]), atol=1e-3)
+    np.testing.assert_allclose(float(a["lower_bound"]), float(b["lower_bound"]), rtol=1e-5)
+
+
+def test_n_init_restarts_pick_the_best(data):
+    """n_init restarts (vmapped) keep the restart with the largest bound."""
+    x = jnp.asarray(data, jnp.float32)
+    kw = dict(n_components=6, max_iter=200, tol=1e-4, init_params="random_from_data")
+    best = fit_gaussian_mixture(x, jax.random.key(5), n_init=4, **kw)
+    singles = [
+        float(fit_gaussian_mixture(x, k, **kw)["lower_bound"])
+        for k in jax.random.split(jax.random.key(5), 4)
+    ]
+    assert max(singles) - min(singles) > 0.1  # the restarts find different optima
+    assert float(best["lower_bound"]) == pytest.approx(max(singles), rel=1e-4)
+    model = GaussianMixture(6, n_init=3, max_iter=30, init_params="random", random_state=5)
+    model.fit(data)
+    assert np.isfinite(model.lower_bound_)
+
+
+def test_many_components_on_few_points_is_finite():
+    """The pipeline's path: 100 components on a few thousand codes, no NaN anywhere."""
+    x = blobs(seed=1, n=2500, d=8, k=5, spread=3.0)
+    model = BayesianGaussianMixture(
+        n_components=100, covariance_type="full", max_iter=300, random_state=0
+    ).fit(x)
+    for name in (
+        "weights_",
+        "means_",
+        "covariances_",
+        "precisions_cholesky_",
+        "degrees_of_freedom_",
+        "mean_precision_",
+    ):
+        assert np.isfinite(getattr(model, name)).all(), name
+    assert np.isfinite(model.lower_bound_)
+    assert 3 <= (model.weights_ > 0.01).sum() <= 10
+    labels = model.predict(x)
+    assert labels.shape == (2500,) and labels.max() < 100
+    assert np.isfinite(model.predict_proba(x)).all()
+    em = GaussianMixture(60, max_iter=50, random_state=0).fit(x[:600])
+    assert np.isfinite(em.covariances_).all() and np.isfinite(em.score(x))
+
+
+def test_collapsed_component_raises_clear_error():
+    """reg_covar=0 and a degenerate covariance: a ValueError naming the cause, never NaN."""
+    with pytest.raises(ValueError, match="ill-defined empirical covariance"):
+        GaussianMixture(1, reg_covar=0.0).fit(np.full((20, 3), 2.5))
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(size=(60, 2)), rng.normal(size=(60, 2)) + 10, [[50.0, 50.0]]])
+    means = np.array([[0.0, 0.0], [10.0, 10.0], [50.0, 50.0]])
+    # a component collapsing on one isolated point without the floor: an error or a finite fit
+    try:
+        fitted = GaussianMixture(3, reg_covar=0.0, means_init=means, max_iter=20).fit(x)
+    except ValueError as err:
+        assert "ill-defined empirical covariance" in str(err)
+    else:
+        assert np.isfinite(fitted.covariances_).all() and np.isfinite(fitted.lower_bound_)
+    # the reg_covar floor handles the same collapse, as in scikit-learn
+    ok = GaussianMixture(3, reg_covar=1e-6, means_init=means, max_iter=20).fit(x)
+    assert np.isfinite(ok.covariances_).all()
+    assert ok.weights_[2] == pytest.approx(1 / 121, rel=1e-3)
+
+
+def test_float64_requested_without_global_x64(data):
+    assert not jax.config.read("jax_enable_x64")
+    model = GaussianMixture(3, dtype="float64", max_iter=10, random_state=0).fit(data)
+    assert model.means_.dtype == np.float64 and model.covariances_.dtype == np.float64
+    assert model.score_samples(data).dtype == np.float64
+    assert not jax.config.read("jax_enable_x64")  # left as it was
+
+
+def test_api_surface(data):
+    model = GaussianMixture(4, random_state=0).fit(data)
+    n, d = data.shape
+    proba = model.predict_proba(data)
+    np.testing.assert_allclose(proba.sum(1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(model.predict(data), proba.argmax(1))
+    assert model.score(data) == pytest.approx(model.score_samples(data).mean(), rel=1e-6)
+    assert model.precisions_.shape == (4, d, d)
+    np.testing.assert_allclose(
+        model.precisions_ @ model.covariances_, np.broadcast_to(np.eye(d), (4, d, d)), atol=1e-3
+    )
+    n_params = 4 * d * (d + 1) / 2 + 4 * d + 3
+    assert model.bic(data) == pytest.approx(
+        -2 * model.score(data) * n + n_params * math.log(n), rel=1e-6
+    )
+    assert model.aic(data) == pytest.approx(-2 * model.score(data) * n + 2 * n_params, rel=1e-6)
+    xs, ys = model.sample(50)
+    assert xs.shape == (50, d) and ys.shape == (50,)
+    assert clone(model).get_params()["n_components"] == 4
+    with pytest.raises(ValueError, match="features"):
+        model.predict(data[:, :2])
+    bgm = BayesianGaussianMixture(n_components=4, random_state=0).fit(data)
+    assert len(bgm.weight_concentration_) == 2 and bgm.mean_prior_.shape == (d,)
+    assert bgm.covariance_prior_.shape == (d, d)
+    np.testing.assert_allclose(bgm.mean_prior_, data.mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(bgm.covariance_prior_, np.cov(data.T), rtol=1e-4)
+    assert bgm.degrees_of_freedom_prior_ == d and bgm.mean_precision_prior_ == 1.0
+    assert np.array_equal(bgm.fit_predict(data), bgm.predict(data))
