@@ -17,7 +17,8 @@ blocks: E-step with the current parameters (log-domain, logsumexp over component
 sufficient statistics of the M-step accumulated in the same pass (`features @ resp^T`), summed
 across shards with `psum`. The lower bound is computed exactly where scikit-learn computes it
 (EM: mean log-likelihood of the E-step; VB: after the M-step, with the E-step's entropy), and the
-convergence test is scikit-learn's `abs(change) < tol`.
+convergence test is scikit-learn's `abs(change) < tol`, plus the two rules for float32 rounding
+noise described in `EngineConfig` (a stall rule, and optionally a windowed change).
 
 Numerical guards: the Mahalanobis term is clamped at 0, indefinite covariances are repaired
 (see `gaussian.repair_covariances`), and a step whose precisions or lower bound are not finite is
