@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from defuse_jax.conv_layers import conv_few_outputs, conv_transpose_stride2
+
 ImageShape = tuple[int, int, int]
 
 
@@ -208,9 +210,11 @@ class VAE(nnx.Module):
             return self.dec(z).reshape(z.shape[0], h, w, c)
         c2 = self.config.channels[1]
         g = nnx.relu(self.dec_head(z)).reshape(z.shape[0], h // 4, w // 4, c2)
-        g = nnx.relu(self.deconv1(g))
-        g = nnx.relu(self.deconv2(g))
-        return self.out(g)
+        # Same parameters and outputs as calling the layers, without the zero-dilated transposed
+        # convolutions XLA would run (conv_layers.py has the measurements).
+        for layer in (self.deconv1, self.deconv2):
+            g = nnx.relu(conv_transpose_stride2(g, layer.kernel[...], layer.bias[...]))
+        return conv_few_outputs(g, self.out.kernel[...], self.out.bias[...])
 
     def decode(self, z: jax.Array) -> jax.Array:
         """z: [B, latent] -> images [B, H, W, C] in [0, 1]."""

@@ -1,0 +1,95 @@
+"""The rewritten decoder layers equal the flax layers they replace, values and gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from defuse_jax import models
+from defuse_jax.conv_layers import conv_few_outputs, conv_transpose_stride2
+
+
+def _inputs(shape, seed=0):
+    return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+
+
+@pytest.mark.parametrize(
+    "height, width, cin, cout, bias",
+    [(7, 7, 64, 32, True), (14, 14, 32, 32, True), (3, 5, 2, 3, False), (1, 1, 4, 2, True)],
+)
+def test_conv_transpose_stride2_matches_flax(height, width, cin, cout, bias):
+    layer = nnx.ConvTranspose(
+        cin, cout, (4, 4), strides=(2, 2), padding="SAME", use_bias=bias, rngs=nnx.Rngs(1)
+    )
+    if bias:  # a non-zero bias, so that adding it is checked too
+        layer.bias[...] = _inputs((cout,), seed=3)
+    x = _inputs((2, height, width, cin))
+    b = layer.bias[...] if bias else None
+    got = conv_transpose_stride2(x, layer.kernel[...], b)
+    want = layer(x)
+    assert got.shape == (2, 2 * height, 2 * width, cout)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+    def loss(fn):
+        return lambda k, x: jnp.sum(jnp.sin(fn(k, x)))
+
+    ours = jax.grad(loss(lambda k, x: conv_transpose_stride2(x, k, b)), argnums=(0, 1))
+    ref = jax.grad(
+        loss(lambda k, x: jax.lax.conv_transpose(x, k, (2, 2), "SAME") + (0 if b is None else b)),
+        argnums=(0, 1),
+    )
+    for g, r in zip(ours(layer.kernel[...], x), ref(layer.kernel[...], x), strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "kernel, cin, cout", [((3, 3), 32, 1), ((3, 3), 8, 3), ((5, 3), 4, 2), ((1, 1), 6, 1)]
+)
+def test_conv_few_outputs_matches_flax(kernel, cin, cout):
+    layer = nnx.Conv(cin, cout, kernel, padding="SAME", rngs=nnx.Rngs(2))
+    layer.bias[...] = _inputs((cout,), seed=4)
+    x = _inputs((3, 9, 6, cin))
+    got = conv_few_outputs(x, layer.kernel[...], layer.bias[...])
+    np.testing.assert_allclose(got, layer(x), rtol=1e-5, atol=1e-5)
+    g = jax.grad(lambda k: jnp.sum(conv_few_outputs(x, k, None) ** 2))(layer.kernel[...])
+    r = jax.grad(lambda k: jnp.sum(_conv(x, k) ** 2))(layer.kernel[...])
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
+def _conv(x, k):
+    return jax.lax.conv_general_dilated(
+        x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+def test_bfloat16_inputs_stay_bfloat16():
+    x = _inputs((1, 3, 3, 4)).astype(jnp.bfloat16)
+    k = _inputs((4, 4, 4, 2)).astype(jnp.bfloat16)
+    assert conv_transpose_stride2(x, k, None).dtype == jnp.bfloat16
+    assert conv_few_outputs(x, k[:3, :3], None).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize(
+    "fn, kernel_shape, match",
+    [
+        (conv_transpose_stride2, (3, 3, 4, 2), "4x4 kernel"),
+        (conv_few_outputs, (2, 2, 4, 2), "odd kernel"),
+    ],
+)
+def test_unsupported_kernels_are_refused(fn, kernel_shape, match):
+    with pytest.raises(ValueError, match=match):
+        fn(_inputs((1, 3, 3, 4)), jnp.zeros(kernel_shape), None)
+
+
+def test_conv_vae_decode_equals_the_flax_layers():
+    vae = models.VAE(
+        models.VAEConfig(kind="conv", latent_dim=4, hidden=16, channels=(8, 16)),
+        image_shape=(12, 8, 2),
+        rngs=nnx.Rngs(0),
+    )
+    z = _inputs((5, 4))
+    h, w, c = vae.image_shape
+    g = nnx.relu(vae.dec_head(z)).reshape(5, h // 4, w // 4, 16)
+    want = vae.out(nnx.relu(vae.deconv2(nnx.relu(vae.deconv1(g)))))
+    np.testing.assert_allclose(vae.decode_logits(z), want, rtol=1e-5, atol=1e-5)
