@@ -32,6 +32,7 @@ import warnings
 import jax
 import numpy as np
 
+from defuse_jax.bench.devices import ensure_devices
 from defuse_jax.mixture import BayesianGaussianMixture, GaussianMixture
 
 
@@ -63,26 +64,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="small smoke run (seconds)")
     parser.add_argument("--out", default="bench_results/mixture.json", help="JSON output path")
-
-
-def ensure_devices(n: int) -> None:
-    """On CPU, asks XLA for n host devices if the backend has not started yet (--devices n)."""
-    if n <= 1:
-        return
-    try:
-        from jax._src import xla_bridge
-
-        started = xla_bridge.backends_are_initialized()
-    except Exception:  # private API moved: leave the flags alone
-        started = True
-    flags = os.environ.get("XLA_FLAGS", "")
-    if not started and "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
-    if len(jax.devices()) < n:
-        raise ValueError(
-            f"--devices {n} but {len(jax.devices())} device(s) are available; on CPU start with "
-            f"XLA_FLAGS=--xla_force_host_platform_device_count={n}"
-        )
 
 
 def make_data(n: int, d: int, k: int, seed: int) -> np.ndarray:
