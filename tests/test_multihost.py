@@ -1,0 +1,72 @@
+"""The search across processes: 2 processes x 2 CPU devices give what 4 local devices give.
+
+This is the path used on several hosts after `jax.distributed.initialize()` (global input arrays
+from `make_array_from_callback`, outputs gathered with `process_allgather`), run here as two
+local processes talking over gloo.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from test_search import IDS, MODES, _sources, classify, decode
+
+from defuse_jax.search import latent_search
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_process_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("multihost")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    port = str(_free_port())
+    procs = [
+        subprocess.Popen(
+            [sys.executable, WORKER, port, str(i), str(out / f"p{i}.npz")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=300)[0])
+    finally:
+        for p in procs:
+            p.kill()
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode == 0, log[-3000:]
+    return [dict(np.load(out / f"p{i}.npz")) for i in range(2)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", range(len(IDS)), ids=IDS)
+def test_two_processes_equal_one_process(two_process_results, index):
+    assert len(jax.devices()) >= 4, "conftest forces 4 CPU devices"
+    z0, y0 = _sources()
+    local = latent_search(decode, classify, z0, y0, key=jax.random.key(0), config=MODES[index])
+    assert local.num_found > 0  # the comparison below is not between two empty results
+    p0, p1 = two_process_results
+    for name, a in p0.items():  # every process gets the whole result
+        np.testing.assert_array_equal(a, p1[name], err_msg=name)
+    for f in ("source_index", "pred_label", "flips_per_source", "used"):
+        np.testing.assert_array_equal(p0[f"{IDS[index]}.{f}"], getattr(local, f), err_msg=f)
+    for f in ("z", "prob", "perturbation_norm"):
+        np.testing.assert_allclose(
+            p0[f"{IDS[index]}.{f}"], getattr(local, f), rtol=1e-5, atol=1e-6, err_msg=f
+        )
