@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--chunk-sizes",
         default="",
-        help="chunk sizes to try (default: 256..8192 mlp, 32..1024 conv)",
+        help="chunk sizes to try (default on CPU: 256..8192 mlp, 32..512 conv; larger on GPU/TPU)",
     )
     parser.add_argument(
         "--ref-points",
@@ -343,24 +343,32 @@ def reference_torch_loop(vae, clf, kind: str, q: int, points: int, keep: int = 3
     return best
 
 
+def torch_device() -> str:
+    """Where the PyTorch reference runs: on the GPU when JAX runs on one and torch sees it."""
+    import torch
+
+    return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
 def _torch_loop_once(vae, clf, kind: str, q: int, points: int, keep: int) -> dict:
     import torch
 
-    dec, net = _torch_modules(vae, clf, kind)
-    gen = torch.Generator().manual_seed(0)
-    z0 = torch.randn(points, LATENT_DIM, generator=gen)
+    device = torch_device()
+    dec, net = (m.to(device) for m in _torch_modules(vae, clf, kind))
+    gen = torch.Generator(device=device).manual_seed(0)
+    z0 = torch.randn(points, LATENT_DIM, generator=gen, device=device)
     y0 = np.random.default_rng(0).integers(0, NUM_CLASSES, points)
 
-    def loop():
+    def loop():  # .cpu() per point: the host sync the reference's loop has
         kept = []
         with torch.no_grad():
             for i in range(points):
-                delta = 0.5 * torch.randn(q, LATENT_DIM, generator=gen)
+                delta = 0.5 * torch.randn(q, LATENT_DIM, generator=gen, device=device)
                 z = z0[i][None, :] + delta
-                pred = net(dec(z)).argmax(dim=1).numpy()
-                norm = delta.norm(dim=1).numpy()
+                pred = net(dec(z)).argmax(dim=1).cpu().numpy()
+                norm = delta.norm(dim=1).cpu().numpy()
                 bad = np.flatnonzero(pred != y0[i])
-                kept.append(z.numpy()[bad[np.argsort(norm[bad])[:keep]]])
+                kept.append(z.cpu().numpy()[bad[np.argsort(norm[bad])[:keep]]])
         return kept
 
     t = _timeit(loop, 3)
@@ -370,6 +378,7 @@ def _torch_loop_once(vae, clf, kind: str, q: int, points: int, keep: int) -> dic
         "seconds": t,
         "samples_per_s": points * q / t,
         "torch": torch.__version__,
+        "device": device,
     }
 
 
@@ -468,9 +477,44 @@ def _ints(text: str) -> list[int]:
     return [int(t) for t in text.split(",") if t.strip()]
 
 
+# Forward batch sizes and chunk sizes tried per model: an accelerator needs far larger batches
+# than a CPU to reach its ceiling (the CPU lists end where the working set leaves the caches).
+_SIZES = {
+    "cpu": {
+        "mlp": {
+            "batches": [64, 256, 1024, 4096, 16384],
+            "chunks": [256, 1024, 2048, 4096, 8192],
+            "tune_chains": 16384,
+        },
+        "conv": {
+            "batches": [16, 64, 256, 1024],
+            "chunks": [32, 64, 128, 256, 512],
+            "tune_chains": 2048,
+        },
+    },
+    "accelerator": {
+        "mlp": {
+            "batches": [1024, 16384, 65536, 262144, 1048576],
+            "chunks": [4096, 16384, 65536, 262144],
+            "tune_chains": 262144,
+        },
+        "conv": {
+            "batches": [256, 1024, 4096, 16384],
+            "chunks": [512, 2048, 8192, 32768],
+            "tune_chains": 65536,
+        },
+    },
+}
+
+
+def _size_class() -> str:
+    return "cpu" if jax.default_backend() == "cpu" else "accelerator"
+
+
 def bench_model(kind: str, args) -> dict:
     quick, repeats = args.quick, (1 if args.quick else args.repeats)
     decode_fn, classify_fn, vae, clf = build_models(kind)
+    sizes = _SIZES[_size_class()][kind]
     chains = _ints(args.chains)
     if quick:
         chains = [c for c in chains if c <= 4096] or chains[:1]
@@ -478,12 +522,12 @@ def bench_model(kind: str, args) -> dict:
     if args.chunk_sizes:
         chunks = _ints(args.chunk_sizes)
     else:
-        chunks = [256, 1024, 2048, 4096, 8192] if kind == "mlp" else [32, 64, 128, 256, 512]
+        chunks = sizes["chunks"]
     if quick:
         chunks = chunks[1:3]
     out = {"model": kind, "image_shape": MODEL_SHAPES[kind], "latent_dim": LATENT_DIM}
 
-    batches = [64, 256, 1024, 4096, 16384] if kind == "mlp" else [16, 64, 256, 1024]
+    batches = sizes["batches"]
     out["forward"] = fwd = forward_ceiling(
         decode_fn, classify_fn, batches[:3] if quick else batches, repeats
     )
@@ -492,7 +536,7 @@ def bench_model(kind: str, args) -> dict:
         f"at batch {fwd['best_batch']}; {fwd['flops_per_sample']:,.0f} FLOPs/sample"
     )
 
-    tune_chains = min(max(chains), 16384 if kind == "mlp" else 2048)
+    tune_chains = min(max(chains), sizes["tune_chains"])
     out["chunk_tuning"] = [
         engine_throughput(decode_fn, classify_fn, tune_chains, q, c, repeats) for c in chunks
     ]
@@ -513,7 +557,7 @@ def bench_model(kind: str, args) -> dict:
     out["engine_best_samples_per_s"] = engine_best
     out["engine_fraction_of_forward"] = engine_best / fwd["best_samples_per_s"]
     out["forward_gflops_per_s"] = fwd["best_samples_per_s"] * fwd["flops_per_sample"] / 1e9
-    pair_chains = min(max(chains), 16384 if kind == "mlp" else 2048)
+    pair_chains = tune_chains
     out["paired"] = pf = paired_fraction(
         decode_fn, classify_fn, pair_chains, q, best_chunk, fwd["best_batch"], repeats
     )
