@@ -75,8 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--devices",
         type=int,
         default=0,
-        help="on CPU, split the search over n host devices (one per core is fastest for the conv "
-        "models); 0: the devices JAX already has",
+        help="on CPU, split the search over n XLA host devices (e.g. one per core; measure it: "
+        "on a 2-core CPU it helped the MLP models, not the conv ones); 0: the devices JAX has",
     )
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     parser.add_argument("--no-modes", action="store_true", help="skip the mode comparison")
