@@ -11,8 +11,15 @@ import sys
 import jax
 import numpy as np
 
-FIELDS = ("source_index", "pred_label", "flips_per_source", "used", "z", "prob")
-FIELDS += ("perturbation_norm",)
+FIELDS = (
+    "source_index",
+    "pred_label",
+    "flips_per_source",
+    "used",
+    "z",
+    "prob",
+    "perturbation_norm",
+)
 
 
 def main(port: str, process_id: str, out: str) -> None:
