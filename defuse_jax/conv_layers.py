@@ -20,6 +20,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+
+def _promote(x, kernel, bias):
+    """Inputs and parameters in one dtype, as the flax layers do (`nnx.Conv` with dtype=None):
+    bf16 parameters with float32 inputs compute in float32, and so on."""
+    dtype = jnp.result_type(x, kernel) if bias is None else jnp.result_type(x, kernel, bias)
+    return x.astype(dtype), kernel.astype(dtype), None if bias is None else bias.astype(dtype)
+
+
 # Which taps of a 4-wide kernel reach even (0) and odd (1) output positions of a stride-2
 # transposed convolution with SAME padding (flax/lax convention, kernel not flipped).
 _PHASE_TAPS = ((0, 2), (1, 3))
@@ -41,6 +49,7 @@ def conv_transpose_stride2(x: jax.Array, kernel: jax.Array, bias: jax.Array | No
     """
     if kernel.shape[:2] != (4, 4):
         raise ValueError(f"conv_transpose_stride2 needs a 4x4 kernel, got {kernel.shape}.")
+    x, kernel, bias = _promote(x, kernel, bias)
     b, h, w, cin = x.shape
     cout = kernel.shape[-1]
     rows = jnp.asarray(_PHASE_TAPS)  # [phase, tap]
@@ -77,6 +86,7 @@ def conv_few_outputs(x: jax.Array, kernel: jax.Array, bias: jax.Array | None) ->
     kh, kw, cin, cout = kernel.shape
     if kh % 2 == 0 or kw % 2 == 0:
         raise ValueError(f"conv_few_outputs needs an odd kernel size, got {kernel.shape}.")
+    x, kernel, bias = _promote(x, kernel, bias)
     b, h, w, _ = x.shape
     taps = x.reshape(-1, cin) @ kernel.transpose(2, 0, 1, 3).reshape(cin, kh * kw * cout)
     taps = taps.reshape(b, h, w, kh, kw, cout)

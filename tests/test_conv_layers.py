@@ -63,11 +63,25 @@ def _conv(x, k):
     )
 
 
-def test_bfloat16_inputs_stay_bfloat16():
-    x = _inputs((1, 3, 3, 4)).astype(jnp.bfloat16)
-    k = _inputs((4, 4, 4, 2)).astype(jnp.bfloat16)
-    assert conv_transpose_stride2(x, k, None).dtype == jnp.bfloat16
-    assert conv_few_outputs(x, k[:3, :3], None).dtype == jnp.bfloat16
+@pytest.mark.parametrize(
+    "x_dtype, param_dtype",
+    [(jnp.bfloat16, jnp.bfloat16), (jnp.float32, jnp.bfloat16), (jnp.bfloat16, jnp.float32)],
+)
+def test_dtypes_follow_the_flax_layers(x_dtype, param_dtype):
+    x = _inputs((2, 3, 5, 4))
+    with jax.numpy_dtype_promotion("standard"):  # flax promotes mixed dtypes like this too
+        for flax_cls, ours, kw in (
+            (nnx.ConvTranspose, conv_transpose_stride2, dict(strides=(2, 2), kernel_size=(4, 4))),
+            (nnx.Conv, conv_few_outputs, dict(kernel_size=(3, 3))),
+        ):
+            layer = flax_cls(4, 2, padding="SAME", param_dtype=param_dtype, rngs=nnx.Rngs(0), **kw)
+            layer.bias[...] = _inputs((2,), seed=5).astype(param_dtype)
+            want = layer(x.astype(x_dtype))
+            got = ours(x.astype(x_dtype), layer.kernel[...], layer.bias[...])
+            assert got.dtype == want.dtype
+            np.testing.assert_allclose(
+                got.astype(jnp.float32), want.astype(jnp.float32), rtol=2e-2, atol=2e-2
+            )
 
 
 @pytest.mark.parametrize(
