@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU/TPU benchmark as one prepared command, for a machine that already has JAX (with its
-# accelerator plugin), flax, optax, orbax-checkpoint, scikit-learn and (optionally) torch, and no
-# network: nothing is installed, the checkout is used in place.
+# The GPU/TPU benchmark as one prepared command, for a machine with no network that already has
+# JAX with its accelerator plugin and defuse-jax's other runtime dependencies (pyproject.toml:
+# flax, optax, orbax-checkpoint, scikit-learn, matplotlib, pillow, tqdm; tensorflow-datasets is
+# not needed) and, optionally, torch: nothing is installed, the checkout is used in place.
 #
 #   OUT=/some/dir bash scripts/device_bench.sh     # writes info.json, search.json, search.log
 #   CHAINS=256,1024 SEARCH_ARGS="--quick --no-torch" bash scripts/device_bench.sh   # a smoke run
@@ -15,7 +16,7 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 
-$PY -m defuse_jax.cli info | tee "$OUT/info.json" || exit 1
+$PY -m defuse_jax.cli info --json >"$OUT/info.json" && cat "$OUT/info.json"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.max.sm \
   --format=csv >"$OUT/gpu.csv"
 

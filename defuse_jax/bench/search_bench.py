@@ -359,16 +359,18 @@ def _torch_loop_once(vae, clf, kind: str, q: int, points: int, keep: int) -> dic
     z0 = torch.randn(points, LATENT_DIM, generator=gen, device=device)
     y0 = np.random.default_rng(0).integers(0, NUM_CLASSES, points)
 
-    def loop():  # .cpu() per point: the host sync the reference's loop has
+    def loop():
         kept = []
         with torch.no_grad():
             for i in range(points):
                 delta = 0.5 * torch.randn(q, LATENT_DIM, generator=gen, device=device)
                 z = z0[i][None, :] + delta
-                pred = net(dec(z)).argmax(dim=1).cpu().numpy()
-                norm = delta.norm(dim=1).cpu().numpy()
+                pred = net(dec(z)).argmax(dim=1, keepdim=True).to(z.dtype)
+                # One device-to-host copy per point, like the JAX loop's device_get.
+                host = torch.cat([z, delta.norm(dim=1, keepdim=True), pred], 1).cpu().numpy()
+                zs, norm, pred = host[:, :-2], host[:, -2], host[:, -1].astype(np.int64)
                 bad = np.flatnonzero(pred != y0[i])
-                kept.append(z.cpu().numpy()[bad[np.argsort(norm[bad])[:keep]]])
+                kept.append(zs[bad[np.argsort(norm[bad])[:keep]]])
         return kept
 
     t = _timeit(loop, 3)
@@ -511,6 +513,24 @@ def _size_class() -> str:
     return "cpu" if jax.default_backend() == "cpu" else "accelerator"
 
 
+def _unless_out_of_memory(measure, *, chains: int, chunk: int) -> dict:
+    """measure(), or a row saying the accelerator ran out of memory (the benchmark goes on)."""
+    try:
+        return measure()
+    except Exception as e:  # noqa: BLE001 (XlaRuntimeError's module moves between JAX versions)
+        if "RESOURCE_EXHAUSTED" not in str(e) and not isinstance(e, MemoryError):
+            raise
+        print(f"  out of memory at chunk size {chunk}: skipped")
+        return {"chains": chains, "chunk_size": chunk, "error": "out of memory"}
+
+
+def _measured(rows: list) -> list:
+    rows = [r for r in rows if "samples_per_s" in r]
+    if not rows:
+        raise RuntimeError("every size ran out of memory; pass smaller --chunk-sizes/--chains")
+    return rows
+
+
 def bench_model(kind: str, args) -> dict:
     quick, repeats = args.quick, (1 if args.quick else args.repeats)
     decode_fn, classify_fn, vae, clf = build_models(kind)
@@ -537,29 +557,39 @@ def bench_model(kind: str, args) -> dict:
     )
 
     tune_chains = min(max(chains), sizes["tune_chains"])
-    out["chunk_tuning"] = [
-        engine_throughput(decode_fn, classify_fn, tune_chains, q, c, repeats) for c in chunks
+    out["chunk_tuning"] = tuning = [
+        _unless_out_of_memory(
+            partial(engine_throughput, decode_fn, classify_fn, tune_chains, q, c, repeats),
+            chains=tune_chains,
+            chunk=c,
+        )
+        for c in chunks
     ]
-    best_chunk = max(out["chunk_tuning"], key=lambda r: r["samples_per_s"])["chunk_size"]
+    best_chunk = max(_measured(tuning), key=lambda r: r["samples_per_s"])["chunk_size"]
     out["best_chunk_size"] = best_chunk
     print(
         f"[{kind}] chunk tuning at {tune_chains} chains: "
-        + ", ".join(f"{r['chunk_size']}: {r['samples_per_s']:,.0f}/s" for r in out["chunk_tuning"])
+        + ", ".join(f"{r['chunk_size']}: {r['samples_per_s']:,.0f}/s" for r in _measured(tuning))
     )
 
     out["sweep"] = sweep = []
     for c in chains:
-        row = engine_throughput(decode_fn, classify_fn, c, q, best_chunk, repeats)
-        row["fraction_of_forward"] = row["samples_per_s"] / fwd["best_samples_per_s"]
-        row["gflops_per_s"] = row["samples_per_s"] * fwd["flops_per_sample"] / 1e9
+        row = _unless_out_of_memory(
+            partial(engine_throughput, decode_fn, classify_fn, c, q, best_chunk, repeats),
+            chains=c,
+            chunk=best_chunk,
+        )
+        if "samples_per_s" in row:
+            row["fraction_of_forward"] = row["samples_per_s"] / fwd["best_samples_per_s"]
+            row["gflops_per_s"] = row["samples_per_s"] * fwd["flops_per_sample"] / 1e9
         sweep.append(row)
-    engine_best = max(r["samples_per_s"] for r in sweep)
+    engine_best = max(r["samples_per_s"] for r in _measured(sweep))
     out["engine_best_samples_per_s"] = engine_best
     out["engine_fraction_of_forward"] = engine_best / fwd["best_samples_per_s"]
     out["forward_gflops_per_s"] = fwd["best_samples_per_s"] * fwd["flops_per_sample"] / 1e9
-    pair_chains = tune_chains
+    batch = min(fwd["best_batch"], tune_chains)  # both sides evaluate the same samples
     out["paired"] = pf = paired_fraction(
-        decode_fn, classify_fn, pair_chains, q, best_chunk, fwd["best_batch"], repeats
+        decode_fn, classify_fn, tune_chains, q, best_chunk, batch, repeats
     )
     print(
         f"[{kind}] paired at {pf['chains']} samples: engine {pf['engine_samples_per_s']:,.0f}/s, "
@@ -607,6 +637,9 @@ def _print_model(r: dict) -> None:
         f"{'GFLOP/s':>8} {'found':>6}"
     )
     for s in r["sweep"]:
+        if "error" in s:
+            print(f"{s['chains']:>8} {'':>8} {s['chunk_size']:>6}   ({s['error']})")
+            continue
         print(
             f"{s['chains']:>8} {s['sources']:>8} {s['chunk_size']:>6} "
             f"{s['samples_per_s']:>12,.0f} {s['fraction_of_forward']:>6.1%} "
@@ -642,6 +675,10 @@ def _print_modes(rows: list) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     """Runs the benchmark, prints a table, writes JSON to `args.out`; returns the results."""
+    kinds = [k.strip() for k in args.models.split(",") if k.strip()]
+    for kind in kinds:  # before any long measurement
+        if kind not in MODEL_SHAPES:
+            raise ValueError(f"--models: unknown model {kind!r}; use mlp and/or conv.")
     ensure_devices(args.devices)
     repeats = 1 if args.quick else args.repeats
     result = {
@@ -659,17 +696,21 @@ def run(args: argparse.Namespace) -> dict:
         f"backend {result['backend']} x{len(result['devices'])}; 2048^2 matmul "
         f"{result['matmul_2048_gflops_per_s']:.1f} GFLOP/s"
     )
-    for kind in [k.strip() for k in args.models.split(",") if k.strip()]:
-        if kind not in MODEL_SHAPES:
-            raise ValueError(f"--models: unknown model {kind!r}; use mlp and/or conv.")
+    for kind in kinds:
         r = bench_model(kind, args)
         result["models"].append(r)
         _print_model(r)
+        _write(result, args.out)  # after each model: a later failure keeps what was measured
     if args.run_dir:
         result["trained_digits"] = trained_digits(args.run_dir, repeats)
+    _write(result, args.out)
     if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2, default=float)
         print(f"\nwrote {args.out}")
     return result
+
+
+def _write(result: dict, path: str) -> None:
+    if path:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2, default=float)
