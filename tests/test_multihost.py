@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -32,25 +33,37 @@ def two_process_results(tmp_path_factory):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
     port = str(_free_port())
+    logs = [open(out / f"p{i}.log", "w") for i in range(2)]  # files: a full pipe cannot block
     procs = [
         subprocess.Popen(
             [sys.executable, WORKER, port, str(i), str(out / f"p{i}.npz")],
             env=env,
-            stdout=subprocess.PIPE,
+            stdout=logs[i],
             stderr=subprocess.STDOUT,
-            text=True,
         )
         for i in range(2)
     ]
-    logs = []
+    deadline = time.monotonic() + 300
     try:
-        for p in procs:
-            logs.append(p.communicate(timeout=300)[0])
+        # If one worker fails, the other would wait for it until the coordinator's timeout.
+        while time.monotonic() < deadline:
+            codes = [p.poll() for p in procs]
+            if None not in codes or any(c not in (None, 0) for c in codes):
+                break
+            time.sleep(0.2)
     finally:
         for p in procs:
-            p.kill()
-    for p, log in zip(procs, logs, strict=True):
-        assert p.returncode == 0, log[-3000:]
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for f in logs:
+            f.close()
+    failed = [
+        f"worker {i} exited with {p.returncode}:\n{(out / f'p{i}.log').read_text()[-3000:]}"
+        for i, p in enumerate(procs)
+        if p.returncode != 0
+    ]
+    assert not failed, "\n".join(failed)
     return [dict(np.load(out / f"p{i}.npz")) for i in range(2)]
 
 
