@@ -108,6 +108,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     import orbax.checkpoint as ocp
 
     import defuse_jax
+    from defuse_jax import xla_cache
 
     info = {
         "defuse_jax": defuse_jax.__version__,
@@ -121,6 +122,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "process_count": jax.process_count(),
         "devices": [str(d) for d in jax.devices()],
         "local_device_count": jax.local_device_count(),
+        "compilation_cache": xla_cache.cache_dir(),  # of the pipeline commands
     }
     if args.json:
         print(json.dumps(info, indent=2))
@@ -224,23 +226,23 @@ def build_parser() -> argparse.ArgumentParser:
     for name, kind in (("train-vae", "vae"), ("train-classifier", "classifier")):
         p = sub.add_parser(name, help=f"train (or resume) the {kind} into <run>/train/{kind}")
         add_run_flags(p)
-        p.set_defaults(func=lambda a, k=kind: cmd_train(a, kind=k))
+        p.set_defaults(func=lambda a, k=kind: cmd_train(a, kind=k), xla_cache=True)
 
     for name, help_ in STAGE_HELP.items():
         p = sub.add_parser(name, help=help_)
         add_run_flags(p)
         until = "evaluate" if name == "run" else name
-        p.set_defaults(func=lambda a, u=until: cmd_stage(a, until=u))
+        p.set_defaults(func=lambda a, u=until: cmd_stage(a, until=u), xla_cache=True)
 
     p = sub.add_parser("label", help="label the regions in the terminal (resumable)")
     add_run_flags(p)
-    p.set_defaults(func=cmd_label)
+    p.set_defaults(func=cmd_label, xla_cache=True)
 
     from defuse_jax import sweep as sweep_lib
 
     p = sub.add_parser("sweep", help="grid over search settings on a trained run (table + plot)")
     sweep_lib.add_arguments(p)
-    p.set_defaults(func=sweep_lib.run)
+    p.set_defaults(func=sweep_lib.run, xla_cache=True)
 
     _add_bench_parsers(sub)
     return parser
@@ -252,6 +254,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from defuse_jax.checkpoint import CheckpointError
     from defuse_jax.data import DatasetNotFoundError
 
+    if getattr(args, "xla_cache", False):  # pipeline commands; never benchmarks
+        from defuse_jax.xla_cache import enable_compilation_cache
+
+        enable_compilation_cache()
     try:
         return int(args.func(args) or 0)
     except (CheckpointError, DatasetNotFoundError, FileNotFoundError, ValueError, TypeError) as e:

@@ -6,6 +6,8 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# In-process CLI tests must not write the user's compilation cache (test_xla_cache.py tests it).
+os.environ["DEFUSE_JAX_CACHE_DIR"] = "off"
 
 import jax  # noqa: E402
 
