@@ -9,6 +9,9 @@ from flax import nnx
 from defuse_jax import models
 from defuse_jax.conv_layers import conv_few_outputs, conv_transpose_stride2
 
+# Host-side init: flax's default initialiser compiles an XLA program per weight shape.
+_INIT = dict(kernel_init=models.host_lecun_normal)
+
 
 def _inputs(shape, seed=0):
     return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
@@ -20,24 +23,28 @@ def _inputs(shape, seed=0):
 )
 def test_conv_transpose_stride2_matches_flax(height, width, cin, cout, bias):
     layer = nnx.ConvTranspose(
-        cin, cout, (4, 4), strides=(2, 2), padding="SAME", use_bias=bias, rngs=nnx.Rngs(1)
+        cin, cout, (4, 4), strides=(2, 2), padding="SAME", use_bias=bias, **_INIT, rngs=nnx.Rngs(1)
     )
     if bias:  # a non-zero bias, so that adding it is checked too
         layer.bias[...] = _inputs((cout,), seed=3)
     x = _inputs((2, height, width, cin))
     b = layer.bias[...] if bias else None
-    got = conv_transpose_stride2(x, layer.kernel[...], b)
-    want = layer(x)
+    got = jax.jit(conv_transpose_stride2)(x, layer.kernel[...], b)  # jitted: eager ops compile
+    want = layer(x)  # one by one, which made these tests slow
     assert got.shape == (2, 2 * height, 2 * width, cout)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
     def loss(fn):
         return lambda k, x: jnp.sum(jnp.sin(fn(k, x)))
 
-    ours = jax.grad(loss(lambda k, x: conv_transpose_stride2(x, k, b)), argnums=(0, 1))
-    ref = jax.grad(
-        loss(lambda k, x: jax.lax.conv_transpose(x, k, (2, 2), "SAME") + (0 if b is None else b)),
-        argnums=(0, 1),
+    ours = jax.jit(jax.grad(loss(lambda k, x: conv_transpose_stride2(x, k, b)), argnums=(0, 1)))
+    ref = jax.jit(
+        jax.grad(
+            loss(
+                lambda k, x: jax.lax.conv_transpose(x, k, (2, 2), "SAME") + (0 if b is None else b)
+            ),
+            argnums=(0, 1),
+        )
     )
     for g, r in zip(ours(layer.kernel[...], x), ref(layer.kernel[...], x), strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
@@ -47,13 +54,13 @@ def test_conv_transpose_stride2_matches_flax(height, width, cin, cout, bias):
     "kernel, cin, cout", [((3, 3), 32, 1), ((3, 3), 8, 3), ((5, 3), 4, 2), ((1, 1), 6, 1)]
 )
 def test_conv_few_outputs_matches_flax(kernel, cin, cout):
-    layer = nnx.Conv(cin, cout, kernel, padding="SAME", rngs=nnx.Rngs(2))
+    layer = nnx.Conv(cin, cout, kernel, padding="SAME", **_INIT, rngs=nnx.Rngs(2))
     layer.bias[...] = _inputs((cout,), seed=4)
     x = _inputs((3, 9, 6, cin))
-    got = conv_few_outputs(x, layer.kernel[...], layer.bias[...])
+    got = jax.jit(conv_few_outputs)(x, layer.kernel[...], layer.bias[...])
     np.testing.assert_allclose(got, layer(x), rtol=1e-5, atol=1e-5)
-    g = jax.grad(lambda k: jnp.sum(conv_few_outputs(x, k, None) ** 2))(layer.kernel[...])
-    r = jax.grad(lambda k: jnp.sum(_conv(x, k) ** 2))(layer.kernel[...])
+    g = jax.jit(jax.grad(lambda k: jnp.sum(conv_few_outputs(x, k, None) ** 2)))(layer.kernel[...])
+    r = jax.jit(jax.grad(lambda k: jnp.sum(_conv(x, k) ** 2)))(layer.kernel[...])
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
 
 
@@ -74,10 +81,12 @@ def test_dtypes_follow_the_flax_layers(x_dtype, param_dtype):
             (nnx.ConvTranspose, conv_transpose_stride2, dict(strides=(2, 2), kernel_size=(4, 4))),
             (nnx.Conv, conv_few_outputs, dict(kernel_size=(3, 3))),
         ):
-            layer = flax_cls(4, 2, padding="SAME", param_dtype=param_dtype, rngs=nnx.Rngs(0), **kw)
+            layer = flax_cls(
+                4, 2, padding="SAME", param_dtype=param_dtype, **_INIT, **kw, rngs=nnx.Rngs(0)
+            )
             layer.bias[...] = _inputs((2,), seed=5).astype(param_dtype)
             want = layer(x.astype(x_dtype))
-            got = ours(x.astype(x_dtype), layer.kernel[...], layer.bias[...])
+            got = jax.jit(ours)(x.astype(x_dtype), layer.kernel[...], layer.bias[...])
             assert got.dtype == want.dtype
             np.testing.assert_allclose(
                 got.astype(jnp.float32), want.astype(jnp.float32), rtol=2e-2, atol=2e-2
