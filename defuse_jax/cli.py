@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="grid over search settings on a trained run (table + plot)")
     sweep_lib.add_arguments(p)
-    p.set_defaults(func=sweep_lib.run, xla_cache=True)
+    p.set_defaults(func=sweep_lib.run)  # reports compile times: no compilation cache
 
     _add_bench_parsers(sub)
     return parser
@@ -254,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from defuse_jax.checkpoint import CheckpointError
     from defuse_jax.data import DatasetNotFoundError
 
-    if getattr(args, "xla_cache", False):  # pipeline commands; never benchmarks
+    if getattr(args, "xla_cache", False):  # pipeline commands; not bench/sweep (they time compiles)
         from defuse_jax.xla_cache import enable_compilation_cache
 
         enable_compilation_cache()

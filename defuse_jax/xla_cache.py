@@ -7,7 +7,8 @@ directory with the same shapes loads them instead.
 
 The cache directory is, in order: `$DEFUSE_JAX_CACHE_DIR` (`off` disables the cache),
 JAX's own `$JAX_COMPILATION_CACHE_DIR` (left to JAX), `$XDG_CACHE_HOME/defuse-jax/xla`, or
-`~/.cache/defuse-jax/xla`. Benchmarks never use it (they report compile times). The library
+`~/.cache/defuse-jax/xla`. Benchmarks and `defuse-jax sweep` never use it (they report compile
+times). The library
 itself does not turn it on: in a notebook, call `enable_compilation_cache()` if you want it.
 
 Example:

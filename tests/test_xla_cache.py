@@ -40,6 +40,7 @@ def test_cache_dir_from_the_environment(monkeypatch, env, expected):
         (["info"], False),
         (["bench", "search"], False),  # benchmarks report compile times: never cached
         (["bench", "mixture"], False),
+        (["sweep"], False),
     ],
 )
 def test_which_commands_use_the_cache(argv, cached):
