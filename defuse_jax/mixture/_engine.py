@@ -38,7 +38,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from defuse_jax.mixture import _init, _random
-from defuse_jax.mixture._layout import Blocks, Layout, psum, shard_index
+from defuse_jax.mixture._layout import Blocks, Layout, make_layout, psum, shard_index
 from defuse_jax.mixture.gaussian import features_t, moments_from_stats, n_stat_features
 
 # Stall rule (see `EngineConfig.stall_iters`): iterations without the bound rising more than
@@ -380,3 +380,47 @@ def fit(
         specs = (rows, rows, P(), P(), P(), rows)
     sharded = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False)
     return sharded(*args)
+
+
+def fit_functional(
+    x,
+    key,
+    user,
+    *,
+    model,
+    n_components: int,
+    covariance_type: str,
+    tol,
+    reg_covar,
+    max_iter: int,
+    n_init: int,
+    init_params: str,
+    mesh: Mesh | None,
+    mask,
+    init_resp,
+    block_size: int,
+    precompute_features: bool | None,
+    window: int = 0,
+):
+    """What the functional fits (`fit_gaussian_mixture`, `fit_bayesian_gaussian_mixture`) share:
+    the row layout, the static `EngineConfig`, the traced `Hyper` and the `fit` call; they differ
+    only in `model`, `user` (model-specific arrays) and `window`."""
+    n, d = x.shape
+    n_shards = 1 if mesh is None else mesh.devices.size
+    layout = make_layout(n, d, n_shards, block_size)
+    if precompute_features is None:
+        precompute_features = precompute_for(layout, covariance_type, x.dtype)
+    cfg = EngineConfig(
+        n_components=n_components,
+        covariance_type=covariance_type,
+        history_size=history_size_for(max_iter),
+        n_init=n_init,
+        init_params=init_params,
+        precompute_features=precompute_features,
+        window=window,
+    )
+    hyper = make_hyper(tol, reg_covar, max_iter, x.dtype)
+    return fit(
+        x, key, user, hyper, model=model, cfg=cfg, layout=layout, mesh=mesh, mask=mask,
+        init_resp=init_resp,
+    )  # fmt: skip

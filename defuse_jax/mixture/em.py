@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from defuse_jax.mixture import _base, _engine, validation
-from defuse_jax.mixture._layout import make_layout
 from defuse_jax.mixture.gaussian import (
     cholesky_from_precisions,
     covariances_from_cholesky,
@@ -137,40 +136,17 @@ def fit_gaussian_mixture(
     `n_iter`, `converged`, `code` (0 ok, 1 ill-defined covariance, 2 non-finite), `history`
     (per-iteration lower bounds, first `n_iter` valid).
     """
-    n, d = x.shape
-    n_shards = 1 if mesh is None else mesh.devices.size
-    layout = make_layout(n, d, n_shards, block_size)
-    cfg = _engine.EngineConfig(
-        n_components=n_components,
-        covariance_type=covariance_type,
-        history_size=_engine.history_size_for(max_iter),
-        n_init=n_init,
-        init_params=init_params,
-        precompute_features=(
-            _engine.precompute_for(layout, covariance_type, x.dtype)
-            if precompute_features is None
-            else precompute_features
-        ),
-    )
-    model = EMModel(n_components, d, covariance_type)
     user = {
         "weights_init": weights_init,
         "means_init": means_init,
         "precisions_cholesky_init": precisions_cholesky_init,
     }
-    hyper = _engine.make_hyper(tol, reg_covar, max_iter, x.dtype)
-    return _engine.fit(
-        x,
-        key,
-        user,
-        hyper,
-        model=model,
-        cfg=cfg,
-        layout=layout,
-        mesh=mesh,
-        mask=mask,
-        init_resp=init_resp,
-    )
+    return _engine.fit_functional(
+        x, key, user, model=EMModel(n_components, x.shape[1], covariance_type),
+        n_components=n_components, covariance_type=covariance_type, tol=tol, reg_covar=reg_covar,
+        max_iter=max_iter, n_init=n_init, init_params=init_params, mesh=mesh, mask=mask,
+        init_resp=init_resp, block_size=block_size, precompute_features=precompute_features,
+    )  # fmt: skip
 
 
 class GaussianMixture(_base.MixtureBase):

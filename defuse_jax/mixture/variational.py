@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from defuse_jax.mixture import _base, _engine, validation
-from defuse_jax.mixture._layout import make_layout, psum
+from defuse_jax.mixture._layout import psum
 from defuse_jax.mixture._special import betaln, digamma, gammaln
 from defuse_jax.mixture.gaussian import (
     gaussian_log_norm,
@@ -249,25 +249,9 @@ def fit_bayesian_gaussian_mixture(
     """
     if convergence_window is None:
         convergence_window = 10 if x.dtype == jnp.float32 else 0
-    n, d = x.shape
-    n_shards = 1 if mesh is None else mesh.devices.size
-    layout = make_layout(n, d, n_shards, block_size)
-    cfg = _engine.EngineConfig(
-        n_components=n_components,
-        covariance_type=covariance_type,
-        history_size=_engine.history_size_for(max_iter),
-        n_init=n_init,
-        init_params=init_params,
-        precompute_features=(
-            _engine.precompute_for(layout, covariance_type, x.dtype)
-            if precompute_features is None
-            else precompute_features
-        ),
-        window=convergence_window,
-    )
     model = VBModel(
         n_components,
-        d,
+        x.shape[1],
         covariance_type,
         weight_concentration_prior_type,
         weight_concentration_prior,
@@ -275,19 +259,12 @@ def fit_bayesian_gaussian_mixture(
         degrees_of_freedom_prior,
     )
     user = {"mean_prior": mean_prior, "covariance_prior": covariance_prior}
-    hyper = _engine.make_hyper(tol, reg_covar, max_iter, x.dtype)
-    return _engine.fit(
-        x,
-        key,
-        user,
-        hyper,
-        model=model,
-        cfg=cfg,
-        layout=layout,
-        mesh=mesh,
-        mask=mask,
-        init_resp=init_resp,
-    )
+    return _engine.fit_functional(
+        x, key, user, model=model, n_components=n_components, covariance_type=covariance_type,
+        tol=tol, reg_covar=reg_covar, max_iter=max_iter, n_init=n_init, init_params=init_params,
+        mesh=mesh, mask=mask, init_resp=init_resp, block_size=block_size,
+        precompute_features=precompute_features, window=convergence_window,
+    )  # fmt: skip
 
 
 class BayesianGaussianMixture(_base.MixtureBase):
