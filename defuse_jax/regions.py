@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from defuse_jax.mixture import BayesianGaussianMixture, GaussianMixture
+from defuse_jax.precision import exact
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,12 +210,18 @@ def region_cholesky(regions: Regions, *, tau: float) -> np.ndarray:
     return np.linalg.cholesky(cov).astype(np.float32)
 
 
+@functools.partial(jax.jit, static_argnames="n")
+@exact  # a sampling law, not a forward pass: TF32 would distort the covariance
+def draw_region_codes(means: jax.Array, chol: jax.Array, key: jax.Array, *, n: int) -> jax.Array:
+    """means [R, L], chol [R, L, L] lower factors -> [R, n, L] codes mean + chol @ eps."""
+    eps = jax.random.normal(key, (means.shape[0], n, means.shape[1]), jnp.float32)
+    return means[:, None, :] + jnp.einsum("rij,rnj->rni", chol, eps)
+
+
 def sample_regions(regions: Regions, key: jax.Array, n: int, *, tau: float) -> np.ndarray:
     """Draw n codes per region from N(mean, tau * cov): [R, n, L]."""
     chol = jnp.asarray(region_cholesky(regions, tau=tau))
-    means = jnp.asarray(regions.means)
-    eps = jax.random.normal(key, (means.shape[0], n, means.shape[1]), jnp.float32)
-    return np.asarray(means[:, None, :] + jnp.einsum("rij,rnj->rni", chol, eps))
+    return np.asarray(draw_region_codes(jnp.asarray(regions.means), chol, key, n=n))
 
 
 def save_regions(regions: Regions, directory: str) -> None:

@@ -21,6 +21,7 @@ from sklearn.utils.validation import check_is_fitted
 from defuse_jax.mixture import _engine, validation
 from defuse_jax.mixture._layout import bucket_rows, make_layout
 from defuse_jax.mixture.gaussian import weighted_log_prob
+from defuse_jax.precision import exact
 
 ILL_DEFINED_MESSAGE = (
     "Fitting the mixture model failed because some components have ill-defined empirical "
@@ -79,6 +80,7 @@ def seed_of(random_state) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("covariance_type",))
+@exact
 def _posterior(xb, means, prec_chol, log_const, *, covariance_type: str):
     """(log p(x) [nb, B], log responsibilities [nb, B, K]) of row blocks [nb, B, d], with the
     exact centred Mahalanobis form (as scikit-learn)."""

@@ -20,6 +20,9 @@ across shards with `psum`. The lower bound is computed exactly where scikit-lear
 convergence test is scikit-learn's `abs(change) < tol`, plus the two rules for float32 rounding
 noise described in `EngineConfig` (a stall rule, and optionally a windowed change).
 
+Precision: the fit is traced under `defuse_jax.precision.exact`, so its matmuls run at full
+float32 on every backend (TF32 or bf16-pass statistics make covariances indefinite).
+
 Numerical guards: the Mahalanobis term is clamped at 0, indefinite covariances are repaired
 (see `gaussian.repair_covariances`), and a step whose precisions or lower bound are not finite is
 not taken: the loop stops with an error code (1: a covariance is not positive definite, 2: the
@@ -40,6 +43,7 @@ from jax.sharding import PartitionSpec as P
 from defuse_jax.mixture import _init, _random
 from defuse_jax.mixture._layout import Blocks, Layout, make_layout, psum, shard_index
 from defuse_jax.mixture.gaussian import features_t, moments_from_stats, n_stat_features
+from defuse_jax.precision import exact
 
 # Stall rule (see `EngineConfig.stall_iters`): iterations without the bound rising more than
 # tol above its running maximum, after which a fit with tol > 0 counts as converged.
@@ -322,6 +326,7 @@ def fit_local(
     return out
 
 
+@exact
 def fit(
     x,
     key,
@@ -337,7 +342,8 @@ def fit(
 ):
     """Jittable fit on [N, d] rows, optionally sharded over the 1-D `mesh` (rows split).
 
-    Padding to the layout happens here; `mask` (optional [N], 1/0) excludes rows.
+    Padding to the layout happens here; `mask` (optional [N], 1/0) excludes rows. Every matmul
+    runs at full float32 whatever the backend's default (`defuse_jax.precision`).
     """
     n, d = x.shape
     pad = layout.n_padded - n
