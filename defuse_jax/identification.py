@@ -6,7 +6,6 @@ Writes `errors.npz` (codes and their metadata, read with allow_pickle=False) and
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from typing import Any
 
@@ -60,9 +59,12 @@ def run_search(
     if max_sources is not None and max_sources < n:
         idx = np.sort(np.random.default_rng(seed).choice(n, max_sources, replace=False))
     z0 = encode_sources(vae, ds.x_test[idx])
+    decode_fn, classify_fn = models.search_functions(
+        vae, classifier, compute_dtype=search.compute_dtype
+    )
     result = latent_search(
-        functools.partial(models.decode, vae),
-        functools.partial(models.logits, classifier),
+        decode_fn,
+        classify_fn,
         z0,
         ds.y_test[idx].astype(np.int32),
         key=jax.random.key(search.seed),

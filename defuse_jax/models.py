@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Literal
 
@@ -297,3 +298,34 @@ def logits(params: Params, x: jax.Array) -> jax.Array:
 
 def num_params(params: Params) -> int:
     return int(sum(math.prod(p.shape) for p in jax.tree.leaves(params.state)))
+
+
+def cast_params(params: Params, dtype: Any) -> Params:
+    """A copy of `params` with every floating-point weight cast to `dtype` (e.g. "bfloat16").
+
+    Flax layers compute in the promoted dtype of their input and their weights, so a bfloat16
+    input with float32 weights still computes in float32; casting the weights is what makes a
+    forward pass really run in bfloat16. Non-float leaves (counters, integer buffers) are kept.
+    """
+    dtype = jnp.dtype(dtype)
+
+    def cast(a):
+        return a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+
+    return Params(params.graphdef, jax.tree.map(cast, params.state))
+
+
+def search_functions(
+    vae: Params, classifier: Params, *, compute_dtype: str = "float32"
+) -> tuple[Any, Any]:
+    """(decode_fn, classify_fn) for `latent_search`, with the weights in `compute_dtype`.
+
+    Pass the same `compute_dtype` as the `SearchConfig`'s: the search casts z to it, and these
+    functions hold weights of that dtype, so the whole forward pass runs in it.
+
+    Returns:
+        decode_fn: z [B, L] -> images [B, H, W, C]; classify_fn: images -> logits [B, C].
+    """
+    if compute_dtype != "float32":
+        vae, classifier = cast_params(vae, compute_dtype), cast_params(classifier, compute_dtype)
+    return functools.partial(decode, vae), functools.partial(logits, classifier)

@@ -339,9 +339,12 @@ def run(args: argparse.Namespace) -> int:
     z0 = identification.encode_sources(vae, ds.x_test[idx])
     y0 = ds.y_test[idx].astype(np.int32)
     print(f"sweep on {args.run}: {len(idx)} sources, devices {jax.devices()}")
+    decode_fn, classify_fn = models.search_functions(
+        vae, clf, compute_dtype=config.search.compute_dtype
+    )
     rows = run_sweep(
-        functools.partial(models.decode, vae),
-        functools.partial(models.logits, clf),
+        decode_fn,
+        classify_fn,
         z0,
         y0,
         grid=grid,

@@ -125,3 +125,79 @@ def test_ill_conditioned_float32_fit_matches_float64_scikit_learn(cls):
         ref = sk_cls(**kw).fit(x)
     assert ours.converged_
     assert abs(ours.score(x) - ref.score(x)) < 1e-3, (ours.score(x), ref.score(x))
+
+
+# --------------------------------------------------------------------------------------------
+# bfloat16 search: the models really compute in bfloat16.
+
+_TENSOR = re.compile(r"tensor<([0-9x]*)(bf16|f16|f32|f64)>")
+
+
+def _conv_models(latent=4):
+    from flax import nnx
+
+    from defuse_jax import models
+
+    shape = (8, 8, 1)
+    vae = models.VAE(
+        models.VAEConfig(kind="conv", latent_dim=latent, hidden=16, channels=(4, 8)),
+        image_shape=shape,
+        rngs=nnx.Rngs(0),
+    )
+    clf = models.Classifier(
+        models.ClassifierConfig(kind="conv", hidden=16, channels=(4, 8)),
+        image_shape=shape,
+        num_classes=3,
+        rngs=nnx.Rngs(1),
+    )
+    return models.params_of(vae), models.params_of(clf)
+
+
+def _matmul_operand_dtypes(text: str) -> list[tuple[str, ...]]:
+    """Operand element types of every dot/convolution in a lowered module."""
+    out = []
+    for line in text.splitlines():
+        if _DOT.search(line):
+            signature = line.rsplit(":", 1)[-1].split("->")[0]
+            out.append(tuple(m.group(2) for m in _TENSOR.finditer(signature)))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["sample", "gradient"])
+def test_bf16_search_program_computes_in_bf16(mode):
+    from defuse_jax import models
+    from defuse_jax.search import SearchConfig, lower_search
+
+    vp, cp = _conv_models()
+    z0 = np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32)
+    y0 = np.zeros(6, np.int32)
+    config = SearchConfig(
+        mode=mode, num_samples=8, chains_per_source=2, num_rounds=2, compute_dtype="bfloat16"
+    )
+    dec, clf = models.search_functions(vp, cp, compute_dtype="bfloat16")
+    text = lower_search(dec, clf, z0, y0, key=jax.random.key(0), config=config).as_text()
+    operands = _matmul_operand_dtypes(text)
+    assert len(operands) >= 5, operands  # decoder and classifier convs and dense layers
+    assert all(ops and set(ops) == {"bf16"} for ops in operands), sorted(set(operands))
+    # The same search with float32 weights computes in float32 (what the pipeline used to do).
+    # Under JAX's standard promotion that search warns; under strict promotion it fails early.
+    dec32, clf32 = models.search_functions(vp, cp)
+    with jax.numpy_dtype_promotion("standard"), pytest.warns(UserWarning, match="runs in float32"):
+        text32 = lower_search(dec32, clf32, z0, y0, key=jax.random.key(0), config=config)
+    assert any("f32" in ops for ops in _matmul_operand_dtypes(text32.as_text()))
+    with pytest.raises(ValueError, match="cast them"):
+        lower_search(*models.search_functions(vp, cp), z0, y0, key=None, config=config)
+
+
+def test_cast_params_casts_only_floating_leaves():
+    from defuse_jax import models
+
+    vp, _ = _conv_models()
+    half = models.cast_params(vp, "bfloat16")
+    leaves = jax.tree.leaves(half.state)
+    assert leaves and all(a.dtype == jnp.bfloat16 for a in leaves)
+    back = models.cast_params(half, jnp.float32)
+    for a, b in zip(jax.tree.leaves(vp.state), jax.tree.leaves(back.state), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-2, atol=1e-2)
+    z = jnp.zeros((2, 4), jnp.bfloat16)
+    assert models.decode(half, z).dtype == jnp.bfloat16

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from defuse_jax.search import SearchConfig, SearchResult, latent_search
+from defuse_jax.search import SearchConfig, SearchResult, latent_search, sizing
 from defuse_jax.search.perturb import ChainRng, sample_offset
 
 LATENT, HIDDEN, CLASSES = 4, 16, 3
@@ -196,10 +196,11 @@ def test_one_device_equals_four_devices(results, index):
     _assert_same(four, results[IDS[index]], exact=False)
 
 
-@pytest.mark.parametrize("chunk_size", [7, 100])
+@pytest.mark.parametrize("chunk_size", [7, 100, None])
 def test_chunk_size_does_not_change_results(results, chunk_size):
     z0, y0 = _sources()
-    # 7 < Q: several sub-chunks per source (padded); 100: 4 sources per block (MODES[0]: 2)
+    # 7 < Q: several sub-chunks per source (padded); 100: 4 sources per block (MODES[0]: 2);
+    # None: picked by backend and model size
     cfg = dataclasses.replace(MODES[0], chunk_size=chunk_size)
     res = latent_search(decode, classify, z0, y0, key=jax.random.key(0), config=cfg, mesh=_mesh(2))
     _assert_same(res, results["gaussian"], exact=False)
@@ -247,7 +248,7 @@ def test_bad_input_is_a_clear_error(z0, y0, config, match):
     [
         ({"num_samples": 0}, "num_samples=0"),
         ({"num_rounds": 0}, "num_rounds=0"),
-        ({"chunk_size": 0}, "chunk_size=0"),
+        ({"chunk_size": 0}, "chunk_size=0.*or None"),
         ({"mode": "bogus"}, "mode="),
         ({"distribution": "cauchy"}, "distribution="),
         ({"max_keep_per_source": 0}, "max_keep_per_source"),
@@ -258,3 +259,44 @@ def test_bad_input_is_a_clear_error(z0, y0, config, match):
 def test_bad_config_is_a_clear_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SearchConfig(**kwargs)
+
+
+MLP_COST, CONV_COST = sizing.ForwardCost(3.4e5, 2.2e4), sizing.ForwardCost(2.2e7, 2.9e6)
+
+
+@pytest.mark.parametrize(
+    "cost, backend, memory, gradient, expected",
+    [
+        (MLP_COST, "cpu", None, False, 2048),  # capped: larger chunks leave the caches
+        (CONV_COST, "cpu", None, False, 128),  # the 2-core CPU's measured best: 64-128
+        (CONV_COST, "cpu", None, True, 32),  # a backward pass per round too
+        (MLP_COST, "gpu", 141e9, False, 262_144),  # the H200's measured best
+        (CONV_COST, "gpu", 141e9, False, 32_768),  # the H200's measured best
+        (CONV_COST, "gpu", 16e9, False, 4096),  # a 16 GB GPU: memory caps the chunk
+        (CONV_COST, "tpu", None, False, 32_768),
+        (sizing.ForwardCost(1e12, 1e9), "gpu", 16e9, False, 8),  # memory beats the minimum
+    ],
+)
+def test_auto_chunk_size_by_backend_and_model(cost, backend, memory, gradient, expected):
+    chunk = sizing.pick_chunk_size(cost, backend=backend, memory_bytes=memory, gradient=gradient)
+    assert chunk == expected
+
+
+def test_forward_cost_counts_flops_like_xla():
+    cost = sizing.forward_cost(decode, classify, LATENT, "float32")
+    spec = jax.ShapeDtypeStruct((64, LATENT), jnp.float32)
+    xla = jax.jit(lambda z: classify(decode(z))).lower(spec).cost_analysis()["flops"] / 64
+    assert cost.flops == pytest.approx(2 * (LATENT * HIDDEN + HIDDEN * CLASSES))
+    assert cost.flops == pytest.approx(xla, rel=0.1)  # XLA adds the elementwise ops
+    assert cost.bytes > 4 * (HIDDEN + CLASSES)
+    half = sizing.forward_cost(decode, classify, LATENT, "bfloat16")
+    assert half.bytes < cost.bytes and half.flops == cost.flops
+
+
+def test_auto_chunk_size_is_reported_in_the_result():
+    z0, y0 = _sources(8)
+    res = latent_search(decode, classify, z0, y0, key=jax.random.key(0), config=SearchConfig())
+    assert SearchConfig().chunk_size is None and isinstance(res.config.chunk_size, int)
+    assert res.config.chunk_size == sizing.pick_chunk_size(
+        sizing.forward_cost(decode, classify, LATENT, "float32"), backend="cpu", memory_bytes=None
+    )

@@ -285,3 +285,25 @@ def test_cli_sweep_on_a_trained_run(tiny_run, tmp_path, capsys):
     for r in table["rows"]:
         assert r["samples_evaluated"] == 8 * r["sources_used"] and r["regions"] >= 0
     assert os.path.exists(os.path.join(out, "sweep.csv"))
+
+
+def test_bf16_error_rate_matches_float32_on_trained_models(tiny_run):
+    """bfloat16 weights and activations find errors at float32's rate (same perturbations)."""
+    from defuse_jax import identification, models
+    from defuse_jax import train_models as tm
+    from defuse_jax.data import DataConfig, load_dataset
+
+    vae, _ = tm.load_trained(os.path.join(tiny_run, "train", "vae"))
+    clf, _ = tm.load_trained(os.path.join(tiny_run, "train", "classifier"))
+    ds = load_dataset(DataConfig(max_train=600, max_test=200))
+    z0 = identification.encode_sources(vae, ds.x_test[:150])
+    y0 = ds.y_test[:150].astype(np.int32)
+    rates = {}
+    for dtype in ("float32", "bfloat16"):
+        fns = models.search_functions(vae, clf, compute_dtype=dtype)
+        cfg = SearchConfig(num_samples=128, scale=1.0, compute_dtype=dtype)
+        res = latent_search(*fns, z0, y0, key=jax.random.key(0), config=cfg)
+        rates[dtype] = res.num_flips / res.num_samples_evaluated
+    assert rates["float32"] > 0.05  # a meaningful error rate to compare
+    # bf16 rounds logits to ~3 significant digits: only near-boundary samples flip differently
+    assert abs(rates["bfloat16"] - rates["float32"]) < 0.01, rates

@@ -34,6 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 from defuse_jax.bench.devices import ensure_devices
 from defuse_jax.search import SearchConfig, latent_search
+from defuse_jax.search.config import DTYPES
 
 MODEL_SHAPES = {"mlp": (8, 8, 1), "conv": (28, 28, 1)}
 LATENT_DIM = 8
@@ -43,6 +44,13 @@ NUM_CLASSES = 10
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Registers the benchmark's flags."""
     parser.add_argument("--models", default="mlp,conv", help="comma list of: mlp, conv")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        help="comma list of compute dtypes: float32, bfloat16 (weights cast with "
+        "models.cast_params, as the pipeline does); the reference loops and the mode "
+        "comparison run in the first one",
+    )
     parser.add_argument(
         "--chains",
         default="256,1024,4096,16384,65536",
@@ -94,8 +102,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # models
 
 
-def build_models(kind: str):
-    """Random-weight VAE + classifier of one size: (decode_fn, classify_fn, vae, clf)."""
+def build_models(kind: str, dtype: str = "float32"):
+    """Random-weight VAE + classifier of one size, computing in `dtype`:
+    (decode_fn, classify_fn, vae, clf)."""
     from flax import nnx
 
     from defuse_jax import models
@@ -111,7 +120,8 @@ def build_models(kind: str):
         rngs=nnx.Rngs(1),
     )
     vp, cp = models.params_of(vae), models.params_of(clf)
-    return partial(models.decode, vp), partial(models.logits, cp), vae, clf
+    decode_fn, classify_fn = models.search_functions(vp, cp, compute_dtype=dtype)
+    return decode_fn, classify_fn, vae, clf
 
 
 def _timeit(fn, repeats: int) -> float:
@@ -128,10 +138,12 @@ def _timeit(fn, repeats: int) -> float:
     return best
 
 
-def _sources(decode_fn, classify_fn, n: int, seed: int = 0):
-    """n random latent codes and the labels the classifier gives them (so no source is skipped)."""
+def _sources(decode_fn, classify_fn, n: int, seed: int = 0, dtype: str = "float32"):
+    """n random latent codes and the labels the classifier gives them in `dtype` (so no source
+    is skipped)."""
     z0 = np.random.default_rng(seed).normal(size=(n, LATENT_DIM)).astype(np.float32)
-    y0 = np.asarray(jax.jit(lambda z: jnp.argmax(classify_fn(decode_fn(z)), -1))(z0), np.int32)
+    fwd = jax.jit(lambda z: jnp.argmax(classify_fn(decode_fn(z.astype(dtype))), -1))
+    y0 = np.asarray(fwd(z0), np.int32)
     return z0, y0
 
 
@@ -139,17 +151,18 @@ def _sources(decode_fn, classify_fn, n: int, seed: int = 0):
 # measurements
 
 
-def matmul_gflops(repeats: int, n: int = 2048) -> float:
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
+def matmul_gflops(repeats: int, n: int = 2048, *, dtype=jnp.float32, precision=None) -> float:
+    """An n x n matmul's rate; `precision=None` is the backend default (TF32 on a GPU)."""
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: jnp.matmul(x, x, precision=precision))
     t = _timeit(lambda: f(a).block_until_ready(), repeats)
     return 2.0 * n**3 / t / 1e9
 
 
-def forward_ceiling(decode_fn, classify_fn, batches, repeats: int) -> dict:
-    """Bare decode + classify + argmax at each batch size, the batch sharded over all devices
-    like the engine's chains; FLOPs/sample from XLA's cost analysis."""
-    fwd = jax.jit(lambda z: jnp.argmax(classify_fn(decode_fn(z)), axis=-1))
+def forward_ceiling(decode_fn, classify_fn, batches, repeats: int, dtype: str = "float32") -> dict:
+    """Bare decode + classify + argmax at each batch size in `dtype`, the batch sharded over all
+    devices like the engine's chains; FLOPs/sample from XLA's cost analysis."""
+    fwd = jax.jit(lambda z: jnp.argmax(classify_fn(decode_fn(z.astype(dtype))), axis=-1))
     devices = jax.devices()
     sharding = NamedSharding(Mesh(np.asarray(devices), ("b",)), P("b"))
     rows, flops = [], None
@@ -173,12 +186,19 @@ def forward_ceiling(decode_fn, classify_fn, batches, repeats: int) -> dict:
     }
 
 
+def _config(q: int, chunk: int | None, dtype: str) -> SearchConfig:
+    return SearchConfig(
+        mode="sample", num_samples=q, chunk_size=chunk, max_keep_per_source=5, compute_dtype=dtype
+    )
+
+
 def engine_throughput(
-    decode_fn, classify_fn, chains: int, q: int, chunk: int, repeats: int
+    decode_fn, classify_fn, chains: int, q: int, chunk: int | None, repeats: int, dtype="float32"
 ) -> dict:
+    """The engine on `chains` samples; `chunk=None` lets the search pick the chunk size."""
     n = max(1, chains // q)
-    z0, y0 = _sources(decode_fn, classify_fn, n)
-    cfg = SearchConfig(mode="sample", num_samples=q, chunk_size=chunk, max_keep_per_source=5)
+    z0, y0 = _sources(decode_fn, classify_fn, n, dtype=dtype)
+    cfg = _config(q, chunk, dtype)
     key = jax.random.key(0)
     res = latent_search(decode_fn, classify_fn, z0, y0, key=key, config=cfg)
     t = _timeit(lambda: latent_search(decode_fn, classify_fn, z0, y0, key=key, config=cfg), repeats)
@@ -186,7 +206,8 @@ def engine_throughput(
         "chains": n * q,
         "sources": n,
         "q": q,
-        "chunk_size": chunk,
+        "chunk_size": res.config.chunk_size,
+        "auto_chunk": chunk is None,
         "seconds": t,
         "samples_per_s": n * q / t,
         "found": res.num_found,
@@ -195,15 +216,15 @@ def engine_throughput(
 
 
 def paired_fraction(
-    decode_fn, classify_fn, chains: int, q: int, chunk: int, batch: int, repeats: int
+    decode_fn, classify_fn, chains: int, q: int, chunk: int, batch: int, repeats: int, dtype
 ) -> dict:
     """Engine vs bare forward on the same number of samples, timed alternately so that both see
     the same machine load (on a shared CPU an unpaired ceiling is biased by lucky moments)."""
     n = max(1, chains // q)
-    z0, y0 = _sources(decode_fn, classify_fn, n)
-    cfg = SearchConfig(mode="sample", num_samples=q, chunk_size=chunk, max_keep_per_source=5)
+    z0, y0 = _sources(decode_fn, classify_fn, n, dtype=dtype)
+    cfg = _config(q, chunk, dtype)
     key = jax.random.key(0)
-    fwd = jax.jit(lambda z: jnp.argmax(classify_fn(decode_fn(z)), axis=-1))
+    fwd = jax.jit(lambda z: jnp.argmax(classify_fn(decode_fn(z.astype(dtype))), axis=-1))
     z = jax.random.normal(jax.random.key(1), (batch, LATENT_DIM), jnp.float32)
     calls = -(-n * q // batch)
 
@@ -531,9 +552,11 @@ def _measured(rows: list) -> list:
     return rows
 
 
-def bench_model(kind: str, args) -> dict:
+def bench_model(kind: str, dtype: str, args, *, references: bool) -> dict:
+    """One model size in one compute dtype; `references`: also the per-point reference loops
+    and (MLP) the mode comparison."""
     quick, repeats = args.quick, (1 if args.quick else args.repeats)
-    decode_fn, classify_fn, vae, clf = build_models(kind)
+    decode_fn, classify_fn, vae, clf = build_models(kind, dtype)
     sizes = _SIZES[_size_class()][kind]
     chains = _ints(args.chains)
     if quick:
@@ -545,37 +568,46 @@ def bench_model(kind: str, args) -> dict:
         chunks = sizes["chunks"]
     if quick:
         chunks = chunks[1:3]
-    out = {"model": kind, "image_shape": MODEL_SHAPES[kind], "latent_dim": LATENT_DIM}
+    out = {"model": kind, "dtype": dtype, "image_shape": MODEL_SHAPES[kind],
+           "latent_dim": LATENT_DIM}  # fmt: skip
 
     batches = sizes["batches"]
     out["forward"] = fwd = forward_ceiling(
-        decode_fn, classify_fn, batches[:3] if quick else batches, repeats
+        decode_fn, classify_fn, batches[:3] if quick else batches, repeats, dtype
     )
     print(
-        f"[{kind}] forward ceiling {fwd['best_samples_per_s']:,.0f} samples/s "
+        f"[{kind} {dtype}] forward ceiling {fwd['best_samples_per_s']:,.0f} samples/s "
         f"at batch {fwd['best_batch']}; {fwd['flops_per_sample']:,.0f} FLOPs/sample"
     )
 
     tune_chains = min(max(chains), sizes["tune_chains"])
     out["chunk_tuning"] = tuning = [
         _unless_out_of_memory(
-            partial(engine_throughput, decode_fn, classify_fn, tune_chains, q, c, repeats),
+            partial(engine_throughput, decode_fn, classify_fn, tune_chains, q, c, repeats, dtype),
             chains=tune_chains,
             chunk=c,
         )
-        for c in chunks
+        for c in [*chunks, None]  # None: the chunk size the search picks by itself
     ]
-    best_chunk = max(_measured(tuning), key=lambda r: r["samples_per_s"])["chunk_size"]
+    best = max(_measured(tuning), key=lambda r: r["samples_per_s"])
+    best_chunk = best["chunk_size"]
     out["best_chunk_size"] = best_chunk
+    auto = tuning[-1]
+    if "samples_per_s" in auto:
+        out["auto_chunk_size"] = auto["chunk_size"]
+        out["auto_fraction_of_best"] = auto["samples_per_s"] / best["samples_per_s"]
     print(
-        f"[{kind}] chunk tuning at {tune_chains} chains: "
-        + ", ".join(f"{r['chunk_size']}: {r['samples_per_s']:,.0f}/s" for r in _measured(tuning))
+        f"[{kind} {dtype}] chunk tuning at {tune_chains} chains: "
+        + ", ".join(
+            f"{r['chunk_size']}{' (auto)' if r['auto_chunk'] else ''}: {r['samples_per_s']:,.0f}/s"
+            for r in _measured(tuning)
+        )
     )
 
     out["sweep"] = sweep = []
     for c in chains:
         row = _unless_out_of_memory(
-            partial(engine_throughput, decode_fn, classify_fn, c, q, best_chunk, repeats),
+            partial(engine_throughput, decode_fn, classify_fn, c, q, best_chunk, repeats, dtype),
             chains=c,
             chunk=best_chunk,
         )
@@ -589,15 +621,18 @@ def bench_model(kind: str, args) -> dict:
     out["forward_gflops_per_s"] = fwd["best_samples_per_s"] * fwd["flops_per_sample"] / 1e9
     batch = min(fwd["best_batch"], tune_chains)  # both sides evaluate the same samples
     out["paired"] = pf = paired_fraction(
-        decode_fn, classify_fn, tune_chains, q, best_chunk, batch, repeats
+        decode_fn, classify_fn, tune_chains, q, best_chunk, batch, repeats, dtype
     )
     print(
-        f"[{kind}] paired at {pf['chains']} samples: engine {pf['engine_samples_per_s']:,.0f}/s, "
-        f"forward {pf['forward_samples_per_s']:,.0f}/s -> {pf['fraction']:.1%} of the forward pass"
+        f"[{kind} {dtype}] paired at {pf['chains']} samples: engine "
+        f"{pf['engine_samples_per_s']:,.0f}/s, forward {pf['forward_samples_per_s']:,.0f}/s -> "
+        f"{pf['fraction']:.1%} of the forward pass"
     )
 
-    points = max(8, args.ref_points // (4 if quick else 1))
     out["reference"] = refs = []
+    if not references:
+        return out
+    points = max(8, args.ref_points // (4 if quick else 1))
     for qq in (10, 100):
         pts = points if qq == 10 else max(4, points // 4)
         r = {"impl": "jax per-point jit", **reference_jax_loop(decode_fn, classify_fn, qq, pts)}
@@ -620,7 +655,10 @@ def bench_model(kind: str, args) -> dict:
 
 def _print_model(r: dict) -> None:
     fwd = r["forward"]
-    print(f"\n== {r['model']} models, image {tuple(r['image_shape'])}, latent {r['latent_dim']} ==")
+    print(
+        f"\n== {r['model']} models, {r['dtype']}, image {tuple(r['image_shape'])}, "
+        f"latent {r['latent_dim']} =="
+    )
     print(
         f"bare forward (decode+classify+argmax): best {fwd['best_samples_per_s']:>12,.0f} "
         f"samples/s at batch {fwd['best_batch']}, {fwd['flops_per_sample']:,.0f} FLOPs/sample, "
@@ -679,6 +717,10 @@ def run(args: argparse.Namespace) -> dict:
     for kind in kinds:  # before any long measurement
         if kind not in MODEL_SHAPES:
             raise ValueError(f"--models: unknown model {kind!r}; use mlp and/or conv.")
+    dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
+    bad = [d for d in dtypes if d not in DTYPES]
+    if bad or not dtypes:
+        raise ValueError(f"--dtype: unknown {bad or args.dtype!r}; use float32 and/or bfloat16.")
     ensure_devices(args.devices)
     repeats = 1 if args.quick else args.repeats
     result = {
@@ -689,18 +731,23 @@ def run(args: argparse.Namespace) -> dict:
         "devices": [str(d) for d in jax.devices()],
         "cpu_count": os.cpu_count(),
         "jax": jax.__version__,
-        "matmul_2048_gflops_per_s": matmul_gflops(repeats),
+        "matmul_2048_gflops_per_s": matmul_gflops(repeats, precision="highest"),
+        "matmul_2048_default_precision_gflops_per_s": matmul_gflops(repeats),
+        "matmul_2048_bf16_gflops_per_s": matmul_gflops(repeats, dtype=jnp.bfloat16),
         "models": [],
     }
     print(
         f"backend {result['backend']} x{len(result['devices'])}; 2048^2 matmul "
-        f"{result['matmul_2048_gflops_per_s']:.1f} GFLOP/s"
+        f"{result['matmul_2048_gflops_per_s']:.1f} GFLOP/s (float32, full precision), "
+        f"{result['matmul_2048_default_precision_gflops_per_s']:.1f} (float32, backend "
+        f"default), {result['matmul_2048_bf16_gflops_per_s']:.1f} (bfloat16)"
     )
     for kind in kinds:
-        r = bench_model(kind, args)
-        result["models"].append(r)
-        _print_model(r)
-        _write(result, args.out)  # after each model: a later failure keeps what was measured
+        for i, dtype in enumerate(dtypes):
+            r = bench_model(kind, dtype, args, references=i == 0)
+            result["models"].append(r)
+            _print_model(r)
+            _write(result, args.out)  # after each model: a later failure keeps what was measured
     if args.run_dir:
         result["trained_digits"] = trained_digits(args.run_dir, repeats)
     _write(result, args.out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -14,6 +15,7 @@ from defuse_jax.search import engine
 from defuse_jax.search.config import SearchConfig
 from defuse_jax.search.perturb import check_counter_range, noise_scale
 from defuse_jax.search.result import SearchResult, compact
+from defuse_jax.search.sizing import auto_chunk_size
 from defuse_jax.search.validation import as_key, check_inputs
 
 
@@ -63,6 +65,61 @@ def latent_search(
     )[0]  # fmt: skip
 
 
+class _Plan(NamedTuple):
+    program: Any  # the jitted search program
+    args: tuple  # its arguments (root key data, laid-out rows)
+    configs: list[SearchConfig]  # one per scale, chunk size resolved
+    layout: engine.Layout  # of one replica
+    y: np.ndarray  # [N] validated labels
+    num_sources: int
+    latent: int
+
+
+def _plan(decode_fn, classify_fn, z0, y0, *, key, config: SearchConfig, scales, mesh) -> _Plan:
+    """Validation, the chunk size, the layout and the program with its inputs."""
+    z, y, _ = check_inputs(decode_fn, classify_fn, z0, y0, config=config)
+    scales = (config.scale,) if scales is None else scales
+    root = as_key(key, config.seed)
+    mesh = engine.default_mesh() if mesh is None else mesh
+    n, latent = z.shape
+    check_counter_range(config.chains, config.rounds, latent)
+    if config.chunk_size is None:
+        chunk = auto_chunk_size(
+            decode_fn, classify_fn, latent, compute_dtype=config.compute_dtype,
+            mode=config.mode, devices=mesh.devices,
+        )  # fmt: skip
+        config = dataclasses.replace(config, chunk_size=chunk)
+    configs = [dataclasses.replace(config, scale=s) for s in scales]
+    layout = engine.plan_layout(n, mesh.devices.size, config)  # of one replica
+    program = engine.get_program(
+        decode_fn, classify_fn, config, engine.replicate(layout, len(configs)), mesh
+    )
+    noise = np.asarray([noise_scale(c, latent) for c in configs], np.float32)
+    args = (root, *engine.lay_out_inputs(z, y, noise, layout, mesh))
+    return _Plan(program, args, configs, layout, y, n, latent)
+
+
+def lower_search(
+    decode_fn: Callable[[jax.Array], jax.Array],
+    classify_fn: Callable[[jax.Array], jax.Array],
+    z0,
+    y0,
+    *,
+    key: jax.Array | None,
+    config: SearchConfig | None = None,
+    mesh: Mesh | None = None,
+) -> jax.stages.Lowered:
+    """The search program `latent_search` would run, lowered but not compiled or run.
+
+    For inspection: `.as_text()` shows the StableHLO (e.g. the dtypes of every convolution and
+    dot), `.compile().cost_analysis()` XLA's FLOP and byte counts. Same arguments as
+    `latent_search`.
+    """
+    config = SearchConfig() if config is None else config
+    plan = _plan(decode_fn, classify_fn, z0, y0, key=key, config=config, scales=None, mesh=mesh)
+    return plan.program.lower(*plan.args)
+
+
 def run_scales(
     decode_fn, classify_fn, z0, y0, *, key, config: SearchConfig, scales, mesh, start: float
 ) -> list[SearchResult]:
@@ -71,20 +128,10 @@ def run_scales(
     `scales=None` means `(config.scale,)`. `start` is the caller's start time: every result's
     `wall_time_s` is the whole call's.
     """
-    z, y, _ = check_inputs(decode_fn, classify_fn, z0, y0, config=config)
-    scales = (config.scale,) if scales is None else scales
-    root = as_key(key, config.seed)
-    mesh = engine.default_mesh() if mesh is None else mesh
-    n, latent = z.shape
-    check_counter_range(config.chains, config.rounds, latent)
-    configs = [dataclasses.replace(config, scale=s) for s in scales]
-    layout = engine.plan_layout(n, mesh.devices.size, config)  # of one replica
-    program = engine.get_program(
-        decode_fn, classify_fn, config, engine.replicate(layout, len(configs)), mesh
-    )
-    noise = np.asarray([noise_scale(c, latent) for c in configs], np.float32)
-    floats, ints = engine.fetch(program(root, *engine.lay_out_inputs(z, y, noise, layout, mesh)))
-    host = engine.unpack(floats, ints, latent)
+    plan = _plan(decode_fn, classify_fn, z0, y0, key=key, config=config, scales=scales, mesh=mesh)
+    floats, ints = engine.fetch(plan.program(*plan.args))
+    host = engine.unpack(floats, ints, plan.latent)
+    n, y, configs, layout = plan.num_sources, plan.y, plan.configs, plan.layout
     wall = time.perf_counter() - start
     return [
         compact(part, n, y, config=c, wall_time_s=wall)

@@ -46,11 +46,16 @@ class SearchConfig:
         3-5); `None` keeps every one found.
       skip_misclassified: skip sources the classifier already gets wrong at z0.
       chunk_size: chains evaluated together per device step; bounds memory (decoded images exist
-        only for one chunk) and sets the cache working set. Results do not depend on it. On a
-        2-core CPU the benchmark found ~1024-2048 best for the digits MLPs and ~64-128 for the
-        28x28 conv models; accelerators want larger chunks (`defuse-jax bench search`).
-      compute_dtype: `"float32"` or `"bfloat16"`; z is cast to it before `decode_fn` (which must
-        then accept that dtype) and logits are read back in float32.
+        only for one chunk) and sets the cache working set. Results do not depend on it. None
+        (the default) picks it from the backend, the model's FLOPs per sample and the device's
+        memory (`search.sizing`: ~2,048 for the digits MLPs and ~128 for the 28x28 conv models
+        on a CPU; 262,144 and 32,768 on an H200); `defuse-jax bench search` measures the best.
+      compute_dtype: `"float32"` or `"bfloat16"`: z is cast to it before `decode_fn`, and the
+        logits are read back in float32. The caller owns the weights' dtype: layers compute in
+        the promoted dtype of input and weights, so float32 weights keep a "bfloat16" search in
+        float32 (the search warns). Bind the models with
+        `models.search_functions(vae, classifier, compute_dtype=...)` (or cast them with
+        `models.cast_params`) so the whole forward pass runs in bfloat16.
       seed: used only when `latent_search` is called with `key=None`.
     """
 
@@ -70,7 +75,7 @@ class SearchConfig:
     margin_floor: float = 0.0
     max_keep_per_source: int | None = 5
     skip_misclassified: bool = True
-    chunk_size: int = 2048
+    chunk_size: int | None = None
     compute_dtype: str = "float32"
     seed: int = 0
 
@@ -88,8 +93,13 @@ class SearchConfig:
             fail(f"optimizer={self.optimizer!r}; choose one of {OPTIMIZERS}.")
         for name in ("num_samples", "chains_per_source", "num_rounds", "chunk_size"):
             value = getattr(self, name)
+            if name == "chunk_size" and value is None:
+                continue
             if not isinstance(value, int) or value < 1:
-                fail(f"{name}={value!r}; it must be a positive int (zero samples search nothing).")
+                fail(
+                    f"{name}={value!r}; it must be a positive int (zero samples search nothing)"
+                    + ("; or None to pick it by backend." if name == "chunk_size" else ".")
+                )
         k = self.max_keep_per_source
         if k is not None and (not isinstance(k, int) or k < 1):
             fail(f"max_keep_per_source={k!r}; use a positive int, or None to keep all.")

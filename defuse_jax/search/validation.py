@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -12,15 +13,46 @@ from defuse_jax.search.config import SearchConfig
 
 
 @functools.lru_cache(maxsize=64)
-def _logits_shape(decode_fn, classify_fn, latent_dim: int) -> jax.ShapeDtypeStruct:
-    """Abstract evaluation only (shapes, no compile); cached so repeated searches skip tracing."""
-    spec = jax.ShapeDtypeStruct((1, latent_dim), jnp.float32)
+def _forward_shapes(
+    decode_fn, classify_fn, latent_dim: int, compute_dtype: str
+) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
+    """(decoded, logits) shapes and dtypes for z [1, L] in the compute dtype: abstract evaluation
+    only (no compile); cached so repeated searches skip tracing."""
+    spec = jax.ShapeDtypeStruct((1, latent_dim), jnp.dtype(compute_dtype))
     try:
-        return jax.eval_shape(lambda zz: classify_fn(decode_fn(zz)), spec)
+        return jax.eval_shape(lambda zz: (x := decode_fn(zz), classify_fn(x)), spec)
     except Exception as e:  # noqa: BLE001 - re-raised with context
+        hint = (
+            ""
+            if compute_dtype == "float32"
+            else " (if the weights are float32, cast them: models.cast_params, or bind with "
+            f"models.search_functions(..., compute_dtype={compute_dtype!r}))"
+        )
         raise ValueError(
-            f"classify_fn(decode_fn(z)) failed on z of shape (1, {latent_dim}): {e}"
+            f"classify_fn(decode_fn(z)) failed on z of shape (1, {latent_dim}) and dtype "
+            f"{compute_dtype}{hint}: {e}"
         ) from e
+
+
+def _check_compute_dtype(decoded, logits, compute_dtype: str) -> None:
+    """Warns when a bfloat16 search would silently compute in float32 (float32 weights win the
+    dtype promotion, so only z was cast): the caller owns the weights' dtype."""
+    if compute_dtype == "float32":
+        return
+    wide = [
+        f"{what} returned {out.dtype}"
+        for what, out in (("decode_fn", decoded), ("classify_fn", logits))
+        if jnp.issubdtype(out.dtype, jnp.floating) and jnp.finfo(out.dtype).bits > 16
+    ]
+    if wide:
+        warnings.warn(
+            f"compute_dtype={compute_dtype!r} but {' and '.join(wide)} for {compute_dtype} "
+            "codes: their weights are wider, so the forward pass runs in float32. Cast the "
+            "weights (models.cast_params, or bind with models.search_functions(..., "
+            f"compute_dtype={compute_dtype!r})).",
+            UserWarning,
+            stacklevel=5,
+        )
 
 
 def check_inputs(
@@ -71,7 +103,7 @@ def check_inputs(
             f"{' ...' if bad.sum() > 5 else ''}; drop or fix those source points."
         )
 
-    out = _logits_shape(decode_fn, classify_fn, z.shape[1])
+    decoded, out = _forward_shapes(decode_fn, classify_fn, z.shape[1], config.compute_dtype)
     if len(out.shape) != 2 or out.shape[0] != 1:
         raise ValueError(
             f"classify_fn(decode_fn(z)) must return logits [batch, classes]; "
@@ -80,6 +112,7 @@ def check_inputs(
     num_classes = int(out.shape[1])
     if num_classes < 2:
         raise ValueError(f"the classifier has {num_classes} class(es); need at least 2.")
+    _check_compute_dtype(decoded, out, config.compute_dtype)
     y = y.astype(np.int64)
     out_of_range = (y < 0) | (y >= num_classes)
     if out_of_range.any():
