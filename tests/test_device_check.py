@@ -1,0 +1,40 @@
+"""scripts/device_check.sh, the one prepared accelerator check, end to end in its CPU quick mode
+(so that it cannot rot between the sessions that run it on a GPU)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = ("info", "digits", "conv", "mixture_100k", "mixture_1m", "ill_cond", "search")
+
+
+@pytest.mark.slow
+def test_device_check_quick_mode_runs_every_step(tmp_path):
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as on a GPU
+    env.update(QUICK="1", OUT=str(out), WORK=str(tmp_path / "work"), PYTHON=sys.executable)
+    proc = subprocess.run(
+        ["bash", os.path.join(ROOT, "scripts", "device_check.sh")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = sorted(os.listdir(out))
+    assert len(files) <= 8, files  # what the device tool brings back
+    steps = json.loads((out / "steps.json").read_text())
+    assert [s["step"] for s in steps["steps"]] == list(STEPS) and steps["ok"]
+    for name in ("digits", "conv"):
+        report = json.loads((out / f"{name}_report.json").read_text())
+        assert report["num_samples_evaluated"] > 0 and report["test_accuracy_after"] is not None
+    mixture = json.loads((out / "mixture.json").read_text())
+    assert set(mixture) == {"100k", "1m"}
+    ill = json.loads((out / "ill_conditioned.json").read_text())
+    assert all(r["ok"] for r in ill["rows"]) and len(ill["rows"]) == 2
+    search = json.loads((out / "search.json").read_text())
+    assert [m["dtype"] for m in search["models"]] == ["float32", "bfloat16"]
+    info = json.loads((out / "info.json").read_text())
+    assert info["backend"] == "cpu"
+    assert "=== search: exit 0" in (out / "check.log").read_text()
