@@ -46,12 +46,10 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     flags.add_flags(p, RunConfig, skip=_NESTED, suppress=True)
     auto = "chosen from the image shape"
     flags.add_flags(p, VAEConfig, prefix="vae-", unset_default=auto, suppress=True)
-    skip = ("progress",)
-    flags.add_flags(p, TrainConfig, prefix="vae-", defaults=tm.VAE_TRAIN_DEFAULT, skip=skip,
-                    suppress=True)  # fmt: skip
+    flags.add_flags(p, TrainConfig, prefix="vae-", defaults=tm.VAE_TRAIN_DEFAULT, suppress=True)
     flags.add_flags(p, ClassifierConfig, prefix="clf-", unset_default=auto, suppress=True)
     flags.add_flags(p, TrainConfig, prefix="clf-", defaults=tm.CLASSIFIER_TRAIN_DEFAULT,
-                    skip=skip, suppress=True)  # fmt: skip
+                    suppress=True)  # fmt: skip
     flags.add_flags(p, SearchConfig, prefix="search-", defaults=DEFAULT_SEARCH, suppress=True)
     flags.add_flags(p, DistillConfig, prefix="distill-", suppress=True)
     flags.add_flags(p, CorrectConfig, prefix="correct-", suppress=True)
@@ -141,13 +139,12 @@ def cmd_train(args: argparse.Namespace, *, kind: str) -> int:
     pipeline.save_run_config(out, config)
     ctx = pipeline.Context(os.path.abspath(out), config, print)
     if kind == "vae":
-        train = dataclasses.replace(config.vae_train, progress=config.progress)
         result = tm.train_vae(ctx.dataset, out_dir=ctx.path("train", "vae"), config=config.vae,
-                              train=train)  # fmt: skip
+                              train=config.vae_train, progress=config.progress)  # fmt: skip
     else:
-        train = dataclasses.replace(config.classifier_train, progress=config.progress)
         result = tm.train_classifier(ctx.dataset, out_dir=ctx.path("train", "classifier"),
-                                     config=config.classifier, train=train)  # fmt: skip
+                                     config=config.classifier, train=config.classifier_train,
+                                     progress=config.progress)  # fmt: skip
     metrics = ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items())
     print(f"{kind} trained in {result.out_dir}: test {metrics}")
     return 0

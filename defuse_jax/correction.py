@@ -57,7 +57,7 @@ class CorrectConfig:
     seed: int = 0
     checkpoint_every: int = 500
 
-    def train_config(self, *, progress: bool = True) -> TrainConfig:
+    def train_config(self) -> TrainConfig:
         return TrainConfig(
             epochs=self.epochs,
             batch_size=self.batch_size,
@@ -66,7 +66,6 @@ class CorrectConfig:
             momentum=self.momentum,
             seed=self.seed,
             checkpoint_every=self.checkpoint_every,
-            progress=progress,
         )
 
 
@@ -166,7 +165,7 @@ def fine_tune(
         anchor=classifier,
         anchor_weight=config.anchor,
     )
-    train = config.train_config(progress=progress)
+    train = config.train_config()
     params, history = fit(
         classifier,
         loss,
@@ -178,6 +177,7 @@ def fine_tune(
             "labels": {str(k): int(v) for k, v in labels.items()},
         },  # fmt: skip
         desc="correct",
+        progress=progress,
     )
     _describe(out_dir, classifier, train)
     return params, history

@@ -91,13 +91,13 @@ class Context:
 
 def stage_train(ctx: Context) -> dict[str, Any]:
     cfg, ds = ctx.config, ctx.dataset
-    vae_train = dataclasses.replace(cfg.vae_train, progress=cfg.progress)
-    clf_train = dataclasses.replace(cfg.classifier_train, progress=cfg.progress)
     clf = tm.train_classifier(
-        ds, out_dir=ctx.path("train", "classifier"), config=cfg.classifier, train=clf_train
-    )
+        ds, out_dir=ctx.path("train", "classifier"), config=cfg.classifier,
+        train=cfg.classifier_train, progress=cfg.progress,
+    )  # fmt: skip
     ctx.log(f"classifier: test accuracy {clf.metrics['accuracy']:.4f}")
-    vae = tm.train_vae(ds, out_dir=ctx.path("train", "vae"), config=cfg.vae, train=vae_train)
+    vae = tm.train_vae(ds, out_dir=ctx.path("train", "vae"), config=cfg.vae, train=cfg.vae_train,
+                       progress=cfg.progress)  # fmt: skip
     ctx.log(
         f"VAE: test reconstruction error {vae.metrics['recon']:.3f}, KL {vae.metrics['kl']:.3f}"
     )
@@ -232,13 +232,13 @@ def train_oracle(ctx: Context) -> Params:
         ctx.config.classifier_train,
         epochs=2 * ctx.config.classifier_train.epochs,
         seed=ctx.config.classifier_train.seed + 1,
-        progress=ctx.config.progress,
     )
     shape = ctx.dataset.image_shape
     config = dataclasses.replace(tm.default_classifier_config(shape), hidden=512)
     oracle = tm.train_classifier(
-        ctx.dataset, out_dir=ctx.path("label", "oracle"), config=config, train=train
-    )
+        ctx.dataset, out_dir=ctx.path("label", "oracle"), config=config, train=train,
+        progress=ctx.config.progress,
+    )  # fmt: skip
     ctx.log(f"oracle classifier: test accuracy {oracle.metrics['accuracy']:.4f}")
     ctx._models["oracle"] = oracle.params
     return oracle.params

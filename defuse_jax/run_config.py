@@ -42,7 +42,7 @@ class RunConfig:
         grid_samples: decoded samples per region shown in its grid.
         correct: fine-tuning.
         eval: evaluation.
-        progress: progress bars.
+        progress: progress bars (display only: in no stage's fingerprint).
     """
 
     data: DataConfig = DataConfig()
@@ -73,19 +73,15 @@ def _hash(obj: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _train_part(t: TrainConfig) -> dict[str, Any]:
-    return {k: v for k, v in dataclasses.asdict(t).items() if k != "progress"}
-
-
 def stage_fingerprints(config: RunConfig, run_dir: str) -> dict[str, str]:
     """Fingerprint of every stage: its own settings plus the fingerprint of the stage before."""
     parts: dict[str, Any] = {
         "train": {
             "data": dataclasses.asdict(config.data),
             "vae": config.vae and dataclasses.asdict(config.vae),
-            "vae_train": _train_part(config.vae_train),
+            "vae_train": dataclasses.asdict(config.vae_train),
             "classifier": config.classifier and dataclasses.asdict(config.classifier),
-            "classifier_train": _train_part(config.classifier_train),
+            "classifier_train": dataclasses.asdict(config.classifier_train),
         },
         "search": {"search": dataclasses.asdict(config.search), "max_sources": config.max_sources},
         "distill": dataclasses.asdict(config.distill),

@@ -81,6 +81,7 @@ def _train(
     *,
     out_dir: str,
     train: TrainConfig,
+    progress: bool,
 ) -> TrainedModel:
     """Shared by both models: describe the run, fit (resuming), evaluate, record the history."""
     loss_fn, eval_fn = {
@@ -103,6 +104,7 @@ def _train(
         eval_fn=eval_fn,
         eval_data=eval_data,
         desc=kind,
+        progress=progress,
     )
     metrics = evaluate(eval_fn, params, eval_data)
     write_json(os.path.join(out_dir, "history.json"), {"history": history, "test": metrics})
@@ -115,13 +117,15 @@ def train_vae(
     out_dir: str,
     config: VAEConfig | None = None,
     train: TrainConfig = VAE_TRAIN_DEFAULT,
+    progress: bool = True,
 ) -> TrainedModel:
     """Train (or resume, or reload when finished) the VAE on `ds.x_train`."""
     config = config or default_vae_config(ds.image_shape)
     vae = VAE(config, image_shape=ds.image_shape, rngs=nnx.Rngs(train.seed))
     result = _train(
-        "vae", vae, ds, {"x": ds.x_train}, {"x": ds.x_test}, out_dir=out_dir, train=train
-    )
+        "vae", vae, ds, {"x": ds.x_train}, {"x": ds.x_test}, out_dir=out_dir, train=train,
+        progress=progress,
+    )  # fmt: skip
     save_reconstructions(
         result.params, ds.x_test[:16], os.path.join(out_dir, "reconstructions.png")
     )
@@ -134,6 +138,7 @@ def train_classifier(
     out_dir: str,
     config: ClassifierConfig | None = None,
     train: TrainConfig = CLASSIFIER_TRAIN_DEFAULT,
+    progress: bool = True,
 ) -> TrainedModel:
     """Train (or resume, or reload when finished) the classifier on (`x_train`, `y_train`)."""
     config = config or default_classifier_config(ds.image_shape)
@@ -144,7 +149,9 @@ def train_classifier(
     )
     train_data = {"x": ds.x_train, "y": ds.y_train.astype(np.int32)}
     test = {"x": ds.x_test, "y": ds.y_test.astype(np.int32)}
-    return _train("classifier", clf, ds, train_data, test, out_dir=out_dir, train=train)
+    return _train(
+        "classifier", clf, ds, train_data, test, out_dir=out_dir, train=train, progress=progress
+    )
 
 
 def default_vae_config(image_shape: tuple[int, int, int]) -> VAEConfig:
@@ -200,7 +207,9 @@ def load_trained(out_dir: str) -> tuple[Params, Any]:
             config, image_shape=shape, num_classes=meta["num_classes"], rngs=nnx.Rngs(0)
         )
     params = params_of(model)
-    train = TrainConfig(**saved["train"])
+    # Configs saved before `progress` left TrainConfig carry it: keep only the current fields.
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    train = TrainConfig(**{k: v for k, v in saved["train"].items() if k in names})
     opt = make_optimizer(train)
     target = TrainState(jnp.zeros((), jnp.int32), params.state, opt.init(params.state))
     ckpt = Checkpointer(os.path.join(out_dir, "ckpt"), fingerprint=None)

@@ -46,7 +46,9 @@ class TrainConfig:
         seed: root of all randomness of the run.
         checkpoint_every: save a checkpoint every this many steps (and at the end).
         keep_checkpoints: how many recent checkpoints to keep.
-        progress: show a progress bar.
+
+    Display settings (the progress bar) are not here: they change no result, so they are
+    arguments of `fit` and stay out of every fingerprint.
     """
 
     epochs: int = 30
@@ -58,7 +60,6 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
-    progress: bool = True
 
 
 class TrainState(NamedTuple):
@@ -189,6 +190,7 @@ def fit(
     eval_fn: EvalFn | None = None,
     eval_data: Mapping[str, np.ndarray] | None = None,
     desc: str = "train",
+    progress: bool = True,
 ) -> tuple[Params, list[dict[str, float]]]:
     """Train `params` on `train_data`, resuming from `checkpoint_dir` if it holds a checkpoint.
 
@@ -202,6 +204,7 @@ def fit(
         eval_fn: optional per-example metrics, evaluated on `eval_data` after every epoch.
         eval_data: arrays for `eval_fn`.
         desc: progress-bar label.
+        progress: show a progress bar.
 
     Returns:
         (trained params, per-epoch history of train and eval metrics).
@@ -221,7 +224,7 @@ def fit(
     state = TrainState(jnp.zeros((), jnp.int32), init, optimizer.init(init))
     # Epochs and checkpoint cadence may change between resumes (e.g. to train longer).
     resumable = dataclasses.asdict(config)
-    for k in ("epochs", "checkpoint_every", "keep_checkpoints", "progress"):
+    for k in ("epochs", "checkpoint_every", "keep_checkpoints"):
         resumable.pop(k)
     ckpt = Checkpointer(
         checkpoint_dir,
@@ -258,7 +261,7 @@ def fit(
         return perms[epoch][pos * config.batch_size : (pos + 1) * config.batch_size]
 
     perms: dict[int, np.ndarray] = {}
-    bar = tqdm(total=total_steps, initial=start, desc=desc, disable=not config.progress)
+    bar = tqdm(total=total_steps, initial=start, desc=desc, disable=not progress)
     sums: dict[str, float] = {}
     ran = 0
     t0 = time.perf_counter()

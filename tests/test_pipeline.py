@@ -16,8 +16,8 @@ from defuse_jax.training import TrainConfig
 
 TINY = RunConfig(
     data=DataConfig(max_train=600, max_test=200),
-    vae_train=TrainConfig(epochs=15, batch_size=32, learning_rate=2e-3, progress=False),
-    classifier_train=TrainConfig(epochs=6, batch_size=32, learning_rate=2e-3, progress=False),
+    vae_train=TrainConfig(epochs=15, batch_size=32, learning_rate=2e-3),
+    classifier_train=TrainConfig(epochs=6, batch_size=32, learning_rate=2e-3),
     max_sources=80,
     search=dataclasses.replace(DEFAULT_SEARCH, num_samples=64, chunk_size=1024),
     distill=DistillConfig(n_components=8, max_iter=100, min_codes=5, error_samples=32),

@@ -67,9 +67,9 @@ def mock_mnist(monkeypatch):
 TINY_CONV = RunConfig(
     data=DataConfig(name="mnist", image_size=16),
     vae=VAEConfig(kind="conv", latent_dim=4, hidden=32, channels=(8, 16), kl_anneal_steps=100),
-    vae_train=TrainConfig(epochs=12, batch_size=32, learning_rate=2e-3, progress=False),
+    vae_train=TrainConfig(epochs=12, batch_size=32, learning_rate=2e-3),
     classifier=ClassifierConfig(kind="conv", hidden=32, channels=(8, 16)),
-    classifier_train=TrainConfig(epochs=6, batch_size=32, learning_rate=2e-3, progress=False),
+    classifier_train=TrainConfig(epochs=6, batch_size=32, learning_rate=2e-3),
     max_sources=60,
     search=dataclasses.replace(DEFAULT_SEARCH, num_samples=64, scale=1.0, chunk_size=256),
     distill=DistillConfig(n_components=6, max_iter=100, min_codes=3, error_samples=32),

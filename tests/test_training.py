@@ -17,7 +17,7 @@ from defuse_jax.models import ClassifierConfig
 from defuse_jax.training import TrainConfig
 
 SMALL = ClassifierConfig(kind="mlp", hidden=32)
-FAST = TrainConfig(epochs=2, batch_size=32, learning_rate=3e-3, checkpoint_every=10, progress=False)
+FAST = TrainConfig(epochs=2, batch_size=32, learning_rate=3e-3, checkpoint_every=10)
 
 
 @pytest.fixture(scope="module")
