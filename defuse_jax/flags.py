@@ -1,8 +1,25 @@
-"""Map frozen config dataclasses onto argparse flags and back.
+"""Map frozen config dataclasses onto argparse flags and back, and the CLI's conventions.
 
 `add_flags(parser, TrainConfig, prefix="clf-")` adds `--clf-epochs`, `--clf-batch-size`, ...
 with the dataclass defaults; `from_flags(args, TrainConfig, prefix="clf-")` builds the config.
-Booleans become `--flag/--no-flag`, tuples take several values, Literals become choices.
+Booleans become `--flag/--no-flag`, tuples take several values, Literals become choices, help
+comes from the Google-style `Attributes:` docstring section.
+
+Conventions of every command: `--out DIR` is a run directory (pipeline commands, `sweep`,
+`bench search`'s trained run); a benchmark's JSON file is `--json PATH`; lists are
+space-separated (`nargs`, as config tuples are), and a comma inside a list value is rejected
+with the fix (`list_of`); renamed flags fail with their new name (`renamed`).
+
+Why not a library. tyro (`tyro.cli(RunConfig, default=saved)`) and ml_collections' config flags
+(big_vision) were evaluated. Both derive flag names from the nesting, `--vae-train.epochs` or
+`--config.vae_train.epochs`, where the CLI has `--vae-epochs` / `--clf-epochs` / `--search-*`
+(prefixes grouping a model with its training); adopting either renames every flag that the
+README, the notebook and users' scripts use. Neither removes the part that is not generic:
+`vae`/`classifier` = None means "chosen from the image shape", resolved only after the data
+flags and the saved config are merged (`cli.resolve`), and "flags left out keep the run
+directory's saved values" needs the set of flags actually typed, which argparse's SUPPRESS gives
+directly. A library would add a dependency and still need that logic, so this stays a small
+argparse mapping over the dataclasses.
 """
 
 from __future__ import annotations
@@ -11,6 +28,7 @@ import argparse
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, Literal
 
 
@@ -108,6 +126,39 @@ def add_flags(
         else:
             conv = _optional(tp) if optional else tp
             group.add_argument(flag, dest=dest, type=conv, default=default, help=help_)
+
+
+def list_of(elem: Callable[[str], Any]) -> Callable[[str], Any]:
+    """argparse `type` for one element of a space-separated list (`nargs="+"`).
+
+    A comma inside a value is the old comma-list spelling: it fails with the fix rather than as
+    an unreadable value.
+    """
+
+    def parse(text: str) -> Any:
+        if "," in text:
+            fixed = " ".join(t for t in text.split(",") if t.strip())
+            raise argparse.ArgumentTypeError(
+                f"lists are space-separated: write {fixed!r} instead of {text!r}"
+            )
+        return elem(text)
+
+    parse.__name__ = getattr(elem, "__name__", "value")
+    return parse
+
+
+class _Renamed(argparse.Action):
+    def __init__(self, option_strings, dest, *, new: str, **kwargs):
+        self.new = new
+        super().__init__(option_strings, dest, nargs="*", help=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} was renamed: use {self.new}")
+
+
+def renamed(parser: argparse.ArgumentParser, old: str, new: str) -> None:
+    """A hidden flag `old` that fails with "use `new`" (`new` may be a sentence)."""
+    parser.add_argument(old, action=_Renamed, new=new, dest=f"_renamed_{old.strip('-')}")
 
 
 def given(args: argparse.Namespace, cls: type, *, prefix: str = "", rename=None) -> bool:

@@ -6,7 +6,7 @@ codes, errors per million evaluated samples, throughput and timings. Settings th
 scale run as one compiled program (`latent_search_sweep`); every other axis is a separate call.
 Writes `sweep.csv`, `sweep.json` and `sweep.png` (errors per million and regions against scale).
 
-    defuse-jax sweep --run runs/digits --scales 0.25,0.5,1,2 --modes sample,gradient
+    defuse-jax sweep --out runs/digits --scales 0.25 0.5 1 2 --modes sample gradient
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from defuse_jax import flags
 from defuse_jax.regions import DistillConfig, distill
 from defuse_jax.search import SearchConfig, SearchResult, latent_search, latent_search_sweep
 from defuse_jax.search.config import DISTRIBUTIONS, MODES
@@ -271,40 +272,32 @@ def plot(rows: Sequence[dict[str, Any]], path: str) -> None:
 # Command line
 
 
-def _split(text: str | None, cast: Callable[[str], Any], name: str) -> tuple | None:
-    if text is None:
-        return None
-    try:
-        values = tuple(cast(t.strip()) for t in text.split(",") if t.strip())
-    except ValueError as e:
-        raise ValueError(f"sweep: --{name}={text!r} is not a comma list: {e}") from e
-    if not values:
-        raise ValueError(f"sweep: --{name} is empty; give at least one value.")
-    return values
+GRID_AXES = ("distributions", "scales", "samples", "modes")
 
 
 def grid_from_args(args: argparse.Namespace) -> SweepGrid:
-    """The grid: `--quick`'s or the default, with the given comma lists on top (validated)."""
+    """The grid: `--quick`'s or the default, with the given lists on top (validated)."""
     base = QUICK_GRID if args.quick else SweepGrid()
-    given = {
-        "distributions": _split(args.distributions, str, "distributions"),
-        "scales": _split(args.scales, float, "scales"),
-        "samples": _split(args.samples, int, "samples"),
-        "modes": _split(args.modes, str, "modes"),
-    }
-    return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
+    given = {k: tuple(getattr(args, k)) for k in GRID_AXES if getattr(args, k) is not None}
+    return dataclasses.replace(base, **given)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Registers the sweep's flags."""
-    parser.add_argument("--run", default="runs/digits", help="a trained run directory")
-    parser.add_argument("--out-dir", default=None, help="output folder (default <run>/sweep)")
+    parser.add_argument("--out", default="runs/digits", help="a trained run directory")
+    parser.add_argument("--sweep-dir", default=None, help="output folder (default <out>/sweep)")
     parser.add_argument("--quick", action="store_true", help="a small grid (smoke test)")
-    parser.add_argument("--distributions", default=None,
-                        help=f"comma list of {DISTRIBUTIONS} (sample mode)")  # fmt: skip
-    parser.add_argument("--scales", default=None, help="comma list of perturbation scales")
-    parser.add_argument("--samples", default=None, help="comma list of samples per source")
-    parser.add_argument("--modes", default=None, help=f"comma list of {MODES}")
+    lists = {
+        "distributions": (str, f"perturbation laws of sample mode, of {DISTRIBUTIONS}"),
+        "scales": (float, "perturbation scales"),
+        "samples": (int, "samples per source"),
+        "modes": (str, f"search modes, of {MODES}"),
+    }
+    for name, (elem, help_) in lists.items():
+        parser.add_argument(f"--{name}", nargs="+", type=flags.list_of(elem), default=None,
+                            help=f"{help_} (space-separated)")  # fmt: skip
+    flags.renamed(parser, "--run", "--out (the run directory)")
+    flags.renamed(parser, "--out-dir", "--sweep-dir")
     parser.add_argument("--max-sources", type=int, default=None,
                         help="search from at most this many test points (default: all; quick: "
                              "100)")  # fmt: skip
@@ -324,13 +317,13 @@ def run(args: argparse.Namespace) -> int:
     from defuse_jax.data import load_dataset
     from defuse_jax.run_config import load_run_config
 
-    config = load_run_config(args.run)
+    config = load_run_config(args.out)
     if config is None:
         raise FileNotFoundError(
-            f"{args.run} holds no run (no config.json); run `defuse-jax run --out {args.run}`."
+            f"{args.out} holds no run (no config.json); run `defuse-jax run --out {args.out}`."
         )
-    vae, _ = tm.load_trained(os.path.join(args.run, "train", "vae"))
-    clf, _ = tm.load_trained(os.path.join(args.run, "train", "classifier"))
+    vae, _ = tm.load_trained(os.path.join(args.out, "train", "vae"))
+    clf, _ = tm.load_trained(os.path.join(args.out, "train", "classifier"))
     ds = load_dataset(config.data)
     idx = np.arange(len(ds.x_test))
     if max_sources is not None and max_sources < len(idx):
@@ -338,7 +331,7 @@ def run(args: argparse.Namespace) -> int:
                                                                      replace=False))  # fmt: skip
     z0 = identification.encode_sources(vae, ds.x_test[idx])
     y0 = ds.y_test[idx].astype(np.int32)
-    print(f"sweep on {args.run}: {len(idx)} sources, devices {jax.devices()}")
+    print(f"sweep on {args.out}: {len(idx)} sources, devices {jax.devices()}")
     decode_fn, classify_fn = models.search_functions(
         vae, clf, compute_dtype=config.search.compute_dtype
     )
@@ -353,7 +346,7 @@ def run(args: argparse.Namespace) -> int:
         log=lambda s: print(s, flush=True),
     )
     meta = {
-        "run": args.run,
+        "run": args.out,
         "num_sources": int(len(idx)),
         "grid": dataclasses.asdict(grid),
         "base_search": dataclasses.asdict(config.search),
@@ -361,7 +354,7 @@ def run(args: argparse.Namespace) -> int:
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
     }
-    paths = write_outputs(rows, args.out_dir or os.path.join(args.run, "sweep"), meta=meta)
+    paths = write_outputs(rows, args.sweep_dir or os.path.join(args.out, "sweep"), meta=meta)
     print(format_table(rows))
     print("wrote " + ", ".join(paths.values()))
     return 0

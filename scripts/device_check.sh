@@ -58,16 +58,16 @@ if [ -n "$QUICK" ]; then  # seconds on a CPU: every step runs, on toy sizes
   MIX=(--k 5 --iters 10 --repeats 1 --models gmm)
   MIX_N=(2000 4000)
   ILL_N=20000
-  SEARCH=(--quick --no-torch --no-modes --models mlp --chains 256 --chunk-sizes 64,128)
+  SEARCH=(--quick --no-torch --no-modes --models mlp --chains 256 --chunk-sizes 64 128)
 else
   PIPE=()
   CONV=()
   MIX=(--repeats 3)
   MIX_N=(100000 1000000)
   ILL_N=200000
-  SEARCH=(--repeats 2 --chains 65536,1048576 --ref-points 32 --no-modes)
+  SEARCH=(--repeats 2 --chains 65536 1048576 --ref-points 32 --no-modes)
 fi
-MIX_COMMON=(--no-parity --no-pipeline --scaling-n "" --scaling-k "" --sklearn-full-max 0
+MIX_COMMON=(--no-parity --no-pipeline --scaling-n --scaling-k --sklearn-full-max 0
   --sklearn-short-iters 2)
 
 step info 60 $PY -m defuse_jax.cli info --json
@@ -83,10 +83,10 @@ step conv 150 $PY -m defuse_jax.cli run --out "$WORK/conv" --image-size 28 --no-
 keep "$WORK/conv/report.json" "$OUT/conv_report.json"
 
 step mixture_100k 90 $PY -m defuse_jax.cli bench mixture --n "${MIX_N[0]}" "${MIX_COMMON[@]}" \
-  "${MIX[@]}" --out "$WORK/mixture_100k.json"
+  "${MIX[@]}" --json "$WORK/mixture_100k.json"
 # scikit-learn's short fits at 1M rows alone took 95 s on the H200's host: ours only there.
 step mixture_1m 90 $PY -m defuse_jax.cli bench mixture --n "${MIX_N[1]}" "${MIX_COMMON[@]}" \
-  "${MIX[@]}" --no-sklearn --out "$WORK/mixture_1m.json"
+  "${MIX[@]}" --no-sklearn --json "$WORK/mixture_1m.json"
 
 step ill_cond 90 $PY - "$ILL_N" "$OUT/ill_conditioned.json" <<'EOF'
 """Rows far from the origin with tiny spreads: float32 on the device vs float64 scikit-learn."""
@@ -123,8 +123,8 @@ with open(path, "w") as f:
 sys.exit(0 if all(r["ok"] for r in out["rows"]) else 1)
 EOF
 
-step search 240 $PY -m defuse_jax.cli bench search --dtype float32,bfloat16 "${SEARCH[@]}" \
-  --out "$OUT/search.json"
+step search 240 $PY -m defuse_jax.cli bench search --dtype float32 bfloat16 "${SEARCH[@]}" \
+  --json "$OUT/search.json"
 
 $PY - "$STEPS" "$OUT/steps.json" "$WORK" "$OUT/mixture.json" <<'EOF'
 import json, os, sys

@@ -1,6 +1,6 @@
 """Sweep the latent search's settings on a trained run (same as `defuse-jax sweep`).
 
-python scripts/sweep.py --run runs/digits --quick
+python scripts/sweep.py --out runs/digits --quick
 """
 
 from __future__ import annotations

@@ -61,3 +61,25 @@ def test_unknown_choice_is_rejected_by_argparse(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["run", "--labeler", "human"])
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bench", "search", "--chains", "256,1024"], "space-separated: write '256 1024'"),
+        (["bench", "search", "--run-dir", "runs/x"], "--run-dir was renamed: use --out"),
+        (["bench", "search", "--models", "resnet"], "invalid choice: 'resnet'"),
+        (["bench", "search", "--dtype", "float16"], "invalid choice: 'float16'"),
+        (["bench", "mixture", "--out", "m.json"], "--out was renamed: use --json"),
+        (["run", "--search-mode", "annealing"], "invalid choice: 'annealing'"),
+    ],
+)
+def test_uniform_flag_conventions_fail_with_the_fix(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_search_out_must_be_a_run_directory(tmp_path, capsys):
+    code = cli.main(["bench", "search", "--out", str(tmp_path / "r.json"), "--quick"])
+    assert code == 2 and "the results file is --json" in capsys.readouterr().err

@@ -231,14 +231,11 @@ def _args(**kw):
 @pytest.mark.parametrize(
     "kw, match",
     [
-        ({"distributions": "gaussian,cauchy"}, r"unknown distributions \['cauchy'\]"),
-        ({"modes": "sample,bogus"}, r"unknown modes \['bogus'\]"),
-        ({"scales": "0.5,-1"}, "finite and > 0"),
-        ({"scales": "0"}, "finite and > 0"),
-        ({"scales": "abc"}, "not a comma list"),
-        ({"scales": ","}, "--scales is empty"),
-        ({"samples": "0"}, "positive ints"),
-        ({"samples": "1.5"}, "not a comma list"),
+        ({"distributions": ["gaussian", "cauchy"]}, r"unknown distributions \['cauchy'\]"),
+        ({"modes": ["sample", "bogus"]}, r"unknown modes \['bogus'\]"),
+        ({"scales": [0.5, -1.0]}, "finite and > 0"),
+        ({"scales": [0.0]}, "finite and > 0"),
+        ({"samples": [0]}, "positive ints"),
     ],
 )
 def test_bad_grid_is_a_clear_error(kw, match):
@@ -247,16 +244,29 @@ def test_bad_grid_is_a_clear_error(kw, match):
 
 
 def test_grid_flags_override_the_quick_grid():
-    grid = sweep_lib.grid_from_args(_args(quick=True, scales="0.1, 0.2"))
+    grid = sweep_lib.grid_from_args(_args(quick=True, scales=[0.1, 0.2]))
     assert grid.scales == (0.1, 0.2) and grid.samples == sweep_lib.QUICK_GRID.samples
 
 
-def test_cli_rejects_a_bad_grid_before_loading_anything(tmp_path, capsys):
-    missing = str(tmp_path / "no_run")  # would fail later: the grid error must come first
-    assert cli.main(["sweep", "--run", missing, "--modes", "bogus"]) == 2
-    assert "unknown modes" in capsys.readouterr().err
-    assert cli.main(["sweep", "--run", missing]) == 2
-    assert "holds no run" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--modes", "bogus"], "unknown modes"),  # the grid fails before the missing run
+        ([], "holds no run"),
+        (["--scales", "0.5,1"], "space-separated: write '0.5 1'"),
+        (["--samples", "1.5"], "invalid int value"),
+        (["--run", "x"], "--run was renamed: use --out"),
+        (["--out-dir", "x"], "--out-dir was renamed: use --sweep-dir"),
+    ],
+)
+def test_cli_rejects_bad_flags_before_loading_anything(tmp_path, capsys, argv, match):
+    missing = str(tmp_path / "no_run")
+    try:
+        code = cli.main(["sweep", "--out", missing, *argv])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    assert code == 2
+    assert match in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -273,8 +283,8 @@ def tiny_run(tmp_path_factory):
 
 def test_cli_sweep_on_a_trained_run(tiny_run, tmp_path, capsys):
     out = str(tmp_path / "sweep")
-    code = cli.main(["sweep", "--run", tiny_run, "--quick", "--distributions", "gaussian",
-                     "--max-sources", "20", "--samples", "8", "--out-dir", out])  # fmt: skip
+    code = cli.main(["sweep", "--out", tiny_run, "--quick", "--distributions", "gaussian",
+                     "--max-sources", "20", "--samples", "8", "--sweep-dir", out])  # fmt: skip
     assert code == 0
     printed = capsys.readouterr().out
     assert "errors_per_million" in printed and "sweep.png" in printed

@@ -32,6 +32,7 @@ import warnings
 import jax
 import numpy as np
 
+from defuse_jax import flags
 from defuse_jax.bench.devices import ensure_devices
 from defuse_jax.mixture import BayesianGaussianMixture, GaussianMixture
 
@@ -43,11 +44,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, default=20, help="headline components")
     parser.add_argument("--iters", type=int, default=100, help="fixed iterations (tol = 0)")
     parser.add_argument("--covariance-type", default="full")
-    parser.add_argument("--models", default="gmm,dpgmm", help="comma list of: gmm, dpgmm")
     parser.add_argument(
-        "--scaling-n", default="10000,100000,1000000", help="comma list of N ('' to skip)"
+        "--models", nargs="+", choices=["gmm", "dpgmm"], default=["gmm", "dpgmm"], help="models"
     )
-    parser.add_argument("--scaling-k", default="5,50", help="comma list of K ('' to skip)")
+    parser.add_argument(
+        "--scaling-n", nargs="*", type=flags.list_of(_count), default=[10_000, 100_000, 1_000_000],
+        help="N of the scaling rows (none given: no N scaling)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--scaling-k", nargs="*", type=flags.list_of(int), default=[5, 50],
+        help="K of the scaling rows (none given: no K scaling)",
+    )  # fmt: skip
     parser.add_argument(
         "--sklearn-full-max",
         type=float,
@@ -63,7 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=2, help="best of this many timed fits")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="small smoke run (seconds)")
-    parser.add_argument("--out", default="bench_results/mixture.json", help="JSON output path")
+    parser.add_argument("--json", default="bench_results/mixture.json", help="JSON output path")
+    flags.renamed(parser, "--out", "--json (--out names a run directory in every command)")
 
 
 def make_data(n: int, d: int, k: int, seed: int) -> np.ndarray:
@@ -200,20 +208,18 @@ def _print_row(row: dict) -> None:
     )
 
 
-def _ints(text: str) -> list[int]:
-    return [int(float(v)) for v in text.split(",") if v.strip()]
+def _count(text: str) -> int:
+    """An int that may be written 1e6."""
+    return int(float(text))
 
 
 def run(args: argparse.Namespace) -> dict:
     """Runs the benchmark, prints the table and writes the JSON; returns the results."""
     if args.quick:
         args.n, args.d, args.k, args.iters = 5000, 8, 5, 20
-        args.scaling_n, args.scaling_k = "2000,5000", "3"
+        args.scaling_n, args.scaling_k = [2000, 5000], [3]
         args.repeats = 1
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    for m in models:
-        if m not in ("gmm", "dpgmm"):
-            raise ValueError(f"unknown model {m!r}; use gmm and/or dpgmm")
+    models = list(dict.fromkeys(args.models))
     ensure_devices(args.devices)
     load_start = os.getloadavg()
     info = {
@@ -238,12 +244,12 @@ def run(args: argparse.Namespace) -> dict:
     d, iters = args.d, args.iters
     for name in models:
         rows.append(bench_row("headline", name, args.n, d, args.k, iters, 0.0, args))
-    for n in _ints(args.scaling_n):
+    for n in args.scaling_n:
         for name in models:
             if n == args.n:
                 continue  # the headline row
             rows.append(bench_row("scale-N", name, n, d, args.k, iters, 0.0, args))
-    for k in _ints(args.scaling_k):
+    for k in args.scaling_k:
         for name in models:
             if k == args.k:
                 continue
@@ -255,7 +261,7 @@ def run(args: argparse.Namespace) -> dict:
     info["load_average_end"] = os.getloadavg()
     result = {"info": info, "args": vars(args) | {"func": None}, "rows": rows}
     result["args"].pop("func", None)
-    out = args.out
+    out = args.json
     if out:
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
         with open(out, "w") as f:

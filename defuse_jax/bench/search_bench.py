@@ -32,6 +32,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from defuse_jax import flags
 from defuse_jax.bench.devices import ensure_devices
 from defuse_jax.search import SearchConfig, latent_search
 from defuse_jax.search.config import DTYPES
@@ -43,18 +44,24 @@ NUM_CLASSES = 10
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Registers the benchmark's flags."""
-    parser.add_argument("--models", default="mlp,conv", help="comma list of: mlp, conv")
+    parser.add_argument(
+        "--models", nargs="+", choices=list(MODEL_SHAPES), default=["mlp", "conv"],
+        help="model sizes",
+    )  # fmt: skip
     parser.add_argument(
         "--dtype",
-        default="float32",
-        help="comma list of compute dtypes: float32, bfloat16 (weights cast with "
-        "models.cast_params, as the pipeline does); the reference loops and the mode "
-        "comparison run in the first one",
+        nargs="+",
+        choices=list(DTYPES),
+        default=["float32"],
+        help="compute dtypes (weights cast with models.cast_params, as the pipeline does); the "
+        "reference loops and the mode comparison run in the first one",
     )
     parser.add_argument(
         "--chains",
-        default="256,1024,4096,16384,65536",
-        help="comma list of total chain (= sample) counts per search call",
+        nargs="+",
+        type=flags.list_of(int),
+        default=[256, 1024, 4096, 16384, 65536],
+        help="total chain (= sample) counts per search call",
     )
     parser.add_argument(
         "--samples-per-source",
@@ -64,8 +71,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--chunk-sizes",
-        default="",
-        help="chunk sizes to try (default on CPU: 256..8192 mlp, 32..512 conv; larger on GPU/TPU)",
+        nargs="+",
+        type=flags.list_of(int),
+        default=None,
+        help="chunk sizes to try besides the automatic one (default on CPU: 256..8192 mlp, "
+        "32..512 conv; larger on GPU/TPU)",
     )
     parser.add_argument(
         "--ref-points",
@@ -89,13 +99,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     parser.add_argument("--no-modes", action="store_true", help="skip the mode comparison")
     parser.add_argument(
-        "--run-dir",
+        "--out",
         default="",
-        help="a trained digits run (<run>/train/vae, <run>/train/classifier): also time the "
-        "default search on its test points and compare the modes there",
+        help="a trained digits run directory (<out>/train/vae, <out>/train/classifier): also "
+        "time the default search on its test points and compare the modes there",
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: small sizes, 1 repeat")
-    parser.add_argument("--out", default="bench_results/search.json", help="JSON output path")
+    parser.add_argument("--json", default="bench_results/search.json", help="JSON output path")
+    flags.renamed(parser, "--run-dir", "--out (the trained run directory)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -496,10 +507,6 @@ def trained_digits(run_dir: str, repeats: int) -> dict:
 # driver
 
 
-def _ints(text: str) -> list[int]:
-    return [int(t) for t in text.split(",") if t.strip()]
-
-
 # Forward batch sizes and chunk sizes tried per model: an accelerator needs far larger batches
 # than a CPU to reach its ceiling (the CPU lists end where the working set leaves the caches).
 _SIZES = {
@@ -558,12 +565,12 @@ def bench_model(kind: str, dtype: str, args, *, references: bool) -> dict:
     quick, repeats = args.quick, (1 if args.quick else args.repeats)
     decode_fn, classify_fn, vae, clf = build_models(kind, dtype)
     sizes = _SIZES[_size_class()][kind]
-    chains = _ints(args.chains)
+    chains = list(args.chains)
     if quick:
         chains = [c for c in chains if c <= 4096] or chains[:1]
     q = args.samples_per_source
     if args.chunk_sizes:
-        chunks = _ints(args.chunk_sizes)
+        chunks = list(args.chunk_sizes)
     else:
         chunks = sizes["chunks"]
     if quick:
@@ -712,15 +719,13 @@ def _print_modes(rows: list) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Runs the benchmark, prints a table, writes JSON to `args.out`; returns the results."""
-    kinds = [k.strip() for k in args.models.split(",") if k.strip()]
-    for kind in kinds:  # before any long measurement
-        if kind not in MODEL_SHAPES:
-            raise ValueError(f"--models: unknown model {kind!r}; use mlp and/or conv.")
-    dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
-    bad = [d for d in dtypes if d not in DTYPES]
-    if bad or not dtypes:
-        raise ValueError(f"--dtype: unknown {bad or args.dtype!r}; use float32 and/or bfloat16.")
+    """Runs the benchmark, prints a table, writes JSON to `args.json`; returns the results."""
+    kinds, dtypes = list(dict.fromkeys(args.models)), list(dict.fromkeys(args.dtype))
+    if args.out and not os.path.isdir(os.path.join(args.out, "train")):  # before measuring
+        raise ValueError(
+            f"--out {args.out}: not a trained run directory (no train/ inside); --out names a "
+            "run directory, the results file is --json"
+        )
     ensure_devices(args.devices)
     repeats = 1 if args.quick else args.repeats
     result = {
@@ -747,12 +752,12 @@ def run(args: argparse.Namespace) -> dict:
             r = bench_model(kind, dtype, args, references=i == 0)
             result["models"].append(r)
             _print_model(r)
-            _write(result, args.out)  # after each model: a later failure keeps what was measured
-    if args.run_dir:
-        result["trained_digits"] = trained_digits(args.run_dir, repeats)
-    _write(result, args.out)
+            _write(result, args.json)  # after each model: a later failure keeps what was measured
     if args.out:
-        print(f"\nwrote {args.out}")
+        result["trained_digits"] = trained_digits(args.out, repeats)
+    _write(result, args.json)
+    if args.json:
+        print(f"\nwrote {args.json}")
     return result
 
 

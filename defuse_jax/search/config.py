@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
+from typing import Literal
 
-MODES = ("sample", "iterative", "gradient")
-DISTRIBUTIONS = ("gaussian", "laplace", "uniform_ball", "beta_offset")
-DTYPES = ("float32", "bfloat16")
-OPTIMIZERS = ("adam", "sgd")
+Mode = Literal["sample", "iterative", "gradient"]
+Distribution = Literal["gaussian", "laplace", "uniform_ball", "beta_offset"]
+ComputeDtype = Literal["float32", "bfloat16"]
+Optimizer = Literal["adam", "sgd"]
+# The Literals are the one source of the choices (`--help` lists them; __post_init__ checks).
+MODES = typing.get_args(Mode)
+DISTRIBUTIONS = typing.get_args(Distribution)
+DTYPES = typing.get_args(ComputeDtype)
+OPTIMIZERS = typing.get_args(Optimizer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,24 +66,24 @@ class SearchConfig:
       seed: used only when `latent_search` is called with `key=None`.
     """
 
-    mode: str = "sample"
+    mode: Mode = "sample"
     num_samples: int = 100
     chains_per_source: int = 8
     num_rounds: int = 16
-    distribution: str = "gaussian"
+    distribution: Distribution = "gaussian"
     scale: float = 0.5
     radius_min: float = 0.0
     radius_max: float = 2.0
     beta_a: float = 50.0
     radius_step: float = 0.25
     learning_rate: float = 0.05
-    optimizer: str = "adam"
+    optimizer: Optimizer = "adam"
     distance_penalty: float = 0.1
     margin_floor: float = 0.0
     max_keep_per_source: int | None = 5
     skip_misclassified: bool = True
     chunk_size: int | None = None
-    compute_dtype: str = "float32"
+    compute_dtype: ComputeDtype = "float32"
     seed: int = 0
 
     def __post_init__(self):
