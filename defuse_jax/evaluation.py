@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from defuse_jax import losses, models
+from defuse_jax.batching import map_batches
 from defuse_jax.models import Params
 from defuse_jax.regions import Regions, sample_regions
 from defuse_jax.training import evaluate
@@ -44,11 +45,10 @@ def predict(
 ) -> np.ndarray:
     """Classifier predictions on decoded codes: z [M, L] -> [M] int32."""
     fn = _predict_fn()
-    out = [
-        np.asarray(fn(vae, classifier, jnp.asarray(z[i : i + batch_size])))
-        for i in range(0, len(z), batch_size)
-    ]
-    return np.concatenate(out) if out else np.zeros((0,), np.int32)
+    out = map_batches(
+        lambda b: fn(vae, classifier, b["z"]), {"z": np.asarray(z)}, batch_size=batch_size
+    )
+    return np.zeros((0,), np.int32) if out is None else out
 
 
 @functools.cache

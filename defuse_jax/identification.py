@@ -10,10 +10,10 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from defuse_jax import models
+from defuse_jax.batching import map_batches
 from defuse_jax.data import Dataset
 from defuse_jax.files import write_json
 from defuse_jax.models import Params
@@ -22,15 +22,16 @@ from defuse_jax.search import SearchConfig, SearchResult, latent_search
 ERROR_FIELDS = ("z", "source_index", "source_label", "pred_label", "prob", "perturbation_norm")
 
 
+@jax.jit
+def _encode_means(vae: Params, x: jax.Array) -> jax.Array:
+    return models.encode(vae, x)[0]
+
+
 def encode_sources(vae: Params, x: np.ndarray, *, batch_size: int = 1024) -> np.ndarray:
     """Latent means of images x: [N, H, W, C] -> [N, L]."""
-    enc = jax.jit(lambda p, xb: models.encode(p, xb)[0])
-    return np.concatenate(
-        [
-            np.asarray(enc(vae, jnp.asarray(x[i : i + batch_size])))
-            for i in range(0, len(x), batch_size)
-        ]
-    )
+    if len(x) == 0:
+        raise ValueError("encode_sources: no images to encode.")
+    return map_batches(lambda b: _encode_means(vae, b["x"]), {"x": x}, batch_size=batch_size)
 
 
 def run_search(

@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
+from defuse_jax.batching import map_batches
 from defuse_jax.checkpoint import Checkpointer
 from defuse_jax.models import Params
 
@@ -77,13 +78,6 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     if config.optimizer == "sgd":
         return optax.sgd(config.learning_rate, momentum=config.momentum)
     raise ValueError(f"Unknown optimizer {config.optimizer!r}; use 'adam', 'adamw' or 'sgd'.")
-
-
-def make_train_step(
-    loss_fn: LossFn, graphdef: Any, optimizer: optax.GradientTransformation
-) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
-    """A jitted `train_step(state, batch, step_key) -> (state, metrics)` that donates `state`."""
-    return jax.jit(_step_fn(loss_fn, graphdef, optimizer), donate_argnums=0)
 
 
 def _step_fn(loss_fn: LossFn, graphdef: Any, optimizer: optax.GradientTransformation):
@@ -152,19 +146,11 @@ def evaluate(
     eval_fn: EvalFn, params: Params, data: Mapping[str, np.ndarray], *, batch_size: int = 512
 ) -> dict[str, float]:
     """Mean of `eval_fn`'s per-example metrics over `data`, in fixed-size padded batches."""
-    n = len(next(iter(data.values())))
-    if n == 0:
-        return {}
     step = _jitted(eval_fn)
-    sums: dict[str, float] = {}
-    for start in range(0, n, batch_size):
-        idx = np.arange(start, start + batch_size)
-        valid = idx < n
-        batch = {k: jnp.asarray(v[np.where(valid, idx, 0)]) for k, v in data.items()}
-        out = step(params, batch)
-        for k, v in out.items():
-            sums[k] = sums.get(k, 0.0) + float(np.asarray(v)[valid].sum())
-    return {k: v / n for k, v in sums.items()}
+    per_example = map_batches(lambda batch: step(params, batch), data, batch_size=batch_size)
+    if per_example is None:
+        return {}
+    return {k: float(np.mean(v, dtype=np.float64)) for k, v in per_example.items()}
 
 
 def _segment_length(checkpoint_every: int, steps_per_epoch: int, cap: int = 64) -> int:

@@ -107,3 +107,22 @@ def test_host_lecun_normal_matches_jax_distribution():
     # Deterministic in the key, different across keys.
     np.testing.assert_array_equal(w, models.host_lecun_normal(jax.random.key(3), shape))
     assert not np.array_equal(w, models.host_lecun_normal(jax.random.key(4), shape))
+
+
+@pytest.mark.parametrize("n, batch_size", [(1, 4), (4, 4), (10, 4), (3, 100)])
+def test_map_batches_compiles_once_and_trims_the_padding(n, batch_size):
+    from defuse_jax.batching import map_batches
+
+    traces = []
+
+    @jax.jit
+    def fn(b):
+        traces.append(b["x"].shape)  # runs per trace, not per call
+        return {"double": 2 * b["x"], "sum": b["x"].sum(axis=1)}
+
+    x = np.arange(n * 3, dtype=np.float32).reshape(n, 3)
+    out = map_batches(fn, {"x": x}, batch_size=batch_size)
+    np.testing.assert_array_equal(out["double"], 2 * x)
+    np.testing.assert_array_equal(out["sum"], x.sum(axis=1))
+    assert traces == [(batch_size, 3)]
+    assert map_batches(fn, {"x": x[:0]}, batch_size=batch_size) is None
