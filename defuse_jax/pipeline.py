@@ -233,8 +233,7 @@ def train_oracle(ctx: Context) -> Params:
         epochs=2 * ctx.config.classifier_train.epochs,
         seed=ctx.config.classifier_train.seed + 1,
     )
-    shape = ctx.dataset.image_shape
-    config = dataclasses.replace(tm.default_classifier_config(shape), hidden=512)
+    config = tm.oracle_classifier_config(ctx.dataset.image_shape)
     oracle = tm.train_classifier(
         ctx.dataset, out_dir=ctx.path("label", "oracle"), config=config, train=train,
         progress=ctx.config.progress,
@@ -376,16 +375,13 @@ def build_report(ctx: Context) -> dict[str, Any]:
     }
     report_lib.write_report(ctx.run_dir, report, codes=errors["z"], assignment=regions.assignment)
     ctx.log(
-        f"evaluate: test accuracy {_pct(report['test_accuracy_before'])} -> "
-        f"{_pct(report['test_accuracy_after'])}, region accuracy "
-        f"{_pct(report['region_accuracy_before'])} -> {_pct(report['region_accuracy_after'])}"
+        f"evaluate: test accuracy {report_lib.pct(report['test_accuracy_before'])} -> "
+        f"{report_lib.pct(report['test_accuracy_after'])}, region accuracy "
+        f"{report_lib.pct(report['region_accuracy_before'])} -> "
+        f"{report_lib.pct(report['region_accuracy_after'])}"
     )
     return {k: report[k] for k in ("test_accuracy_before", "test_accuracy_after",
                                    "region_accuracy_before", "region_accuracy_after")}  # fmt: skip
-
-
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
 def run(

@@ -25,8 +25,8 @@ from typing import Any, Final
 import numpy as np
 
 from defuse_jax.plots import plt
+from defuse_jax.run_config import STAGES
 
-STAGE_ORDER: Final = ("train", "search", "distill", "label", "correct", "evaluate")
 PCA_PLOT: Final = "plots/latent_pca.png"
 ACCURACY_PLOT: Final = "plots/region_accuracy.png"
 _NA: Final = "n/a"
@@ -68,7 +68,8 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def _pct(x: float | None) -> str:
+def pct(x: float | None) -> str:
+    """A fraction as a percentage with one decimal ("n/a" for None)."""
     return _NA if x is None else f"{100.0 * float(x):.1f}%"
 
 
@@ -250,7 +251,7 @@ def _results_table(report: Mapping[str, Any]) -> list[str]:
     lines = ["| metric | before | after | change |", "|---|---:|---:|---:|"]
     for name, key in rows:
         b, a = report.get(f"{key}_before"), report.get(f"{key}_after")
-        lines.append(f"| {name} | {_pct(b)} | {_pct(a)} | {_pp(b, a)} |")
+        lines.append(f"| {name} | {pct(b)} | {pct(a)} | {_pp(b, a)} |")
     return lines
 
 
@@ -270,13 +271,13 @@ def _regions_section(report: Mapping[str, Any]) -> list[str]:
             f"{_class_name(names, r.get('majority_pred_label'))}"
         )
         acc = (
-            f"{_pct(r.get('accuracy_before'))} -> {_pct(r.get('accuracy_after'))}"
+            f"{pct(r.get('accuracy_before'))} -> {pct(r.get('accuracy_after'))}"
             if _is_labeled(r)
             else _NA
         )
         lines.append(
             f"| {r['id']} | {r['num_codes']:,} | {float(r['weight']):.3f} | {_cell(flow)} "
-            f"| {_pct(r.get('error_rate'))} | {_cell(_region_label(r, names))} | {acc} |"
+            f"| {pct(r.get('error_rate'))} | {_cell(_region_label(r, names))} | {acc} |"
         )
     grids = [r for r in regions if r.get("grid")]
     if grids:
@@ -295,8 +296,8 @@ def _regions_section(report: Mapping[str, Any]) -> list[str]:
 def _timings_section(stage_seconds: Mapping[str, float]) -> list[str]:
     if not stage_seconds:
         return ["No stage timings recorded."]
-    order = [s for s in STAGE_ORDER if s in stage_seconds]
-    order += sorted(s for s in stage_seconds if s not in STAGE_ORDER)
+    order = [s for s in STAGES if s in stage_seconds]
+    order += sorted(s for s in stage_seconds if s not in STAGES)
     lines = ["| stage | seconds |", "|---|---:|"]
     total = 0.0
     for s in order:

@@ -20,7 +20,6 @@ from defuse_jax.training import TrainConfig
 
 STAGES = ("train", "search", "distill", "label", "correct", "evaluate")
 DEFAULT_SEARCH = SearchConfig(mode="sample", num_samples=100, scale=0.5, max_keep_per_source=10)
-ORACLE_CLASSIFIER = ClassifierConfig(kind="mlp", hidden=512)
 
 
 @dataclasses.dataclass(frozen=True)

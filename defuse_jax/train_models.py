@@ -165,6 +165,13 @@ def default_classifier_config(image_shape: tuple[int, int, int]) -> ClassifierCo
     return ClassifierConfig(kind="mlp") if small else ClassifierConfig(kind="conv")
 
 
+def oracle_classifier_config(image_shape: tuple[int, int, int]) -> ClassifierConfig:
+    """The "oracle" labeler's classifier: the default kind for the shape, twice as wide (512)
+    in its dense layers; `pipeline.train_oracle` also trains it twice as long with another seed.
+    """
+    return dataclasses.replace(default_classifier_config(image_shape), hidden=512)
+
+
 def save_reconstructions(params: Params, x: np.ndarray, path: str) -> str:
     """Originals (top row) vs reconstructions from the mean code (bottom row)."""
     vae = params.module()
