@@ -18,8 +18,8 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
+from defuse_jax._plumbing.row_layout import bucket_rows
 from defuse_jax.mixture import _engine, validation
-from defuse_jax.mixture._layout import bucket_rows, make_layout
 from defuse_jax.mixture.gaussian import weighted_log_prob
 from defuse_jax.precision import exact
 
@@ -113,17 +113,6 @@ class MixtureBase(DensityMixin, BaseEstimator):
     def _convergence_window(self) -> int:
         return 0
 
-    def _engine_config(self, layout) -> _engine.EngineConfig:
-        return _engine.EngineConfig(
-            n_components=int(self.n_components),
-            covariance_type=self.covariance_type,
-            history_size=_engine.history_size_for(self.max_iter),
-            n_init=int(self.n_init),
-            init_params=self.init_params,
-            window=self._convergence_window(),
-            precompute_features=_engine.precompute_for(layout, self.covariance_type, self._dtype()),
-        )
-
     def fit(self, X, y=None, *, init_resp=None):
         """Fits the mixture to X [n_samples, n_features]; returns self.
 
@@ -138,43 +127,24 @@ class MixtureBase(DensityMixin, BaseEstimator):
         offset = x.mean(axis=0)
         user = self._check_specific(x)  # host arrays in data coordinates (float64) or None
         if init_resp is not None:
-            init_resp = validation.check_init_resp(init_resp, n, self.n_components)
+            init_resp = validation.check_init_resp(init_resp, n, self.n_components).astype(dtype)
+        user = {
+            k: None if v is None else (v - offset if k in self._offset_arrays else v).astype(dtype)
+            for k, v in user.items()
+        }
         mesh = resolve_mesh(self.devices)
-        n_shards = 1 if mesh is None else mesh.devices.size
-        layout = make_layout(n, d, n_shards, self.block_size)
-        cfg = self._engine_config(layout)
         model = self._make_model(d)
         seed = seed_of(self.random_state)
         with x64_context(dtype):
-            # pad on the host to the layout's row count: similar sizes share a compiled program
-            pad = layout.n_padded - n
-            xc = jnp.asarray(np.pad((x - offset).astype(dtype), ((0, pad), (0, 0))))
-            mask = jnp.asarray(np.pad(np.ones(n, dtype), (0, pad)))
-            user_j = {
-                k: None
-                if v is None
-                else jnp.asarray((v - offset if k in self._offset_arrays else v).astype(dtype))
-                for k, v in user.items()
-            }
-            resp_j = (
-                None
-                if init_resp is None
-                else jnp.asarray(np.pad(init_resp.astype(dtype), ((0, pad), (0, 0))))
-            )
-            key = jax.random.key(seed)
-            hyper = _engine.make_hyper(self.tol, self.reg_covar, self.max_iter, dtype)
-            out = _fit_program(
-                xc,
-                key,
-                user_j,
-                hyper,
-                model=model,
-                cfg=cfg,
-                layout=layout,
-                mesh=mesh,
-                mask=mask,
-                init_resp=resp_j,
-            )
+            # host (numpy) rows: the engine pads them before the jitted program sees their shape
+            out = _engine.fit_functional(
+                (x - offset).astype(dtype), jax.random.key(seed), user, model=model,
+                n_components=int(self.n_components), covariance_type=self.covariance_type,
+                tol=self.tol, reg_covar=self.reg_covar, max_iter=int(self.max_iter),
+                n_init=int(self.n_init), init_params=self.init_params, mesh=mesh, mask=None,
+                init_resp=init_resp, block_size=int(self.block_size), precompute_features=None,
+                window=self._convergence_window(), program=_fit_program,
+            )  # fmt: skip
             out = jax.device_get(out)
         out = {k: np.asarray(v) for k, v in out.items()}
         code = int(out["code"])

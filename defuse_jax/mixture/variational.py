@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from defuse_jax.mixture import _base, _engine, validation
-from defuse_jax.mixture._layout import psum
+from defuse_jax.mixture._shards import psum
 from defuse_jax.mixture._special import betaln, digamma, gammaln
 from defuse_jax.mixture.gaussian import (
     gaussian_log_norm,
