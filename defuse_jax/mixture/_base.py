@@ -19,7 +19,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
 from defuse_jax._plumbing.row_layout import bucket_rows
-from defuse_jax.mixture import _engine, validation
+from defuse_jax.mixture import _engine, argument_checks
 from defuse_jax.mixture.gaussian import weighted_log_prob
 from defuse_jax.precision import exact
 
@@ -108,7 +108,7 @@ class MixtureBase(DensityMixin, BaseEstimator):
 
     # -- fitting ---------------------------------------------------------------------------
     def _dtype(self):
-        return validation.resolve_dtype(self.dtype)
+        return argument_checks.resolve_dtype(self.dtype)
 
     def _convergence_window(self) -> int:
         return 0
@@ -120,14 +120,14 @@ class MixtureBase(DensityMixin, BaseEstimator):
         `init_params` (a defuse-jax extension, e.g. to start exactly where another
         implementation starts).
         """
-        validation.check_common(self)
+        argument_checks.check_common(self)
         dtype = self._dtype()
-        x = validation.check_data(X, n_components=self.n_components)
+        x = argument_checks.check_data(X, n_components=self.n_components)
         n, d = x.shape
         offset = x.mean(axis=0)
         user = self._check_specific(x)  # host arrays in data coordinates (float64) or None
         if init_resp is not None:
-            init_resp = validation.check_init_resp(init_resp, n, self.n_components).astype(dtype)
+            init_resp = argument_checks.check_init_resp(init_resp, n, self.n_components)
         user = {
             k: None if v is None else (v - offset if k in self._offset_arrays else v).astype(dtype)
             for k, v in user.items()
@@ -184,7 +184,7 @@ class MixtureBase(DensityMixin, BaseEstimator):
     def _posterior(self, X):
         check_is_fitted(self, "_means_c")
         dtype = self._dtype()
-        x = validation.check_data(X, n_features=self.n_features_in_, fitting=False)
+        x = argument_checks.check_data(X, n_features=self.n_features_in_, fitting=False)
         with x64_context(dtype):
             n, d = x.shape
             block = min(_PREDICT_BLOCK, bucket_rows(n))

@@ -17,7 +17,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from defuse_jax.mixture import _base, _engine, validation
+from defuse_jax.mixture import _base, _engine, argument_checks
 from defuse_jax.mixture._shards import psum
 from defuse_jax.mixture._special import betaln, digamma, gammaln
 from defuse_jax.mixture.gaussian import (
@@ -332,14 +332,14 @@ class BayesianGaussianMixture(_base.MixtureBase):
 
     def _check_specific(self, x):
         n, d = x.shape
-        validation.check_choice(
+        argument_checks.check_choice(
             "weight_concentration_prior_type", self.weight_concentration_prior_type, PRIOR_TYPES
         )
         for name in ("weight_concentration_prior", "mean_precision_prior"):
             if getattr(self, name) is not None:
-                validation.check_real(name, getattr(self, name), 0.0, strict=True)
+                argument_checks.check_real(name, getattr(self, name), 0.0, strict=True)
         if self.degrees_of_freedom_prior is not None:
-            v = validation.check_real(
+            v = argument_checks.check_real(
                 "degrees_of_freedom_prior", self.degrees_of_freedom_prior, -np.inf
             )
             if v <= d - 1.0:
@@ -349,19 +349,19 @@ class BayesianGaussianMixture(_base.MixtureBase):
                 )
         user = {"mean_prior": None, "covariance_prior": None}
         if self.mean_prior is not None:
-            m = validation.as_float_array(self.mean_prior, "mean_prior")
-            validation.check_shape(m, (d,), "mean_prior")
-            validation.check_finite(m, "mean_prior")
+            m = argument_checks.as_float_array(self.mean_prior, "mean_prior")
+            argument_checks.check_shape(m, (d,), "mean_prior")
+            argument_checks.check_finite(m, "mean_prior")
             user["mean_prior"] = m
         if self.covariance_prior is not None:
             ct = self.covariance_type
-            c = validation.as_float_array(self.covariance_prior, "covariance_prior")
-            validation.check_finite(c, "covariance_prior")
+            c = argument_checks.as_float_array(self.covariance_prior, "covariance_prior")
+            argument_checks.check_finite(c, "covariance_prior")
             if ct in ("full", "tied"):
-                validation.check_shape(c, (d, d), f"{ct} covariance_prior")
-                validation.check_spd(c, f"{ct} covariance_prior")
+                argument_checks.check_shape(c, (d, d), f"{ct} covariance_prior")
+                argument_checks.check_spd(c, f"{ct} covariance_prior")
             elif ct == "diag":
-                validation.check_shape(c, (d,), "diag covariance_prior")
+                argument_checks.check_shape(c, (d,), "diag covariance_prior")
                 if np.any(c <= 0):
                     raise ValueError("'diag covariance_prior' should be positive.")
             else:

@@ -14,10 +14,10 @@ from jax.sharding import Mesh
 from defuse_jax._plumbing.keys import key_data_words
 from defuse_jax.search import engine
 from defuse_jax.search.config import SearchConfig
+from defuse_jax.search.input_checks import check_inputs
 from defuse_jax.search.perturb import check_counter_range, noise_scale
 from defuse_jax.search.result import SearchResult, compact
 from defuse_jax.search.sizing import auto_chunk_size
-from defuse_jax.search.validation import check_inputs
 
 
 def latent_search(

@@ -1,4 +1,7 @@
-"""Host-side checks: every bad input is a clear ValueError before anything is traced or compiled."""
+"""The mixture estimators' argument checks: constructor parameters, X, and the initial arrays.
+
+Host-side: every bad input is a clear ValueError before anything is traced or compiled.
+"""
 
 from __future__ import annotations
 

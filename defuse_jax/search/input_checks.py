@@ -1,4 +1,5 @@
-"""Early, clear errors for bad search input (raised before anything is compiled)."""
+"""The search's input checks: early, clear errors for bad decode/classify functions, sources,
+labels or configuration (raised before anything is compiled)."""
 
 from __future__ import annotations
 
