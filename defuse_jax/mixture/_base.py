@@ -4,6 +4,7 @@ sample)."""
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import functools
 import math
@@ -20,7 +21,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from defuse_jax._plumbing.row_layout import bucket_rows
 from defuse_jax.mixture import _engine, argument_checks
-from defuse_jax.mixture.gaussian import weighted_log_prob
+from defuse_jax.mixture.gaussian import precisions_from_cholesky, weighted_log_prob
 from defuse_jax.precision import exact
 
 ILL_DEFINED_MESSAGE = (
@@ -93,18 +94,30 @@ def _posterior(xb, means, prec_chol, log_const, *, covariance_type: str):
     return jax.lax.map(one, xb)
 
 
-class MixtureBase(DensityMixin, BaseEstimator):
+class MixtureBase(DensityMixin, BaseEstimator, metaclass=abc.ABCMeta):
     """Common machinery; subclasses define the model, its extra checks and its attributes."""
 
+    # names of the `_check_specific` arrays in data coordinates (shifted with the data)
+    _offset_arrays: tuple[str, ...] = ()
+
     # -- subclass hooks ----------------------------------------------------------------------
-    def _check_specific(self, x: np.ndarray) -> dict:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _check_specific(self, x: np.ndarray) -> dict:
+        """Checks the model's own parameters against X [n_samples, n_features] (float64).
 
-    def _make_model(self, n_features: int):  # pragma: no cover - abstract
-        raise NotImplementedError
+        Returns:
+          The model's user arrays for the engine (name -> float64 array or None), those named
+          in `_offset_arrays` in data coordinates.
+        """
 
-    def _set_fitted(self, out: dict) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _make_model(self, n_features: int):
+        """The engine's model (hashable: part of the compiled program's key)."""
+
+    @abc.abstractmethod
+    def _set_fitted(self, out: dict) -> None:
+        """Sets the model's own fitted attributes from the fit's host arrays `out`; `fit` has
+        set those every mixture has (weights_, means_, covariances_, precisions_, ...)."""
 
     # -- fitting ---------------------------------------------------------------------------
     def _dtype(self):
@@ -167,6 +180,10 @@ class MixtureBase(DensityMixin, BaseEstimator):
         self._means_c = out["means"]
         self._log_const = out["log_const"]
         self.means_ = (out["means"].astype(np.float64) + offset).astype(dtype)
+        self.weights_ = out["weights"]
+        self.covariances_ = out["covariances"]
+        self.precisions_cholesky_ = out["prec_chol"]
+        self.precisions_ = precisions_from_cholesky(out["prec_chol"], self.covariance_type)
         self._set_fitted(out)
         if not self.converged_ and self.max_iter > 0:
             warnings.warn(

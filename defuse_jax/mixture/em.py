@@ -219,13 +219,7 @@ class GaussianMixture(_base.MixtureBase):
         return EMModel(int(self.n_components), n_features, self.covariance_type)
 
     def _set_fitted(self, out):
-        self.weights_ = out["weights"]
-        self.covariances_ = out["covariances"]
-        self.precisions_cholesky_ = out["prec_chol"]
-        pc = out["prec_chol"]
-        self.precisions_ = (
-            pc @ np.swapaxes(pc, -1, -2) if self.covariance_type in ("full", "tied") else pc**2
-        )
+        """EM has no fitted attributes beyond those every mixture has (`MixtureBase.fit`)."""
 
     def _n_parameters(self) -> int:
         d = self.means_.shape[1]

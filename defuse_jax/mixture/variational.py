@@ -29,6 +29,15 @@ from defuse_jax.mixture.gaussian import (
 
 PRIOR_TYPES = ("dirichlet_process", "dirichlet_distribution")
 
+# In float32 the convergence test looks at the change over this many iterations (see
+# `BayesianGaussianMixture`); float64 uses scikit-learn's one-step test.
+FLOAT32_WINDOW = 10
+
+
+def default_convergence_window(dtype) -> int:
+    """`FLOAT32_WINDOW` for float32 data, 0 (scikit-learn's one-step test) otherwise."""
+    return FLOAT32_WINDOW if jnp.dtype(dtype) == jnp.float32 else 0
+
 
 @dataclasses.dataclass(frozen=True)
 class VBModel:
@@ -248,7 +257,7 @@ def fit_bayesian_gaussian_mixture(
     10 in float32 and 0 (scikit-learn's one-step test) otherwise; see `BayesianGaussianMixture`.
     """
     if convergence_window is None:
-        convergence_window = 10 if x.dtype == jnp.float32 else 0
+        convergence_window = default_convergence_window(x.dtype)
     model = VBModel(
         n_components,
         x.shape[1],
@@ -287,7 +296,7 @@ class BayesianGaussianMixture(_base.MixtureBase):
     """
 
     def _convergence_window(self) -> int:
-        return 10 if self._dtype() == np.float32 else 0
+        return default_convergence_window(self._dtype())
 
     _offset_arrays = ("mean_prior",)
 
@@ -389,13 +398,6 @@ class BayesianGaussianMixture(_base.MixtureBase):
     def _set_fitted(self, out):
         model = self._make_model(self.n_features_in_)
         dtype = self._dtype()
-        self.weights_ = out["weights"]
-        self.covariances_ = out["covariances"]
-        self.precisions_cholesky_ = out["prec_chol"]
-        pc = out["prec_chol"]
-        self.precisions_ = (
-            pc @ np.swapaxes(pc, -1, -2) if self.covariance_type in ("full", "tied") else pc**2
-        )
         if model.is_dp:
             self.weight_concentration_prior_ = model.wcp
             self.weight_concentration_ = (out["conc_a"], out["conc_b"])
