@@ -19,7 +19,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
-from defuse_jax._plumbing.row_layout import bucket_rows
+from defuse_jax._plumbing.row_layout import RowLayout, bucket_rows, pad_rows
 from defuse_jax.mixture import _engine, argument_checks
 from defuse_jax.mixture.gaussian import precisions_from_cholesky, weighted_log_prob
 from defuse_jax.precision import exact
@@ -204,18 +204,19 @@ class MixtureBase(DensityMixin, BaseEstimator, metaclass=abc.ABCMeta):
         x = argument_checks.check_data(X, n_features=self.n_features_in_, fitting=False)
         with x64_context(dtype):
             n, d = x.shape
+            # blocks of at most _PREDICT_BLOCK rows, bucketed: similar sizes share the program
             block = min(_PREDICT_BLOCK, bucket_rows(n))
-            nb = math.ceil(n / block)
-            xc = np.pad((x - self._offset).astype(dtype), ((0, nb * block - n), (0, 0)))
+            rows = RowLayout(1, math.ceil(n / block), block)
+            xc = pad_rows((x - self._offset).astype(dtype), rows.padded_rows)
             lse, log_resp = _posterior(
-                jnp.asarray(xc.reshape(nb, block, d)),
+                jnp.asarray(xc.reshape(rows.blocks, block, d)),
                 jnp.asarray(self._means_c),
                 jnp.asarray(self.precisions_cholesky_),
                 jnp.asarray(self._log_const),
                 covariance_type=self.covariance_type,
             )
             lse = np.asarray(lse).reshape(-1)[:n]
-            log_resp = np.asarray(log_resp).reshape(nb * block, -1)[:n]
+            log_resp = np.asarray(log_resp).reshape(rows.padded_rows, -1)[:n]
             return lse, log_resp
 
     def score_samples(self, X):

@@ -357,7 +357,17 @@ def lay_out_rows(x, mask, init_resp, layout: RowLayout) -> Rows:
 
 
 @exact
-def fit(rows: Rows, key, user, hyper: Hyper, *, model, cfg: EngineConfig, layout: RowLayout, mesh):
+def fit(
+    rows: Rows,
+    key,
+    user,
+    hyper: Hyper,
+    *,
+    model,
+    cfg: EngineConfig,
+    layout: RowLayout,
+    mesh: Mesh | None,
+):
     """Jittable fit on rows laid out by `lay_out_rows`, sharded over the 1-D `mesh` (or None).
 
     Every matmul runs at full float32 whatever the backend's default (`defuse_jax.precision`).
