@@ -14,6 +14,7 @@ from sklearn.base import clone
 from defuse_jax.mixture import (
     BayesianGaussianMixture,
     GaussianMixture,
+    _base,
     fit_bayesian_gaussian_mixture,
     fit_gaussian_mixture,
 )
@@ -125,6 +126,22 @@ def test_n_init_restarts_pick_the_best(data):
     model = GaussianMixture(6, n_init=3, max_iter=30, init_params="random", random_state=5)
     model.fit(data)
     assert np.isfinite(model.lower_bound_)
+
+
+@pytest.mark.parametrize("cls", [GaussianMixture, BayesianGaussianMixture])
+def test_similar_row_counts_share_one_compiled_fit(data, cls, monkeypatch):
+    """The estimator pads rows on the host to a bucketed count (97 to 120 rows: 120), so the
+    jitted fit sees one shape; a count in another bucket compiles its own program."""
+    static = ("model", "cfg", "layout", "mesh")  # as `_base._fit_program`, freshly jitted
+    program = jax.jit(_base._fit_program.__wrapped__, static_argnames=static)
+    monkeypatch.setattr(_base, "_fit_program", program)
+    kw = dict(n_components=3, max_iter=2, random_state=0)
+    cls(**kw).fit(data[:100])
+    compiled = program._cache_size()
+    cls(**kw).fit(data[:117])
+    assert program._cache_size() == compiled
+    cls(**kw).fit(data[:130])
+    assert program._cache_size() > compiled
 
 
 def test_many_components_on_few_points_is_finite():

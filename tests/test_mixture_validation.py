@@ -58,8 +58,11 @@ def test_fewer_samples_than_components(cls):
         ({"n_components": 0}, "n_components"),
         ({"n_components": -2}, "n_components"),
         ({"n_components": 2.5}, "n_components"),
+        ({"n_components": True}, "n_components"),
         ({"covariance_type": "banded"}, "covariance_type"),
         ({"tol": -1.0}, "tol"),
+        ({"tol": float("nan")}, "tol"),
+        ({"tol": float("inf")}, "tol"),
         ({"reg_covar": -1e-3}, "reg_covar"),
         ({"max_iter": -1}, "max_iter"),
         ({"n_init": 0}, "n_init"),
@@ -76,6 +79,13 @@ def test_bad_parameters(cls, kw, match):
     kw = {"n_components": 2, **kw}
     with pytest.raises(ValueError, match=match):
         make(cls, **kw).fit(X_OK)
+
+
+@pytest.mark.parametrize("cls", BOTH)
+def test_wrong_parameter_type_is_also_a_type_error(cls):
+    """As scikit-learn's own estimators: a ValueError (the contract here) and a TypeError."""
+    with pytest.raises(TypeError, match="reg_covar"):
+        make(cls, n_components=2, reg_covar="small").fit(X_OK)
 
 
 @pytest.mark.parametrize(

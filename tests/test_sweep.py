@@ -14,7 +14,7 @@ import pytest
 from defuse_jax import cli
 from defuse_jax import sweep as sweep_lib
 from defuse_jax.search import SearchConfig, engine, latent_search, latent_search_sweep
-from defuse_jax.search.sweep import check_sweep
+from defuse_jax.search.scale_sweep import check_sweep
 
 LATENT, HIDDEN, CLASSES = 4, 16, 3
 _W = np.asarray(jax.random.normal(jax.random.key(1), (LATENT, HIDDEN)), np.float32)

@@ -4,6 +4,7 @@ sample)."""
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import functools
 import math
@@ -18,9 +19,9 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
-from defuse_jax.mixture import _engine, validation
-from defuse_jax.mixture._layout import bucket_rows, make_layout
-from defuse_jax.mixture.gaussian import weighted_log_prob
+from defuse_jax._plumbing.row_layout import RowLayout, bucket_rows, pad_rows
+from defuse_jax.mixture import _engine, argument_checks
+from defuse_jax.mixture.gaussian import precisions_from_cholesky, weighted_log_prob
 from defuse_jax.precision import exact
 
 ILL_DEFINED_MESSAGE = (
@@ -93,36 +94,37 @@ def _posterior(xb, means, prec_chol, log_const, *, covariance_type: str):
     return jax.lax.map(one, xb)
 
 
-class MixtureBase(DensityMixin, BaseEstimator):
+class MixtureBase(DensityMixin, BaseEstimator, metaclass=abc.ABCMeta):
     """Common machinery; subclasses define the model, its extra checks and its attributes."""
 
+    # names of the `_check_specific` arrays in data coordinates (shifted with the data)
+    _offset_arrays: tuple[str, ...] = ()
+
     # -- subclass hooks ----------------------------------------------------------------------
-    def _check_specific(self, x: np.ndarray) -> dict:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _check_specific(self, x: np.ndarray) -> dict:
+        """Checks the model's own parameters against X [n_samples, n_features] (float64).
 
-    def _make_model(self, n_features: int):  # pragma: no cover - abstract
-        raise NotImplementedError
+        Returns:
+          The model's user arrays for the engine (name -> float64 array or None), those named
+          in `_offset_arrays` in data coordinates.
+        """
 
-    def _set_fitted(self, out: dict) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _make_model(self, n_features: int):
+        """The engine's model (hashable: part of the compiled program's key)."""
+
+    @abc.abstractmethod
+    def _set_fitted(self, out: dict) -> None:
+        """Sets the model's own fitted attributes from the fit's host arrays `out`; `fit` has
+        set those every mixture has (weights_, means_, covariances_, precisions_, ...)."""
 
     # -- fitting ---------------------------------------------------------------------------
     def _dtype(self):
-        return validation.resolve_dtype(self.dtype)
+        return argument_checks.resolve_dtype(self.dtype)
 
     def _convergence_window(self) -> int:
         return 0
-
-    def _engine_config(self, layout) -> _engine.EngineConfig:
-        return _engine.EngineConfig(
-            n_components=int(self.n_components),
-            covariance_type=self.covariance_type,
-            history_size=_engine.history_size_for(self.max_iter),
-            n_init=int(self.n_init),
-            init_params=self.init_params,
-            window=self._convergence_window(),
-            precompute_features=_engine.precompute_for(layout, self.covariance_type, self._dtype()),
-        )
 
     def fit(self, X, y=None, *, init_resp=None):
         """Fits the mixture to X [n_samples, n_features]; returns self.
@@ -131,50 +133,31 @@ class MixtureBase(DensityMixin, BaseEstimator):
         `init_params` (a defuse-jax extension, e.g. to start exactly where another
         implementation starts).
         """
-        validation.check_common(self)
+        argument_checks.check_common(self)
         dtype = self._dtype()
-        x = validation.check_data(X, n_components=self.n_components)
+        x = argument_checks.check_data(X, n_components=self.n_components)
         n, d = x.shape
         offset = x.mean(axis=0)
         user = self._check_specific(x)  # host arrays in data coordinates (float64) or None
         if init_resp is not None:
-            init_resp = validation.check_init_resp(init_resp, n, self.n_components)
+            init_resp = argument_checks.check_init_resp(init_resp, n, self.n_components)
+        user = {
+            k: None if v is None else (v - offset if k in self._offset_arrays else v).astype(dtype)
+            for k, v in user.items()
+        }
         mesh = resolve_mesh(self.devices)
-        n_shards = 1 if mesh is None else mesh.devices.size
-        layout = make_layout(n, d, n_shards, self.block_size)
-        cfg = self._engine_config(layout)
         model = self._make_model(d)
         seed = seed_of(self.random_state)
         with x64_context(dtype):
-            # pad on the host to the layout's row count: similar sizes share a compiled program
-            pad = layout.n_padded - n
-            xc = jnp.asarray(np.pad((x - offset).astype(dtype), ((0, pad), (0, 0))))
-            mask = jnp.asarray(np.pad(np.ones(n, dtype), (0, pad)))
-            user_j = {
-                k: None
-                if v is None
-                else jnp.asarray((v - offset if k in self._offset_arrays else v).astype(dtype))
-                for k, v in user.items()
-            }
-            resp_j = (
-                None
-                if init_resp is None
-                else jnp.asarray(np.pad(init_resp.astype(dtype), ((0, pad), (0, 0))))
-            )
-            key = jax.random.key(seed)
-            hyper = _engine.make_hyper(self.tol, self.reg_covar, self.max_iter, dtype)
-            out = _fit_program(
-                xc,
-                key,
-                user_j,
-                hyper,
-                model=model,
-                cfg=cfg,
-                layout=layout,
-                mesh=mesh,
-                mask=mask,
-                init_resp=resp_j,
-            )
+            # host (numpy) rows: the engine pads them before the jitted program sees their shape
+            out = _engine.fit_functional(
+                (x - offset).astype(dtype), jax.random.key(seed), user, model=model,
+                n_components=int(self.n_components), covariance_type=self.covariance_type,
+                tol=self.tol, reg_covar=self.reg_covar, max_iter=int(self.max_iter),
+                n_init=int(self.n_init), init_params=self.init_params, mesh=mesh, mask=None,
+                init_resp=init_resp, block_size=int(self.block_size), precompute_features=None,
+                window=self._convergence_window(), program=_fit_program,
+            )  # fmt: skip
             out = jax.device_get(out)
         out = {k: np.asarray(v) for k, v in out.items()}
         code = int(out["code"])
@@ -197,6 +180,10 @@ class MixtureBase(DensityMixin, BaseEstimator):
         self._means_c = out["means"]
         self._log_const = out["log_const"]
         self.means_ = (out["means"].astype(np.float64) + offset).astype(dtype)
+        self.weights_ = out["weights"]
+        self.covariances_ = out["covariances"]
+        self.precisions_cholesky_ = out["prec_chol"]
+        self.precisions_ = precisions_from_cholesky(out["prec_chol"], self.covariance_type)
         self._set_fitted(out)
         if not self.converged_ and self.max_iter > 0:
             warnings.warn(
@@ -214,21 +201,22 @@ class MixtureBase(DensityMixin, BaseEstimator):
     def _posterior(self, X):
         check_is_fitted(self, "_means_c")
         dtype = self._dtype()
-        x = validation.check_data(X, n_features=self.n_features_in_, fitting=False)
+        x = argument_checks.check_data(X, n_features=self.n_features_in_, fitting=False)
         with x64_context(dtype):
             n, d = x.shape
+            # blocks of at most _PREDICT_BLOCK rows, bucketed: similar sizes share the program
             block = min(_PREDICT_BLOCK, bucket_rows(n))
-            nb = math.ceil(n / block)
-            xc = np.pad((x - self._offset).astype(dtype), ((0, nb * block - n), (0, 0)))
+            rows = RowLayout(1, math.ceil(n / block), block)
+            xc = pad_rows((x - self._offset).astype(dtype), rows.padded_rows)
             lse, log_resp = _posterior(
-                jnp.asarray(xc.reshape(nb, block, d)),
+                jnp.asarray(xc.reshape(rows.blocks, block, d)),
                 jnp.asarray(self._means_c),
                 jnp.asarray(self.precisions_cholesky_),
                 jnp.asarray(self._log_const),
                 covariance_type=self.covariance_type,
             )
             lse = np.asarray(lse).reshape(-1)[:n]
-            log_resp = np.asarray(log_resp).reshape(nb * block, -1)[:n]
+            log_resp = np.asarray(log_resp).reshape(rows.padded_rows, -1)[:n]
             return lse, log_resp
 
     def score_samples(self, X):

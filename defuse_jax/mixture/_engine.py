@@ -36,12 +36,15 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from defuse_jax.mixture import _init, _random
-from defuse_jax.mixture._layout import Blocks, Layout, make_layout, psum, shard_index
+from defuse_jax._plumbing.keys import drawn_key_words
+from defuse_jax._plumbing.row_layout import RowLayout, pad_rows, plan_rows
+from defuse_jax.mixture import _init
+from defuse_jax.mixture._shards import Blocks, psum, shard_index
 from defuse_jax.mixture.gaussian import features_t, moments_from_stats, n_stat_features
 from defuse_jax.precision import exact
 
@@ -92,10 +95,10 @@ class EngineConfig:
 PRECOMPUTE_BYTES = 1 << 30
 
 
-def precompute_for(layout: Layout, covariance_type: str, dtype) -> bool:
+def precompute_for(layout: RowLayout, n_features: int, covariance_type: str, dtype) -> bool:
     """Whether the [Fd, N] features fit in PRECOMPUTE_BYTES (else they are rebuilt per pass)."""
-    fd = n_stat_features(layout.n_features, covariance_type)
-    return fd * layout.n_local * jnp.dtype(dtype).itemsize <= PRECOMPUTE_BYTES
+    fd = n_stat_features(n_features, covariance_type)
+    return fd * layout.device_rows * jnp.dtype(dtype).itemsize <= PRECOMPUTE_BYTES
 
 
 def history_size_for(max_iter: int) -> int:
@@ -250,21 +253,21 @@ def run_em_loop(
 
 
 def fit_local(
-    x, mask, key, user, hyper, init_resp, *, model, cfg: EngineConfig, layout: Layout, axis_name
+    x, mask, key, user, hyper, init_resp, *, model, cfg: EngineConfig, layout: RowLayout, axis_name
 ):
     """Everything one shard runs: centring, priors, initialisation, the loop, the best restart.
 
-    x: [n_local, d] this shard's rows (padded rows arbitrary), mask: [n_local] 1/0.
+    x: [device_rows, d] this shard's rows (padded rows arbitrary), mask: [device_rows] 1/0.
     """
     dtype = x.dtype
-    nb, b, d = layout.n_blocks, layout.block, layout.n_features
+    nb, b, d = layout.blocks, layout.block_rows, x.shape[1]
     x = jnp.where(mask[:, None] > 0, x, 0)
     n = psum(jnp.sum(mask), axis_name)
     center = psum(jnp.sum(x, axis=0), axis_name) / n
     center = center + psum(jnp.sum((x - center) * mask[:, None], axis=0), axis_name) / n
     xc = (x - center) * mask[:, None]
-    offset = shard_index(axis_name).astype(jnp.uint32) * jnp.uint32(layout.n_local)
-    gidx = offset + jnp.arange(layout.n_local, dtype=jnp.uint32)
+    offset = shard_index(axis_name).astype(jnp.uint32) * jnp.uint32(layout.device_rows)
+    gidx = offset + jnp.arange(layout.device_rows, dtype=jnp.uint32)
     blocks = Blocks(
         xc.reshape(nb, b, d).transpose(0, 2, 1), mask.reshape(nb, b), gidx.reshape(nb, b)
     )
@@ -284,7 +287,7 @@ def fit_local(
     vmapped = cfg.n_init > 1
 
     def one(k):
-        words = _random.key_words(k)
+        words = drawn_key_words(k)
         if model.skip_resp_init(user):
             params0, ok0 = model.init_params(None, None, None, priors, user)
         else:
@@ -326,64 +329,71 @@ def fit_local(
     return out
 
 
+class Rows(NamedTuple):
+    """A fit's rows padded to its layout's `padded_rows` P (padded rows: zeros, mask 0)."""
+
+    x: Any  # [P, d]
+    mask: Any  # [P] 1/0
+    init_resp: Any  # [P, K] initial responsibilities, or None
+
+
+def lay_out_rows(x, mask, init_resp, layout: RowLayout) -> Rows:
+    """Pads [N, d] rows, their optional [N] mask (None: all ones) and [N, K] `init_resp`.
+
+    numpy stays numpy: the estimators pass host arrays, so the jitted fit sees the padded
+    (bucketed) row count and fits on similar sizes share one compiled program. JAX arrays
+    (tracers inside a caller's jit) stay JAX.
+    """
+    n = x.shape[0]
+    if mask is None:
+        mask = (np if isinstance(x, np.ndarray) else jnp).ones((n,), x.dtype)
+    if init_resp is not None:
+        init_resp = pad_rows(init_resp.astype(x.dtype), layout.padded_rows)
+    return Rows(
+        pad_rows(x, layout.padded_rows),
+        pad_rows(mask.astype(x.dtype), layout.padded_rows),
+        init_resp,
+    )
+
+
 @exact
 def fit(
-    x,
+    rows: Rows,
     key,
     user,
     hyper: Hyper,
     *,
     model,
     cfg: EngineConfig,
-    layout: Layout,
-    mesh: Mesh | None = None,
-    mask=None,
-    init_resp=None,
+    layout: RowLayout,
+    mesh: Mesh | None,
 ):
-    """Jittable fit on [N, d] rows, optionally sharded over the 1-D `mesh` (rows split).
+    """Jittable fit on rows laid out by `lay_out_rows`, sharded over the 1-D `mesh` (or None).
 
-    Padding to the layout happens here; `mask` (optional [N], 1/0) excludes rows. Every matmul
-    runs at full float32 whatever the backend's default (`defuse_jax.precision`).
+    Every matmul runs at full float32 whatever the backend's default (`defuse_jax.precision`).
     """
-    n, d = x.shape
-    pad = layout.n_padded - n
-    if mask is None:
-        mask = jnp.ones((n,), x.dtype)
-    mask = mask.astype(x.dtype)
-    x = jnp.pad(x, ((0, pad), (0, 0)))
-    mask = jnp.pad(mask, (0, pad))
-    if init_resp is not None:
-        init_resp = jnp.pad(init_resp.astype(x.dtype), ((0, pad), (0, 0)))
+    x, mask, init_resp = rows
+    if x.shape[0] != layout.padded_rows:
+        raise ValueError(f"fit takes rows padded to {layout.padded_rows}, got {x.shape[0]}.")
+    kw = dict(model=model, cfg=cfg, layout=layout)
     if mesh is None:
-        return fit_local(
-            x,
-            mask,
-            key,
-            user,
-            hyper,
-            init_resp,
-            model=model,
-            cfg=cfg,
-            layout=layout,
-            axis_name=None,
-        )
+        return fit_local(x, mask, key, user, hyper, init_resp, axis_name=None, **kw)
     name = mesh.axis_names[0]
-    rows = P(name)
-    kw = dict(model=model, cfg=cfg, layout=layout, axis_name=name)
+    rows_spec = P(name)
 
     if init_resp is None:
 
         def local(xs, ms, k, u, h):
-            return fit_local(xs, ms, k, u, h, None, **kw)
+            return fit_local(xs, ms, k, u, h, None, axis_name=name, **kw)
 
-        args, specs = (x, mask, key, user, hyper), (rows, rows, P(), P(), P())
+        args, specs = (x, mask, key, user, hyper), (rows_spec, rows_spec, P(), P(), P())
     else:
 
         def local(xs, ms, k, u, h, r):
-            return fit_local(xs, ms, k, u, h, r, **kw)
+            return fit_local(xs, ms, k, u, h, r, axis_name=name, **kw)
 
         args = (x, mask, key, user, hyper, init_resp)
-        specs = (rows, rows, P(), P(), P(), rows)
+        specs = (rows_spec, rows_spec, P(), P(), P(), rows_spec)
     sharded = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False)
     return sharded(*args)
 
@@ -407,15 +417,30 @@ def fit_functional(
     block_size: int,
     precompute_features: bool | None,
     window: int = 0,
+    program=fit,
 ):
-    """What the functional fits (`fit_gaussian_mixture`, `fit_bayesian_gaussian_mixture`) share:
-    the row layout, the static `EngineConfig`, the traced `Hyper` and the `fit` call; they differ
-    only in `model`, `user` (model-specific arrays) and `window`."""
+    """The one construction of a fit: the row layout, the static `EngineConfig`, the traced
+    `Hyper`, the padded rows, and the call of `program` on them.
+
+    The functional fits (`fit_gaussian_mixture`, `fit_bayesian_gaussian_mixture`) call it with
+    JAX arrays and `program=fit` (traced inside the caller's jit); the estimators with host
+    numpy arrays and `program` their jitted `fit`, so that the rows are padded on the host
+    (see `lay_out_rows`). They differ only in `model`, `user` (model-specific arrays) and
+    `window`.
+
+    Args:
+      x: [N, d] float rows; key: a JAX PRNG key; user: dict of model-specific arrays or None.
+      mask: optional [N] 1/0 (rows with 0 are left out); init_resp: optional [N, K].
+      program: `fit`, or a jitted `fit` (static `model`, `cfg`, `layout`, `mesh`).
+
+    Returns:
+      `program`'s output: a dict of the fitted arrays (see the functional fits).
+    """
     n, d = x.shape
     n_shards = 1 if mesh is None else mesh.devices.size
-    layout = make_layout(n, d, n_shards, block_size)
+    layout = plan_rows(n, n_shards, block_size, bucket=True)
     if precompute_features is None:
-        precompute_features = precompute_for(layout, covariance_type, x.dtype)
+        precompute_features = precompute_for(layout, d, covariance_type, x.dtype)
     cfg = EngineConfig(
         n_components=n_components,
         covariance_type=covariance_type,
@@ -426,7 +451,5 @@ def fit_functional(
         window=window,
     )
     hyper = make_hyper(tol, reg_covar, max_iter, x.dtype)
-    return fit(
-        x, key, user, hyper, model=model, cfg=cfg, layout=layout, mesh=mesh, mask=mask,
-        init_resp=init_resp,
-    )  # fmt: skip
+    rows = lay_out_rows(x, mask, init_resp, layout)
+    return program(rows, key, user, hyper, model=model, cfg=cfg, layout=layout, mesh=mesh)

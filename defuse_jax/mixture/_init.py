@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from defuse_jax.mixture import _kmeans, _random
-from defuse_jax.mixture._layout import Blocks, global_top_k, psum
+from defuse_jax.mixture._shards import Blocks, global_top_k, psum
 from defuse_jax.mixture.gaussian import centered_moments
 
 INIT_METHODS = ("kmeans", "k-means++", "random", "random_from_data")

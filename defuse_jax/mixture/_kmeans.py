@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from defuse_jax.mixture import _random
-from defuse_jax.mixture._layout import Blocks, global_argmax_pick, psum
+from defuse_jax.mixture._shards import Blocks, global_argmax_pick, psum
 
 
 def _sqdist(blocks: Blocks, x2: jax.Array, centers: jax.Array) -> jax.Array:

@@ -14,7 +14,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from defuse_jax.mixture import _base, _engine, validation
+from defuse_jax.mixture import _base, _engine, argument_checks
 from defuse_jax.mixture.gaussian import (
     cholesky_from_precisions,
     covariances_from_cholesky,
@@ -203,13 +203,13 @@ class GaussianMixture(_base.MixtureBase):
         k = self.n_components
         user = {"weights_init": None, "means_init": None, "precisions_cholesky_init": None}
         if self.weights_init is not None:
-            user["weights_init"] = validation.check_weights_init(
+            user["weights_init"] = argument_checks.check_weights_init(
                 self.weights_init, k, self._dtype()
             )
         if self.means_init is not None:
-            user["means_init"] = validation.check_means_init(self.means_init, k, d)
+            user["means_init"] = argument_checks.check_means_init(self.means_init, k, d)
         if self.precisions_init is not None:
-            prec = validation.check_precisions_init(
+            prec = argument_checks.check_precisions_init(
                 self.precisions_init, self.covariance_type, k, d
             )
             user["precisions_cholesky_init"] = cholesky_from_precisions(prec, self.covariance_type)
@@ -219,13 +219,7 @@ class GaussianMixture(_base.MixtureBase):
         return EMModel(int(self.n_components), n_features, self.covariance_type)
 
     def _set_fitted(self, out):
-        self.weights_ = out["weights"]
-        self.covariances_ = out["covariances"]
-        self.precisions_cholesky_ = out["prec_chol"]
-        pc = out["prec_chol"]
-        self.precisions_ = (
-            pc @ np.swapaxes(pc, -1, -2) if self.covariance_type in ("full", "tied") else pc**2
-        )
+        """EM has no fitted attributes beyond those every mixture has (`MixtureBase.fit`)."""
 
     def _n_parameters(self) -> int:
         d = self.means_.shape[1]

@@ -231,8 +231,15 @@ def precision_cholesky(covariances: jax.Array, covariance_type: str):
 
 
 def precisions_from_cholesky(prec_chol, covariance_type: str):
+    """Precisions U U^T from their factors U (full [K, d, d], tied [d, d]), or the squares of
+    the diagonal / spherical factors ([K, d], [K]).
+
+    NumPy in, NumPy out: the estimators' `precisions_` are computed on the host, in the fitted
+    dtype, exactly as scikit-learn computes them. JAX arrays (tracers) stay JAX.
+    """
     if covariance_type in ("full", "tied"):
-        return prec_chol @ jnp.swapaxes(prec_chol, -1, -2)
+        xp = np if isinstance(prec_chol, np.ndarray) else jnp
+        return prec_chol @ xp.swapaxes(prec_chol, -1, -2)
     return prec_chol**2
 
 

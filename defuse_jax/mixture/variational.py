@@ -17,8 +17,8 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from defuse_jax.mixture import _base, _engine, validation
-from defuse_jax.mixture._layout import psum
+from defuse_jax.mixture import _base, _engine, argument_checks
+from defuse_jax.mixture._shards import psum
 from defuse_jax.mixture._special import betaln, digamma, gammaln
 from defuse_jax.mixture.gaussian import (
     gaussian_log_norm,
@@ -28,6 +28,15 @@ from defuse_jax.mixture.gaussian import (
 )
 
 PRIOR_TYPES = ("dirichlet_process", "dirichlet_distribution")
+
+# In float32 the convergence test looks at the change over this many iterations (see
+# `BayesianGaussianMixture`); float64 uses scikit-learn's one-step test.
+FLOAT32_WINDOW = 10
+
+
+def default_convergence_window(dtype) -> int:
+    """`FLOAT32_WINDOW` for float32 data, 0 (scikit-learn's one-step test) otherwise."""
+    return FLOAT32_WINDOW if jnp.dtype(dtype) == jnp.float32 else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,7 +257,7 @@ def fit_bayesian_gaussian_mixture(
     10 in float32 and 0 (scikit-learn's one-step test) otherwise; see `BayesianGaussianMixture`.
     """
     if convergence_window is None:
-        convergence_window = 10 if x.dtype == jnp.float32 else 0
+        convergence_window = default_convergence_window(x.dtype)
     model = VBModel(
         n_components,
         x.shape[1],
@@ -287,7 +296,7 @@ class BayesianGaussianMixture(_base.MixtureBase):
     """
 
     def _convergence_window(self) -> int:
-        return 10 if self._dtype() == np.float32 else 0
+        return default_convergence_window(self._dtype())
 
     _offset_arrays = ("mean_prior",)
 
@@ -332,14 +341,14 @@ class BayesianGaussianMixture(_base.MixtureBase):
 
     def _check_specific(self, x):
         n, d = x.shape
-        validation.check_choice(
+        argument_checks.check_choice(
             "weight_concentration_prior_type", self.weight_concentration_prior_type, PRIOR_TYPES
         )
         for name in ("weight_concentration_prior", "mean_precision_prior"):
             if getattr(self, name) is not None:
-                validation.check_real(name, getattr(self, name), 0.0, strict=True)
+                argument_checks.check_real(name, getattr(self, name), 0.0, strict=True)
         if self.degrees_of_freedom_prior is not None:
-            v = validation.check_real(
+            v = argument_checks.check_real(
                 "degrees_of_freedom_prior", self.degrees_of_freedom_prior, -np.inf
             )
             if v <= d - 1.0:
@@ -349,19 +358,19 @@ class BayesianGaussianMixture(_base.MixtureBase):
                 )
         user = {"mean_prior": None, "covariance_prior": None}
         if self.mean_prior is not None:
-            m = validation.as_float_array(self.mean_prior, "mean_prior")
-            validation.check_shape(m, (d,), "mean_prior")
-            validation.check_finite(m, "mean_prior")
+            m = argument_checks.as_float_array(self.mean_prior, "mean_prior")
+            argument_checks.check_shape(m, (d,), "mean_prior")
+            argument_checks.check_finite(m, "mean_prior")
             user["mean_prior"] = m
         if self.covariance_prior is not None:
             ct = self.covariance_type
-            c = validation.as_float_array(self.covariance_prior, "covariance_prior")
-            validation.check_finite(c, "covariance_prior")
+            c = argument_checks.as_float_array(self.covariance_prior, "covariance_prior")
+            argument_checks.check_finite(c, "covariance_prior")
             if ct in ("full", "tied"):
-                validation.check_shape(c, (d, d), f"{ct} covariance_prior")
-                validation.check_spd(c, f"{ct} covariance_prior")
+                argument_checks.check_shape(c, (d, d), f"{ct} covariance_prior")
+                argument_checks.check_spd(c, f"{ct} covariance_prior")
             elif ct == "diag":
-                validation.check_shape(c, (d,), "diag covariance_prior")
+                argument_checks.check_shape(c, (d,), "diag covariance_prior")
                 if np.any(c <= 0):
                     raise ValueError("'diag covariance_prior' should be positive.")
             else:
@@ -389,13 +398,6 @@ class BayesianGaussianMixture(_base.MixtureBase):
     def _set_fitted(self, out):
         model = self._make_model(self.n_features_in_)
         dtype = self._dtype()
-        self.weights_ = out["weights"]
-        self.covariances_ = out["covariances"]
-        self.precisions_cholesky_ = out["prec_chol"]
-        pc = out["prec_chol"]
-        self.precisions_ = (
-            pc @ np.swapaxes(pc, -1, -2) if self.covariance_type in ("full", "tied") else pc**2
-        )
         if model.is_dp:
             self.weight_concentration_prior_ = model.wcp
             self.weight_concentration_ = (out["conc_a"], out["conc_b"])

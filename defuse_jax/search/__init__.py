@@ -12,6 +12,6 @@ Example:
 from defuse_jax.search.api import latent_search, lower_search
 from defuse_jax.search.config import SearchConfig
 from defuse_jax.search.result import SearchResult
-from defuse_jax.search.sweep import latent_search_sweep
+from defuse_jax.search.scale_sweep import latent_search_sweep
 
 __all__ = ["SearchConfig", "SearchResult", "latent_search", "latent_search_sweep", "lower_search"]

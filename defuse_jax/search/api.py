@@ -11,12 +11,13 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from defuse_jax._plumbing.keys import key_data_words
 from defuse_jax.search import engine
 from defuse_jax.search.config import SearchConfig
+from defuse_jax.search.input_checks import check_inputs
 from defuse_jax.search.perturb import check_counter_range, noise_scale
 from defuse_jax.search.result import SearchResult, compact
 from defuse_jax.search.sizing import auto_chunk_size
-from defuse_jax.search.validation import as_key, check_inputs
 
 
 def latent_search(
@@ -33,8 +34,9 @@ def latent_search(
 
     The whole search is one jitted program: chains of all sources are vmapped in blocks of
     `config.chunk_size`, blocks are scanned, and blocks are sharded over every device of `mesh`.
-    Every chain's randomness is `fold_in(fold_in(key, source), chain)`, so the result does not
-    depend on the chunk size or the number of devices.
+    Every chain's random words are a counter-based hash of (key, source, chain, round)
+    (`perturb.ChainRng`), so the result does not depend on the chunk size or the number of
+    devices.
 
     Args:
       decode_fn: z [B, L] -> x [B, ...], JAX-traceable (parameters closed over).
@@ -79,7 +81,7 @@ def _plan(decode_fn, classify_fn, z0, y0, *, key, config: SearchConfig, scales, 
     """Validation, the chunk size, the layout and the program with its inputs."""
     z, y, _ = check_inputs(decode_fn, classify_fn, z0, y0, config=config)
     scales = (config.scale,) if scales is None else scales
-    root = as_key(key, config.seed)
+    root = key_data_words(key, config.seed)
     mesh = engine.default_mesh() if mesh is None else mesh
     n, latent = z.shape
     check_counter_range(config.chains, config.rounds, latent)

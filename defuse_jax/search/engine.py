@@ -24,6 +24,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from defuse_jax._plumbing.row_layout import RowLayout, pad_rows, plan_rows
 from defuse_jax.search.config import SearchConfig
 from defuse_jax.search.modes import RUNNERS, Candidates, forward, read_logits
 from defuse_jax.search.perturb import ChainRng, words_per_round
@@ -32,15 +33,9 @@ from defuse_jax.search.perturb import ChainRng, words_per_round
 class Layout(NamedTuple):
     """How N sources x C chains are cut into fixed-shape work."""
 
-    devices: int  # D
-    blocks: int  # G, blocks per device
-    sources: int  # S, sources per block
+    rows: RowLayout  # sources: D devices x G blocks per device x S sources per block
     chains: int  # c, chains per source per sub-chunk
     sub_chunks: int  # ceil(C / c)
-
-    @property
-    def padded_sources(self) -> int:
-        return self.devices * self.blocks * self.sources
 
 
 def plan_layout(num_sources: int, devices: int, config: SearchConfig) -> Layout:
@@ -50,10 +45,8 @@ def plan_layout(num_sources: int, devices: int, config: SearchConfig) -> Layout:
         per_block, chains = 1, config.chunk_size
     else:
         per_block, chains = config.chunk_size // total_chains, total_chains
-    per_device = math.ceil(num_sources / devices)
-    per_block = max(1, min(per_block, per_device))
-    blocks = math.ceil(per_device / per_block)
-    return Layout(devices, blocks, per_block, chains, math.ceil(total_chains / chains))
+    rows = plan_rows(num_sources, devices, per_block)
+    return Layout(rows, chains, math.ceil(total_chains / chains))
 
 
 class DeviceOutput(NamedTuple):
@@ -196,7 +189,7 @@ def default_mesh() -> Mesh:
 def replicate(layout: Layout, copies: int) -> Layout:
     """The layout of `copies` replicas of the sources (one per swept setting): every device
     holds its G blocks once per replica, so blocks have the same shapes as in a single search."""
-    return layout._replace(blocks=layout.blocks * copies)
+    return layout._replace(rows=layout.rows._replace(blocks=layout.rows.blocks * copies))
 
 
 def lay_out_inputs(
@@ -217,12 +210,12 @@ def lay_out_inputs(
       which the jitted program places with its input shardings; with several processes they
       become global arrays (every process passes the same full inputs).
     """
-    n, latent = z0.shape
-    k, d, g, s = len(noise), layout.devices, layout.blocks, layout.sources
-    pad = layout.padded_sources - n
-    z = np.concatenate([z0, np.zeros((pad, latent), np.float32)]).reshape(d, 1, g, s, latent)
-    y = np.concatenate([y0, np.full((pad,), -1, np.int32)]).reshape(d, 1, g, s)
-    src = np.arange(layout.padded_sources, dtype=np.int32).reshape(d, 1, g, s)
+    latent = z0.shape[1]
+    k, (d, g, s) = len(noise), layout.rows
+    padded = layout.rows.padded_rows
+    z = pad_rows(np.asarray(z0, np.float32), padded).reshape(d, 1, g, s, latent)
+    y = pad_rows(np.asarray(y0, np.int32), padded, fill=-1).reshape(d, 1, g, s)
+    src = np.arange(padded, dtype=np.int32).reshape(d, 1, g, s)
     scale = np.broadcast_to(np.asarray(noise, np.float32)[None, :, None, None], (d, k, g, s))
     out = tuple(
         np.ascontiguousarray(np.broadcast_to(a, (d, k, g, s) + a.shape[4:])).reshape(
@@ -242,7 +235,7 @@ def split_replicas(host: DeviceOutput, layout: Layout, copies: int) -> list[Devi
     def part(a: np.ndarray, i: int) -> np.ndarray:
         a = np.asarray(a)
         rest = a.shape[1:]  # (S, ...)
-        per = a.reshape((layout.devices, copies, layout.blocks) + rest)
+        per = a.reshape((layout.rows.devices, copies, layout.rows.blocks) + rest)
         return per[:, i].reshape((-1,) + rest)
 
     return [jax.tree.map(lambda a, i=i: part(a, i), host) for i in range(copies)]

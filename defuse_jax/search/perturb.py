@@ -13,8 +13,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.extend.random import threefry_2x32
 
+from defuse_jax._plumbing.threefry import hash_counters, uniform_open
 from defuse_jax.search.config import SearchConfig
 
 
@@ -35,23 +35,20 @@ class ChainRng(NamedTuple):
     def bits(self, round_index: jax.Array | int, n: int) -> jax.Array:
         """[S, c, n] uint32 words 0..n-1 of round `round_index` (n <= W)."""
         assert n <= self.words
-        s, c, p = self.source.shape[0], self.chain.shape[0], (n + 1) // 2
+        p = (n + 1) // 2
         base = (
             self.chain.astype(jnp.uint32) * jnp.uint32(self.rounds)
             + jnp.asarray(round_index).astype(jnp.uint32)
         ) * jnp.uint32(self.words)
         # counter pair (source, base + i) hashes to words 2i and 2i + 1
-        x1 = base[None, :, None] + jnp.arange(p, dtype=jnp.uint32)[None, None, :]
-        x1 = jnp.broadcast_to(x1, (s, c, p)).reshape(-1)
-        x0 = jnp.broadcast_to(self.source.astype(jnp.uint32)[:, None, None], (s, c, p))
-        out = threefry_2x32(self.key, jnp.concatenate([x0.reshape(-1), x1]))
-        words = jnp.stack([out[: s * c * p], out[s * c * p :]], axis=-1)  # [S*c*p, 2]
-        return words.reshape(s, c, 2 * p)[..., :n]
+        lo = base[None, :, None] + jnp.arange(p, dtype=jnp.uint32)[None, None, :]
+        hi = self.source.astype(jnp.uint32)[:, None, None]
+        words = jnp.stack(hash_counters(self.key, hi, lo), axis=-1)  # [S, c, p, 2]
+        return words.reshape(words.shape[:2] + (2 * p,))[..., :n]
 
     def uniform(self, round_index, n: int) -> jax.Array:
         """[S, c, n] float32 uniform on the open interval (0, 1)."""
-        top = jax.lax.shift_right_logical(self.bits(round_index, n), jnp.uint32(8))
-        return (top.astype(jnp.float32) + jnp.float32(0.5)) * jnp.float32(2.0**-24)
+        return uniform_open(self.bits(round_index, n), jnp.float32)
 
     def normal(self, round_index, n: int) -> jax.Array:
         """[S, c, n] float32 standard normal (inverse CDF of `uniform`)."""

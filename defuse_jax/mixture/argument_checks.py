@@ -1,10 +1,14 @@
-"""Host-side checks: every bad input is a clear ValueError before anything is traced or compiled."""
+"""The mixture estimators' argument checks: constructor parameters, X, and the initial arrays.
+
+Host-side: every bad input is a clear ValueError before anything is traced or compiled.
+"""
 
 from __future__ import annotations
 
 import numbers
 
 import numpy as np
+from sklearn.utils import check_scalar
 
 from defuse_jax.mixture.gaussian import COVARIANCE_TYPES
 
@@ -12,29 +16,43 @@ INIT_METHODS = ("kmeans", "k-means++", "random", "random_from_data")
 DTYPES = {"float32": np.float32, "float64": np.float64}
 
 
+class InvalidParameterError(ValueError, TypeError):
+    """A bad estimator parameter. A ValueError, as every check here raises, and a TypeError,
+    as `sklearn.utils.check_scalar` raises for a wrong type (scikit-learn's own estimators raise
+    an error that is both, too)."""
+
+
+# `check_scalar`'s names for the types it is asked for, for the bool message below
+_TYPE_NAMES = {numbers.Integral: "int", numbers.Real: "float"}
+
+
 def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
-def _is_real(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+def _scalar(name: str, value, kind: type, **bounds):
+    """`sklearn.utils.check_scalar`, raising `InvalidParameterError`, and refusing bools (which
+    `numbers.Integral` includes, but a True count or tolerance is a mistake)."""
+    if isinstance(value, bool):
+        raise InvalidParameterError(f"{name} must be an instance of {_TYPE_NAMES[kind]}, not bool.")
+    try:
+        return check_scalar(value, name, kind, **bounds)
+    except (TypeError, ValueError) as err:
+        raise InvalidParameterError(str(err)) from err
 
 
 def check_int(name: str, value, minimum: int) -> int:
-    if not _is_int(value) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-    return int(value)
+    """`value` as an int >= minimum."""
+    return int(_scalar(name, value, numbers.Integral, min_val=minimum))
 
 
 def check_real(name: str, value, minimum: float = 0.0, *, strict: bool = False) -> float:
-    if (
-        not _is_real(value)
-        or not np.isfinite(value)
-        or (value <= minimum if strict else value < minimum)
-    ):
-        op = ">" if strict else ">="
-        raise ValueError(f"{name} must be a finite real number {op} {minimum}, got {value!r}.")
-    return float(value)
+    """`value` as a finite float >= minimum (> minimum if `strict`)."""
+    bounds = "neither" if strict else "left"  # the lower bound included or not; no upper one
+    v = float(_scalar(name, value, numbers.Real, min_val=minimum, include_boundaries=bounds))
+    if not np.isfinite(v):  # check_scalar lets NaN and inf through
+        raise InvalidParameterError(f"{name} must be finite, got {value!r}.")
+    return v
 
 
 def check_choice(name: str, value, choices) -> str:

@@ -1,8 +1,7 @@
-"""Row layout (shards x blocks x block rows) and the cross-shard reductions used on it.
+"""A shard's rows as blocks, and the reductions across shards used on them.
 
-Rows are padded to `n_shards * n_blocks * block` (small data: one block of a bucketed size, see
-`bucket_rows`) and laid out so that shard s holds the global
-rows `[s * n_local, (s + 1) * n_local)`, processed as `n_blocks` blocks of `block` rows (a
+Rows are padded to a `_plumbing.row_layout.RowLayout` (shards x blocks x block rows): shard s
+holds the global rows `[s * device_rows, (s + 1) * device_rows)`, processed as blocks (a
 `lax.scan`, so memory stays bounded and one pass is one dispatch). Padded rows carry mask 0 and
 zero features, so they contribute nothing to any statistic. Every reduction goes through the
 helpers below, which are the identity when `axis_name` is None (one device) and a collective over
@@ -12,51 +11,11 @@ crosses devices.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """Static shape of the padded data: hashable, so it is part of the compiled program's key."""
-
-    n_features: int
-    n_shards: int
-    block: int
-    n_blocks: int  # per shard
-
-    @property
-    def n_local(self) -> int:
-        return self.block * self.n_blocks
-
-    @property
-    def n_padded(self) -> int:
-        return self.n_local * self.n_shards
-
-
-def bucket_rows(n: int) -> int:
-    """The smallest size >= n in 8, 16, 24, 32, 40, 48, 64, 80, ... (ratio about 2**0.25).
-
-    Row counts are rounded up to these sizes (padding carries mask 0), so fits on data of
-    similar sizes share one compiled program at the cost of at most ~19% padded rows.
-    """
-    b = 8
-    while b < n:
-        b = 8 * math.ceil(b * 1.19 / 8)
-    return b
-
-
-def make_layout(n_samples: int, n_features: int, n_shards: int, block_size: int) -> Layout:
-    """Blocks of `block_size` rows per shard; a single smaller block (bucketed) for small data."""
-    per_shard = max(1, math.ceil(n_samples / n_shards))
-    if per_shard <= block_size:
-        return Layout(n_features, n_shards, bucket_rows(per_shard), 1)
-    return Layout(n_features, n_shards, int(block_size), math.ceil(per_shard / block_size))
 
 
 class Blocks(NamedTuple):

@@ -1,4 +1,5 @@
-"""Early, clear errors for bad search input (raised before anything is compiled)."""
+"""The search's input checks: early, clear errors for bad decode/classify functions, sources,
+labels or configuration (raised before anything is compiled)."""
 
 from __future__ import annotations
 
@@ -122,22 +123,3 @@ def check_inputs(
             f"{np.flatnonzero(out_of_range)[:5].tolist()}."
         )
     return z, y.astype(np.int32), num_classes
-
-
-def as_key(key, seed: int) -> jax.Array:
-    """Raw threefry key data [2] uint32 from `key` (typed or raw PRNGKey), or from `seed`."""
-    if key is None:
-        key = jax.random.key(seed)
-    arr = jnp.asarray(key) if not isinstance(key, jax.Array) else key
-    if jnp.issubdtype(arr.dtype, jax.dtypes.prng_key):
-        if arr.shape != ():
-            raise ValueError(f"key must be a single PRNG key, got key array shape {arr.shape}.")
-        data = jax.random.key_data(arr)
-        if data.shape != (2,) or data.dtype != jnp.uint32:  # other PRNG impl: derive threefry
-            data = jax.random.bits(arr, (2,), jnp.uint32)
-        return np.asarray(data)
-    if arr.dtype != jnp.uint32 or arr.shape != (2,):
-        raise ValueError(
-            f"key must be a jax.random.key or a raw uint32[2] PRNGKey; got {arr.dtype}{arr.shape}."
-        )
-    return np.asarray(arr)

@@ -1,0 +1,62 @@
+"""The engines stay independent: neither `defuse_jax.search` nor `defuse_jax.mixture` imports the
+other, the models or the pipeline, and what they share (`defuse_jax._plumbing`) imports nothing
+else of the package. Read from the source (no import), so a lazy import counts too."""
+
+import ast
+import pathlib
+
+import pytest
+
+PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "defuse_jax"
+
+
+def imported_modules(path: pathlib.Path) -> set[str]:
+    """Every `defuse_jax...` module a file imports (`from defuse_jax import x` gives both
+    `defuse_jax` and `defuse_jax.x`, since x may be a module)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return {m for m in found if m == "defuse_jax" or m.startswith("defuse_jax.")}
+
+
+def _under(module: str, prefix: str) -> bool:
+    return module == prefix or module.startswith(prefix + ".")
+
+
+FORBIDDEN = {
+    "search": ("defuse_jax.mixture", "defuse_jax.models", "defuse_jax.pipeline"),
+    "mixture": ("defuse_jax.search", "defuse_jax.models", "defuse_jax.pipeline"),
+}
+
+
+@pytest.mark.parametrize("engine", sorted(FORBIDDEN))
+def test_engines_import_neither_each_other_nor_models_nor_pipeline(engine):
+    bad = {
+        f"{path.relative_to(PACKAGE)}: {module}"
+        for path in sorted((PACKAGE / engine).rglob("*.py"))
+        for module in imported_modules(path)
+        if any(_under(module, prefix) for prefix in FORBIDDEN[engine])
+    }
+    assert not bad, sorted(bad)
+
+
+def test_shared_plumbing_imports_nothing_else_of_the_package():
+    bad = {
+        f"{path.relative_to(PACKAGE)}: {module}"
+        for path in sorted((PACKAGE / "_plumbing").rglob("*.py"))
+        for module in imported_modules(path)
+        if not _under(module, "defuse_jax._plumbing")
+    }
+    assert not bad, sorted(bad)
+
+
+def test_both_engines_use_the_shared_plumbing():
+    """The plumbing has one home: each engine imports it rather than carrying a copy."""
+    for engine in FORBIDDEN:
+        modules = set().union(*map(imported_modules, (PACKAGE / engine).rglob("*.py")))
+        for part in ("threefry", "keys", "row_layout"):
+            assert f"defuse_jax._plumbing.{part}" in modules, (engine, part)
