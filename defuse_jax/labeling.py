@@ -29,13 +29,14 @@ import csv
 import os
 import re
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 import numpy as np
+
+from defuse_jax.files import atomic_write
 
 SKIP: Final = "skip"
 """Answer that rejects a region (garbage or ambiguous samples); read back as ``None``."""
@@ -291,22 +292,11 @@ def _check_header(path: str | os.PathLike, line: int, header: list[str]) -> None
 def _write_table(path: str | os.PathLike, fieldnames: Sequence[str], rows: Iterable[dict]) -> str:
     """Write atomically: a reader (or a killed process) never sees a half-written file."""
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".labels-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(fieldnames), lineterminator="\n")
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: row.get(k, "") for k in fieldnames})
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path, newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(fieldnames), lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k, "") for k in fieldnames})
     return path
 
 
