@@ -469,6 +469,19 @@ def read_labels(
     return answers
 
 
+def listed_regions(path: str | os.PathLike) -> list[int]:
+    """Region ids a labels file lists, in file order; its structure is checked, answers are not.
+
+    Tells whether a labels file is whole (a truncated one lacks rows or fails to parse) without
+    the class names, which :func:`read_labels` needs to check the answers themselves.
+
+    Raises:
+        LabelsFileError: an empty file, a malformed header or row.
+        FileNotFoundError: no file at ``path``.
+    """
+    return [rid for _, rid, _ in _read_table(path).rows]
+
+
 # --------------------------------------------------------------------------------------------
 # Automatic labelers
 
