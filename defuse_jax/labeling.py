@@ -306,7 +306,10 @@ def _backup(path: str | os.PathLike) -> str:
     n = 0
     while os.path.exists(backup := f"{path}.bak{n or ''}"):
         n += 1
-    shutil.copy2(path, backup)
+    # Atomically too: a kill mid-copy must not leave a truncated backup that looks like the answers.
+    with open(path, "rb") as src, atomic_write(backup, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    shutil.copystat(path, backup)
     return backup
 
 
