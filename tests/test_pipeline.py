@@ -231,13 +231,13 @@ def test_a_damaged_output_is_moved_aside_and_its_stage_redone(finished, tmp_path
         inside = rel.split("/", 1)[1] if rel.startswith(f"{stage}/") else rel
         with open(os.path.join(kept, *inside.split("/")), "rb") as f:
             assert f.read() == whole[: len(whole) // 2]
-    # Training resumed from its checkpoints instead of training again.
+    # Nothing was trained again (a redone train stage reloads its checkpoints).
     for m, before in ckpts.items():
         assert _snapshot(os.path.join(run_dir, "train", m, "ckpt")) == before
     logs.clear()
     pipeline.run(run_dir, TINY, until=stage, log=logs.append)
     assert all("done earlier" in line for line in logs), logs
-    if stage != STAGES[-1]:
+    if stage == "search":  # the same code for every stage: one case pays for the check
         # The next stage was computed from the outputs just replaced: it is redone too.
         after = STAGES[STAGES.index(stage) + 1]
         logs.clear()
