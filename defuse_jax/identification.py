@@ -15,7 +15,7 @@ import numpy as np
 from defuse_jax import models
 from defuse_jax.batching import map_batches
 from defuse_jax.data import Dataset
-from defuse_jax.files import write_json
+from defuse_jax.files import write_json, write_npz
 from defuse_jax.models import Params
 from defuse_jax.search import SearchConfig, SearchResult, latent_search
 
@@ -81,7 +81,7 @@ def save_search(result: SearchResult, test_index: np.ndarray, directory: str) ->
     arrays = {f: np.asarray(getattr(result, f)) for f in ERROR_FIELDS}
     # Map source indices back to test-set indices so the errors can be traced to images.
     arrays["test_index"] = test_index[arrays["source_index"]].astype(np.int32)
-    np.savez(os.path.join(directory, "errors.npz"), **arrays)
+    write_npz(os.path.join(directory, "errors.npz"), **arrays)
     summary = {
         "num_sources": int(len(test_index)),
         "num_sources_used": int(result.num_sources_used),

@@ -29,13 +29,14 @@ import csv
 import os
 import re
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 import numpy as np
+
+from defuse_jax.files import atomic_write
 
 SKIP: Final = "skip"
 """Answer that rejects a region (garbage or ambiguous samples); read back as ``None``."""
@@ -291,22 +292,11 @@ def _check_header(path: str | os.PathLike, line: int, header: list[str]) -> None
 def _write_table(path: str | os.PathLike, fieldnames: Sequence[str], rows: Iterable[dict]) -> str:
     """Write atomically: a reader (or a killed process) never sees a half-written file."""
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".labels-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(fieldnames), lineterminator="\n")
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: row.get(k, "") for k in fieldnames})
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path, newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(fieldnames), lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k, "") for k in fieldnames})
     return path
 
 
@@ -316,7 +306,10 @@ def _backup(path: str | os.PathLike) -> str:
     n = 0
     while os.path.exists(backup := f"{path}.bak{n or ''}"):
         n += 1
-    shutil.copy2(path, backup)
+    # Atomically too: a kill mid-copy must not leave a truncated backup that looks like the answers.
+    with open(path, "rb") as src, atomic_write(backup, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    shutil.copystat(path, backup)
     return backup
 
 
@@ -477,6 +470,19 @@ def read_labels(
         if not isinstance(value, str):  # UNLABELED rows are omitted
             answers[rid] = value
     return answers
+
+
+def listed_regions(path: str | os.PathLike) -> list[int]:
+    """Region ids a labels file lists, in file order; its structure is checked, answers are not.
+
+    Tells whether a labels file is whole (a truncated one lacks rows or fails to parse) without
+    the class names, which :func:`read_labels` needs to check the answers themselves.
+
+    Raises:
+        LabelsFileError: an empty file, a malformed header or row.
+        FileNotFoundError: no file at ``path``.
+    """
+    return [rid for _, rid, _ in _read_table(path).rows]
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,12 +6,17 @@
     <run>/label/                    labels.csv, region_XXX.png grids (oracle/ for that labeler)
     <run>/correct/                  fine-tuned classifier (its own checkpoints)
     <run>/report.json, report.md, plots/
-    <run>/stale/                    outputs of stages whose configuration changed (kept)
+    <run>/stale/                    outdated or damaged outputs, set aside (kept)
 
-Every stage writes `<stage>/stage.json` with the fingerprint of its configuration and of every
-stage upstream. A rerun skips stages whose fingerprint matches, resumes interrupted ones (training
-resumes from its checkpoints), and moves aside the outputs of stages whose configuration changed
-before redoing them, so nothing computed (labels above all) is ever lost.
+Every stage writes `<stage>/stage.json` last, once all its outputs are written (each atomically,
+`files.atomic_write`): the fingerprint of its configuration and of every stage upstream, the
+SHA-256 digest of every output (`STAGE_OUTPUTS`) and the id of the completion of the stage before
+it. A rerun skips a stage only while all of that still holds: same fingerprint, computed from the
+stage before as it stands, every output present with the bytes the stage wrote. Otherwise it
+redoes the stage; interrupted stages resume (training from its checkpoints), outputs of a changed
+configuration or of a redone stage upstream are moved aside first, and so are damaged outputs
+(missing, truncated, altered; with the stage's record), so nothing computed (labels above all) is
+ever lost.
 
 Example:
     >>> from defuse_jax.pipeline import RunConfig, run
@@ -22,9 +27,11 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -36,7 +43,7 @@ from defuse_jax import report as report_lib
 from defuse_jax import train_models as tm
 from defuse_jax.correction import fine_tune
 from defuse_jax.data import Dataset, load_dataset
-from defuse_jax.files import read_json, write_json
+from defuse_jax.files import read_json, sha256, write_json
 from defuse_jax.models import Params
 from defuse_jax.regions import (
     Regions,
@@ -291,6 +298,21 @@ STAGE_FNS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "evaluate": stage_evaluate,
 }
 
+# The files a finished stage leaves behind (globs relative to the run directory). Its record keeps
+# their SHA-256 digests, and a rerun trusts the stage only while every one is still there with
+# those bytes. Not listed: Orbax checkpoints (committed by an atomic rename and checked by the
+# checkpointer when restored), and the labels file, which a person may edit: it is checked by
+# reading it (`_labels_damage`).
+STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "train": ("train/vae/config.json", "train/vae/history.json", "train/vae/reconstructions.png",
+              "train/classifier/config.json", "train/classifier/history.json"),
+    "search": ("search/errors.npz", "search/summary.json"),
+    "distill": ("distill/regions.npz", "distill/regions.json"),
+    "label": ("label/region_*.png", "label/oracle/config.json", "label/oracle/history.json"),
+    "correct": ("correct/classifier/config.json",),
+    "evaluate": ("report.json", "report.md", "plots/*.png"),
+}  # fmt: skip
+
 
 # --------------------------------------------------------------------------------------------
 
@@ -402,30 +424,141 @@ def run(
     ctx = Context(os.path.abspath(run_dir), config, log, _dataset=dataset)
     save_run_config(ctx.run_dir, config)
     summaries: dict[str, Any] = {}
+    upstream: str | None = None  # id of the completion of the stage before (None: first stage)
     for stage in STAGES[: STAGES.index(until) + 1]:
         # Recomputed per stage: the correction's fingerprint covers the labels file's content.
         fp = stage_fingerprints(config, ctx.run_dir)[stage]
-        marker = ctx.path(stage, "stage.json")
-        started = ctx.path(stage, "started.json")
-        if os.path.exists(marker) and read_json(marker)["fingerprint"] == fp:
-            summaries[stage] = read_json(marker)["summary"]
+        record = _completed(ctx, stage, fp, upstream)
+        if record is not None:
+            summaries[stage] = record["summary"]
+            upstream = record.get("id")  # records from before ids were kept: None
             log(f"[{stage}] done earlier, skipped")
             continue
-        if os.path.exists(marker) or (
-            os.path.exists(started) and read_json(started)["fingerprint"] != fp
-        ):
-            # Finished or begun with another configuration. (A directory without these files,
-            # e.g. from `defuse-jax train-vae`, is reused: training checks its own checkpoints.)
-            _move_aside(ctx, stage)
-        write_json(started, {"fingerprint": fp})
+        write_json(ctx.path(stage, "started.json"), {"fingerprint": fp})
         log(f"[{stage}] running")
         t0 = time.perf_counter()
         summary = STAGE_FNS[stage](ctx)
+        completion = uuid.uuid4().hex
+        # Written last: a stage is complete only once this record exists.
         write_json(
-            marker, {"fingerprint": fp, "seconds": time.perf_counter() - t0, "summary": summary}
-        )
-        summaries[stage] = summary
+            ctx.path(stage, "stage.json"),
+            {"fingerprint": fp, "seconds": time.perf_counter() - t0, "summary": summary,
+             "id": completion, "upstream": upstream, "outputs": _digests(ctx, stage)}
+        )  # fmt: skip
+        summaries[stage], upstream = summary, completion
     return summaries
+
+
+class _UnreadableRecord(Exception):
+    """A stage record that exists but cannot be read (truncated, or not a stage record)."""
+
+
+def _read_record(path: str) -> dict[str, Any] | None:
+    """A stage's stage.json or started.json, or None if there is none.
+
+    Raises:
+        _UnreadableRecord: the file exists but is no readable record.
+    """
+    if not os.path.exists(path):
+        return None
+    try:
+        record = read_json(path)
+    except (OSError, ValueError) as e:  # ValueError: JSON and UTF-8 decoding errors
+        raise _UnreadableRecord(path) from e
+    if not (isinstance(record, dict) and isinstance(record.get("fingerprint"), str)):
+        raise _UnreadableRecord(path)
+    return record
+
+
+def _completed(ctx: Context, stage: str, fp: str, upstream: str | None) -> dict[str, Any] | None:
+    """The record of `stage` if it is complete and current; else readies the stage for a redo.
+
+    Complete and current: its record is readable, has fingerprint `fp`, was computed from the
+    completion `upstream` of the stage before, and every output is intact. Otherwise what is
+    outdated or damaged is moved under <run>/stale/ (never deleted) and None is returned.
+    """
+    try:
+        record = _read_record(ctx.path(stage, "stage.json"))
+        started = None if record is not None else _read_record(ctx.path(stage, "started.json"))
+    except _UnreadableRecord as e:
+        # Nothing tells which configuration the outputs belong to: keep them all aside.
+        _move_aside(ctx, stage, f"its record {os.path.relpath(str(e), ctx.run_dir)} is unreadable")
+        return None
+    if record is None:
+        if started is not None and started["fingerprint"] != fp:
+            # Begun with another configuration. A directory without these files, e.g. from
+            # `defuse-jax train-vae`, is reused: training checks its own checkpoints.
+            _move_aside(ctx, stage, "configuration changed")
+        return None
+    if record["fingerprint"] != fp:
+        _move_aside(ctx, stage, "configuration changed")
+        return None
+    if record.get("upstream") != upstream:
+        _move_aside(ctx, stage, f"{STAGES[STAGES.index(stage) - 1]} was redone")
+        return None
+    damaged = _damaged_outputs(ctx, stage, record)
+    if damaged:
+        _set_aside_damaged(ctx, stage, damaged)
+        return None
+    return record
+
+
+def _digests(ctx: Context, stage: str) -> dict[str, str]:
+    """{path relative to the run directory: SHA-256} of the outputs `stage` left."""
+    out = {}
+    for pattern in STAGE_OUTPUTS[stage]:
+        for path in sorted(glob.glob(ctx.path(pattern))):
+            out[os.path.relpath(path, ctx.run_dir).replace(os.sep, "/")] = sha256(path)
+    return out
+
+
+def _damaged_outputs(ctx: Context, stage: str, record: Mapping[str, Any]) -> dict[str, str]:
+    """{output (relative path): what is wrong with it} for the outputs of a finished stage."""
+    damaged = {}
+    # Records written before digests were kept list no outputs: nothing to compare them with.
+    for rel, digest in (record.get("outputs") or {}).items():
+        path = ctx.path(*rel.split("/"))
+        if not os.path.isfile(path):
+            damaged[rel] = "missing"
+        elif sha256(path) != digest:
+            damaged[rel] = "changed since the stage wrote it"
+    if stage == "label":
+        problem = _labels_damage(ctx)
+        if problem:
+            damaged["label/labels.csv"] = problem
+    return damaged
+
+
+def _labels_damage(ctx: Context) -> str | None:
+    """What makes the labels file unusable as the label stage's output, or None.
+
+    A person may edit the file, so it has no digest: it must parse and list every region (a
+    truncated file fails one or the other). The answers themselves are checked when the
+    correction reads them, against the class names, naming the line of a bad one.
+    """
+    path = ctx.path("label", "labels.csv")
+    if not os.path.isfile(path):
+        return "missing"
+    try:
+        listed = labeling.listed_regions(path)
+    except (labeling.LabelsFileError, UnicodeDecodeError) as e:
+        return f"unreadable ({e})"
+    expected = {r["id"] for r in load_regions(ctx.path("distill")).records}
+    problems = [
+        f"{what} {_ids(ids)}"
+        for what, ids in (
+            ("no row for regions", expected - set(listed)),
+            ("unknown regions", set(listed) - expected),
+            ("regions listed twice", {r for r in listed if listed.count(r) > 1}),
+        )
+        if ids
+    ]
+    return ", ".join(problems) or None
+
+
+def _ids(ids: set[int], most: int = 10) -> str:
+    shown = sorted(ids)
+    return str(shown[:most])[:-1] + (", ...]" if len(shown) > most else "]")
 
 
 def save_run_config(run_dir: str, config: RunConfig) -> None:
@@ -491,14 +624,43 @@ def set_labels(
     return labeling.read_labels(path, region_ids=ids, class_names=names)
 
 
-def _move_aside(ctx: Context, stage: str) -> None:
-    """Keep the outputs of a stage whose configuration changed under <run>/stale/."""
+def _stale_dir(ctx: Context, stage: str) -> str:
+    """A new <run>/stale/<stage>-<time>[-n] path (created by whoever moves things there)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     dest = ctx.path("stale", f"{stage}-{stamp}")
     n = 1
     while os.path.exists(dest):
         dest = ctx.path("stale", f"{stage}-{stamp}-{n}")
         n += 1
+    return dest
+
+
+def _move_aside(ctx: Context, stage: str, reason: str) -> None:
+    """Keep the outputs of an outdated stage (configuration changed, ...) under <run>/stale/."""
+    dest = _stale_dir(ctx, stage)
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     shutil.move(ctx.path(stage), dest)
-    ctx.log(f"[{stage}] configuration changed: previous outputs moved to {dest}")
+    ctx.log(f"[{stage}] {reason}: previous outputs moved to {dest}")
+
+
+def _set_aside_damaged(ctx: Context, stage: str, damaged: Mapping[str, str]) -> None:
+    """Move damaged outputs and the stage's record under <run>/stale/; the stage is then redone
+    in place, so what it resumes from stays (training's checkpoints, a person's labels file)."""
+    dest = _stale_dir(ctx, stage)
+    # The labels file stays: the label stage rewrites it keeping every answer (or naming the
+    # malformed line), and an automatic labeler keeps a .bak copy when the answers differ.
+    moving = [rel for rel in damaged if rel != "label/labels.csv"] + [f"{stage}/stage.json"]
+    moved = []
+    for rel in moving:
+        src = ctx.path(*rel.split("/"))
+        if not os.path.exists(src):
+            continue
+        inside = rel.split("/", 1)[1] if rel.startswith(f"{stage}/") else rel
+        target = os.path.join(dest, *inside.split("/"))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.move(src, target)
+        moved.append(rel)
+    what = "; ".join(f"{rel} {why}" for rel, why in damaged.items())
+    ctx.log(
+        f"[{stage}] damaged output ({what}): {', '.join(moved)} moved to {dest}; redoing the stage"
+    )

@@ -12,6 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402,F401  (re-exported for the report'
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
+from defuse_jax.files import atomic_write  # noqa: E402
+
 _TEXT_H = 14  # pixels of one caption line
 
 
@@ -76,6 +78,6 @@ def save_image_grid(
         for r, label in enumerate(row_labels[:nrows]):
             y = top + pad + r * (ch + cap + pad) + cap + ch // 2 - 5
             draw.text((4, y), str(label), fill="black", font=font)
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    canvas.save(path)
+    with atomic_write(path, "wb") as f:
+        canvas.save(f, format="PNG")
     return os.fspath(path)

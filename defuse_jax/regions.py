@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from defuse_jax.files import atomic_write, write_npz
 from defuse_jax.mixture import BayesianGaussianMixture, GaussianMixture
 from defuse_jax.precision import exact
 
@@ -235,15 +236,14 @@ def sample_regions(regions: Regions, key: jax.Array, n: int, *, tau: float) -> n
 
 def save_regions(regions: Regions, directory: str) -> None:
     """Write regions.npz (arrays) and regions.json (records) into `directory`."""
-    os.makedirs(directory, exist_ok=True)
-    np.savez(
+    write_npz(
         os.path.join(directory, "regions.npz"),
         means=regions.means,
         covariances=regions.covariances,
         weights=regions.weights,
         assignment=regions.assignment,
     )
-    with open(os.path.join(directory, "regions.json"), "w") as f:
+    with atomic_write(os.path.join(directory, "regions.json")) as f:
         json.dump({"regions": regions.records}, f, indent=1)
 
 

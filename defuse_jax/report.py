@@ -18,12 +18,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 import numpy as np
 
+from defuse_jax.files import atomic_write
 from defuse_jax.plots import plt
 from defuse_jax.run_config import STAGES
 
@@ -33,21 +33,6 @@ _NA: Final = "n/a"
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _atomic_write(path: str, write: Any, *, mode: str = "w") -> None:
-    """Write via a temp file in the same directory + os.replace (readers never see half a file)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    try:
-        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _jsonable(obj: Any) -> Any:
@@ -109,7 +94,8 @@ def _region_label(region: Mapping[str, Any], class_names: Sequence[str]) -> str:
 def _save_figure(fig: Any, path: str) -> None:
     try:
         fig.tight_layout()
-        _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100), mode="wb")
+        with atomic_write(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=100)
     finally:
         plt.close(fig)
 
@@ -429,11 +415,11 @@ def write_report(
 
     data = _jsonable({**report, "plots": plots})
     json_path = os.path.join(run_dir, "report.json")
-    _atomic_write(
-        json_path,
-        lambda f: (json.dump(data, f, indent=2, sort_keys=True, allow_nan=False), f.write("\n")),
-    )
+    with atomic_write(json_path) as f:
+        json.dump(data, f, indent=2, sort_keys=True, allow_nan=False)
+        f.write("\n")
     md_path = os.path.join(run_dir, "report.md")
     markdown = render_markdown(data, plots, run_dir=run_dir)
-    _atomic_write(md_path, lambda f: f.write(markdown))
+    with atomic_write(md_path) as f:
+        f.write(markdown)
     return {"json": json_path, "markdown": md_path, **paths}

@@ -13,6 +13,7 @@ from defuse_jax import train_models as tm
 from defuse_jax.correction import CorrectConfig
 from defuse_jax.data import DataConfig
 from defuse_jax.evaluation import EvalConfig
+from defuse_jax.files import sha256
 from defuse_jax.models import ClassifierConfig, VAEConfig
 from defuse_jax.regions import DistillConfig
 from defuse_jax.search import SearchConfig
@@ -98,10 +99,7 @@ def stage_fingerprints(config: RunConfig, run_dir: str) -> dict[str, str]:
 
 
 def _file_hash(path: str) -> str | None:
-    if not os.path.exists(path):
-        return None
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:16]
+    return sha256(path)[:16] if os.path.exists(path) else None
 
 
 def quick(config: RunConfig) -> RunConfig:

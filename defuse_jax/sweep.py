@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from defuse_jax import flags
+from defuse_jax.files import atomic_write, write_json
 from defuse_jax.regions import DistillConfig, distill
 from defuse_jax.search import SearchConfig, SearchResult, latent_search, latent_search_sweep
 from defuse_jax.search.config import DISTRIBUTIONS, MODES
@@ -220,11 +221,8 @@ def write_outputs(
     rows: Sequence[dict[str, Any]], out_dir: str, *, meta: dict[str, Any]
 ) -> dict[str, str]:
     """Writes sweep.csv, sweep.json (rows + `meta`) and sweep.png; returns their paths."""
-    from defuse_jax.files import write_json
-
-    os.makedirs(out_dir, exist_ok=True)
     paths = {k: os.path.join(out_dir, f"sweep.{k}") for k in ("csv", "json", "png")}
-    with open(paths["csv"], "w", newline="") as f:
+    with atomic_write(paths["csv"], newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows({c: ("" if r[c] is None else r[c]) for c in COLUMNS} for r in rows)
@@ -264,8 +262,11 @@ def plot(rows: Sequence[dict[str, Any]], path: str) -> None:
         ax.set_title(title)
     axes[1].legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_write(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=110)
+    finally:
+        plt.close(fig)
 
 
 # --------------------------------------------------------------------------------------------

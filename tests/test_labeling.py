@@ -121,9 +121,17 @@ def test_parse_label_invalid(text, names, match):
         parse_label(text, names)
 
 
-def test_unlabeled_is_distinct_from_answers():
-    assert UNLABELED not in (None, 0, 1) and isinstance(UNLABELED, str)
-    assert SKIP == "skip"
+def test_only_an_empty_answer_is_unlabeled(tmp_path):
+    """A class named like the UNLABELED sentinel is an answer, in the terminal and in the file."""
+    names = (UNLABELED, "other")
+    assert parse_label(UNLABELED, names) == 0
+    assert parse_label(UNLABELED.upper(), names) == 0
+    assert parse_label(" ", names) == UNLABELED
+    path = write_labels_file(tmp_path / "labels.csv", REGIONS2, names)
+    _set_labels(path, {3: UNLABELED, 0: SKIP})  # 11 stays empty
+    assert read_labels(path, region_ids=IDS, class_names=names) == {3: 0, 0: None}
+    write_auto_labels(path, REGIONS2, names, {3: 0, 0: None}, labeler="t")
+    assert read_labels(path, region_ids=IDS, class_names=names) == {3: 0, 0: None}
 
 
 @pytest.mark.parametrize("names", [(), ("a", "a"), ("a", "")])

@@ -1,9 +1,12 @@
 """The README's Quickstart and CI agree, and the console script is wired up."""
 
+import importlib
+import json
 import pathlib
 import re
+import sys
 
-from defuse_jax import cli
+import defuse_jax
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -28,7 +31,13 @@ def test_ci_runs_the_readme_test_command_verbatim():
     assert test_command in ci_lines
 
 
-def test_console_script_points_at_cli_main():
+def test_console_script_runs_the_cli(monkeypatch, capsys):
+    """The script pyproject.toml declares resolves, and runs a command the way the installed
+    wrapper calls it: no arguments (the command line comes from sys.argv), exit code returned."""
     pyproject = (ROOT / "pyproject.toml").read_text()
-    assert 'defuse-jax = "defuse_jax.cli:main"' in pyproject
-    assert callable(cli.main)
+    scripts = pyproject.split("[project.scripts]", 1)[1].split("\n[", 1)[0]
+    (target,) = re.findall(r'^defuse-jax = "([\w.]+):(\w+)"$', scripts, flags=re.M)
+    main = getattr(importlib.import_module(target[0]), target[1])
+    monkeypatch.setattr(sys, "argv", ["defuse-jax", "info", "--json"])
+    assert main() == 0
+    assert json.loads(capsys.readouterr().out)["defuse_jax"] == defuse_jax.__version__

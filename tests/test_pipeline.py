@@ -5,13 +5,15 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from defuse_jax import labeling, pipeline
 from defuse_jax.correction import CorrectConfig
 from defuse_jax.data import DataConfig
 from defuse_jax.regions import DistillConfig
-from defuse_jax.run_config import DEFAULT_SEARCH, RunConfig
+from defuse_jax.run_config import DEFAULT_SEARCH, STAGES, RunConfig
 from defuse_jax.training import TrainConfig
 
 TINY = RunConfig(
@@ -40,9 +42,18 @@ def trained(tmp_path_factory):
     return run_dir
 
 
-def _copy(trained, tmp_path):
+@pytest.fixture(scope="module")
+def finished(trained, tmp_path_factory):
+    """A copy of `trained` with every stage done, and the log of that run (tests copy it too)."""
+    run_dir = _copy(trained, tmp_path_factory.mktemp("finished"))
+    logs = []
+    pipeline.run(run_dir, TINY, log=logs.append)
+    return run_dir, logs
+
+
+def _copy(run_dir, tmp_path):
     dest = str(tmp_path / "run")
-    shutil.copytree(trained, dest)
+    shutil.copytree(run_dir, dest)
     return dest
 
 
@@ -51,10 +62,8 @@ def _report(run_dir):
         return json.load(f)
 
 
-def test_full_run_report_and_resume(trained, tmp_path):
-    run_dir = _copy(trained, tmp_path)
-    logs = []
-    pipeline.run(run_dir, TINY, log=logs.append)
+def test_full_run_report_and_resume(finished, tmp_path):
+    run_dir, logs = _copy(finished[0], tmp_path), list(finished[1])
     assert "[train] done earlier, skipped" in logs
     report = _report(run_dir)
     for key in REQUIRED_KEYS:
@@ -138,7 +147,100 @@ def test_manual_labels_all_skipped_skips_correction(trained, tmp_path):
     )
     assert report["correction"]["skipped"] and report["region_accuracy_after"] is None
     # The person's answers survive a rerun of the label stage.
-    labels = labeling.read_labels(
-        path, region_ids=[r["id"] for r in report["regions"]], class_names=report["class_names"]
-    )
+    ids = [r["id"] for r in report["regions"]]
+    labels = labeling.read_labels(path, region_ids=ids, class_names=report["class_names"])
     assert labels == answers
+    # A labels file that lost rows (as a truncated one does) is not trusted, nor moved away from
+    # the person: the label stage is redone around it, keeping its answers, asking for the rest.
+    with open(path) as f:
+        header, first, *_ = f.readlines()
+    with open(path, "w") as f:
+        f.write(header + first)
+    with pytest.raises(pipeline.LabelsPending, match=f"{len(ids) - 1} of {len(ids)} regions"):
+        pipeline.run(run_dir, manual, log=lambda s: None)
+    labels = labeling.read_labels(path, region_ids=ids, class_names=report["class_names"])
+    assert labels == {ids[0]: None}
+
+
+# A file each stage's completion rests on, truncated as a kill during a plain write left it.
+DAMAGE = (
+    ("train/vae/history.json", "train"),
+    ("search/errors.npz", "search"),
+    ("search/stage.json", "search"),  # the stage's own record
+    ("distill/regions.npz", "distill"),
+    ("distill/regions.json", "distill"),
+    ("label/labels.csv", "label"),
+    ("label/region_000.png", "label"),
+    ("correct/classifier/config.json", "correct"),
+    ("report.json", "evaluate"),
+)
+
+
+def _snapshot(directory):
+    """{file: modification time} of every file below `directory`."""
+    return {
+        os.path.join(root, f): os.stat(os.path.join(root, f)).st_mtime_ns
+        for root, _, fs in os.walk(directory)
+        for f in fs
+    }
+
+
+def _load(path):
+    """Read a run file with the reader its format needs (raises if it is damaged)."""
+    if path.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    if path.endswith(".png"):
+        with Image.open(path) as im:
+            im.load()  # decodes every pixel: a truncated PNG raises
+        return None
+    if path.endswith(".csv"):
+        return labeling.listed_regions(path)
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("rel,stage", DAMAGE, ids=[rel for rel, _ in DAMAGE])
+def test_a_damaged_output_is_moved_aside_and_its_stage_redone(finished, tmp_path, rel, stage):
+    run_dir = _copy(finished[0], tmp_path)
+    path = os.path.join(run_dir, *rel.split("/"))
+    with open(path, "rb") as f:
+        whole = f.read()
+    with open(path, "r+b") as f:
+        f.truncate(len(whole) // 2)
+    ckpts = {m: _snapshot(os.path.join(run_dir, "train", m, "ckpt")) for m in ("vae", "classifier")}
+    logs = []
+    pipeline.run(run_dir, TINY, until=stage, log=logs.append)
+
+    upstream = STAGES[: STAGES.index(stage)]
+    assert logs[: len(upstream)] == [f"[{s}] done earlier, skipped" for s in upstream]
+    why = "is unreadable" if rel.endswith("stage.json") else f"damaged output ({rel} "
+    assert why in logs[len(upstream)] and logs[len(upstream) + 1] == f"[{stage}] running", logs
+    _load(path)  # whole again
+    (kept,) = os.listdir(os.path.join(run_dir, "stale"))
+    kept = os.path.join(run_dir, "stale", kept)
+    assert os.path.basename(kept).startswith(f"{stage}-")
+    if rel == "label/labels.csv":
+        # The labels file is a person's: not moved (only the stage's record is), but rewritten
+        # with every answer it held and a row for every region.
+        assert os.listdir(kept) == ["stage.json"]
+        with open(os.path.join(finished[0], "report.json")) as f:
+            assert sorted(_load(path)) == list(range(json.load(f)["num_regions"]))
+    else:
+        # What was damaged is kept under stale/, as it was.
+        inside = rel.split("/", 1)[1] if rel.startswith(f"{stage}/") else rel
+        with open(os.path.join(kept, *inside.split("/")), "rb") as f:
+            assert f.read() == whole[: len(whole) // 2]
+    # Nothing was trained again (a redone train stage reloads its checkpoints).
+    for m, before in ckpts.items():
+        assert _snapshot(os.path.join(run_dir, "train", m, "ckpt")) == before
+    logs.clear()
+    pipeline.run(run_dir, TINY, until=stage, log=logs.append)
+    assert all("done earlier" in line for line in logs), logs
+    if stage == "search":  # the same code for every stage: one case pays for the check
+        # The next stage was computed from the outputs just replaced: it is redone too.
+        after = STAGES[STAGES.index(stage) + 1]
+        logs.clear()
+        pipeline.run(run_dir, TINY, until=after, log=logs.append)
+        assert logs[len(upstream) + 1].startswith(f"[{after}] {stage} was redone: previous outputs")
+        assert logs[len(upstream) + 2] == f"[{after}] running"

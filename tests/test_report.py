@@ -138,7 +138,7 @@ def test_full_report(tmp_path):
     _assert_png(paths["region_accuracy"])
     assert paths["latent_pca"] == os.path.join(run_dir, PCA_PLOT)
     # No temp files are left behind by the atomic writes.
-    leftovers = [n for _, _, fs in os.walk(run_dir) for n in fs if n.startswith(".tmp-")]
+    leftovers = [n for _, _, fs in os.walk(run_dir) for n in fs if n.endswith(".tmp")]
     assert leftovers == []
 
     data, md = _read(paths)

@@ -34,6 +34,7 @@ import numpy as np
 
 from defuse_jax import flags
 from defuse_jax.bench.devices import ensure_devices
+from defuse_jax.files import atomic_write
 from defuse_jax.mixture import BayesianGaussianMixture, GaussianMixture
 
 
@@ -263,8 +264,7 @@ def run(args: argparse.Namespace) -> dict:
     result["args"].pop("func", None)
     out = args.json
     if out:
-        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-        with open(out, "w") as f:
+        with atomic_write(out) as f:
             json.dump(result, f, indent=2, default=str)
         print(f"wrote {out}")
     return result

@@ -34,6 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 from defuse_jax import flags
 from defuse_jax.bench.devices import ensure_devices
+from defuse_jax.files import atomic_write
 from defuse_jax.search import SearchConfig, latent_search
 from defuse_jax.search.config import DTYPES
 
@@ -763,6 +764,5 @@ def run(args: argparse.Namespace) -> dict:
 
 def _write(result: dict, path: str) -> None:
     if path:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "w") as f:
+        with atomic_write(path) as f:
             json.dump(result, f, indent=2, default=float)
