@@ -1,12 +1,5 @@
-"""`defuse-jax run`: all Defuse stages in one resumable run directory.
-
-    <run>/train/{vae,classifier}/   trained models (Orbax checkpoints, configs, histories)
-    <run>/search/                   errors.npz, summary.json
-    <run>/distill/                  regions.npz, regions.json
-    <run>/label/                    labels.csv, region_XXX.png grids (oracle/ for that labeler)
-    <run>/correct/                  fine-tuned classifier (its own checkpoints)
-    <run>/report.json, report.md, plots/
-    <run>/stale/                    outdated or damaged outputs, set aside (kept)
+"""`defuse-jax run`: all Defuse stages in one resumable run directory (`run_dir.RunDir` says
+where each file lives).
 
 Every stage writes `<stage>/stage.json` last, once all its outputs are written (each atomically,
 `files.atomic_write`): the fingerprint of its configuration and of every stage upstream, the
@@ -20,7 +13,7 @@ ever lost.
 
 Example:
     >>> from defuse_jax.pipeline import RunConfig, run
-    >>> report = run("runs/digits", RunConfig())
+    >>> report = run("runs/digits", RunConfig())["evaluate"]  # a `report.Report`
     >>> report["region_accuracy_after"]
 """
 
@@ -53,6 +46,7 @@ from defuse_jax.regions import (
     save_regions,
 )
 from defuse_jax.run_config import STAGES, RunConfig, stage_fingerprints
+from defuse_jax.run_dir import RunDir
 
 
 class LabelsPending(RuntimeError):
@@ -70,8 +64,12 @@ class Context:
     _dataset: Dataset | None = None
     _models: dict[str, Params] = dataclasses.field(default_factory=dict)
 
+    @property
+    def dir(self) -> RunDir:
+        return RunDir(self.run_dir)
+
     def path(self, *parts: str) -> str:
-        return os.path.join(self.run_dir, *parts)
+        return self.dir.path(*parts)
 
     @property
     def dataset(self) -> Dataset:
@@ -165,7 +163,7 @@ def stage_distill(ctx: Context) -> dict[str, Any]:
 def _region_rows(regions: Regions) -> list[dict[str, Any]]:
     return [
         {**{k: r[k] for k in ("id", "num_codes", "weight", "source_label_counts",
-                              "pred_label_counts")}, "grid": f"label/region_{r['id']:03d}.png"}
+                              "pred_label_counts")}, "grid": RunDir.grid(r["id"])}
         for r in regions.records
     ]  # fmt: skip
 
@@ -185,7 +183,7 @@ def write_region_grids(ctx: Context, regions: Regions) -> None:
         src = names[rec["majority_source_label"]]
         plots.save_image_grid(
             images,
-            ctx.path("label", f"region_{rec['id']:03d}.png"),
+            ctx.dir.rel(RunDir.grid(rec["id"])),
             titles=[f"pred {names[p]}" for p in pred],
             suptitle=f"region {rec['id']}: {rec['num_codes']} errors, mostly {src} -> "
             f"{names[rec['majority_pred_label']]}",
@@ -195,7 +193,7 @@ def write_region_grids(ctx: Context, regions: Regions) -> None:
 def stage_label(ctx: Context) -> dict[str, Any]:
     regions = load_regions(ctx.path("distill"))
     names = ctx.dataset.class_names
-    path = ctx.path("label", "labels.csv")
+    path = ctx.dir.labels
     os.makedirs(ctx.path("label"), exist_ok=True)
     rows = _region_rows(regions)
     write_region_grids(ctx, regions)
@@ -253,7 +251,7 @@ def train_oracle(ctx: Context) -> Params:
 def read_answers(ctx: Context) -> dict[int, int | None]:
     regions = load_regions(ctx.path("distill"))
     return labeling.read_labels(
-        ctx.path("label", "labels.csv"),
+        ctx.dir.labels,
         region_ids=[r["id"] for r in regions.records],
         class_names=ctx.dataset.class_names,
     )
@@ -285,7 +283,7 @@ def stage_correct(ctx: Context) -> dict[str, Any]:
             "seconds": time.perf_counter() - t0, "history": history}  # fmt: skip
 
 
-def stage_evaluate(ctx: Context) -> dict[str, Any]:
+def stage_evaluate(ctx: Context) -> report_lib.Report:
     return build_report(ctx)
 
 
@@ -317,14 +315,15 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
 # --------------------------------------------------------------------------------------------
 
 
-def build_report(ctx: Context) -> dict[str, Any]:
-    """Evaluate before/after and write report.json, report.md and the plots."""
+def build_report(ctx: Context) -> report_lib.Report:
+    """Evaluate before/after, write report.json, report.md and the plots; returns the report
+    as written."""
     ds = ctx.dataset
     regions = load_regions(ctx.path("distill"))
     errors = identification.load_errors(ctx.path("search"))
     answers = read_answers(ctx) if regions.num_regions else {}
     labels = {k: v for k, v in answers.items() if v is not None}
-    correct_summary = read_json(ctx.path("correct", "stage.json"))["summary"]
+    correct_summary = read_json(ctx.dir.record("correct"))["summary"]
     common = dict(
         x_test=ds.x_test, y_test=ds.y_test, regions=regions, labels=labels, errors=errors,
         config=ctx.config.eval,
@@ -336,21 +335,6 @@ def build_report(ctx: Context) -> dict[str, Any]:
         else evaluation.evaluate_classifier(ctx.model("corrected"), vae, **common)
     )  # fmt: skip
     search = read_json(ctx.path("search", "summary.json"))
-    names = ds.class_names
-    region_records = []
-    for rec in regions.records:
-        rid = rec["id"]
-        label = answers.get(rid)
-        region_records.append({
-            **{k: v for k, v in rec.items() if k not in ("mean", "covariance")},
-            "error_rate": rec.get("error_rate"),
-            "label": label,
-            "label_name": names[label] if label is not None else None,
-            "skipped": rid in answers and label is None,
-            "accuracy_before": before["per_region"].get(rid),
-            "accuracy_after": after["per_region"].get(rid),
-            "grid": f"label/region_{rid:03d}.png",
-        })  # fmt: skip
     if search["num_errors_found"] == 0:
         ctx.messages.append(
             "The search found no errors: the classifier was never fooled within the search "
@@ -358,52 +342,39 @@ def build_report(ctx: Context) -> dict[str, Any]:
         )
     if correct_summary["skipped"]:
         ctx.messages.append(correct_summary["reason"])
-    stage_seconds = {}
-    for stage in STAGES[:-1]:
-        marker = ctx.path(stage, "stage.json")
-        if os.path.exists(marker):
-            stage_seconds[stage] = read_json(marker)["seconds"]
-    report = {
-        "dataset": ds.name,
-        "class_names": list(names),
-        "num_sources": search["num_sources"],
-        "num_sources_used": search["num_sources_used"],
-        "num_sources_skipped": search["num_sources_skipped"],
-        "num_samples_evaluated": search["num_samples_evaluated"],
-        "num_errors_found": search["num_errors_found"],
-        "num_flips": search["num_flips"],
-        "num_regions": regions.num_regions,
-        "num_regions_labeled": len(labels),
-        "num_regions_skipped": len(answers) - len(labels),
-        "test_accuracy_before": before["test_accuracy"],
-        "test_accuracy_after": after["test_accuracy"],
-        "region_accuracy_before": before["region_accuracy"],
-        "region_accuracy_after": after["region_accuracy"],
-        "error_code_accuracy_before": before["error_code_accuracy"],
-        "error_code_accuracy_after": after["error_code_accuracy"],
-        "regions": region_records,
-        "correction": {
-            "skipped": correct_summary["skipped"],
-            "reason": correct_summary.get("reason"),
-            "lam": ctx.config.correct.lam,
-            "epochs": ctx.config.correct.epochs,
-            "seconds": correct_summary.get("seconds"),
-        },
-        "stage_seconds": stage_seconds,
-        "search": search,
-        "devices": {"backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()]},
-        "messages": list(ctx.messages),
-        "config": dataclasses.asdict(ctx.config),
+    stage_seconds = {
+        stage: read_json(ctx.dir.record(stage))["seconds"]
+        for stage in STAGES[:-1]
+        if os.path.exists(ctx.dir.record(stage))
     }
-    report_lib.write_report(ctx.run_dir, report, codes=errors["z"], assignment=regions.assignment)
-    ctx.log(
-        f"evaluate: test accuracy {report_lib.pct(report['test_accuracy_before'])} -> "
-        f"{report_lib.pct(report['test_accuracy_after'])}, region accuracy "
-        f"{report_lib.pct(report['region_accuracy_before'])} -> "
-        f"{report_lib.pct(report['region_accuracy_after'])}"
+    report = report_lib.assemble(
+        dataset=ds.name,
+        class_names=ds.class_names,
+        search=search,
+        region_records=regions.records,
+        answers=answers,
+        before=before,
+        after=after,
+        correction=report_lib.CorrectionReport(
+            skipped=correct_summary["skipped"],
+            reason=correct_summary.get("reason"),
+            lam=ctx.config.correct.lam,
+            epochs=ctx.config.correct.epochs,
+            seconds=correct_summary.get("seconds"),
+        ),
+        stage_seconds=stage_seconds,
+        devices={"backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()]},
+        messages=ctx.messages,
+        config=dataclasses.asdict(ctx.config),
     )
-    return {k: report[k] for k in ("test_accuracy_before", "test_accuracy_after",
-                                   "region_accuracy_before", "region_accuracy_after")}  # fmt: skip
+    report_lib.write_report(ctx.run_dir, report, codes=errors["z"], assignment=regions.assignment)
+    pct = report_lib.pct
+    ctx.log(
+        f"evaluate: test accuracy {pct(report['test_accuracy_before'])} -> "
+        f"{pct(report['test_accuracy_after'])}, region accuracy "
+        f"{pct(report['region_accuracy_before'])} -> {pct(report['region_accuracy_after'])}"
+    )
+    return report_lib.read_report(ctx.run_dir)
 
 
 def run(
@@ -414,7 +385,12 @@ def run(
     log: Callable[[str], None] = print,
     dataset: Dataset | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) the stages up to and including `until`; returns the stage summaries.
+    """Run (or resume) the stages up to and including `until`.
+
+    Returns:
+        {stage: its summary} for every stage run or found done; the evaluate stage's summary
+        is the run's `report.Report` (the content of report.json), so
+        `run(run_dir, config)["evaluate"]` is the report.
 
     Raises:
         LabelsPending: the manual labeler still waits for labels (rerun once they are in).
@@ -434,14 +410,14 @@ def run(
             upstream = record.get("id")  # records from before ids were kept: None
             log(f"[{stage}] done earlier, skipped")
             continue
-        write_json(ctx.path(stage, "started.json"), {"fingerprint": fp})
+        write_json(ctx.dir.started(stage), {"fingerprint": fp})
         log(f"[{stage}] running")
         t0 = time.perf_counter()
         summary = STAGE_FNS[stage](ctx)
         completion = uuid.uuid4().hex
         # Written last: a stage is complete only once this record exists.
         write_json(
-            ctx.path(stage, "stage.json"),
+            ctx.dir.record(stage),
             {"fingerprint": fp, "seconds": time.perf_counter() - t0, "summary": summary,
              "id": completion, "upstream": upstream, "outputs": _digests(ctx, stage)}
         )  # fmt: skip
@@ -478,8 +454,8 @@ def _completed(ctx: Context, stage: str, fp: str, upstream: str | None) -> dict[
     outdated or damaged is moved under <run>/stale/ (never deleted) and None is returned.
     """
     try:
-        record = _read_record(ctx.path(stage, "stage.json"))
-        started = None if record is not None else _read_record(ctx.path(stage, "started.json"))
+        record = _read_record(ctx.dir.record(stage))
+        started = None if record is not None else _read_record(ctx.dir.started(stage))
     except _UnreadableRecord as e:
         # Nothing tells which configuration the outputs belong to: keep them all aside.
         _move_aside(ctx, stage, f"its record {os.path.relpath(str(e), ctx.run_dir)} is unreadable")
@@ -536,7 +512,7 @@ def _labels_damage(ctx: Context) -> str | None:
     truncated file fails one or the other). The answers themselves are checked when the
     correction reads them, against the class names, naming the line of a bad one.
     """
-    path = ctx.path("label", "labels.csv")
+    path = ctx.dir.labels
     if not os.path.isfile(path):
         return "missing"
     try:
@@ -563,7 +539,7 @@ def _ids(ids: set[int], most: int = 10) -> str:
 
 def save_run_config(run_dir: str, config: RunConfig) -> None:
     """Remember the run's configuration in <run>/config.json (the CLI's defaults next time)."""
-    write_json(os.path.join(run_dir, "config.json"), dataclasses.asdict(config))
+    write_json(RunDir(run_dir).config, dataclasses.asdict(config))
 
 
 def label_interactively(
@@ -584,7 +560,7 @@ def label_interactively(
     if not all(os.path.exists(ctx.path(r["grid"])) for r in rows):
         write_region_grids(ctx, regions)
     return labeling.interactive_label(
-        ctx.path("label", "labels.csv"),
+        ctx.dir.labels,
         rows,
         ctx.dataset.class_names,
         run_dir=ctx.run_dir,
@@ -607,7 +583,7 @@ def set_labels(
     ctx = Context(os.path.abspath(run_dir), config, print)
     regions = load_regions(ctx.path("distill"))
     rows, names = _region_rows(regions), ctx.dataset.class_names
-    path = ctx.path("label", "labels.csv")
+    path = ctx.dir.labels
     ids = [r["id"] for r in rows]
     current = (
         labeling.read_labels(path, region_ids=ids, class_names=names)
@@ -624,20 +600,9 @@ def set_labels(
     return labeling.read_labels(path, region_ids=ids, class_names=names)
 
 
-def _stale_dir(ctx: Context, stage: str) -> str:
-    """A new <run>/stale/<stage>-<time>[-n] path (created by whoever moves things there)."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    dest = ctx.path("stale", f"{stage}-{stamp}")
-    n = 1
-    while os.path.exists(dest):
-        dest = ctx.path("stale", f"{stage}-{stamp}-{n}")
-        n += 1
-    return dest
-
-
 def _move_aside(ctx: Context, stage: str, reason: str) -> None:
     """Keep the outputs of an outdated stage (configuration changed, ...) under <run>/stale/."""
-    dest = _stale_dir(ctx, stage)
+    dest = ctx.dir.new_stale(stage)
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     shutil.move(ctx.path(stage), dest)
     ctx.log(f"[{stage}] {reason}: previous outputs moved to {dest}")
@@ -646,7 +611,7 @@ def _move_aside(ctx: Context, stage: str, reason: str) -> None:
 def _set_aside_damaged(ctx: Context, stage: str, damaged: Mapping[str, str]) -> None:
     """Move damaged outputs and the stage's record under <run>/stale/; the stage is then redone
     in place, so what it resumes from stays (training's checkpoints, a person's labels file)."""
-    dest = _stale_dir(ctx, stage)
+    dest = ctx.dir.new_stale(stage)
     # The labels file stays: the label stage rewrites it keeping every answer (or naming the
     # malformed line), and an automatic labeler keeps a .bak copy when the answers differ.
     moving = [rel for rel in damaged if rel != "label/labels.csv"] + [f"{stage}/stage.json"]

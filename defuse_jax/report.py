@@ -1,7 +1,9 @@
-"""Run report: ``report.json``, ``report.md`` and summary plots (METHOD.md step 6).
+"""Run report: its schema (`Report`), ``report.json``, ``report.md`` and summary plots.
 
-The pipeline builds one JSON-able dict with every number of a run; :func:`write_report` stores
-it unchanged (plus the plot paths) as ``report.json``, renders the human summary
+`Report` is the stable schema of ``report.json`` (a TypedDict: the file is plain JSON, the keys
+and their meaning are fixed here). :func:`assemble` builds one from a run's evaluated numbers;
+:func:`write_report` stores it unchanged (plus the plot paths) as ``report.json``, renders the
+human summary
 ``report.md`` a person debugging the model reads first, and draws two plots under ``plots/``:
 
 * ``latent_pca.png``: the error codes projected on their first two principal components,
@@ -19,13 +21,159 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, TypedDict
 
 import numpy as np
 
 from defuse_jax.files import atomic_write
 from defuse_jax.plots import plt
 from defuse_jax.run_config import STAGES
+from defuse_jax.run_dir import RunDir
+
+
+class RegionReport(TypedDict):
+    """One misclassification region (`Report.regions`, largest first)."""
+
+    id: int  # region index, as in distill/regions.json and labels.csv
+    num_codes: int  # error codes assigned to the region
+    weight: float  # mixture weight of the whole error set
+    source_label_counts: list[int]  # [C] true labels of the codes' source points
+    pred_label_counts: list[int]  # [C] the classifier's predictions on the codes
+    majority_source_label: int
+    majority_pred_label: int
+    error_rate: float | None  # share of fresh region samples not classified as the majority
+    label: int | None  # the region's label (None: skipped or unlabeled)
+    label_name: str | None
+    skipped: bool  # the labeler rejected the region
+    accuracy_before: float | None  # on held-out region samples (labeled regions only)
+    accuracy_after: float | None
+    grid: str  # the sample grid, relative to the run directory
+
+
+class CorrectionReport(TypedDict):
+    """What the correction stage did (`Report.correction`)."""
+
+    skipped: bool
+    reason: str | None  # why it was skipped
+    lam: float  # weight of the region loss
+    epochs: int
+    seconds: float | None
+
+
+class _ReportRequired(TypedDict):
+    dataset: str
+    class_names: list[str]
+    num_sources: int  # test points the search started from
+    num_sources_used: int  # ... that the classifier got right (searched)
+    num_sources_skipped: int
+    num_samples_evaluated: int  # latent codes decoded and classified
+    num_errors_found: int  # error codes kept
+    num_flips: int  # misclassified samples before keeping the smallest per source
+    num_regions: int
+    num_regions_labeled: int
+    num_regions_skipped: int
+    test_accuracy_before: float
+    test_accuracy_after: float
+    region_accuracy_before: float | None  # mean over labeled regions (None: none labeled)
+    region_accuracy_after: float | None
+    error_code_accuracy_before: float | None  # on the found codes, by their region's label
+    error_code_accuracy_after: float | None
+    regions: list[RegionReport]
+    correction: CorrectionReport
+    stage_seconds: dict[str, float]  # wall time of each finished stage before evaluate
+    search: dict[str, Any]  # the search stage's summary (search/summary.json)
+    devices: dict[str, Any]  # {"backend", "devices"}
+    messages: list[str]  # what the user should know (nothing found, correction skipped, ...)
+    config: dict[str, Any]  # the run's configuration (`dataclasses.asdict(RunConfig)`)
+
+
+class Report(_ReportRequired, total=False):
+    """``report.json``: every number of a run. Fractions are in [0, 1]; None is "n/a".
+
+    `plots` ({"latent_pca" | "region_accuracy": path relative to the run directory}) is added
+    by `write_report` for the plots it drew.
+    """
+
+    plots: dict[str, str]
+
+
+def assemble(
+    *,
+    dataset: str,
+    class_names: Sequence[str],
+    search: Mapping[str, Any],
+    region_records: Sequence[Mapping[str, Any]],
+    answers: Mapping[int, int | None],
+    before: Mapping[str, Any],
+    after: Mapping[str, Any],
+    correction: CorrectionReport,
+    stage_seconds: Mapping[str, float],
+    devices: Mapping[str, Any],
+    messages: Sequence[str],
+    config: Mapping[str, Any],
+) -> Report:
+    """A `Report` from a run's parts.
+
+    Args:
+      dataset: its name; class_names: [C] class names.
+      search: the search stage's summary.
+      region_records: distill/regions.json's records (means and covariances are left out).
+      answers: {region id: label, or None for skipped} of the answered regions.
+      before, after: `evaluation.evaluate_classifier` of the original and corrected models.
+      correction: what the correction did.
+      stage_seconds: wall time per stage; devices: backend and devices; messages: notes.
+      config: the run's configuration as a dict.
+    """
+    labels = {k: v for k, v in answers.items() if v is not None}
+    regions: list[RegionReport] = []
+    for rec in region_records:
+        rid = int(rec["id"])
+        label = answers.get(rid)
+        regions.append(
+            RegionReport(
+                id=rid,
+                num_codes=rec["num_codes"],
+                weight=rec["weight"],
+                source_label_counts=list(rec["source_label_counts"]),
+                pred_label_counts=list(rec["pred_label_counts"]),
+                majority_source_label=rec["majority_source_label"],
+                majority_pred_label=rec["majority_pred_label"],
+                error_rate=rec.get("error_rate"),
+                label=label,
+                label_name=class_names[label] if label is not None else None,
+                skipped=rid in answers and label is None,
+                accuracy_before=before["per_region"].get(rid),
+                accuracy_after=after["per_region"].get(rid),
+                grid=RunDir.grid(rid),
+            )
+        )
+    return Report(
+        dataset=dataset,
+        class_names=list(class_names),
+        num_sources=search["num_sources"],
+        num_sources_used=search["num_sources_used"],
+        num_sources_skipped=search["num_sources_skipped"],
+        num_samples_evaluated=search["num_samples_evaluated"],
+        num_errors_found=search["num_errors_found"],
+        num_flips=search["num_flips"],
+        num_regions=len(regions),
+        num_regions_labeled=len(labels),
+        num_regions_skipped=len(answers) - len(labels),
+        test_accuracy_before=before["test_accuracy"],
+        test_accuracy_after=after["test_accuracy"],
+        region_accuracy_before=before["region_accuracy"],
+        region_accuracy_after=after["region_accuracy"],
+        error_code_accuracy_before=before["error_code_accuracy"],
+        error_code_accuracy_after=after["error_code_accuracy"],
+        regions=regions,
+        correction=correction,
+        stage_seconds=dict(stage_seconds),
+        search=dict(search),
+        devices=dict(devices),
+        messages=list(messages),
+        config=dict(config),
+    )
+
 
 PCA_PLOT: Final = "plots/latent_pca.png"
 ACCURACY_PLOT: Final = "plots/region_accuracy.png"
@@ -349,17 +497,20 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str], *, run_
 # --------------------------------------------------------------------------- entry point
 
 
+def read_report(run_dir: str) -> Report:
+    """The `Report` of a finished run (<run_dir>/report.json)."""
+    with open(os.path.join(run_dir, "report.json")) as f:
+        return json.load(f)
+
+
 def write_report(
-    run_dir: str, report: dict, *, codes: np.ndarray, assignment: np.ndarray
+    run_dir: str, report: Mapping[str, Any], *, codes: np.ndarray, assignment: np.ndarray
 ) -> dict[str, str]:
     """Write <run_dir>/report.json, <run_dir>/report.md and plots under <run_dir>/plots/.
 
     Args:
         run_dir: the run directory (created if missing).
-        report: JSON-able dict built by the pipeline (schema in the module docs of the pipeline;
-            keys ``dataset``, ``class_names``, ``num_*``, ``*_accuracy_before/after``,
-            ``regions``, ``correction``, ``stage_seconds``, ``search``, ``devices``,
-            ``messages``, ``config``). It is not modified.
+        report: a `Report` (see `assemble`). It is not modified.
         codes: [M, L] float32 latent codes of the errors the search found (M may be 0).
         assignment: [M] int32 region index of each code, -1 for codes outside every kept region.
 

@@ -16,6 +16,7 @@ from defuse_jax.evaluation import EvalConfig
 from defuse_jax.files import sha256
 from defuse_jax.models import ClassifierConfig, VAEConfig
 from defuse_jax.regions import DistillConfig
+from defuse_jax.run_dir import RunDir
 from defuse_jax.search import SearchConfig
 from defuse_jax.training import TrainConfig
 
@@ -88,7 +89,7 @@ def stage_fingerprints(config: RunConfig, run_dir: str) -> dict[str, str]:
         "label": {"labeler": config.labeler, "grid_samples": config.grid_samples},
         # Hand edits of the labels file redo the correction.
         "correct": {"correct": dataclasses.asdict(config.correct), "labels": _file_hash(
-            os.path.join(run_dir, "label", "labels.csv"))},
+            RunDir(run_dir).labels)},
         "evaluate": dataclasses.asdict(config.eval),
     }  # fmt: skip
     out, prev = {}, ""
@@ -154,7 +155,7 @@ def config_from_dict(d: dict[str, Any]) -> RunConfig:
 
 def load_run_config(run_dir: str) -> RunConfig | None:
     """The configuration a run directory was last run with, or None for a new directory."""
-    path = os.path.join(run_dir, "config.json")
+    path = RunDir(run_dir).config
     if not os.path.exists(path):
         return None
     with open(path) as f:
