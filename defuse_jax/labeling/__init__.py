@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import csv
 import os
-import re
 import shutil
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -37,13 +36,15 @@ from typing import Any, Final, Literal
 import numpy as np
 
 from defuse_jax.files import atomic_write
-
-SKIP: Final = "skip"
-"""Answer that rejects a region (garbage or ambiguous samples); read back as ``None``."""
-
-UNLABELED: Final = "unlabeled"
-"""Returned by :func:`parse_label` for an empty answer. A string sentinel: it can never be
-mistaken for a class index (``int``) or a skip (``None``), and it is JSON-able."""
+from defuse_jax.labeling.answers import (
+    INT_RE,
+    SKIP,
+    UNLABELED,
+    canonical_text,
+    check_class_names,
+    parse_label,
+    valid_answers,
+)
 
 HEADER: Final = (
     "region_id",
@@ -58,7 +59,6 @@ HEADER: Final = (
 _REQUIRED: Final = ("region_id", "label")
 # Columns compared on rewrite to warn when an answered region id now describes other codes.
 _STALE_CHECK: Final = ("num_codes", "top_source", "top_pred")
-_INT_RE: Final = re.compile(r"[+-]?\d+")
 _CMD_QUIT: Final = ("quit", "exit")
 _CMD_BACK: Final = ("back",)
 _CMD_HELP: Final = ("?", "help")
@@ -76,87 +76,6 @@ class LabelsFileError(ValueError):
         self.path = os.fspath(path)
         self.line = line
         super().__init__(f"{self.path}, line {line}: {message}")
-
-
-# --------------------------------------------------------------------------------------------
-# Parsing answers
-
-
-def _check_class_names(class_names: Sequence[str]) -> tuple[str, ...]:
-    names = tuple(class_names)
-    if not names:
-        raise ValueError("class_names is empty")
-    for name in names:
-        if not isinstance(name, str) or not name.strip():
-            raise ValueError(f"class names must be non-empty strings, got {name!r}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"class names must be unique, got {names}")
-    return names
-
-
-def _valid_answers(names: Sequence[str]) -> str:
-    shown = ", ".join(names[:30]) + (f", ... ({len(names)} classes)" if len(names) > 30 else "")
-    return f"a class name ({shown}), an index 0..{len(names) - 1}, or '{SKIP}'"
-
-
-def parse_label(text: str, class_names: Sequence[str]) -> int | None | Literal["unlabeled"]:
-    """Parse one answer from the labels file or the terminal.
-
-    Resolution order: empty -> :data:`UNLABELED`; ``skip`` (any case) -> ``None``; exact class
-    name; case-insensitive class name (only if exactly one matches); integer class index. So a
-    name wins over an index (with names ``("3", "5")``, ``"5"`` is class 1), and a class literally
-    named ``skip`` can only be given by its index.
-
-    Args:
-        text: the answer; surrounding whitespace is ignored.
-        class_names: the dataset's class names, in index order.
-
-    Returns:
-        The class index, ``None`` for a skipped region, or :data:`UNLABELED` for an empty answer.
-
-    Raises:
-        ValueError: unknown name, ambiguous name or index out of range; the message lists the
-            valid answers.
-
-    Example:
-        >>> parse_label("Smiling", ("not_smiling", "smiling"))
-        1
-        >>> parse_label("0", ("not_smiling", "smiling")), parse_label(" skip ", ("a", "b"))
-        (0, None)
-    """
-    names = _check_class_names(class_names)
-    s = str(text).strip()
-    if not s:
-        return UNLABELED
-    if s.casefold() == SKIP:
-        return None
-    if s in names:
-        return names.index(s)
-    folded = [i for i, n in enumerate(names) if n.casefold() == s.casefold()]
-    if len(folded) == 1:
-        return folded[0]
-    if len(folded) > 1:
-        matches = ", ".join(names[i] for i in folded)
-        raise ValueError(f"label {s!r} is ambiguous ({matches}); give the exact name or index")
-    if _INT_RE.fullmatch(s):
-        index = int(s)
-        if 0 <= index < len(names):
-            return index
-        raise ValueError(f"class index {index} out of range; expected {_valid_answers(names)}")
-    raise ValueError(f"unknown label {s!r}; expected {_valid_answers(names)}")
-
-
-def _canonical(value: int | None, names: Sequence[str]) -> str:
-    """Text to store for an answer: the class name, unless that would parse to something else."""
-    if value is None:
-        return SKIP
-    for candidate in (names[value], str(value)):
-        try:
-            if parse_label(candidate, names) == value:
-                return candidate
-        except ValueError:
-            pass
-    raise ValueError(f"class {value} ({names[value]!r}) cannot be written unambiguously")
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,7 +177,7 @@ def _read_table(path: str | os.PathLike) -> _Table:
                     for i, name in enumerate(header)
                 }
                 rid_text = row["region_id"]
-                if not _INT_RE.fullmatch(rid_text):
+                if not INT_RE.fullmatch(rid_text):
                     raise LabelsFileError(
                         path, line, f"malformed row: region_id {rid_text!r} is not an integer"
                     )
@@ -373,7 +292,7 @@ def write_labels_file(
         ...                   suggestions=label_by_source(regions))  # doctest: +SKIP
         'run/label/labels.csv'
     """
-    names = _check_class_names(class_names)
+    names = check_class_names(class_names)
     ids = _check_regions(regions, names)
     suggested = _suggestion_names(suggestions, ids, names)
     old_fields, old = _old_rows(path) if os.path.exists(path) else ([], {})
@@ -421,7 +340,7 @@ def _suggestion_names(
         value = int(value)
         if not 0 <= value < len(names):
             raise ValueError(f"suggestion for region {rid}: class index {value} out of range")
-        out[int(rid)] = _canonical(value, names)
+        out[int(rid)] = canonical_text(value, names)
     return out
 
 
@@ -449,7 +368,7 @@ def read_labels(
         ... # doctest: +SKIP
         {0: 1, 3: None}
     """
-    names = _check_class_names(class_names)
+    names = check_class_names(class_names)
     known = {int(r) for r in region_ids}
     seen: dict[int, int] = {}
     answers: dict[int, int | None] = {}
@@ -578,14 +497,14 @@ def write_auto_labels(
         ...                   labeler="source")  # doctest: +SKIP
         'labels.csv'
     """
-    names = _check_class_names(class_names)
+    names = check_class_names(class_names)
     ids = _check_regions(regions, names)
     for rid, value in labels.items():
         if int(rid) not in ids:
             raise ValueError(f"label for unknown region {rid}")
         if value is not None and not 0 <= int(value) < len(names):
             raise ValueError(f"region {rid}: class index {value} out of range")
-    new = {int(r): _canonical(None if v is None else int(v), names) for r, v in labels.items()}
+    new = {int(r): canonical_text(None if v is None else int(v), names) for r, v in labels.items()}
     if os.path.exists(path):
         _backup_if_answers_differ(path, new, names)
 
@@ -703,7 +622,7 @@ def interactive_label(
         >>> interactive_label("run/label/labels.csv", regions, ("0", "1"), run_dir="run")
         ... # doctest: +SKIP
     """
-    names = _check_class_names(class_names)
+    names = check_class_names(class_names)
     ids = _check_regions(regions, names)
     write_labels_file(path, regions, names)  # creates or syncs; keeps answers and suggestions
     table = _read_table(path)
@@ -730,7 +649,7 @@ def interactive_label(
             if step == "back":
                 i -= 1
                 continue
-            rows[rid]["label"] = _canonical(step, names)
+            rows[rid]["label"] = canonical_text(step, names)
             if "labeler" in rows[rid]:  # file came from write_auto_labels: record who answered
                 rows[rid]["labeler"] = "interactive"
             _write_table(path, table.fieldnames, (row for _, _, row in table.rows))
@@ -776,7 +695,7 @@ def _ask(
             print_fn(f"  {e}")
             continue
         if isinstance(value, str):  # empty input
-            print_fn(f"  no answer given; type {_valid_answers(names)} (? for help)")
+            print_fn(f"  no answer given; type {valid_answers(names)} (? for help)")
             continue
         return value
 
