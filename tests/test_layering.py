@@ -1,6 +1,7 @@
 """The engines stay independent: neither `defuse_jax.search` nor `defuse_jax.mixture` imports the
 other, the models or the pipeline, and what they share (`defuse_jax._plumbing`) imports nothing
-else of the package. Read from the source (no import), so a lazy import counts too."""
+else of the package. The labeling modules import one way (answers <- labels_file <- automatic,
+terminal). Read from the source (no import), so a lazy import counts too."""
 
 import ast
 import pathlib
@@ -60,3 +61,25 @@ def test_both_engines_use_the_shared_plumbing():
         modules = set().union(*map(imported_modules, (PACKAGE / engine).rglob("*.py")))
         for part in ("threefry", "keys", "row_layout"):
             assert f"defuse_jax._plumbing.{part}" in modules, (engine, part)
+
+
+# Which labeling modules each labeling module may import; the package itself only re-exports.
+LABELING = {
+    "answers": set(),
+    "labels_file": {"answers"},
+    "automatic": {"answers", "labels_file"},
+    "terminal": {"answers", "labels_file"},
+}
+
+
+def test_labeling_modules_import_one_way():
+    modules = {path.stem for path in (PACKAGE / "labeling").glob("*.py")} - {"__init__"}
+    assert modules == set(LABELING), "a new labeling module needs its place in LABELING"
+    bad = set()
+    for name, allowed in LABELING.items():
+        for module in imported_modules(PACKAGE / "labeling" / f"{name}.py"):
+            if _under(module, "defuse_jax.labeling"):
+                part = module.removeprefix("defuse_jax.labeling").lstrip(".").split(".")[0]
+                if part not in allowed:
+                    bad.add(f"labeling/{name}.py: {module}")
+    assert not bad, sorted(bad)
