@@ -31,64 +31,28 @@ from typing import Any
 import jax
 import numpy as np
 
-from defuse_jax import evaluation, identification, labeling, models, plots
+from defuse_jax import evaluation, identification
 from defuse_jax import report as report_lib
 from defuse_jax import train_models as tm
 from defuse_jax.correction import fine_tune
-from defuse_jax.data import Dataset, load_dataset
+from defuse_jax.data import Dataset
 from defuse_jax.files import read_json, sha256, write_json
-from defuse_jax.models import Params
+from defuse_jax.label_stage import (  # noqa: F401 - the public API of a run directory
+    label_interactively,
+    labels_damage,
+    read_answers,
+    set_labels,
+    stage_label,
+)
 from defuse_jax.regions import (
     Regions,
     distill,
     load_regions,
-    sample_regions,
     save_regions,
 )
 from defuse_jax.run_config import STAGES, RunConfig, stage_fingerprints
 from defuse_jax.run_dir import RunDir
-
-
-class LabelsPending(RuntimeError):
-    """The manual labeler is waiting for a person to fill in the labels file."""
-
-
-@dataclasses.dataclass
-class Context:
-    """What the stages share inside one `run` call (loaded lazily, once)."""
-
-    run_dir: str
-    config: RunConfig
-    log: Callable[[str], None]
-    messages: list[str] = dataclasses.field(default_factory=list)
-    _dataset: Dataset | None = None
-    _models: dict[str, Params] = dataclasses.field(default_factory=dict)
-
-    @property
-    def dir(self) -> RunDir:
-        return RunDir(self.run_dir)
-
-    def path(self, *parts: str) -> str:
-        return self.dir.path(*parts)
-
-    @property
-    def dataset(self) -> Dataset:
-        if self._dataset is None:
-            self._dataset = load_dataset(self.config.data)
-        return self._dataset
-
-    def model(self, name: str) -> Params:
-        """ "vae", "classifier" (original), "corrected" or "oracle"."""
-        if name not in self._models:
-            where = {
-                "vae": ("train", "vae"),
-                "classifier": ("train", "classifier"),
-                "corrected": ("correct", "classifier"),
-                "oracle": ("label", "oracle"),
-            }[name]
-            self._models[name] = tm.load_trained(self.path(*where))[0]
-        return self._models[name]
-
+from defuse_jax.stage_context import Context, LabelsPending  # noqa: F401 - re-exported
 
 # --------------------------------------------------------------------------------------------
 # Stages. Each returns a JSON-able summary stored in <stage>/stage.json.
@@ -160,103 +124,6 @@ def stage_distill(ctx: Context) -> dict[str, Any]:
     return {"num_regions": regions.num_regions, "codes_in_regions": covered}
 
 
-def _region_rows(regions: Regions) -> list[dict[str, Any]]:
-    return [
-        {**{k: r[k] for k in ("id", "num_codes", "weight", "source_label_counts",
-                              "pred_label_counts")}, "grid": RunDir.grid(r["id"])}
-        for r in regions.records
-    ]  # fmt: skip
-
-
-def write_region_grids(ctx: Context, regions: Regions) -> None:
-    """One PNG per region: decoded samples titled with the classifier's predictions."""
-    if regions.num_regions == 0:
-        return
-    vae, clf = ctx.model("vae"), ctx.model("classifier")
-    key = jax.random.fold_in(jax.random.key(ctx.config.distill.seed), 2)
-    z = sample_regions(regions, key, ctx.config.grid_samples, tau=ctx.config.distill.tau)
-    names = ctx.dataset.class_names
-    decode = jax.jit(models.decode)
-    for rec, zr in zip(regions.records, z, strict=True):
-        images = np.asarray(decode(vae, zr))
-        pred = evaluation.predict(vae, clf, zr)
-        src = names[rec["majority_source_label"]]
-        plots.save_image_grid(
-            images,
-            ctx.dir.rel(RunDir.grid(rec["id"])),
-            titles=[f"pred {names[p]}" for p in pred],
-            suptitle=f"region {rec['id']}: {rec['num_codes']} errors, mostly {src} -> "
-            f"{names[rec['majority_pred_label']]}",
-        )
-
-
-def stage_label(ctx: Context) -> dict[str, Any]:
-    regions = load_regions(ctx.path("distill"))
-    names = ctx.dataset.class_names
-    path = ctx.dir.labels
-    os.makedirs(ctx.path("label"), exist_ok=True)
-    rows = _region_rows(regions)
-    write_region_grids(ctx, regions)
-    suggestions = labeling.label_by_source(rows) if rows else {}
-    if ctx.config.labeler == "source":
-        labeling.write_auto_labels(path, rows, names, suggestions, labeler="source")
-    elif ctx.config.labeler == "oracle":
-        oracle = train_oracle(ctx)
-        key = jax.random.fold_in(jax.random.key(ctx.config.distill.seed), 3)
-        z = sample_regions(regions, key, 64, tau=ctx.config.distill.tau)
-        preds = {r["id"]: evaluation.predict(ctx.model("vae"), oracle, zr)
-                 for r, zr in zip(regions.records, z, strict=True)}  # fmt: skip
-        labeling.write_auto_labels(
-            path, rows, names, labeling.label_by_oracle(preds), labeler="oracle"
-        )
-    else:
-        labeling.write_labels_file(path, rows, names, suggestions=suggestions)
-    answers = labeling.read_labels(path, region_ids=[r["id"] for r in rows], class_names=names)
-    missing = [r["id"] for r in rows if r["id"] not in answers]
-    if missing:
-        raise LabelsPending(
-            f"{len(missing)} of {len(rows)} regions await a label in {path} (regions "
-            f"{missing[:10]}{'...' if len(missing) > 10 else ''}). Look at the grids in "
-            f"{ctx.path('label')}, then fill in the file or run `defuse-jax label --out "
-            f"{ctx.run_dir}`, and rerun the same command to continue."
-        )
-    labeled = sum(v is not None for v in answers.values())
-    ctx.log(
-        f"label ({ctx.config.labeler}): {labeled} regions labeled, {len(answers) - labeled} skipped"
-    )
-    return {
-        "labeler": ctx.config.labeler,
-        "num_labeled": labeled,
-        "num_skipped": len(answers) - labeled,
-    }
-
-
-def train_oracle(ctx: Context) -> Params:
-    """The 'oracle' labeler: a wider classifier trained longer with another seed."""
-    train = dataclasses.replace(
-        ctx.config.classifier_train,
-        epochs=2 * ctx.config.classifier_train.epochs,
-        seed=ctx.config.classifier_train.seed + 1,
-    )
-    config = tm.oracle_classifier_config(ctx.dataset.image_shape)
-    oracle = tm.train_classifier(
-        ctx.dataset, out_dir=ctx.path("label", "oracle"), config=config, train=train,
-        progress=ctx.config.progress,
-    )  # fmt: skip
-    ctx.log(f"oracle classifier: test accuracy {oracle.metrics['accuracy']:.4f}")
-    ctx._models["oracle"] = oracle.params
-    return oracle.params
-
-
-def read_answers(ctx: Context) -> dict[int, int | None]:
-    regions = load_regions(ctx.path("distill"))
-    return labeling.read_labels(
-        ctx.dir.labels,
-        region_ids=[r["id"] for r in regions.records],
-        class_names=ctx.dataset.class_names,
-    )
-
-
 def stage_correct(ctx: Context) -> dict[str, Any]:
     cfg = ctx.config.correct
     labels = {k: v for k, v in read_answers(ctx).items() if v is not None}
@@ -300,7 +167,7 @@ STAGE_FNS: dict[str, Callable[[Context], dict[str, Any]]] = {
 # their SHA-256 digests, and a rerun trusts the stage only while every one is still there with
 # those bytes. Not listed: Orbax checkpoints (committed by an atomic rename and checked by the
 # checkpointer when restored), and the labels file, which a person may edit: it is checked by
-# reading it (`_labels_damage`).
+# reading it (`label_stage.labels_damage`).
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "train": ("train/vae/config.json", "train/vae/history.json", "train/vae/reconstructions.png",
               "train/classifier/config.json", "train/classifier/history.json"),
@@ -499,105 +366,15 @@ def _damaged_outputs(ctx: Context, stage: str, record: Mapping[str, Any]) -> dic
         elif sha256(path) != digest:
             damaged[rel] = "changed since the stage wrote it"
     if stage == "label":
-        problem = _labels_damage(ctx)
+        problem = labels_damage(ctx)
         if problem:
             damaged["label/labels.csv"] = problem
     return damaged
 
 
-def _labels_damage(ctx: Context) -> str | None:
-    """What makes the labels file unusable as the label stage's output, or None.
-
-    A person may edit the file, so it has no digest: it must parse and list every region (a
-    truncated file fails one or the other). The answers themselves are checked when the
-    correction reads them, against the class names, naming the line of a bad one.
-    """
-    path = ctx.dir.labels
-    if not os.path.isfile(path):
-        return "missing"
-    try:
-        listed = labeling.listed_regions(path)
-    except (labeling.LabelsFileError, UnicodeDecodeError) as e:
-        return f"unreadable ({e})"
-    expected = {r["id"] for r in load_regions(ctx.path("distill")).records}
-    problems = [
-        f"{what} {_ids(ids)}"
-        for what, ids in (
-            ("no row for regions", expected - set(listed)),
-            ("unknown regions", set(listed) - expected),
-            ("regions listed twice", {r for r in listed if listed.count(r) > 1}),
-        )
-        if ids
-    ]
-    return ", ".join(problems) or None
-
-
-def _ids(ids: set[int], most: int = 10) -> str:
-    shown = sorted(ids)
-    return str(shown[:most])[:-1] + (", ...]" if len(shown) > most else "]")
-
-
 def save_run_config(run_dir: str, config: RunConfig) -> None:
     """Remember the run's configuration in <run>/config.json (the CLI's defaults next time)."""
     write_json(RunDir(run_dir).config, dataclasses.asdict(config))
-
-
-def label_interactively(
-    run_dir: str,
-    config: RunConfig,
-    *,
-    input_fn: Callable[[str], str] = input,
-    print_fn: Callable[..., None] = print,
-) -> dict[int, int | None]:
-    """Walk a person through the unlabeled regions (runs the stages up to distill first)."""
-    run(run_dir, config, until="distill", log=print_fn)
-    ctx = Context(os.path.abspath(run_dir), config, print_fn)
-    regions = load_regions(ctx.path("distill"))
-    if regions.num_regions == 0:
-        print_fn("No regions to label: the search found too few errors.")
-        return {}
-    rows = _region_rows(regions)
-    if not all(os.path.exists(ctx.path(r["grid"])) for r in rows):
-        write_region_grids(ctx, regions)
-    return labeling.interactive_label(
-        ctx.dir.labels,
-        rows,
-        ctx.dataset.class_names,
-        run_dir=ctx.run_dir,
-        input_fn=input_fn,
-        print_fn=print_fn,
-    )
-
-
-def set_labels(
-    run_dir: str, config: RunConfig, answers: Mapping[int, str]
-) -> dict[int, int | None]:
-    """Record answers for some regions ({region id: class name, index or "skip"}).
-
-    For notebooks and scripts; the terminal equivalent is `label_interactively`. Answers already
-    in the labels file for other regions are kept; rerun `run` afterwards to redo the correction.
-
-    Returns:
-        All answers now in the file.
-    """
-    ctx = Context(os.path.abspath(run_dir), config, print)
-    regions = load_regions(ctx.path("distill"))
-    rows, names = _region_rows(regions), ctx.dataset.class_names
-    path = ctx.dir.labels
-    ids = [r["id"] for r in rows]
-    current = (
-        labeling.read_labels(path, region_ids=ids, class_names=names)
-        if os.path.exists(path)
-        else {}
-    )
-    for rid, text in answers.items():
-        if int(rid) not in ids:
-            raise ValueError(f"Unknown region id {rid}; the regions are {ids}.")
-        value = labeling.parse_label(str(text), names)
-        if value != labeling.UNLABELED:
-            current[int(rid)] = value
-    labeling.write_auto_labels(path, rows, names, current, labeler="manual")
-    return labeling.read_labels(path, region_ids=ids, class_names=names)
 
 
 def _move_aside(ctx: Context, stage: str, reason: str) -> None:

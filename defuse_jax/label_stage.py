@@ -1,0 +1,212 @@
+"""The label stage on a run directory: region sample grids, the automatic labelers (majority
+source label, or a separately trained oracle classifier), the labels file a person answers in,
+and the two ways a person answers (`label_interactively` in a terminal, `set_labels` from a
+notebook). The labels file itself and the answer grammar are `defuse_jax.labeling`'s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from defuse_jax import evaluation, labeling, models, plots
+from defuse_jax import train_models as tm
+from defuse_jax.models import Params
+from defuse_jax.regions import Regions, load_regions, sample_regions
+from defuse_jax.run_config import RunConfig
+from defuse_jax.run_dir import RunDir
+from defuse_jax.stage_context import Context, LabelsPending
+
+
+def region_rows(regions: Regions) -> list[dict[str, Any]]:
+    return [
+        {**{k: r[k] for k in ("id", "num_codes", "weight", "source_label_counts",
+                              "pred_label_counts")}, "grid": RunDir.grid(r["id"])}
+        for r in regions.records
+    ]  # fmt: skip
+
+
+def write_region_grids(ctx: Context, regions: Regions) -> None:
+    """One PNG per region: decoded samples titled with the classifier's predictions."""
+    if regions.num_regions == 0:
+        return
+    vae, clf = ctx.model("vae"), ctx.model("classifier")
+    key = jax.random.fold_in(jax.random.key(ctx.config.distill.seed), 2)
+    z = sample_regions(regions, key, ctx.config.grid_samples, tau=ctx.config.distill.tau)
+    names = ctx.dataset.class_names
+    decode = jax.jit(models.decode)
+    for rec, zr in zip(regions.records, z, strict=True):
+        images = np.asarray(decode(vae, zr))
+        pred = evaluation.predict(vae, clf, zr)
+        src = names[rec["majority_source_label"]]
+        plots.save_image_grid(
+            images,
+            ctx.dir.rel(RunDir.grid(rec["id"])),
+            titles=[f"pred {names[p]}" for p in pred],
+            suptitle=f"region {rec['id']}: {rec['num_codes']} errors, mostly {src} -> "
+            f"{names[rec['majority_pred_label']]}",
+        )
+
+
+def stage_label(ctx: Context) -> dict[str, Any]:
+    regions = load_regions(ctx.path("distill"))
+    names = ctx.dataset.class_names
+    path = ctx.dir.labels
+    os.makedirs(ctx.path("label"), exist_ok=True)
+    rows = region_rows(regions)
+    write_region_grids(ctx, regions)
+    suggestions = labeling.label_by_source(rows) if rows else {}
+    if ctx.config.labeler == "source":
+        labeling.write_auto_labels(path, rows, names, suggestions, labeler="source")
+    elif ctx.config.labeler == "oracle":
+        oracle = train_oracle(ctx)
+        key = jax.random.fold_in(jax.random.key(ctx.config.distill.seed), 3)
+        z = sample_regions(regions, key, 64, tau=ctx.config.distill.tau)
+        preds = {r["id"]: evaluation.predict(ctx.model("vae"), oracle, zr)
+                 for r, zr in zip(regions.records, z, strict=True)}  # fmt: skip
+        labeling.write_auto_labels(
+            path, rows, names, labeling.label_by_oracle(preds), labeler="oracle"
+        )
+    else:
+        labeling.write_labels_file(path, rows, names, suggestions=suggestions)
+    answers = labeling.read_labels(path, region_ids=[r["id"] for r in rows], class_names=names)
+    missing = [r["id"] for r in rows if r["id"] not in answers]
+    if missing:
+        raise LabelsPending(
+            f"{len(missing)} of {len(rows)} regions await a label in {path} (regions "
+            f"{missing[:10]}{'...' if len(missing) > 10 else ''}). Look at the grids in "
+            f"{ctx.path('label')}, then fill in the file or run `defuse-jax label --out "
+            f"{ctx.run_dir}`, and rerun the same command to continue."
+        )
+    labeled = sum(v is not None for v in answers.values())
+    ctx.log(
+        f"label ({ctx.config.labeler}): {labeled} regions labeled, {len(answers) - labeled} skipped"
+    )
+    return {
+        "labeler": ctx.config.labeler,
+        "num_labeled": labeled,
+        "num_skipped": len(answers) - labeled,
+    }
+
+
+def train_oracle(ctx: Context) -> Params:
+    """The 'oracle' labeler: a wider classifier trained longer with another seed."""
+    train = dataclasses.replace(
+        ctx.config.classifier_train,
+        epochs=2 * ctx.config.classifier_train.epochs,
+        seed=ctx.config.classifier_train.seed + 1,
+    )
+    config = tm.oracle_classifier_config(ctx.dataset.image_shape)
+    oracle = tm.train_classifier(
+        ctx.dataset, out_dir=ctx.path("label", "oracle"), config=config, train=train,
+        progress=ctx.config.progress,
+    )  # fmt: skip
+    ctx.log(f"oracle classifier: test accuracy {oracle.metrics['accuracy']:.4f}")
+    ctx._models["oracle"] = oracle.params
+    return oracle.params
+
+
+def read_answers(ctx: Context) -> dict[int, int | None]:
+    regions = load_regions(ctx.path("distill"))
+    return labeling.read_labels(
+        ctx.dir.labels,
+        region_ids=[r["id"] for r in regions.records],
+        class_names=ctx.dataset.class_names,
+    )
+
+
+def labels_damage(ctx: Context) -> str | None:
+    """What makes the labels file unusable as the label stage's output, or None.
+
+    A person may edit the file, so it has no digest: it must parse and list every region (a
+    truncated file fails one or the other). The answers themselves are checked when the
+    correction reads them, against the class names, naming the line of a bad one.
+    """
+    path = ctx.dir.labels
+    if not os.path.isfile(path):
+        return "missing"
+    try:
+        listed = labeling.listed_regions(path)
+    except (labeling.LabelsFileError, UnicodeDecodeError) as e:
+        return f"unreadable ({e})"
+    expected = {r["id"] for r in load_regions(ctx.path("distill")).records}
+    problems = [
+        f"{what} {_ids(ids)}"
+        for what, ids in (
+            ("no row for regions", expected - set(listed)),
+            ("unknown regions", set(listed) - expected),
+            ("regions listed twice", {r for r in listed if listed.count(r) > 1}),
+        )
+        if ids
+    ]
+    return ", ".join(problems) or None
+
+
+def _ids(ids: set[int], most: int = 10) -> str:
+    shown = sorted(ids)
+    return str(shown[:most])[:-1] + (", ...]" if len(shown) > most else "]")
+
+
+def label_interactively(
+    run_dir: str,
+    config: RunConfig,
+    *,
+    input_fn: Callable[[str], str] = input,
+    print_fn: Callable[..., None] = print,
+) -> dict[int, int | None]:
+    """Walk a person through the unlabeled regions (runs the stages up to distill first)."""
+    from defuse_jax.pipeline import run  # the orchestration imports this module
+
+    run(run_dir, config, until="distill", log=print_fn)
+    ctx = Context(os.path.abspath(run_dir), config, print_fn)
+    regions = load_regions(ctx.path("distill"))
+    if regions.num_regions == 0:
+        print_fn("No regions to label: the search found too few errors.")
+        return {}
+    rows = region_rows(regions)
+    if not all(os.path.exists(ctx.path(r["grid"])) for r in rows):
+        write_region_grids(ctx, regions)
+    return labeling.interactive_label(
+        ctx.dir.labels,
+        rows,
+        ctx.dataset.class_names,
+        run_dir=ctx.run_dir,
+        input_fn=input_fn,
+        print_fn=print_fn,
+    )
+
+
+def set_labels(
+    run_dir: str, config: RunConfig, answers: Mapping[int, str]
+) -> dict[int, int | None]:
+    """Record answers for some regions ({region id: class name, index or "skip"}).
+
+    For notebooks and scripts; the terminal equivalent is `label_interactively`. Answers already
+    in the labels file for other regions are kept; rerun `run` afterwards to redo the correction.
+
+    Returns:
+        All answers now in the file.
+    """
+    ctx = Context(os.path.abspath(run_dir), config, print)
+    regions = load_regions(ctx.path("distill"))
+    rows, names = region_rows(regions), ctx.dataset.class_names
+    path = ctx.dir.labels
+    ids = [r["id"] for r in rows]
+    current = (
+        labeling.read_labels(path, region_ids=ids, class_names=names)
+        if os.path.exists(path)
+        else {}
+    )
+    for rid, text in answers.items():
+        if int(rid) not in ids:
+            raise ValueError(f"Unknown region id {rid}; the regions are {ids}.")
+        value = labeling.parse_label(str(text), names)
+        if value != labeling.UNLABELED:
+            current[int(rid)] = value
+    labeling.write_auto_labels(path, rows, names, current, labeler="manual")
+    return labeling.read_labels(path, region_ids=ids, class_names=names)
