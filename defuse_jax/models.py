@@ -140,6 +140,33 @@ class _MLP(nnx.Module):
         return h
 
 
+DECODER_FORMULATIONS = ("phase", "native")
+# The conv decoder's formulation per backend, from measurements (same parameters and outputs,
+# tests/test_conv_layers.py): "phase" (conv_layers.py: dense phase convolutions) was 1.34x
+# faster on a 2-core CPU, where XLA lowers stride-2 transposed convolutions over zero-dilated
+# inputs; "native" leaves the layers to XLA (cuDNN on a GPU).
+_DECODER_BY_BACKEND = {"cpu": "phase", "gpu": "phase", "tpu": "phase"}
+_decoder_override: str | None = None
+
+
+def decoder_formulation() -> str:
+    """The conv decoder formulation in force: `set_decoder_formulation`'s, else the backend's."""
+    if _decoder_override is not None:
+        return _decoder_override
+    return _DECODER_BY_BACKEND.get(jax.default_backend(), "phase")
+
+
+def set_decoder_formulation(name: str | None) -> None:
+    """Force "phase" or "native" for programs traced from now on (None: by backend again).
+
+    A benchmark's switch: functions already traced keep the formulation they were traced with.
+    """
+    global _decoder_override
+    if name is not None and name not in DECODER_FORMULATIONS:
+        raise ValueError(f"decoder formulation {name!r}; use one of {DECODER_FORMULATIONS}.")
+    _decoder_override = name
+
+
 class VAE(nnx.Module):
     """A Gaussian-latent VAE with a Bernoulli (sigmoid) decoder."""
 
@@ -211,6 +238,8 @@ class VAE(nnx.Module):
             return self.dec(z).reshape(z.shape[0], h, w, c)
         c2 = self.config.channels[1]
         g = nnx.relu(self.dec_head(z)).reshape(z.shape[0], h // 4, w // 4, c2)
+        if decoder_formulation() == "native":
+            return self.out(nnx.relu(self.deconv2(nnx.relu(self.deconv1(g)))))
         # Same parameters and outputs as calling the layers, without the zero-dilated transposed
         # convolutions XLA would run (conv_layers.py has the measurements).
         for layer in (self.deconv1, self.deconv2):

@@ -58,14 +58,16 @@ if [ -n "$QUICK" ]; then  # seconds on a CPU: every step runs, on toy sizes
   MIX=(--k 5 --iters 10 --repeats 1 --models gmm)
   MIX_N=(2000 4000)
   ILL_N=20000
-  SEARCH=(--quick --no-torch --no-modes --models mlp --chains 256 --chunk-sizes 64 128)
+  SEARCH=(--quick --no-torch --no-modes --models mlp --chains 256 --chunk-sizes 64 128
+    --scaling-devices 1)
 else
   PIPE=()
   CONV=()
   MIX=(--repeats 3)
   MIX_N=(100000 1000000)
   ILL_N=200000
-  SEARCH=(--repeats 2 --chains 65536 1048576 --ref-points 32 --no-modes)
+  SEARCH=(--repeats 2 --chains 65536 1048576 --ref-points 32 --no-modes --decoders phase native
+    --scaling-devices 1 2 4 8)
 fi
 MIX_COMMON=(--no-parity --no-pipeline --scaling-n --scaling-k --sklearn-full-max 0
   --sklearn-short-iters 2)

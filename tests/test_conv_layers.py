@@ -116,3 +116,11 @@ def test_conv_vae_decode_equals_the_flax_layers():
     g = nnx.relu(vae.dec_head(z)).reshape(5, h // 4, w // 4, 16)
     want = vae.out(nnx.relu(vae.deconv2(nnx.relu(vae.deconv1(g)))))
     np.testing.assert_allclose(vae.decode_logits(z), want, rtol=1e-5, atol=1e-5)
+    assert models.decoder_formulation() == "phase"  # CPU's default
+    try:  # the other formulation: the flax layers themselves
+        models.set_decoder_formulation("native")
+        np.testing.assert_allclose(vae.decode_logits(z), want, rtol=1e-6, atol=1e-6)
+    finally:
+        models.set_decoder_formulation(None)
+    with pytest.raises(ValueError, match="decoder formulation"):
+        models.set_decoder_formulation("winograd")

@@ -32,7 +32,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from defuse_jax import flags
+from defuse_jax import flags, models
+from defuse_jax.bench import roofline
 from defuse_jax.bench.devices import ensure_devices
 from defuse_jax.files import atomic_write
 from defuse_jax.search import SearchConfig, latent_search
@@ -105,6 +106,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a trained digits run directory (<out>/train/vae, <out>/train/classifier): also "
         "time the default search on its test points and compare the modes there",
     )
+    parser.add_argument(
+        "--decoders", nargs="+", choices=["phase", "native"], default=None,
+        help="conv decoder formulations to compare on the bare forward pass (models."
+        "set_decoder_formulation; default: only the backend's own)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--scaling-devices", nargs="+", type=flags.list_of(int), default=None,
+        help="engine samples/s on meshes of the first n devices, for each n (MLP models)",
+    )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="smoke run: small sizes, 1 repeat")
     parser.add_argument("--json", default="bench_results/search.json", help="JSON output path")
     flags.renamed(parser, "--run-dir", "--out (the trained run directory)")
@@ -223,6 +233,7 @@ def engine_throughput(
         "seconds": t,
         "samples_per_s": n * q / t,
         "found": res.num_found,
+        "flips": res.num_flips,
         "sources_used": res.num_sources_used,
     }
 
@@ -626,6 +637,33 @@ def bench_model(kind: str, dtype: str, args, *, references: bool) -> dict:
     engine_best = max(r["samples_per_s"] for r in _measured(sweep))
     out["engine_best_samples_per_s"] = engine_best
     out["engine_fraction_of_forward"] = engine_best / fwd["best_samples_per_s"]
+    best_row = max(_measured(sweep), key=lambda r: r["samples_per_s"])
+    out["flips_per_sample"] = best_row["flips"] / best_row["chains"]
+    cost = roofline.forward_cost(decode_fn, classify_fn, fwd["best_batch"], LATENT_DIM, dtype)
+    out["roofline"] = {
+        "engine": roofline.roofline(engine_best, cost, args.peaks, dtype),
+        "forward": roofline.roofline(fwd["best_samples_per_s"], cost, args.peaks, dtype),
+    }
+    if kind == "conv" and args.decoders:
+        out["decoders"] = {}
+        for name in args.decoders:
+            models.set_decoder_formulation(name)
+            try:
+                d_fn, c_fn, _, _ = build_models(kind, dtype)  # fresh functions: a new trace
+                f = forward_ceiling(d_fn, c_fn, [fwd["best_batch"]], repeats, dtype)
+                out["decoders"][name] = f["best_samples_per_s"]
+            finally:
+                models.set_decoder_formulation(None)
+        print(f"[{kind} {dtype}] forward by decoder formulation: " + ", ".join(
+            f"{k} {v:,.0f}/s" for k, v in out["decoders"].items()))  # fmt: skip
+    if kind == "mlp" and args.scaling_devices and references:
+        sources = _sources(decode_fn, classify_fn, max(1, tune_chains // q), dtype=dtype)
+        out["device_scaling"] = roofline.device_scaling(
+            decode_fn, classify_fn, sources, tune_chains, q, args.scaling_devices, repeats
+        )
+        print(f"[{kind} {dtype}] device scaling: " + ", ".join(
+            f"{r['devices']}: {r['samples_per_s']:,.0f}/s ({r['efficiency']:.0%})"
+            for r in out["device_scaling"]))  # fmt: skip
     out["forward_gflops_per_s"] = fwd["best_samples_per_s"] * fwd["flops_per_sample"] / 1e9
     batch = min(fwd["best_batch"], tune_chains)  # both sides evaluate the same samples
     out["paired"] = pf = paired_fraction(
@@ -672,6 +710,16 @@ def _print_model(r: dict) -> None:
         f"samples/s at batch {fwd['best_batch']}, {fwd['flops_per_sample']:,.0f} FLOPs/sample, "
         f"{r['forward_gflops_per_s']:.1f} GFLOP/s"
     )
+    for what in ("forward", "engine"):
+        rf = r["roofline"][what]
+        print(
+            f"roofline, {what}: {rf['flops_per_sample']:,.0f} FLOPs and "
+            f"{rf['bytes_per_sample']:,.0f} bytes per sample (XLA); {rf['tflops']:.2f} TFLOP/s = "
+            f"{rf['fraction_of_peak_flops']:.1%} of peak, {rf['tb_per_s']:.3f} TB/s = "
+            f"{rf['fraction_of_peak_bandwidth']:.1%} of peak bandwidth (memory roofline "
+            f"{rf['memory_roofline_samples_per_s']:,.0f} samples/s)"
+        )
+    print(f"errors (flips) per evaluated sample: {r['flips_per_sample']:.4f}")
     pf = r["paired"]
     print(
         f"paired (alternating timings, {pf['chains']} samples): engine "
@@ -747,6 +795,23 @@ def run(args: argparse.Namespace) -> dict:
         f"{result['matmul_2048_gflops_per_s']:.1f} GFLOP/s (float32, full precision), "
         f"{result['matmul_2048_default_precision_gflops_per_s']:.1f} (float32, backend "
         f"default), {result['matmul_2048_bf16_gflops_per_s']:.1f} (bfloat16)"
+    )
+    args.peaks = result["peaks"] = roofline.device_peaks(repeats)
+    print(
+        f"peaks ({result['peaks']['source']}, {result['peaks']['device_kind']}): "
+        f"{result['peaks']['bf16_tflops']:.3g} TFLOP/s bf16, "
+        f"{result['peaks']['float32_tflops']:.3g} float32 (default precision), "
+        f"{result['peaks']['tb_per_s']:.3g} TB/s"
+    )
+    tune = _SIZES[_size_class()]["mlp"]["tune_chains"] // (16 if args.quick else 1)
+    result["engine_overhead"] = ov = roofline.engine_overhead(
+        tune, args.samples_per_source, LATENT_DIM, repeats
+    )
+    print(
+        f"engine overhead (near-zero model, {ov['chains']} chains, chunk {ov['chunk_size']}): "
+        f"{ov['engine_ns_per_chain']:.2f} ns/chain = RNG + perturbation "
+        f"{ov['rng_perturbation_ns_per_chain']:.2f} + the rest (softmax/argmax, norm, top-k "
+        f"merge, packing, transfer) {ov['rest_ns_per_chain']:.2f}"
     )
     for kind in kinds:
         for i, dtype in enumerate(dtypes):
