@@ -810,8 +810,9 @@ def run(args: argparse.Namespace) -> dict:
     print(
         f"engine overhead (near-zero model, {ov['chains']} chains, chunk {ov['chunk_size']}): "
         f"{ov['engine_ns_per_chain']:.2f} ns/chain = RNG + perturbation "
-        f"{ov['rng_perturbation_ns_per_chain']:.2f} + the rest (softmax/argmax, norm, top-k "
-        f"merge, packing, transfer) {ov['rest_ns_per_chain']:.2f}"
+        f"{ov['rng_perturbation_ns_per_chain']:.2f} + the rest of the program (softmax/argmax, "
+        f"norm, top-k merge, packing) {ov['device_rest_ns_per_chain']:.2f} + host (validation, "
+        f"layout, transfer, compaction) {ov['host_ns_per_chain']:.2f}"
     )
     for kind in kinds:
         for i, dtype in enumerate(dtypes):

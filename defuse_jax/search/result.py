@@ -94,17 +94,27 @@ def compact(
         return a.reshape((-1,) + a.shape[2:])[:num_sources]
 
     found = rows(best.found)  # [N, k]; within a row already sorted by norm (top-k order)
-    src, slot = np.nonzero(found)  # row-major: by source, then by norm
-    used = rows(used).astype(bool)
+    # One flat index instead of (src, slot) pairs: a single gather per field, and no dtype
+    # copies of arrays that already have it (the host side is most of the search's time on a
+    # GPU with small models).
+    flat = np.flatnonzero(found)  # row-major: by source, then by norm
+    k = found.shape[1]
+    src = (flat // k).astype(np.int32)
+
+    def take(a, dtype):
+        a = rows(a)
+        return a.reshape((-1,) + a.shape[2:])[flat].astype(dtype, copy=False)
+
+    used = rows(used).astype(bool, copy=False)
     n_used = int(used.sum())
     return SearchResult(
-        z=rows(best.z)[src, slot].astype(np.float32),
-        source_index=src.astype(np.int32),
-        source_label=y0[src].astype(np.int32),
-        pred_label=rows(best.pred)[src, slot].astype(np.int32),
-        prob=rows(best.prob)[src, slot].astype(np.float32),
-        perturbation_norm=rows(best.norm)[src, slot].astype(np.float32),
-        flips_per_source=rows(flips).astype(np.int32),
+        z=take(best.z, np.float32),
+        source_index=src,
+        source_label=y0[src].astype(np.int32, copy=False),
+        pred_label=take(best.pred, np.int32),
+        prob=take(best.prob, np.float32),
+        perturbation_norm=take(best.norm, np.float32),
+        flips_per_source=rows(flips).astype(np.int32, copy=False),
         used=used,
         num_samples_evaluated=n_used * config.samples_per_source,
         num_sources_used=n_used,
