@@ -17,17 +17,19 @@ import numpy as np
 from defuse_jax import evaluation, labeling, models, plots
 from defuse_jax import train_models as tm
 from defuse_jax.models import Params
-from defuse_jax.regions import Regions, load_regions, sample_regions
+from defuse_jax.regions import Regions, is_error_region, load_regions, sample_regions
 from defuse_jax.run_config import RunConfig
 from defuse_jax.run_dir import RunDir
 from defuse_jax.stage_context import Context, LabelsPending
 
 
 def region_rows(regions: Regions) -> list[dict[str, Any]]:
+    """The rows of the labels file: the error regions only (`regions.is_error_region`); a
+    region the classifier mostly gets right is no bug to label."""
     return [
         {**{k: r[k] for k in ("id", "num_codes", "weight", "source_label_counts",
                               "pred_label_counts")}, "grid": RunDir.grid(r["id"])}
-        for r in regions.records
+        for r in regions.records if is_error_region(r)
     ]  # fmt: skip
 
 
@@ -67,8 +69,12 @@ def stage_label(ctx: Context) -> dict[str, Any]:
         oracle = train_oracle(ctx)
         key = jax.random.fold_in(jax.random.key(ctx.config.distill.seed), 3)
         z = sample_regions(regions, key, 64, tau=ctx.config.distill.tau)
-        preds = {r["id"]: evaluation.predict(ctx.model("vae"), oracle, zr)
-                 for r, zr in zip(regions.records, z, strict=True)}  # fmt: skip
+        offered = {r["id"] for r in rows}
+        preds = {
+            r["id"]: evaluation.predict(ctx.model("vae"), oracle, zr)
+            for r, zr in zip(regions.records, z, strict=True)
+            if r["id"] in offered
+        }
         labeling.write_auto_labels(
             path, rows, names, labeling.label_by_oracle(preds), labeler="oracle"
         )
@@ -115,7 +121,7 @@ def read_answers(ctx: Context) -> dict[int, int | None]:
     regions = load_regions(ctx.path("distill"))
     return labeling.read_labels(
         ctx.dir.labels,
-        region_ids=[r["id"] for r in regions.records],
+        region_ids=[r["id"] for r in regions.records if is_error_region(r)],
         class_names=ctx.dataset.class_names,
     )
 
@@ -134,7 +140,7 @@ def labels_damage(ctx: Context) -> str | None:
         listed = labeling.listed_regions(path)
     except (labeling.LabelsFileError, UnicodeDecodeError) as e:
         return f"unreadable ({e})"
-    expected = {r["id"] for r in load_regions(ctx.path("distill")).records}
+    expected = {r["id"] for r in load_regions(ctx.path("distill")).records if is_error_region(r)}
     problems = [
         f"{what} {_ids(ids)}"
         for what, ids in (
@@ -204,7 +210,14 @@ def set_labels(
     )
     for rid, text in answers.items():
         if int(rid) not in ids:
-            raise ValueError(f"Unknown region id {rid}; the regions are {ids}.")
+            known = {r["id"] for r in regions.records}
+            why = (
+                "is not an error region (the classifier gets most of its samples right), so it "
+                "is not labeled"
+                if int(rid) in known
+                else "is unknown"
+            )
+            raise ValueError(f"Region {rid} {why}; the error regions are {ids}.")
         value = labeling.parse_label(str(text), names)
         if value != labeling.UNLABELED:
             current[int(rid)] = value

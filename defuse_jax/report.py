@@ -42,6 +42,8 @@ class RegionReport(TypedDict):
     majority_source_label: int
     majority_pred_label: int
     error_rate: float | None  # share of fresh region samples not classified as the majority
+    purity: float  # share of its codes with its most common (source, predicted) pair
+    error_region: bool  # error_rate >= the distill stage's min_error_rate (else not offered)
     label: int | None  # the region's label (None: skipped or unlabeled)
     label_name: str | None
     skipped: bool  # the labeler rejected the region
@@ -69,7 +71,9 @@ class _ReportRequired(TypedDict):
     num_samples_evaluated: int  # latent codes decoded and classified
     num_errors_found: int  # error codes kept
     num_flips: int  # misclassified samples before keeping the smallest per source
-    num_regions: int
+    num_regions: int  # every region distillation kept, error regions or not
+    num_non_error_regions: int  # regions below min_error_rate: not labeled, not in accuracy
+    num_codes_in_non_error_regions: int  # error codes those regions hold
     num_regions_labeled: int
     num_regions_skipped: int
     test_accuracy_before: float
@@ -139,6 +143,8 @@ def assemble(
                 majority_source_label=rec["majority_source_label"],
                 majority_pred_label=rec["majority_pred_label"],
                 error_rate=rec.get("error_rate"),
+                purity=rec.get("purity", float("nan")),
+                error_region=bool(rec.get("error_region", True)),
                 label=label,
                 label_name=class_names[label] if label is not None else None,
                 skipped=rid in answers and label is None,
@@ -147,6 +153,7 @@ def assemble(
                 grid=RunDir.grid(rid),
             )
         )
+    not_errors = [r for r in regions if not r["error_region"]]
     return Report(
         dataset=dataset,
         class_names=list(class_names),
@@ -157,6 +164,8 @@ def assemble(
         num_errors_found=search["num_errors_found"],
         num_flips=search["num_flips"],
         num_regions=len(regions),
+        num_non_error_regions=len(not_errors),
+        num_codes_in_non_error_regions=sum(r["num_codes"] for r in not_errors),
         num_regions_labeled=len(labels),
         num_regions_skipped=len(answers) - len(labels),
         test_accuracy_before=before["test_accuracy"],
@@ -232,7 +241,7 @@ def _region_label(region: Mapping[str, Any], class_names: Sequence[str]) -> str:
     if region.get("skipped"):
         return "skipped"
     if region.get("label") is None:
-        return "unlabeled"
+        return "unlabeled" if region.get("error_region", True) else "not an error region"
     return region.get("label_name") or _class_name(class_names, region["label"])
 
 
@@ -366,6 +375,13 @@ def _summary_lines(report: Mapping[str, Any]) -> list[str]:
             f" Distillation kept {report['num_regions']} misclassification regions; "
             f"{report['num_regions_labeled']} labeled, {report['num_regions_skipped']} skipped."
         )
+        if report.get("num_non_error_regions"):
+            text += (
+                f" {report['num_non_error_regions']} regions "
+                f"({report['num_codes_in_non_error_regions']:,} error codes) are **not error "
+                "regions** (the classifier gets most of their fresh samples right): they were "
+                "not offered for labeling and are not in the region accuracy."
+            )
         if report["num_regions_labeled"] == 0:
             text += " **No region is labeled**, so the classifier was not corrected."
     return [text]
@@ -394,10 +410,34 @@ def _regions_section(report: Mapping[str, Any]) -> list[str]:
     names = report["class_names"]
     if not regions:
         return ["No misclassification regions."]
+    lines = []
+    for title, group in (
+        ("Error regions", [r for r in regions if r.get("error_region", True)]),
+        ("Not error regions (error rate below the threshold)",
+         [r for r in regions if not r.get("error_region", True)]),
+    ):  # fmt: skip
+        if group:
+            lines += [f"**{title}**", "", *_regions_table(group, names), ""]
+    lines.pop()
+    grids = [r for r in regions if r.get("grid")]
+    if grids:
+        lines += ["", "### Region samples", ""]
+        for r in grids:
+            lines += [
+                f"**Region {r['id']}** ({_cell(_region_label(r, names))}):",
+                "",
+                f"![region {r['id']}]({r['grid']})",
+                "",
+            ]
+        lines.pop()
+    return lines
+
+
+def _regions_table(regions: Sequence[Mapping[str, Any]], names: Sequence[str]) -> list[str]:
     lines = [
-        "| region | codes | weight | source -> predicted | error rate | label "
+        "| region | codes | weight | source -> predicted | purity | error rate | label "
         "| accuracy before -> after |",
-        "|---:|---:|---:|---|---:|---|---|",
+        "|---:|---:|---:|---|---:|---:|---|---|",
     ]
     for r in regions:
         flow = (
@@ -411,19 +451,9 @@ def _regions_section(report: Mapping[str, Any]) -> list[str]:
         )
         lines.append(
             f"| {r['id']} | {r['num_codes']:,} | {float(r['weight']):.3f} | {_cell(flow)} "
-            f"| {pct(r.get('error_rate'))} | {_cell(_region_label(r, names))} | {acc} |"
+            f"| {pct(r.get('purity'))} | {pct(r.get('error_rate'))} "
+            f"| {_cell(_region_label(r, names))} | {acc} |"
         )
-    grids = [r for r in regions if r.get("grid")]
-    if grids:
-        lines += ["", "### Region samples", ""]
-        for r in grids:
-            lines += [
-                f"**Region {r['id']}** ({_cell(_region_label(r, names))}):",
-                "",
-                f"![region {r['id']}]({r['grid']})",
-                "",
-            ]
-        lines.pop()
     return lines
 
 

@@ -1,5 +1,6 @@
 """The Colab notebook runs headlessly on CPU (digits, tiny config) and is stored stripped."""
 
+import json
 import os
 import pathlib
 
@@ -30,12 +31,13 @@ def test_notebook_executes_on_digits(tmp_path):
     params[0].source = (
         'DATASET = "digits"\nTINY = True\nINSTALL = False\nREPO = ""\n'
         f"RUN_DIR = {str(tmp_path / 'run')!r}\n"
-        # The relabeling cell runs too: reject region 0 and relabel region 1 as class "1".
+        # The relabeling cell runs too: reject the first error region, relabel the second "1".
     )
+    first_two = '[r["id"] for r in report["regions"] if r["error_region"]][:2]'
     for cell in nb.cells:
         if cell.source.startswith("MY_LABELS = {}"):
             cell.source = cell.source.replace(
-                "MY_LABELS = {}", 'MY_LABELS = {0: "skip", 1: "1"}', 1
+                "MY_LABELS = {}", f'MY_LABELS = dict(zip({first_two}, ["skip", "1"]))', 1
             )
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     client = nbclient.NotebookClient(
@@ -51,4 +53,6 @@ def test_notebook_executes_on_digits(tmp_path):
     assert "samples/s" in outputs  # the benchmark cell ran
     assert (tmp_path / "run" / "report.json").exists()
     labels = (tmp_path / "run" / "label" / "labels.csv").read_text()
-    assert "\n0,skip," in labels
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    first = next(r["id"] for r in report["regions"] if r["error_region"])
+    assert f"\n{first},skip," in labels

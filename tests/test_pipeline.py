@@ -69,22 +69,36 @@ def test_full_run_report_and_resume(finished, tmp_path):
     for rec in report["regions"]:
         assert set(rec) == set(typing.get_type_hints(report_lib.RegionReport))
     assert report["num_errors_found"] > 0 and report["num_regions"] >= 1
-    assert report["num_regions_labeled"] == report["num_regions"]  # source labeler
+    # Every error region is labeled (source labeler); the others are listed, never offered.
+    errors = [r for r in report["regions"] if r["error_region"]]
+    others = [r for r in report["regions"] if not r["error_region"]]
+    assert errors and report["num_regions_labeled"] == len(errors)
+    assert report["num_non_error_regions"] == len(others)
+    assert report["num_codes_in_non_error_regions"] == sum(r["num_codes"] for r in others)
+    assert all(r["error_rate"] >= 0.5 for r in errors)
+    assert all(r["error_rate"] < 0.5 and r["label"] is None for r in others)
+    assert all(0.0 < r["purity"] <= 1.0 for r in report["regions"])
     for key in ("test_accuracy_before", "test_accuracy_after", "region_accuracy_before",
                 "region_accuracy_after"):  # fmt: skip
         assert 0.0 <= report[key] <= 1.0
     assert set(report["stage_seconds"]) >= {"train", "search", "distill", "label", "correct"}
     for rec in report["regions"]:
         assert os.path.exists(os.path.join(run_dir, rec["grid"]))
-        assert rec["accuracy_before"] is not None and rec["accuracy_after"] is not None
+        labeled = rec["error_region"]  # region accuracy covers the labeled regions only
+        assert (
+            (rec["accuracy_before"] is not None) == labeled == (rec["accuracy_after"] is not None)
+        )
     assert os.path.exists(os.path.join(run_dir, "report.md"))
     assert os.path.exists(os.path.join(run_dir, "plots", "latent_pca.png"))
     labels = labeling.read_labels(
         os.path.join(run_dir, "label", "labels.csv"),
-        region_ids=[r["id"] for r in report["regions"]],
+        region_ids=[r["id"] for r in errors],
         class_names=report["class_names"],
     )
-    assert labels == {r["id"]: r["majority_source_label"] for r in report["regions"]}
+    assert labels == {r["id"]: r["majority_source_label"] for r in errors}
+    assert labeling.listed_regions(os.path.join(run_dir, "label", "labels.csv")) == [
+        r["id"] for r in errors
+    ]  # the others are not offered
 
     # The same command again redoes nothing, and returns the report.
     logs.clear()
@@ -142,13 +156,11 @@ def test_manual_labels_all_skipped_skips_correction(trained, tmp_path):
     assert answers and all(v is None for v in answers.values())
     pipeline.run(run_dir, manual, log=lambda s: None)
     report = _report(run_dir)
-    assert (
-        report["num_regions_labeled"] == 0
-        and report["num_regions_skipped"] == report["num_regions"]
-    )
+    offered = report["num_regions"] - report["num_non_error_regions"]
+    assert report["num_regions_labeled"] == 0 and report["num_regions_skipped"] == offered
     assert report["correction"]["skipped"] and report["region_accuracy_after"] is None
     # The person's answers survive a rerun of the label stage.
-    ids = [r["id"] for r in report["regions"]]
+    ids = [r["id"] for r in report["regions"] if r["error_region"]]
     labels = labeling.read_labels(path, region_ids=ids, class_names=report["class_names"])
     assert labels == answers
     # A labels file that lost rows (as a truncated one does) is not trusted, nor moved away from
@@ -245,3 +257,30 @@ def test_a_damaged_output_is_moved_aside_and_its_stage_redone(finished, tmp_path
         pipeline.run(run_dir, TINY, until=after, log=logs.append)
         assert logs[len(upstream) + 1].startswith(f"[{after}] {stage} was redone: previous outputs")
         assert logs[len(upstream) + 2] == f"[{after}] running"
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5])
+def test_min_error_rate_outside_the_unit_interval_is_a_clear_error(value):
+    with pytest.raises(ValueError, match=r"min_error_rate.*must lie in \[0, 1\]"):
+        DistillConfig(min_error_rate=value)
+
+
+def test_region_purity_and_error_regions():
+    """Purity is the share of a region's codes with its most common (source, predicted) pair;
+    regions whose fresh samples the classifier mostly gets right are not error regions."""
+    import numpy as np
+
+    from defuse_jax.regions import distill, is_error_region
+
+    rng = np.random.default_rng(0)
+    codes = np.concatenate([rng.normal(size=(60, 2)) * 0.1, rng.normal(size=(60, 2)) * 0.1 + 5])
+    source = np.array([1] * 60 + [2] * 60)
+    pred = np.array([7] * 45 + [8] * 15 + [3] * 60)  # region near 0: 45 of 60 are 1 -> 7
+    cfg = DistillConfig(method="gmm", n_components=2, max_iter=50, min_codes=5, error_samples=64)
+    # The classifier on fresh samples: wrong around the origin, right around (5, 5).
+    regions = distill(codes, source, pred, num_classes=10, config=cfg,
+                      predict_fn=lambda z: np.where(np.asarray(z)[:, 0] < 2.5, 7, 2))  # fmt: skip
+    by_source = {r["majority_source_label"]: r for r in regions.records}
+    assert by_source[1]["purity"] == pytest.approx(45 / 60) and by_source[2]["purity"] == 1.0
+    assert is_error_region(by_source[1]) and by_source[1]["error_rate"] == 1.0
+    assert not is_error_region(by_source[2]) and by_source[2]["error_rate"] == 0.0

@@ -43,6 +43,8 @@ def _region(rid, num_codes, src, pred, *, label=None, skipped=False, before=None
         "source_label_counts": counts_src,
         "pred_label_counts": counts_pred,
         "error_rate": 0.875 if not skipped else None,
+        "purity": 0.75,
+        "error_region": True,
         "label": label,
         "label_name": None if label is None else NAMES[label],
         "skipped": skipped,
@@ -159,9 +161,9 @@ def test_full_report(tmp_path):
     assert "| Region accuracy (held-out region samples) | 12.5% | 93.8% | +81.2 pp |" in md
     assert "| Accuracy on the found error codes | 0.0% | 81.0% | +81.0 pp |" in md
     # Per-region rows, in the given order, with class names, labels and accuracies.
-    assert "| 3 | 120 | 0.600 | 6 -> 1 | 87.5% | 6 | 12.5% -> 93.8% |" in md
-    assert "| 0 | 50 | 0.250 | 4 -> 9 | n/a | skipped | n/a |" in md
-    assert "| 7 | 30 | 0.150 | 2 -> 7 | 87.5% | 2 | n/a -> n/a |" in md
+    assert "| 3 | 120 | 0.600 | 6 -> 1 | 75.0% | 87.5% | 6 | 12.5% -> 93.8% |" in md
+    assert "| 0 | 50 | 0.250 | 4 -> 9 | 75.0% | n/a | skipped | n/a |" in md
+    assert "| 7 | 30 | 0.150 | 2 -> 7 | 75.0% | 87.5% | 2 | n/a -> n/a |" in md
     assert md.index("| 3 | 120") < md.index("| 0 | 50") < md.index("| 7 | 30")
     for rid in (3, 0, 7):
         assert f"![region {rid}](label/region_{rid:03d}.png)" in md
@@ -284,8 +286,8 @@ def test_no_labeled_regions(tmp_path):
     assert data["plots"] == {}
     assert "**No region is labeled**" in md
     assert "Correction was skipped: every region was skipped." in md
-    assert "| 1 | 40 | 0.200 | 3 -> 5 | n/a | skipped | n/a |" in md
-    assert "| 2 | 20 | 0.100 | 8 -> 3 | 87.5% | unlabeled | n/a |" in md
+    assert "| 1 | 40 | 0.200 | 3 -> 5 | 75.0% | n/a | skipped | n/a |" in md
+    assert "| 2 | 20 | 0.100 | 8 -> 3 | 75.0% | 87.5% | unlabeled | n/a |" in md
     assert "## Plots" not in md
 
 
@@ -307,7 +309,10 @@ def test_class_names_and_missing_grid(tmp_path):
     _assert_png(paths["latent_pca"])
     _assert_png(paths["region_accuracy"])
     _, md = _read(paths)
-    row = "| 0 | 10 | 0.050 | not\\|smiling -> smiling | 87.5% | not\\|smiling | 0.0% -> 100.0% |"
+    row = (
+        "| 0 | 10 | 0.050 | not\\|smiling -> smiling | 75.0% | 87.5% | not\\|smiling "
+        "| 0.0% -> 100.0% |"
+    )
     assert row in md
     assert "![region 0]" not in md
 
@@ -357,3 +362,21 @@ def test_pca_2d():
     )
     proj1, explained1 = pca_2d(rng.normal(size=(5, 1)))
     assert proj1.shape == (5, 2) and np.all(proj1[:, 1] == 0) and explained1[1] == 0
+
+
+def test_regions_below_the_error_threshold_are_listed_apart(tmp_path):
+    """Every region not an error region: listed apart, counted, and the report still renders."""
+    quiet = [{**_region(rid, n, 4, 4), "error_rate": 0.1, "error_region": False}
+             for rid, n in ((1, 40), (2, 20))]  # fmt: skip
+    report = _report(
+        regions=quiet, num_regions=2, num_non_error_regions=2, num_codes_in_non_error_regions=60,
+        num_regions_labeled=0, num_regions_skipped=0, region_accuracy_before=None,
+        region_accuracy_after=None,
+    )  # fmt: skip
+    codes, assignment = _codes(2)
+    _, md = _read(write_report(str(tmp_path), report, codes=codes, assignment=assignment))
+    assert "2 regions (60 error codes) are **not error regions**" in md
+    assert "**Error regions**" not in md
+    assert md.index("**Not error regions") < md.index("| 1 | 40 | 0.200 | 4 -> 4 |")
+    assert "| 75.0% | 10.0% | not an error region | n/a |" in md
+    assert "| Test accuracy | 95.0% | 94.4% | -0.6 pp |" in md  # still evaluated
