@@ -235,10 +235,11 @@ def test_a_damaged_output_is_moved_aside_and_its_stage_redone(finished, tmp_path
     assert os.path.basename(kept).startswith(f"{stage}-")
     if rel == "label/labels.csv":
         # The labels file is a person's: not moved (only the stage's record is), but rewritten
-        # with every answer it held and a row for every region.
+        # with every answer it held and a row for every error region.
         assert os.listdir(kept) == ["stage.json"]
         with open(os.path.join(finished[0], "report.json")) as f:
-            assert sorted(_load(path)) == list(range(json.load(f)["num_regions"]))
+            offered = [r["id"] for r in json.load(f)["regions"] if r["error_region"]]
+        assert sorted(_load(path)) == offered
     else:
         # What was damaged is kept under stale/, as it was.
         inside = rel.split("/", 1)[1] if rel.startswith(f"{stage}/") else rel
