@@ -146,20 +146,6 @@ def build_models(kind: str, dtype: str = "float32"):
     return decode_fn, classify_fn, vae, clf
 
 
-def _timeit(fn, repeats: int) -> float:
-    """Best wall time of `fn()` (which must block until its result is ready)."""
-    t = time.perf_counter()
-    fn()  # warm-up / compile
-    if time.perf_counter() - t > 5.0:
-        repeats = 1
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def _sources(decode_fn, classify_fn, n: int, seed: int = 0, dtype: str = "float32"):
     """n random latent codes and the labels the classifier gives them in `dtype` (so no source
     is skipped)."""
@@ -173,38 +159,28 @@ def _sources(decode_fn, classify_fn, n: int, seed: int = 0, dtype: str = "float3
 # measurements
 
 
-def matmul_gflops(repeats: int, n: int = 2048, *, dtype=jnp.float32, precision=None) -> float:
-    """An n x n matmul's rate; `precision=None` is the backend default (TF32 on a GPU)."""
-    a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x: jnp.matmul(x, x, precision=precision))
-    t = _timeit(lambda: f(a).block_until_ready(), repeats)
-    return 2.0 * n**3 / t / 1e9
-
-
 def forward_ceiling(decode_fn, classify_fn, batches, repeats: int, dtype: str = "float32") -> dict:
     """Bare decode + classify + argmax at each batch size in `dtype`, the batch sharded over all
-    devices like the engine's chains; FLOPs/sample from XLA's cost analysis."""
+    devices like the engine's chains; FLOPs and bytes per sample from XLA's cost analysis at the
+    best batch."""
     fwd = jax.jit(lambda z: jnp.argmax(classify_fn(decode_fn(z.astype(dtype))), axis=-1))
     devices = jax.devices()
     sharding = NamedSharding(Mesh(np.asarray(devices), ("b",)), P("b"))
-    rows, flops = [], None
+    rows = []
     for b in batches:
         b = -(-b // len(devices)) * len(devices)
         z = jax.random.normal(jax.random.key(0), (b, LATENT_DIM), jnp.float32)
         z = jax.device_put(z, sharding)
-        if flops is None:  # of an unsharded compile: a sharded one reports one device's share
-            spec = jax.ShapeDtypeStruct((b, LATENT_DIM), jnp.float32)
-            cost = fwd.lower(spec).compile().cost_analysis()
-            cost = cost[0] if isinstance(cost, list | tuple) else cost
-            flops = float(cost.get("flops", float("nan"))) / b
-        t = _timeit(lambda z=z: fwd(z).block_until_ready(), repeats)
+        t = roofline.best_time(lambda z=z: fwd(z).block_until_ready(), repeats)
         rows.append({"batch": b, "samples_per_s": b / t})
     best = max(rows, key=lambda r: r["samples_per_s"])
+    cost = roofline.xla_forward_cost(fwd, best["batch"], LATENT_DIM)
     return {
         "by_batch": rows,
         "best_batch": best["batch"],
         "best_samples_per_s": best["samples_per_s"],
-        "flops_per_sample": flops,
+        "flops_per_sample": cost["flops"],
+        "cost": cost,
     }
 
 
@@ -223,7 +199,9 @@ def engine_throughput(
     cfg = _config(q, chunk, dtype)
     key = jax.random.key(0)
     res = latent_search(decode_fn, classify_fn, z0, y0, key=key, config=cfg)
-    t = _timeit(lambda: latent_search(decode_fn, classify_fn, z0, y0, key=key, config=cfg), repeats)
+    t = roofline.best_time(
+        lambda: latent_search(decode_fn, classify_fn, z0, y0, key=key, config=cfg), repeats
+    )
     return {
         "chains": n * q,
         "sources": n,
@@ -304,7 +282,7 @@ def reference_jax_loop(decode_fn, classify_fn, q: int, points: int, keep: int = 
             kept.append(z[bad[np.argsort(norm[bad])[:keep]]])
         return kept
 
-    t = _timeit(loop, 3)
+    t = roofline.best_time(loop, 3)
     return {"q": q, "points": points, "seconds": t, "samples_per_s": points * q / t}
 
 
@@ -417,7 +395,7 @@ def _torch_loop_once(vae, clf, kind: str, q: int, points: int, keep: int) -> dic
                 kept.append(zs[bad[np.argsort(norm[bad])[:keep]]])
         return kept
 
-    t = _timeit(loop, 3)
+    t = roofline.best_time(loop, 3)
     return {
         "q": q,
         "points": points,
@@ -453,7 +431,7 @@ def compare_modes(decode_fn, classify_fn, z0, y0, budget: int, repeats: int) -> 
         cfg = dataclasses.replace(cfg, max_keep_per_source=None, chunk_size=1024)
         key = jax.random.key(0)
         res = latent_search(decode_fn, classify_fn, z0, y0, key=key, config=cfg)
-        t = _timeit(
+        t = roofline.best_time(
             lambda cfg=cfg, key=key: latent_search(
                 decode_fn, classify_fn, z0, y0, key=key, config=cfg
             ),
@@ -498,7 +476,9 @@ def trained_digits(run_dir: str, repeats: int) -> dict:
     cfg = SearchConfig()
     key = jax.random.key(0)
     cold = latent_search(decode_fn, classify_fn, z0, y0, key=key, config=cfg)
-    warm = _timeit(lambda: latent_search(decode_fn, classify_fn, z0, y0, key=key, config=cfg), 3)
+    warm = roofline.best_time(
+        lambda: latent_search(decode_fn, classify_fn, z0, y0, key=key, config=cfg), 3
+    )
     out["default_search"] = {
         "config": dataclasses.asdict(cfg),
         "first_call_s": cold.wall_time_s,
@@ -639,7 +619,7 @@ def bench_model(kind: str, dtype: str, args, *, references: bool) -> dict:
     out["engine_fraction_of_forward"] = engine_best / fwd["best_samples_per_s"]
     best_row = max(_measured(sweep), key=lambda r: r["samples_per_s"])
     out["flips_per_sample"] = best_row["flips"] / best_row["chains"]
-    cost = roofline.forward_cost(decode_fn, classify_fn, fwd["best_batch"], LATENT_DIM, dtype)
+    cost = fwd["cost"]
     out["roofline"] = {
         "engine": roofline.roofline(engine_best, cost, args.peaks, dtype),
         "forward": roofline.roofline(fwd["best_samples_per_s"], cost, args.peaks, dtype),
@@ -785,9 +765,9 @@ def run(args: argparse.Namespace) -> dict:
         "devices": [str(d) for d in jax.devices()],
         "cpu_count": os.cpu_count(),
         "jax": jax.__version__,
-        "matmul_2048_gflops_per_s": matmul_gflops(repeats, precision="highest"),
-        "matmul_2048_default_precision_gflops_per_s": matmul_gflops(repeats),
-        "matmul_2048_bf16_gflops_per_s": matmul_gflops(repeats, dtype=jnp.bfloat16),
+        "matmul_2048_gflops_per_s": roofline.matmul_gflops(repeats, precision="highest"),
+        "matmul_2048_default_precision_gflops_per_s": roofline.matmul_gflops(repeats),
+        "matmul_2048_bf16_gflops_per_s": roofline.matmul_gflops(repeats, dtype=jnp.bfloat16),
         "models": [],
     }
     print(
