@@ -119,3 +119,28 @@ def evaluate_classifier(
         out["error_code_accuracy"] = None
     out["num_error_codes_labeled"] = int(mask.sum())
     return out
+
+
+def confirmed_error_regions(
+    per_region_before: Mapping[int, float], *, min_error_rate: float
+) -> list[int]:
+    """Labeled regions that are errors under their own label, not just under the source label.
+
+    A region is offered for labeling because the classifier disagrees with its codes' source
+    label. Once labeled, the label is the truth: where the classifier already gets at least
+    1 - `min_error_rate` of the region's held-out samples right under that label (the labeler
+    sided with the classifier), the region is no bug, and counting it would flatter region
+    accuracy both before and after.
+
+    Args:
+        per_region_before: {region id: accuracy of the original classifier under its label}.
+        min_error_rate: the distill stage's threshold (`DistillConfig.min_error_rate`).
+    """
+    return sorted(
+        int(i) for i, acc in per_region_before.items() if 1.0 - acc >= min_error_rate - 1e-12
+    )
+
+
+def region_accuracy(per_region: Mapping[int, float], ids: list[int]) -> float | None:
+    """Mean accuracy over the regions `ids` (None when there are none)."""
+    return float(np.mean([per_region[i] for i in ids])) if ids else None

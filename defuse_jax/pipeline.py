@@ -31,7 +31,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from defuse_jax import evaluation, identification
+from defuse_jax import evaluation, identification, region_overlap
 from defuse_jax import report as report_lib
 from defuse_jax import train_models as tm
 from defuse_jax.correction import fine_tune
@@ -133,10 +133,14 @@ def stage_correct(ctx: Context) -> dict[str, Any]:
         return {"skipped": True, "reason": msg}
     ds = ctx.dataset
     t0 = time.perf_counter()
+    regions = load_regions(ctx.path("distill"))
+    overlap = region_overlap.overlap_summary(
+        regions, labels, tau=cfg.tau, key=jax.random.fold_in(jax.random.key(cfg.seed), 2)
+    )
     params, history = fine_tune(
         ctx.model("classifier"),
         ctx.model("vae"),
-        load_regions(ctx.path("distill")),
+        regions,
         labels,
         x_train=ds.x_train,
         y_train=ds.y_train,
@@ -147,7 +151,8 @@ def stage_correct(ctx: Context) -> dict[str, Any]:
     ctx._models["corrected"] = params
     ctx.log(f"correct: fine-tuned on {len(labels)} labeled regions (lambda={cfg.lam})")
     return {"skipped": False, "reason": None, "num_regions": len(labels),
-            "seconds": time.perf_counter() - t0, "history": history}  # fmt: skip
+            "seconds": time.perf_counter() - t0, "history": history,
+            "overlap": {str(k): v for k, v in overlap.items()}}  # fmt: skip
 
 
 def stage_evaluate(ctx: Context) -> report_lib.Report:
@@ -201,6 +206,15 @@ def build_report(ctx: Context) -> report_lib.Report:
         before if correct_summary["skipped"]
         else evaluation.evaluate_classifier(ctx.model("corrected"), vae, **common)
     )  # fmt: skip
+    # Region accuracy counts the regions that are errors under their label (not those where
+    # the labeler sided with the classifier).
+    confirmed = evaluation.confirmed_error_regions(
+        before["per_region"], min_error_rate=ctx.config.distill.min_error_rate
+    )
+    before, after = (
+        {**ev, "region_accuracy": evaluation.region_accuracy(ev["per_region"], confirmed)}
+        for ev in (before, after)
+    )
     search = read_json(ctx.path("search", "summary.json"))
     if search["num_errors_found"] == 0:
         ctx.messages.append(
@@ -227,12 +241,15 @@ def build_report(ctx: Context) -> report_lib.Report:
             reason=correct_summary.get("reason"),
             lam=ctx.config.correct.lam,
             epochs=ctx.config.correct.epochs,
+            resolve_overlap=ctx.config.correct.resolve_overlap,
             seconds=correct_summary.get("seconds"),
         ),
         stage_seconds=stage_seconds,
         devices={"backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()]},
         messages=ctx.messages,
         config=dataclasses.asdict(ctx.config),
+        confirmed=confirmed,
+        overlap={int(k): v for k, v in correct_summary.get("overlap", {}).items()},
     )
     report_lib.write_report(ctx.run_dir, report, codes=errors["z"], assignment=regions.assignment)
     pct = report_lib.pct

@@ -54,7 +54,7 @@ class RunConfig:
     max_sources: int | None = None
     search: SearchConfig = DEFAULT_SEARCH
     distill: DistillConfig = DistillConfig()
-    labeler: Literal["source", "oracle", "manual"] = "source"
+    labeler: Literal["source", "oracle", "manual"] = "oracle"
     grid_samples: int = 16
     correct: CorrectConfig = CorrectConfig()
     eval: EvalConfig = EvalConfig()

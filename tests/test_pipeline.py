@@ -69,7 +69,8 @@ def test_full_run_report_and_resume(finished, tmp_path):
     for rec in report["regions"]:
         assert set(rec) == set(typing.get_type_hints(report_lib.RegionReport))
     assert report["num_errors_found"] > 0 and report["num_regions"] >= 1
-    # Every error region is labeled (source labeler); the others are listed, never offered.
+    # Every error region is labeled (by the default labeler, the oracle); the others are
+    # listed, never offered.
     errors = [r for r in report["regions"] if r["error_region"]]
     others = [r for r in report["regions"] if not r["error_region"]]
     assert errors and report["num_regions_labeled"] == len(errors)
@@ -78,24 +79,35 @@ def test_full_run_report_and_resume(finished, tmp_path):
     assert all(r["error_rate"] >= 0.5 for r in errors)
     assert all(r["error_rate"] < 0.5 and r["label"] is None for r in others)
     assert all(0.0 < r["purity"] <= 1.0 for r in report["regions"])
-    for key in ("test_accuracy_before", "test_accuracy_after", "region_accuracy_before",
-                "region_accuracy_after"):  # fmt: skip
+    for key in ("test_accuracy_before", "test_accuracy_after"):
         assert 0.0 <= report[key] <= 1.0
     assert set(report["stage_seconds"]) >= {"train", "search", "distill", "label", "correct"}
     for rec in report["regions"]:
         assert os.path.exists(os.path.join(run_dir, rec["grid"]))
-        labeled = rec["error_region"]  # region accuracy covers the labeled regions only
+        labeled = rec["error_region"]  # only error regions are labeled and evaluated
         assert (
             (rec["accuracy_before"] is not None) == labeled == (rec["accuracy_after"] is not None)
         )
+        # A labeled region counts as an error under its label when the classifier gets at most
+        # half of its held-out samples right under that label.
+        assert rec["confirmed_error"] == (1 - rec["accuracy_before"] >= 0.5 if labeled else None)
+        assert rec["overlaps_with"] == [] or rec["contested"] is not None
+    confirmed = [r for r in errors if r["confirmed_error"]]
+    assert report["num_regions_confirmed"] == len(confirmed)
+    for when in ("before", "after"):
+        want = np.mean([r[f"accuracy_{when}"] for r in confirmed]) if confirmed else None
+        assert report[f"region_accuracy_{when}"] == pytest.approx(want)
     assert os.path.exists(os.path.join(run_dir, "report.md"))
     assert os.path.exists(os.path.join(run_dir, "plots", "latent_pca.png"))
+    assert os.path.exists(os.path.join(run_dir, "label", "oracle", "config.json"))
+    labels_csv = os.path.join(run_dir, "label", "labels.csv")
     labels = labeling.read_labels(
-        os.path.join(run_dir, "label", "labels.csv"),
-        region_ids=[r["id"] for r in errors],
-        class_names=report["class_names"],
+        labels_csv, region_ids=[r["id"] for r in errors], class_names=report["class_names"]
     )
-    assert labels == {r["id"]: r["majority_source_label"] for r in errors}
+    assert labels == {r["id"]: r["label"] for r in errors}
+    assert all(0 <= v < len(report["class_names"]) for v in labels.values())
+    with open(labels_csv) as f:
+        assert all(line.rstrip().endswith(",oracle") for line in f.readlines()[1:])
     assert labeling.listed_regions(os.path.join(run_dir, "label", "labels.csv")) == [
         r["id"] for r in errors
     ]  # the others are not offered

@@ -380,3 +380,51 @@ def test_regions_below_the_error_threshold_are_listed_apart(tmp_path):
     assert md.index("**Not error regions") < md.index("| 1 | 40 | 0.200 | 4 -> 4 |")
     assert "| 75.0% | 10.0% | not an error region | n/a |" in md
     assert "| Test accuracy | 95.0% | 94.4% | -0.6 pp |" in md  # still evaluated
+
+
+def _assemble(per_before, per_after, *, answers, confirmed, overlap=None):
+    from defuse_jax.report import assemble
+
+    records = [_region(rid, 10 * (rid + 1), 4, 9) for rid in sorted(answers)]
+    search = {k: 1 for k in ("num_sources", "num_sources_used", "num_sources_skipped",
+                             "num_samples_evaluated", "num_errors_found", "num_flips")}  # fmt: skip
+    ev = lambda per: {"test_accuracy": 0.9, "region_accuracy": None, "per_region": per,  # noqa: E731
+                      "error_code_accuracy": None}  # fmt: skip
+    return assemble(
+        dataset="digits", class_names=NAMES, search=search, region_records=records,
+        answers=answers, before=ev(per_before), after=ev(per_after),
+        correction={"skipped": False, "reason": None, "lam": 0.01, "epochs": 1,
+                    "resolve_overlap": True, "seconds": 1.0},
+        stage_seconds={}, devices={}, messages=[], config={}, confirmed=confirmed,
+        overlap=overlap,
+    )  # fmt: skip
+
+
+def test_regions_that_end_worse_are_named(tmp_path):
+    report = _assemble(
+        {0: 0.10, 1: 0.60, 2: 0.30}, {0: 0.96, 1: 0.54, 2: 0.26},
+        answers={0: 4, 1: 4, 2: 4}, confirmed=[0, 2],
+    )  # fmt: skip
+    assert report["regions_worse_after"] == [1]  # -6 pt; region 2's -4 pt is within the bound
+    assert report["num_regions_confirmed"] == 2
+    assert [r["confirmed_error"] for r in report["regions"]] == [True, False, True]
+    _, md = _read(write_report(str(tmp_path), report, codes=np.zeros((0, 2)),
+                               assignment=np.zeros(0, np.int32)))  # fmt: skip
+    assert "**1 labeled regions ended more than 5% worse than they started** (1)." in md
+    assert "1 labeled regions got the label the classifier already predicts" in md
+    assert md.index("**Labeled as the classifier predicts") < md.index("| 1 | 20 |")
+
+
+def test_overlapping_regions_are_reported(tmp_path):
+    overlap = {0: {"contested": 0.4, "overlaps": {1: 0.4}}, 1: {"contested": 0.5,
+               "overlaps": {0: 0.5}}, 2: {"contested": 0.0, "overlaps": {}}}  # fmt: skip
+    report = _assemble(
+        {0: 0.1, 1: 0.1, 2: 0.1}, {0: 0.9, 1: 0.9, 2: 0.9},
+        answers={0: 4, 1: 5, 2: 6}, confirmed=[0, 1, 2], overlap=overlap,
+    )  # fmt: skip
+    assert [r["overlaps_with"] for r in report["regions"]] == [[1], [0], []]
+    assert [r["contested"] for r in report["regions"]] == [0.4, 0.5, 0.0]
+    _, md = _read(write_report(str(tmp_path), report, codes=np.zeros((0, 2)),
+                               assignment=np.zeros(0, np.int32)))  # fmt: skip
+    assert "2 labeled regions overlap regions of another label (0, 1)" in md
+    assert "| 40.0% contested (with 1) |" in md and "| none |" in md
