@@ -154,6 +154,30 @@ def test_no_errors_found_gives_a_clear_report(trained, tmp_path):
     assert any("too few to distill" in line for line in logs)
 
 
+def test_every_region_below_the_error_threshold_still_evaluates(trained, tmp_path, monkeypatch):
+    """Regions exist but none is an error region: nothing to label, test accuracy still measured."""
+    real = pipeline.distill
+
+    def quiet_distill(*args, **kwargs):
+        regions = real(*args, **kwargs)
+        for rec in regions.records:  # as if the classifier got every region sample right
+            rec.update(error_rate=0.0, error_region=False)
+        return regions
+
+    monkeypatch.setattr(pipeline, "distill", quiet_distill)
+    run_dir = _copy(trained, tmp_path)
+    pipeline.run(run_dir, dataclasses.replace(TINY, labeler="source"), log=lambda s: None)
+    report = _report(run_dir)
+    assert report["num_regions"] >= 1
+    assert report["num_non_error_regions"] == report["num_regions"]
+    assert report["num_regions_labeled"] == 0 and report["correction"]["skipped"]
+    assert report["region_accuracy_before"] is None and report["region_accuracy_after"] is None
+    assert 0.5 < report["test_accuracy_before"] == report["test_accuracy_after"] <= 1.0
+    with open(os.path.join(run_dir, "report.md")) as f:
+        md = f.read()
+    assert "are **not error regions**" in md and "**No region is labeled**" in md
+
+
 def test_manual_labels_all_skipped_skips_correction(trained, tmp_path):
     run_dir = _copy(trained, tmp_path)
     manual = dataclasses.replace(TINY, labeler="manual")
