@@ -31,7 +31,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from defuse_jax import evaluation, identification
+from defuse_jax import evaluation, identification, label_validity
 from defuse_jax import report as report_lib
 from defuse_jax import train_models as tm
 from defuse_jax.correction import fine_tune
@@ -173,7 +173,8 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
               "train/classifier/config.json", "train/classifier/history.json"),
     "search": ("search/errors.npz", "search/summary.json"),
     "distill": ("distill/regions.npz", "distill/regions.json"),
-    "label": ("label/region_*.png", "label/oracle/config.json", "label/oracle/history.json"),
+    "label": ("label/region_*.png", "label/oracle/config.json", "label/oracle/history.json",
+              "label/oracle_check.json"),
     "correct": ("correct/classifier/config.json",),
     "evaluate": ("report.json", "report.md", "plots/*.png"),
 }  # fmt: skip
@@ -201,6 +202,7 @@ def build_report(ctx: Context) -> report_lib.Report:
         before if correct_summary["skipped"]
         else evaluation.evaluate_classifier(ctx.model("corrected"), vae, **common)
     )  # fmt: skip
+    oracle = _oracle_agreement(ctx, regions, labels) if ctx.config.uses_oracle else None
     search = read_json(ctx.path("search", "summary.json"))
     if search["num_errors_found"] == 0:
         ctx.messages.append(
@@ -222,6 +224,7 @@ def build_report(ctx: Context) -> report_lib.Report:
         answers=answers,
         before=before,
         after=after,
+        oracle=oracle,
         correction=report_lib.CorrectionReport(
             skipped=correct_summary["skipped"],
             reason=correct_summary.get("reason"),
@@ -242,6 +245,25 @@ def build_report(ctx: Context) -> report_lib.Report:
         f"{pct(report['region_accuracy_before'])} -> {pct(report['region_accuracy_after'])}"
     )
     return report_lib.read_report(ctx.run_dir)
+
+
+def _oracle_agreement(
+    ctx: Context, regions: Regions, labels: Mapping[int, int]
+) -> label_validity.AgreementCheck:
+    """The oracle (trained by the label stage) against the final labels, on the held-out region
+    samples region accuracy is measured on. With no labeled region (the label stage then
+    trains no oracle when there is no region at all) nothing is checked."""
+    history = ctx.path("label", "oracle", "history.json")
+    test = read_json(history)["test"]["accuracy"] if os.path.exists(history) else None
+    votes = (
+        evaluation.heldout_predictions(
+            ctx.model("oracle"), ctx.model("vae"), regions=regions, region_ids=list(labels),
+            config=ctx.config.eval,
+        )
+        if labels
+        else {}
+    )  # fmt: skip
+    return label_validity.agreement_check(votes, labels, oracle_test_accuracy=test)
 
 
 def run(

@@ -25,6 +25,7 @@ from typing import Any, Final, TypedDict
 
 import numpy as np
 
+from defuse_jax import label_validity
 from defuse_jax.files import atomic_write
 from defuse_jax.plots import plt
 from defuse_jax.run_config import STAGES
@@ -49,6 +50,10 @@ class RegionReport(TypedDict):
     skipped: bool  # the labeler rejected the region
     accuracy_before: float | None  # on held-out region samples (labeled regions only)
     accuracy_after: float | None
+    oracle_label: int | None  # the oracle's majority vote on them (labeled regions; None: no
+    # oracle in the run, `RunConfig.oracle_check`)
+    oracle_agreement: float | None  # share of them the oracle classifies as `label`
+    ambiguous: bool  # oracle_agreement < label_validity.AMBIGUOUS_BELOW (False: not checked)
     grid: str  # the sample grid, relative to the run directory
 
 
@@ -82,6 +87,10 @@ class _ReportRequired(TypedDict):
     region_accuracy_after: float | None
     error_code_accuracy_before: float | None  # on the found codes, by their region's label
     error_code_accuracy_after: float | None
+    oracle_agreement: float | None  # mean over labeled regions of the oracle's agreement with
+    # the label on held-out region samples (None: no oracle, or nothing labeled)
+    oracle_test_accuracy: float | None  # the oracle's own test accuracy (None: no oracle)
+    num_ambiguous_regions: int  # labeled regions where the oracle disagrees on most samples
     regions: list[RegionReport]
     correction: CorrectionReport
     stage_seconds: dict[str, float]  # wall time of each finished stage before evaluate
@@ -110,6 +119,7 @@ def assemble(
     answers: Mapping[int, int | None],
     before: Mapping[str, Any],
     after: Mapping[str, Any],
+    oracle: label_validity.AgreementCheck | None = None,
     correction: CorrectionReport,
     stage_seconds: Mapping[str, float],
     devices: Mapping[str, Any],
@@ -124,6 +134,8 @@ def assemble(
       region_records: distill/regions.json's records (means and covariances are left out).
       answers: {region id: label, or None for skipped} of the answered regions.
       before, after: `evaluation.evaluate_classifier` of the original and corrected models.
+      oracle: the oracle's agreement with the labels (`label_validity.agreement_check`), or
+        None when the run has no oracle.
       correction: what the correction did.
       stage_seconds: wall time per stage; devices: backend and devices; messages: notes.
       config: the run's configuration as a dict.
@@ -133,6 +145,7 @@ def assemble(
     for rec in region_records:
         rid = int(rec["id"])
         label = answers.get(rid)
+        check = (oracle or {}).get("per_region", {}).get(rid)
         regions.append(
             RegionReport(
                 id=rid,
@@ -150,6 +163,9 @@ def assemble(
                 skipped=rid in answers and label is None,
                 accuracy_before=before["per_region"].get(rid),
                 accuracy_after=after["per_region"].get(rid),
+                oracle_label=None if check is None else check["oracle_label"],
+                oracle_agreement=None if check is None else check["agreement"],
+                ambiguous=check is not None and check["ambiguous"],
                 grid=RunDir.grid(rid),
             )
         )
@@ -174,6 +190,9 @@ def assemble(
         region_accuracy_after=after["region_accuracy"],
         error_code_accuracy_before=before["error_code_accuracy"],
         error_code_accuracy_after=after["error_code_accuracy"],
+        oracle_agreement=oracle["agreement"] if oracle else None,
+        oracle_test_accuracy=oracle["oracle_test_accuracy"] if oracle else None,
+        num_ambiguous_regions=oracle["num_ambiguous"] if oracle else 0,
         regions=regions,
         correction=correction,
         stage_seconds=dict(stage_seconds),
@@ -384,7 +403,24 @@ def _summary_lines(report: Mapping[str, Any]) -> list[str]:
             )
         if report["num_regions_labeled"] == 0:
             text += " **No region is labeled**, so the classifier was not corrected."
-    return [text]
+    lines = [text]
+    if report.get("oracle_agreement") is not None:
+        ambiguous = [r["id"] for r in report["regions"] if r.get("ambiguous")]
+        lines += [
+            "",
+            f"Label validity: the oracle classifier (trained separately, test accuracy "
+            f"{pct(report.get('oracle_test_accuracy'))}) agrees with the region labels on "
+            f"{pct(report['oracle_agreement'])} of fresh region samples (mean over the labeled "
+            "regions). "
+            + (
+                "**Ambiguous labeled regions** (it disagrees on most of their samples): "
+                f"{', '.join(map(str, ambiguous))}. Their labels were kept; "
+                "look at their grids before trusting their accuracy."
+                if ambiguous
+                else "No labeled region is ambiguous."
+            ),
+        ]
+    return lines
 
 
 def before_after_table(report: Mapping[str, Any]) -> str:
@@ -436,8 +472,8 @@ def _regions_section(report: Mapping[str, Any]) -> list[str]:
 def _regions_table(regions: Sequence[Mapping[str, Any]], names: Sequence[str]) -> list[str]:
     lines = [
         "| region | codes | weight | source -> predicted | purity | error rate | label "
-        "| accuracy before -> after |",
-        "|---:|---:|---:|---|---:|---:|---|---|",
+        "| oracle agrees | accuracy before -> after |",
+        "|---:|---:|---:|---|---:|---:|---|---|---|",
     ]
     for r in regions:
         flow = (
@@ -452,9 +488,19 @@ def _regions_table(regions: Sequence[Mapping[str, Any]], names: Sequence[str]) -
         lines.append(
             f"| {r['id']} | {r['num_codes']:,} | {float(r['weight']):.3f} | {_cell(flow)} "
             f"| {pct(r.get('purity'))} | {pct(r.get('error_rate'))} "
-            f"| {_cell(_region_label(r, names))} | {acc} |"
+            f"| {_cell(_region_label(r, names))} | {_cell(_oracle_cell(r, names))} | {acc} |"
         )
     return lines
+
+
+def _oracle_cell(region: Mapping[str, Any], names: Sequence[str]) -> str:
+    """'92%', or '12% **ambiguous** (says 7)', or n/a when the label was not checked."""
+    agreement = region.get("oracle_agreement")
+    if agreement is None:
+        return _NA
+    if not region.get("ambiguous"):
+        return pct(agreement)
+    return f"{pct(agreement)} **ambiguous** (says {_class_name(names, region.get('oracle_label'))})"
 
 
 def _timings_section(stage_seconds: Mapping[str, float]) -> list[str]:

@@ -285,3 +285,49 @@ def test_region_purity_and_error_regions():
     assert by_source[1]["purity"] == pytest.approx(45 / 60) and by_source[2]["purity"] == 1.0
     assert is_error_region(by_source[1]) and by_source[1]["error_rate"] == 1.0
     assert not is_error_region(by_source[2]) and by_source[2]["error_rate"] == 0.0
+
+
+def test_oracle_agreement_in_report_labels_file_and_with_a_disagreeing_oracle(finished, tmp_path):
+    """The default run checks every label with the oracle (report, labels file); an oracle
+    that disagrees (the original classifier, wrong on most region samples by construction)
+    flags the regions ambiguous while the source labels stay as they were."""
+    import csv
+
+    from defuse_jax import label_stage, label_validity
+
+    run_dir = _copy(finished[0], tmp_path)
+    report = _report(run_dir)
+    labeled = [r for r in report["regions"] if r["label"] is not None]
+    assert labeled and report["oracle_test_accuracy"] > 0.5
+    agreements = [r["oracle_agreement"] for r in labeled]
+    assert all(0.0 <= a <= 1.0 for a in agreements)
+    assert report["oracle_agreement"] == pytest.approx(np.mean(agreements))
+    assert report["num_ambiguous_regions"] == sum(r["ambiguous"] for r in labeled)
+    assert all(r["ambiguous"] == (r["oracle_agreement"] < 0.5) for r in labeled)
+    assert "oracle agrees" in open(os.path.join(run_dir, "report.md")).read()
+    with open(os.path.join(run_dir, "label", "labels.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert {"oracle", "oracle_agreement", "ambiguous"} <= set(rows[0])
+    saved = json.load(open(os.path.join(run_dir, "label", "oracle_check.json")))["regions"]
+    assert [r["ambiguous"] == "yes" for r in rows] == [
+        saved[r["region_id"]]["ambiguous"] for r in rows
+    ]
+
+    # The classifier itself as the oracle: its agreement with a label on the held-out samples is
+    # exactly the region's accuracy before correction.
+    ctx = pipeline.Context(os.path.abspath(run_dir), TINY, lambda s: None)
+    ctx._models["oracle"] = ctx.model("classifier")
+    report = pipeline.build_report(ctx)
+    labeled = [r for r in report["regions"] if r["label"] is not None]
+    for r in labeled:
+        assert r["oracle_agreement"] == pytest.approx(r["accuracy_before"])
+        assert r["ambiguous"] == (r["accuracy_before"] < label_validity.AMBIGUOUS_BELOW)
+    assert report["num_ambiguous_regions"] >= 1  # error regions: mostly misclassified
+    assert [r["label"] for r in labeled] == [r["majority_source_label"] for r in labeled]
+    # ... and so is the label stage's check against the suggested (source) labels.
+    regions = pipeline.load_regions(ctx.path("distill"))
+    ids = [r["id"] for r in labeled]
+    checks = label_validity.label_check(
+        label_stage.oracle_votes(ctx, regions, ids), {r["id"]: r["label"] for r in labeled}
+    )
+    assert sum(c["ambiguous"] for c in checks.values()) >= 1
