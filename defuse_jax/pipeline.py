@@ -46,8 +46,10 @@ from defuse_jax.label_stage import (  # noqa: F401 - the public API of a run dir
 )
 from defuse_jax.regions import (
     Regions,
+    codes_fitted,
     distill,
     load_regions,
+    resolved_max_codes,
     save_regions,
 )
 from defuse_jax.run_config import STAGES, RunConfig, stage_fingerprints
@@ -120,8 +122,14 @@ def stage_distill(ctx: Context) -> dict[str, Any]:
     )
     save_regions(regions, ctx.path("distill"))
     covered = int((regions.assignment >= 0).sum())
-    ctx.log(f"distill: {regions.num_regions} regions explain {covered} of {n} errors")
-    return {"num_regions": regions.num_regions, "codes_in_regions": covered}
+    # With max_codes=None an accelerator fits every code up to 200,000 (a CPU: 10,000).
+    fitted, cap = codes_fitted(errors["pred_label"], cfg), resolved_max_codes(cfg)
+    ctx.log(
+        f"distill: {regions.num_regions} regions explain {covered} of {n} errors (mixture "
+        f"fitted on {fitted} codes, max_codes {cap})"
+    )
+    return {"num_regions": regions.num_regions, "codes_in_regions": covered,
+            "codes_fitted": fitted, "max_codes": cap}  # fmt: skip
 
 
 def stage_correct(ctx: Context) -> dict[str, Any]:
