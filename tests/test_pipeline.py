@@ -331,3 +331,86 @@ def test_oracle_agreement_in_report_labels_file_and_with_a_disagreeing_oracle(fi
         label_stage.oracle_votes(ctx, regions, ids), {r["id"]: r["label"] for r in labeled}
     )
     assert sum(c["ambiguous"] for c in checks.values()) >= 1
+
+
+def _tree(run_dir):
+    """{relative path: SHA-256} of every file under a directory."""
+    from defuse_jax.files import sha256
+
+    return {
+        os.path.relpath(os.path.join(d, n), run_dir): sha256(os.path.join(d, n))
+        for d, _, names in os.walk(run_dir)
+        for n in names
+    }
+
+
+def test_budget_sweep_reruns_the_stages_per_budget_and_leaves_the_source_run_alone(
+    finished, tmp_path
+):
+    import csv
+
+    from defuse_jax import budget_sweep, cli
+
+    source = finished[0]
+    before = _tree(source)
+    out = str(tmp_path / "budget")
+    assert cli.main(["sweep-budget", "--from", source, "--out", out, "--samples", "4", "32"]) == 0
+    assert _tree(source) == before  # the source run is only read
+    with open(os.path.join(out, "budget.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == list(budget_sweep.COLUMNS)
+    assert [int(r["samples_per_source"]) for r in rows] == [4, 32]
+    small, large = rows
+    assert int(small["samples_evaluated"]) < int(large["samples_evaluated"])
+    assert int(small["flips"]) <= int(large["flips"])
+    for r in rows:
+        report = _report(os.path.join(out, r["run_dir"]))
+        assert int(r["errors_kept"]) == report["num_errors_found"]
+        assert int(r["codes_fitted"]) == report["num_errors_found"]  # all fit under max_codes
+        assert int(r["max_codes"]) == 10_000  # DistillConfig.max_codes=None on a CPU
+        assert float(r["total_s"]) == pytest.approx(
+            sum(float(r[f"{s}_s"]) for s in budget_sweep.TIMED_STAGES)
+        )
+        assert report["config"]["search"]["num_samples"] == int(r["samples_per_source"])
+    # Each point reused the trained models (and the source run's oracle) instead of training.
+    record = json.load(open(os.path.join(out, "samples_4", "train", "stage.json")))
+    assert record == json.load(open(os.path.join(source, "train", "stage.json")))
+    assert os.path.getsize(os.path.join(out, "budget.png")) > 2000
+    data = json.load(open(os.path.join(out, "budget.json")))
+    assert data["samples"] == [4, 32] and data["backend"] == "cpu" and len(data["rows"]) == 2
+
+    # Bad input fails early with what to do.
+    with pytest.raises(ValueError, match="inside the source run"):
+        budget_sweep.run_budget_sweep(source, os.path.join(source, "x"), samples=[4])
+    with pytest.raises(ValueError, match="given twice"):
+        budget_sweep.check_samples([4, 4])
+    with pytest.raises(ValueError, match="Pass --labeler source"):
+        budget_sweep.run_budget_sweep(
+            _manual_copy(source, tmp_path), str(tmp_path / "b2"), samples=[4]
+        )
+    assert budget_sweep.default_samples("cpu") == (10, 100, 1000)
+    assert budget_sweep.default_samples("gpu") == (10, 100, 1000, 10_000)
+
+
+def _manual_copy(source, tmp_path):
+    """A copy of a run whose saved configuration has the manual labeler."""
+    from defuse_jax.run_config import load_run_config
+
+    run_dir = _copy(source, tmp_path / "manual")
+    pipeline.save_run_config(
+        run_dir, dataclasses.replace(load_run_config(run_dir), labeler="manual")
+    )
+    return run_dir
+
+
+def test_the_mixture_takes_every_code_up_to_max_codes():
+    """max_codes=None means 10,000 codes on a CPU and 200,000 on an accelerator; the distill
+    stage reports how many codes its mixture was fitted on."""
+    from defuse_jax.regions import codes_fitted, default_max_codes, resolved_max_codes
+
+    assert default_max_codes("cpu") == 10_000 and default_max_codes("gpu") == 200_000
+    assert resolved_max_codes(DistillConfig()) == default_max_codes()  # tests run on a CPU
+    pred = np.repeat(np.arange(3), [30_000, 5, 1])
+    assert codes_fitted(pred, DistillConfig()) == 10_000
+    assert codes_fitted(pred, DistillConfig(max_codes=None, per_label=True, min_codes=5)) == 10_005
+    assert codes_fitted(pred, DistillConfig(max_codes=200_000)) == 30_006
