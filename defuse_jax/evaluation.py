@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -65,6 +65,25 @@ def heldout_region_codes(
     key = jax.random.fold_in(jax.random.key(config.seed), _HELDOUT_STREAM)
     z = sample_regions(regions, key, config.region_samples, tau=config.tau)
     return z[np.asarray(region_ids, np.int64)]
+
+
+def heldout_predictions(
+    classifier: Params,
+    vae: Params,
+    *,
+    regions: Regions,
+    region_ids: Sequence[int],
+    config: EvalConfig,
+) -> dict[int, np.ndarray]:
+    """A classifier's predictions on the held-out samples of some regions (the samples region
+    accuracy is measured on): {region id: [config.region_samples] classes}."""
+    ids = np.asarray(sorted(int(i) for i in region_ids), np.int64)
+    if len(ids) == 0:
+        return {}
+    z = heldout_region_codes(regions, ids, config=config)
+    r, n, L = z.shape
+    pred = predict(vae, classifier, z.reshape(-1, L)).reshape(r, n)
+    return {int(i): p for i, p in zip(ids, pred, strict=True)}
 
 
 def evaluate_classifier(

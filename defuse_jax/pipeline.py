@@ -31,7 +31,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from defuse_jax import evaluation, identification, region_overlap
+from defuse_jax import evaluation, identification, label_validity, region_overlap
 from defuse_jax import report as report_lib
 from defuse_jax import train_models as tm
 from defuse_jax.correction import fine_tune
@@ -46,8 +46,10 @@ from defuse_jax.label_stage import (  # noqa: F401 - the public API of a run dir
 )
 from defuse_jax.regions import (
     Regions,
+    codes_fitted,
     distill,
     load_regions,
+    resolved_max_codes,
     save_regions,
 )
 from defuse_jax.run_config import STAGES, RunConfig, stage_fingerprints
@@ -120,8 +122,14 @@ def stage_distill(ctx: Context) -> dict[str, Any]:
     )
     save_regions(regions, ctx.path("distill"))
     covered = int((regions.assignment >= 0).sum())
-    ctx.log(f"distill: {regions.num_regions} regions explain {covered} of {n} errors")
-    return {"num_regions": regions.num_regions, "codes_in_regions": covered}
+    # With max_codes=None an accelerator fits every code up to 200,000 (a CPU: 10,000).
+    fitted, cap = codes_fitted(errors["pred_label"], cfg), resolved_max_codes(cfg)
+    ctx.log(
+        f"distill: {regions.num_regions} regions explain {covered} of {n} errors (mixture "
+        f"fitted on {fitted} codes, max_codes {cap})"
+    )
+    return {"num_regions": regions.num_regions, "codes_in_regions": covered,
+            "codes_fitted": fitted, "max_codes": cap}  # fmt: skip
 
 
 def stage_correct(ctx: Context) -> dict[str, Any]:
@@ -178,7 +186,8 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
               "train/classifier/config.json", "train/classifier/history.json"),
     "search": ("search/errors.npz", "search/summary.json"),
     "distill": ("distill/regions.npz", "distill/regions.json"),
-    "label": ("label/region_*.png", "label/oracle/config.json", "label/oracle/history.json"),
+    "label": ("label/region_*.png", "label/oracle/config.json", "label/oracle/history.json",
+              "label/oracle_check.json"),
     "correct": ("correct/classifier/config.json",),
     "evaluate": ("report.json", "report.md", "plots/*.png"),
 }  # fmt: skip
@@ -215,6 +224,7 @@ def build_report(ctx: Context) -> report_lib.Report:
         {**ev, "region_accuracy": evaluation.region_accuracy(ev["per_region"], confirmed)}
         for ev in (before, after)
     )
+    oracle = _oracle_agreement(ctx, regions, labels) if ctx.config.uses_oracle else None
     search = read_json(ctx.path("search", "summary.json"))
     if search["num_errors_found"] == 0:
         ctx.messages.append(
@@ -236,6 +246,7 @@ def build_report(ctx: Context) -> report_lib.Report:
         answers=answers,
         before=before,
         after=after,
+        oracle=oracle,
         correction=report_lib.CorrectionReport(
             skipped=correct_summary["skipped"],
             reason=correct_summary.get("reason"),
@@ -259,6 +270,25 @@ def build_report(ctx: Context) -> report_lib.Report:
         f"{pct(report['region_accuracy_before'])} -> {pct(report['region_accuracy_after'])}"
     )
     return report_lib.read_report(ctx.run_dir)
+
+
+def _oracle_agreement(
+    ctx: Context, regions: Regions, labels: Mapping[int, int]
+) -> label_validity.AgreementCheck:
+    """The oracle (trained by the label stage) against the final labels, on the held-out region
+    samples region accuracy is measured on. With no labeled region (the label stage then
+    trains no oracle when there is no region at all) nothing is checked."""
+    history = ctx.path("label", "oracle", "history.json")
+    test = read_json(history)["test"]["accuracy"] if os.path.exists(history) else None
+    votes = (
+        evaluation.heldout_predictions(
+            ctx.model("oracle"), ctx.model("vae"), regions=regions, region_ids=list(labels),
+            config=ctx.config.eval,
+        )
+        if labels
+        else {}
+    )  # fmt: skip
+    return label_validity.agreement_check(votes, labels, oracle_test_accuracy=test)
 
 
 def run(

@@ -25,6 +25,7 @@ from typing import Any, Final, TypedDict
 
 import numpy as np
 
+from defuse_jax import label_validity
 from defuse_jax.files import atomic_write
 from defuse_jax.plots import plt
 from defuse_jax.run_config import STAGES
@@ -57,6 +58,10 @@ class RegionReport(TypedDict):
     confirmed_error: bool | None
     contested: float | None  # share of its correction samples a region of another label claims
     overlaps_with: list[int]  # labeled regions of another label that claim some of its samples
+    oracle_label: int | None  # the oracle's majority vote on them (labeled regions; None: no
+    # oracle in the run, `RunConfig.oracle_check`)
+    oracle_agreement: float | None  # share of them the oracle classifies as `label`
+    ambiguous: bool  # oracle_agreement < label_validity.AMBIGUOUS_BELOW (False: not checked)
     grid: str  # the sample grid, relative to the run directory
 
 
@@ -94,6 +99,10 @@ class _ReportRequired(TypedDict):
     region_accuracy_after: float | None
     error_code_accuracy_before: float | None  # on the found codes, by their region's label
     error_code_accuracy_after: float | None
+    oracle_agreement: float | None  # mean over labeled regions of the oracle's agreement with
+    # the label on held-out region samples (None: no oracle, or nothing labeled)
+    oracle_test_accuracy: float | None  # the oracle's own test accuracy (None: no oracle)
+    num_ambiguous_regions: int  # labeled regions where the oracle disagrees on most samples
     regions: list[RegionReport]
     correction: CorrectionReport
     stage_seconds: dict[str, float]  # wall time of each finished stage before evaluate
@@ -122,6 +131,7 @@ def assemble(
     answers: Mapping[int, int | None],
     before: Mapping[str, Any],
     after: Mapping[str, Any],
+    oracle: label_validity.AgreementCheck | None = None,
     correction: CorrectionReport,
     stage_seconds: Mapping[str, float],
     devices: Mapping[str, Any],
@@ -138,6 +148,8 @@ def assemble(
       region_records: distill/regions.json's records (means and covariances are left out).
       answers: {region id: label, or None for skipped} of the answered regions.
       before, after: `evaluation.evaluate_classifier` of the original and corrected models.
+      oracle: the oracle's agreement with the labels (`label_validity.agreement_check`), or
+        None when the run has no oracle.
       correction: what the correction did.
       stage_seconds: wall time per stage; devices: backend and devices; messages: notes.
       config: the run's configuration as a dict.
@@ -152,6 +164,7 @@ def assemble(
     for rec in region_records:
         rid = int(rec["id"])
         label = answers.get(rid)
+        check = (oracle or {}).get("per_region", {}).get(rid)
         regions.append(
             RegionReport(
                 id=rid,
@@ -172,6 +185,9 @@ def assemble(
                 confirmed_error=(rid in confirmed) if label is not None else None,
                 contested=overlap.get(rid, {}).get("contested"),
                 overlaps_with=sorted(int(k) for k in overlap.get(rid, {}).get("overlaps", {})),
+                oracle_label=None if check is None else check["oracle_label"],
+                oracle_agreement=None if check is None else check["agreement"],
+                ambiguous=check is not None and check["ambiguous"],
                 grid=RunDir.grid(rid),
             )
         )
@@ -205,6 +221,9 @@ def assemble(
         region_accuracy_after=after["region_accuracy"],
         error_code_accuracy_before=before["error_code_accuracy"],
         error_code_accuracy_after=after["error_code_accuracy"],
+        oracle_agreement=oracle["agreement"] if oracle else None,
+        oracle_test_accuracy=oracle["oracle_test_accuracy"] if oracle else None,
+        num_ambiguous_regions=oracle["num_ambiguous"] if oracle else 0,
         regions=regions,
         correction=correction,
         stage_seconds=dict(stage_seconds),
@@ -442,7 +461,24 @@ def _summary_lines(report: Mapping[str, Any]) -> list[str]:
                 else "the correction trained each sample on its own region's label."
             )
         )
-    return [text]
+    lines = [text]
+    if report.get("oracle_agreement") is not None:
+        ambiguous = [r["id"] for r in report["regions"] if r.get("ambiguous")]
+        lines += [
+            "",
+            f"Label validity: the oracle classifier (trained separately, test accuracy "
+            f"{pct(report.get('oracle_test_accuracy'))}) agrees with the region labels on "
+            f"{pct(report['oracle_agreement'])} of fresh region samples (mean over the labeled "
+            "regions). "
+            + (
+                "**Ambiguous labeled regions** (it disagrees on most of their samples): "
+                f"{', '.join(map(str, ambiguous))}. Their labels were kept; "
+                "look at their grids before trusting their accuracy."
+                if ambiguous
+                else "No labeled region is ambiguous."
+            ),
+        ]
+    return lines
 
 
 def before_after_table(report: Mapping[str, Any]) -> str:
@@ -497,8 +533,8 @@ def _regions_section(report: Mapping[str, Any]) -> list[str]:
 def _regions_table(regions: Sequence[Mapping[str, Any]], names: Sequence[str]) -> list[str]:
     lines = [
         "| region | codes | weight | source -> predicted | purity | error rate | label "
-        "| accuracy before -> after | overlap |",
-        "|---:|---:|---:|---|---:|---:|---|---|---|",
+        "| oracle agrees | accuracy before -> after | overlap |",
+        "|---:|---:|---:|---|---:|---:|---|---|---|---|",
     ]
     for r in regions:
         flow = (
@@ -513,7 +549,8 @@ def _regions_table(regions: Sequence[Mapping[str, Any]], names: Sequence[str]) -
         lines.append(
             f"| {r['id']} | {r['num_codes']:,} | {float(r['weight']):.3f} | {_cell(flow)} "
             f"| {pct(r.get('purity'))} | {pct(r.get('error_rate'))} "
-            f"| {_cell(_region_label(r, names))} | {acc} | {_overlap_cell(r)} |"
+            f"| {_cell(_region_label(r, names))} | {_cell(_oracle_cell(r, names))} | {acc} "
+            f"| {_overlap_cell(r)} |"
         )
     return lines
 
@@ -523,6 +560,14 @@ def _overlap_cell(region: Mapping[str, Any]) -> str:
         return "none" if region.get("contested") is not None else _NA
     ids = ", ".join(map(str, region["overlaps_with"]))
     return f"{pct(region.get('contested'))} contested (with {ids})"
+def _oracle_cell(region: Mapping[str, Any], names: Sequence[str]) -> str:
+    """'92%', or '12% **ambiguous** (says 7)', or n/a when the label was not checked."""
+    agreement = region.get("oracle_agreement")
+    if agreement is None:
+        return _NA
+    if not region.get("ambiguous"):
+        return pct(agreement)
+    return f"{pct(agreement)} **ambiguous** (says {_class_name(names, region.get('oracle_label'))})"
 
 
 def _timings_section(stage_seconds: Mapping[str, float]) -> list[str]:

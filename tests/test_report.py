@@ -29,7 +29,9 @@ REQUIRED = (
 )
 
 
-def _region(rid, num_codes, src, pred, *, label=None, skipped=False, before=None, after=None):
+def _region(
+    rid, num_codes, src, pred, *, label=None, skipped=False, before=None, after=None, oracle=None
+):
     counts_src = [0] * 10
     counts_src[src] = num_codes
     counts_pred = [0] * 10
@@ -50,15 +52,19 @@ def _region(rid, num_codes, src, pred, *, label=None, skipped=False, before=None
         "skipped": skipped,
         "accuracy_before": before,
         "accuracy_after": after,
+        "oracle_label": None if oracle is None else oracle[0],
+        "oracle_agreement": None if oracle is None else oracle[1],
+        "ambiguous": oracle is not None and oracle[1] < 0.5,
         "grid": f"label/region_{rid:03d}.png",
     }
 
 
 def _report(**overrides):
     regions = [
-        _region(3, 120, 6, 1, label=6, before=0.125, after=0.9375),
+        _region(3, 120, 6, 1, label=6, before=0.125, after=0.9375, oracle=(6, 0.875)),
         _region(0, 50, 4, 9, skipped=True),
-        _region(7, 30, 2, 7, label=2),  # labeled, but no held-out accuracy
+        # labeled, but no held-out accuracy; the oracle mostly says 7: ambiguous
+        _region(7, 30, 2, 7, label=2, oracle=(7, 0.25)),
     ]
     report = {
         "dataset": "digits",
@@ -78,6 +84,9 @@ def _report(**overrides):
         "region_accuracy_after": 0.9375,
         "error_code_accuracy_before": 0.0,
         "error_code_accuracy_after": 0.81,
+        "oracle_agreement": 0.5625,
+        "oracle_test_accuracy": 0.98,
+        "num_ambiguous_regions": 1,
         "regions": regions,
         "correction": {"skipped": False, "reason": None, "lam": 0.01, "epochs": 3, "seconds": 4.5},
         "stage_seconds": {
@@ -161,9 +170,15 @@ def test_full_report(tmp_path):
     assert "| Region accuracy (held-out region samples) | 12.5% | 93.8% | +81.2 pp |" in md
     assert "| Accuracy on the found error codes | 0.0% | 81.0% | +81.0 pp |" in md
     # Per-region rows, in the given order, with class names, labels and accuracies.
-    assert "| 3 | 120 | 0.600 | 6 -> 1 | 75.0% | 87.5% | 6 | 12.5% -> 93.8% |" in md
-    assert "| 0 | 50 | 0.250 | 4 -> 9 | 75.0% | n/a | skipped | n/a |" in md
-    assert "| 7 | 30 | 0.150 | 2 -> 7 | 75.0% | 87.5% | 2 | n/a -> n/a |" in md
+    assert "| 3 | 120 | 0.600 | 6 -> 1 | 75.0% | 87.5% | 6 | 87.5% | 12.5% -> 93.8% |" in md
+    assert "| 0 | 50 | 0.250 | 4 -> 9 | 75.0% | n/a | skipped | n/a | n/a |" in md
+    assert (
+        "| 7 | 30 | 0.150 | 2 -> 7 | 75.0% | 87.5% | 2 | 25.0% **ambiguous** (says 7) "
+        "| n/a -> n/a |" in md
+    )
+    # Label validity: the oracle's mean agreement, its test accuracy and the ambiguous regions.
+    assert "test accuracy 98.0%) agrees with the region labels on 56.2%" in md
+    assert "**Ambiguous labeled regions** (it disagrees on most of their samples): 7." in md
     assert md.index("| 3 | 120") < md.index("| 0 | 50") < md.index("| 7 | 30")
     for rid in (3, 0, 7):
         assert f"![region {rid}](label/region_{rid:03d}.png)" in md
@@ -311,7 +326,7 @@ def test_class_names_and_missing_grid(tmp_path):
     _, md = _read(paths)
     row = (
         "| 0 | 10 | 0.050 | not\\|smiling -> smiling | 75.0% | 87.5% | not\\|smiling "
-        "| 0.0% -> 100.0% |"
+        "| n/a | 0.0% -> 100.0% |"
     )
     assert row in md
     assert "![region 0]" not in md
