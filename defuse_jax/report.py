@@ -560,6 +560,8 @@ def _overlap_cell(region: Mapping[str, Any]) -> str:
         return "none" if region.get("contested") is not None else _NA
     ids = ", ".join(map(str, region["overlaps_with"]))
     return f"{pct(region.get('contested'))} contested (with {ids})"
+
+
 def _oracle_cell(region: Mapping[str, Any], names: Sequence[str]) -> str:
     """'92%', or '12% **ambiguous** (says 7)', or n/a when the label was not checked."""
     agreement = region.get("oracle_agreement")
