@@ -334,6 +334,7 @@ def test_oracle_agreement_in_report_labels_file_and_with_a_disagreeing_oracle(fi
     run_dir = _copy(finished[0], tmp_path)
     report = _report(run_dir)
     labeled = [r for r in report["regions"] if r["label"] is not None]
+    first_labels = {r["id"]: r["label"] for r in labeled}
     assert labeled and report["oracle_test_accuracy"] > 0.5
     agreements = [r["oracle_agreement"] for r in labeled]
     assert all(0.0 <= a <= 1.0 for a in agreements)
@@ -358,15 +359,17 @@ def test_oracle_agreement_in_report_labels_file_and_with_a_disagreeing_oracle(fi
     for r in labeled:
         assert r["oracle_agreement"] == pytest.approx(r["accuracy_before"])
         assert r["ambiguous"] == (r["accuracy_before"] < label_validity.AMBIGUOUS_BELOW)
-    assert report["num_ambiguous_regions"] >= 1  # error regions: mostly misclassified
-    assert [r["label"] for r in labeled] == [r["majority_source_label"] for r in labeled]
+    # The confirmed error regions are those the classifier gets mostly wrong under their label.
+    assert report["num_ambiguous_regions"] == sum(bool(r["confirmed_error"]) for r in labeled)
+    assert {r["id"]: r["label"] for r in labeled} == first_labels  # the flags changed no label
     # ... and so is the label stage's check against the suggested (source) labels.
     regions = pipeline.load_regions(ctx.path("distill"))
     ids = [r["id"] for r in labeled]
     checks = label_validity.label_check(
-        label_stage.oracle_votes(ctx, regions, ids), {r["id"]: r["label"] for r in labeled}
+        label_stage.oracle_votes(ctx, regions, ids),
+        {r["id"]: r["majority_source_label"] for r in labeled},
     )
-    assert sum(c["ambiguous"] for c in checks.values()) >= 1
+    assert sum(c["ambiguous"] for c in checks.values()) >= 1  # error regions under the source
 
 
 def _tree(run_dir):
