@@ -26,7 +26,6 @@ two output layouts behind one command, would make both harder to read.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import math
 import os
@@ -38,7 +37,8 @@ from typing import Any
 import numpy as np
 
 from defuse_jax import flags
-from defuse_jax.files import atomic_write, read_json, write_json
+from defuse_jax.files import atomic_write, read_json
+from defuse_jax.results_table import cell, write_results
 from defuse_jax.run_config import STAGES
 from defuse_jax.run_dir import RunDir
 from defuse_jax.search import SearchConfig
@@ -215,25 +215,17 @@ def table_row(run_dir: str, samples: int, report: dict[str, Any]) -> dict[str, A
     }
 
 
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
 def _row_line(row: dict[str, Any]) -> str:
     keys = ("errors_kept", "regions", "codes_explained", "region_accuracy_after",
             "test_accuracy_after", "total_s")  # fmt: skip
-    return ", ".join(f"{k} {_fmt(row[k])}" for k in keys)
+    return ", ".join(f"{k} {cell(row[k])}" for k in keys)
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """The rows as an aligned text table, one column per budget (it is long, not wide)."""
     keys = [c for c in COLUMNS if c != "run_dir"]
     width = max(map(len, keys))
-    cells = [[_fmt(r[k]) for r in rows] for k in keys]
+    cells = [[cell(r[k]) for r in rows] for k in keys]
     colw = [max(len(c[i]) for c in cells) for i in range(len(rows))]
     return "\n".join(
         f"{k:>{width}} " + " ".join(c.rjust(w) for c, w in zip(cs, colw, strict=True))
@@ -245,14 +237,7 @@ def write_outputs(
     rows: Sequence[dict[str, Any]], out: str, *, meta: dict[str, Any]
 ) -> dict[str, str]:
     """Write budget.csv, budget.json (rows and `meta`) and budget.png into `out`."""
-    paths = {k: os.path.join(out, f"budget.{k}") for k in ("csv", "json", "png")}
-    with atomic_write(paths["csv"], newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows({c: ("" if r[c] is None else r[c]) for c in COLUMNS} for r in rows)
-    write_json(paths["json"], {**meta, "rows": list(rows)})
-    plot(rows, paths["png"])
-    return paths
+    return write_results(rows, out, "budget", columns=COLUMNS, meta=meta, plot=plot)
 
 
 def plot(rows: Sequence[dict[str, Any]], path: str) -> None:

@@ -12,7 +12,6 @@ Writes `sweep.csv`, `sweep.json` and `sweep.png` (errors per million and regions
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import functools
 import math
@@ -27,8 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from defuse_jax import flags
-from defuse_jax.files import atomic_write, write_json
+from defuse_jax.files import atomic_write
 from defuse_jax.regions import DistillConfig, distill
+from defuse_jax.results_table import cell, write_results
 from defuse_jax.search import SearchConfig, SearchResult, latent_search, latent_search_sweep
 from defuse_jax.search.config import DISTRIBUTIONS, MODES
 from defuse_jax.search.perturb import SCALED_DISTRIBUTIONS
@@ -197,20 +197,12 @@ def run_sweep(
 
 
 def _row_line(row: dict[str, Any]) -> str:
-    return " ".join(_fmt(row[c]) for c in COLUMNS)
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+    return " ".join(cell(row[c]) for c in COLUMNS)
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """The rows as an aligned text table."""
-    cells = [list(COLUMNS)] + [[_fmt(r[c]) for c in COLUMNS] for r in rows]
+    cells = [list(COLUMNS)] + [[cell(r[c]) for c in COLUMNS] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
     return "\n".join(
         " ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells
@@ -221,14 +213,7 @@ def write_outputs(
     rows: Sequence[dict[str, Any]], out_dir: str, *, meta: dict[str, Any]
 ) -> dict[str, str]:
     """Writes sweep.csv, sweep.json (rows + `meta`) and sweep.png; returns their paths."""
-    paths = {k: os.path.join(out_dir, f"sweep.{k}") for k in ("csv", "json", "png")}
-    with atomic_write(paths["csv"], newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows({c: ("" if r[c] is None else r[c]) for c in COLUMNS} for r in rows)
-    write_json(paths["json"], {**meta, "rows": list(rows)})
-    plot(rows, paths["png"])
-    return paths
+    return write_results(rows, out_dir, "sweep", columns=COLUMNS, meta=meta, plot=plot)
 
 
 def plot(rows: Sequence[dict[str, Any]], path: str) -> None:
