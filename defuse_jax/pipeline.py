@@ -280,6 +280,12 @@ def run(
     """
     if until not in STAGES:
         raise ValueError(f"Unknown stage {until!r}; stages are {', '.join(STAGES)}.")
+    if "://" in os.fspath(run_dir):
+        raise ValueError(
+            f"The run directory {run_dir} is a URL: run directories are local or shared file "
+            "system paths (bucket paths such as gs:// are not supported). Mount the bucket "
+            "(e.g. gcsfuse) and pass the mount's path."
+        )
     if distributed:
         dist.initialize()
     if dist.is_distributed():

@@ -2,6 +2,7 @@
 two of these, each with 2 forced CPU devices, talking over gloo).
 
 Usage: python multihost_pipeline_worker.py PORT PROCESS_ID RUN_DIR WRITES_JSON
+(each process may be given its own RUN_DIR, to test a directory that is not shared)
 
 Besides running `pipeline.run(RUN_DIR, MICRO)`, it records, with a Python audit hook, every file
 this process opens for writing, renames or removes under RUN_DIR (WRITES_JSON, rewritten as they
@@ -90,7 +91,11 @@ def main(port: str, process_id: str, run_dir: str, writes: str) -> None:
 
     checkpoint.Checkpointer.restore_latest = restore_latest
     _record_writes(run_dir, writes)
-    pipeline.run(run_dir, MICRO, log=lambda s: print(s, flush=True))
+    try:
+        pipeline.run(run_dir, MICRO, log=lambda s: print(s, flush=True))
+    except distributed.DistributedError as e:
+        print(f"DistributedError: {e}", flush=True)
+        sys.exit(3)
     print("pipeline finished", flush=True)
 
 

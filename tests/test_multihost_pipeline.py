@@ -31,10 +31,12 @@ NOT_COMPARED = {"stage_seconds", "seconds", "wall_time_s", "devices", "config"}
 RTOL, ATOL = 1e-5, 1e-6
 
 
-def _launch(out, name, run_dir):
+def _launch(out, name, *run_dirs):
+    """Both workers on `run_dirs[0]`, or each on its own when two are given."""
     port = str(free_port())
     logs = [out / f"{name}-p{i}.log" for i in range(2)]
-    args = [[port, str(i), run_dir, str(out / f"{name}-writes{i}.json")] for i in range(2)]
+    dirs = run_dirs * 2 if len(run_dirs) == 1 else run_dirs
+    args = [[port, str(i), dirs[i], str(out / f"{name}-writes{i}.json")] for i in range(2)]
     return start_workers(WORKER, args, logs), logs
 
 
@@ -142,6 +144,23 @@ def test_only_process_zero_writes_the_run_directory(runs):
     outputs = {f for f in files if "/ckpt/" not in f}
     assert "report.json" in outputs and "label/labels.csv" in outputs
     assert outputs <= by_zero, sorted(outputs - by_zero)
+
+
+@pytest.mark.slow
+def test_a_run_directory_that_is_not_shared_is_a_clear_error(tmp_path):
+    # Process 1 is given another directory, as if it mounted something else at the path.
+    procs, logs = _launch(tmp_path, "unshared", str(tmp_path / "a"), str(tmp_path / "b"))
+    wait_for(procs, 120)
+    for p, log in zip(procs, logs, strict=True):
+        text = log.read_text()
+        assert p.returncode == 3, text[-3000:]
+        assert "is not shared: processes [1] cannot see what process 0 writes" in text
+    assert not os.path.exists(tmp_path / "a" / "config.json")  # stopped before any stage
+
+
+def test_a_bucket_run_directory_is_refused_before_anything_runs():
+    with pytest.raises(ValueError, match="bucket paths such as gs:// are not supported"):
+        pipeline.run("gs://bucket/run", MICRO)
 
 
 def test_an_unreachable_coordinator_is_a_clear_error_in_bounded_time():
