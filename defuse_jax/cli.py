@@ -183,6 +183,9 @@ def join_cluster(args: argparse.Namespace) -> None:
                 "add --distributed."
             )
         return
+    where = args.coordinator or "the detected coordinator"
+    wait = f"waiting up to {args.distributed_timeout} s for every process"
+    print(f"defuse-jax: joining the distributed run at {where} ({wait})", file=sys.stderr)
     distributed.initialize(
         coordinator=args.coordinator,
         num_processes=args.num_processes,

@@ -86,8 +86,9 @@ def initialize(
             )
         if process_id != 0:  # process 0 starts the coordinator; the others must reach it
             _wait_for_coordinator(host, int(port), timeout_s)
-    if jax.config.jax_cpu_collectives_implementation in (None, "none"):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices only
+    collectives = jax.config.jax_cpu_collectives_implementation
+    if collectives in (None, "none"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # older JAX: none
     try:
         jax.distributed.initialize(
             coordinator,
@@ -97,6 +98,7 @@ def initialize(
             heartbeat_timeout_seconds=int(heartbeat_timeout_s),
         )
     except (ValueError, RuntimeError) as e:
+        jax.config.update("jax_cpu_collectives_implementation", collectives)
         raise DistributedError(
             f"Cannot join a distributed run ({e}). Outside a detected cluster (Cloud TPU, SLURM, "
             "Open MPI), pass --coordinator HOST:PORT --num-processes N --process-id I."

@@ -174,6 +174,14 @@ def test_an_unreachable_coordinator_is_a_clear_error_in_bounded_time():
     assert not jax.distributed.is_initialized()
 
 
+def test_no_detected_cluster_is_a_clear_error():
+    collectives = jax.config.jax_cpu_collectives_implementation
+    with pytest.raises(distributed.DistributedError, match="pass --coordinator HOST:PORT"):
+        distributed.initialize(timeout_s=5)
+    assert not jax.distributed.is_initialized()
+    assert jax.config.jax_cpu_collectives_implementation == collectives  # left as it was
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
