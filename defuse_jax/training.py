@@ -278,6 +278,7 @@ def fit(
     if config.epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {config.epochs}.")
     total_steps = config.epochs * steps_per_epoch
+    mesh = _data_mesh(config.batch_size)  # raises early when a distributed batch cannot split
     optimizer = make_optimizer(config)
     # Copy: the train step donates its state, and the caller keeps its `params`.
     init = jax.tree.map(jnp.copy, params.state)
@@ -293,7 +294,6 @@ def fit(
         keep=config.keep_checkpoints,
     )
     history: list[dict[str, float]] = []
-    mesh = _data_mesh(config.batch_size)
     replicated = NamedSharding(mesh, P()) if mesh else None
     sharded = NamedSharding(mesh, P("data")) if mesh else None
     fed = distributed.is_distributed()  # each process feeds its rows of every batch
