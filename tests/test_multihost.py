@@ -46,14 +46,15 @@ def start_workers(script: str, args: list[list[str]], logs: list[pathlib.Path]) 
     return procs
 
 
-def wait_for(procs: list, timeout_s: float) -> None:
-    """Wait until every process exited, or one failed (the others would wait for it until a
-    timeout), or `timeout_s` passed; then kill those still running."""
+def wait_for(procs: list, timeout_s: float, *, stop_on_failure: bool = True) -> None:
+    """Wait until every process exited, or (`stop_on_failure`) one failed (the others would wait
+    for it until a timeout), or `timeout_s` passed; then kill those still running."""
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:
             codes = [p.poll() for p in procs]
-            if None not in codes or any(c not in (None, 0) for c in codes):
+            failed = stop_on_failure and any(c not in (None, 0) for c in codes)
+            if None not in codes or failed:
                 break
             time.sleep(0.2)
     finally:
