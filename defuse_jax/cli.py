@@ -288,6 +288,15 @@ def build_parser() -> argparse.ArgumentParser:
     sweep_lib.add_arguments(p)
     p.set_defaults(func=sweep_lib.run)  # reports compile times: no compilation cache
 
+    from defuse_jax import budget_sweep
+
+    p = sub.add_parser(
+        "sweep-budget",
+        help="rerun search -> evaluate on a finished run's models for several search budgets",
+    )
+    budget_sweep.add_arguments(p)
+    p.set_defaults(func=budget_sweep.run, xla_cache=True)
+
     _add_bench_parsers(sub)
     return parser
 

@@ -2,8 +2,11 @@
 
 loss = CE(training batch) + lambda * CE(region batch), where the region batch is drawn fresh at
 every step from N(mean_r, tau * cov_r) of the labeled regions, decoded by the (frozen) VAE and
-labeled with its region's label. Training starts from the classifier's checkpoint and writes its
-own checkpoints elsewhere, so the original model is never overwritten.
+labeled with its region's label. Where regions with different labels overlap, a sample's target
+is the responsibility-weighted mix of their labels (`region_overlap`), so the two regions do not
+pull the same inputs two ways; elsewhere it is the region's label. Training starts from the
+classifier's checkpoint and writes its own checkpoints elsewhere, so the original model is never
+overwritten.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from defuse_jax import models
+from defuse_jax import models, region_overlap
 from defuse_jax.files import write_json
 from defuse_jax.models import Params
 from defuse_jax.regions import Regions, region_cholesky
@@ -41,6 +44,9 @@ class CorrectConfig:
         momentum: SGD momentum.
         anchor: weight of an L2 pull towards the original weights (L2-SP), which keeps the
             fine-tuned model close to the one that earned the test accuracy; 0 disables it.
+        resolve_overlap: train region samples on responsibility-weighted label mixes where
+            regions with different labels overlap (False: every sample gets its own region's
+            label, as in the reference).
         seed: seed of the batch order and of the region samples.
         checkpoint_every: save every this many steps.
     """
@@ -54,6 +60,7 @@ class CorrectConfig:
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     momentum: float = 0.9
     anchor: float = 0.0
+    resolve_overlap: bool = True
     seed: int = 0
     checkpoint_every: int = 500
 
@@ -79,6 +86,7 @@ def make_correction_loss(
     region_batch_size: int,
     anchor: Params | None = None,
     anchor_weight: float = 0.0,
+    resolve_overlap: bool = False,
 ) -> LossFn:
     """The fine-tuning objective over labeled regions.
 
@@ -91,11 +99,14 @@ def make_correction_loss(
         region_batch_size: region samples per step.
         anchor: the original classifier, for the L2-SP term.
         anchor_weight: weight of sum ||w - w_original||^2 (0: off).
+        resolve_overlap: targets are responsibility-weighted label mixes
+            (`region_overlap.soft_targets`) instead of each sample's region label.
     """
     anchor_state = anchor.state if anchor is not None and anchor_weight > 0 else None
     means_j, chol_j = jnp.asarray(means, jnp.float32), jnp.asarray(chol, jnp.float32)
     labels_j = jnp.asarray(labels, jnp.int32)
     num_regions, latent = means_j.shape
+    density = region_overlap.region_density(means, chol) if resolve_overlap else None
 
     def loss_fn(params, batch, key, step):
         del step
@@ -105,12 +116,15 @@ def make_correction_loss(
         k_region, k_eps = jax.random.split(key)
         r = jax.random.randint(k_region, (region_batch_size,), 0, num_regions)
         eps = jax.random.normal(k_eps, (region_batch_size, latent), jnp.float32)
-        z = means_j[r] + jnp.einsum("bij,bj->bi", chol_j[r], eps)
+        z = means_j[r] + jnp.einsum("bij,bj->bi", chol_j[r], eps, precision="highest")
         x_region = jax.lax.stop_gradient(models.decode(vae, z))
         region_logits = model(x_region)
-        ce_region = optax.softmax_cross_entropy_with_integer_labels(
-            region_logits, labels_j[r]
-        ).mean()
+        num_classes = region_logits.shape[-1]
+        if density is None:
+            targets = jax.nn.one_hot(labels_j[r], num_classes, dtype=jnp.float32)
+        else:
+            targets = region_overlap.soft_targets(density, z, labels_j, num_classes=num_classes)
+        ce_region = optax.softmax_cross_entropy(region_logits, targets).mean()
         acc_region = (region_logits.argmax(-1) == labels_j[r]).astype(jnp.float32).mean()
         loss = ce_train + jnp.float32(lam) * ce_region
         metrics = {"ce_train": ce_train, "ce_region": ce_region, "region_accuracy": acc_region}
@@ -164,6 +178,7 @@ def fine_tune(
         region_batch_size=config.region_batch_size,
         anchor=classifier,
         anchor_weight=config.anchor,
+        resolve_overlap=config.resolve_overlap,
     )
     train = config.train_config()
     params, history = fit(

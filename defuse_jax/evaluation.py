@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -67,6 +67,25 @@ def heldout_region_codes(
     return z[np.asarray(region_ids, np.int64)]
 
 
+def heldout_predictions(
+    classifier: Params,
+    vae: Params,
+    *,
+    regions: Regions,
+    region_ids: Sequence[int],
+    config: EvalConfig,
+) -> dict[int, np.ndarray]:
+    """A classifier's predictions on the held-out samples of some regions (the samples region
+    accuracy is measured on): {region id: [config.region_samples] classes}."""
+    ids = np.asarray(sorted(int(i) for i in region_ids), np.int64)
+    if len(ids) == 0:
+        return {}
+    z = heldout_region_codes(regions, ids, config=config)
+    r, n, L = z.shape
+    pred = predict(vae, classifier, z.reshape(-1, L)).reshape(r, n)
+    return {int(i): p for i, p in zip(ids, pred, strict=True)}
+
+
 def evaluate_classifier(
     classifier: Params,
     vae: Params,
@@ -119,3 +138,28 @@ def evaluate_classifier(
         out["error_code_accuracy"] = None
     out["num_error_codes_labeled"] = int(mask.sum())
     return out
+
+
+def confirmed_error_regions(
+    per_region_before: Mapping[int, float], *, min_error_rate: float
+) -> list[int]:
+    """Labeled regions that are errors under their own label, not just under the source label.
+
+    A region is offered for labeling because the classifier disagrees with its codes' source
+    label. Once labeled, the label is the truth: where the classifier already gets at least
+    1 - `min_error_rate` of the region's held-out samples right under that label (the labeler
+    sided with the classifier), the region is no bug, and counting it would flatter region
+    accuracy both before and after.
+
+    Args:
+        per_region_before: {region id: accuracy of the original classifier under its label}.
+        min_error_rate: the distill stage's threshold (`DistillConfig.min_error_rate`).
+    """
+    return sorted(
+        int(i) for i, acc in per_region_before.items() if 1.0 - acc >= min_error_rate - 1e-12
+    )
+
+
+def region_accuracy(per_region: Mapping[int, float], ids: list[int]) -> float | None:
+    """Mean accuracy over the regions `ids` (None when there are none)."""
+    return float(np.mean([per_region[i] for i in ids])) if ids else None

@@ -1,7 +1,14 @@
 """The label stage on a run directory: region sample grids, the automatic labelers (majority
-source label, or a separately trained oracle classifier), the labels file a person answers in,
-and the two ways a person answers (`label_interactively` in a terminal, `set_labels` from a
+source label, or a separately trained oracle classifier), the oracle's check of every region's
+suggested label (`label_validity`; `RunConfig.oracle_check`), the labels file a person answers
+in, and the two ways a person answers (`label_interactively` in a terminal, `set_labels` from a
 notebook). The labels file itself and the answer grammar are `defuse_jax.labeling`'s.
+
+When the oracle is trained: in the label stage, into label/oracle/, whenever the run uses it
+(`RunConfig.uses_oracle`: the oracle labeler, or `oracle_check`, on by default). It is trained
+once per run directory: a rerun, the terminal labeler and `defuse-jax sweep-budget` (which
+copies it into every budget point) reload its finished checkpoint, and the evaluation reuses it
+to measure its agreement with the final labels.
 """
 
 from __future__ import annotations
@@ -15,23 +22,40 @@ import jax
 import numpy as np
 
 from defuse_jax import evaluation, labeling, models, plots
+from defuse_jax import label_validity as validity
 from defuse_jax import train_models as tm
-from defuse_jax.files import make_dirs
+from defuse_jax.files import make_dirs, read_json, write_json
 from defuse_jax.models import Params
 from defuse_jax.regions import Regions, is_error_region, load_regions, sample_regions
 from defuse_jax.run_config import RunConfig
 from defuse_jax.run_dir import RunDir
 from defuse_jax.stage_context import Context, LabelsPending
 
+# Fresh samples per region the oracle votes on in the label stage.
+ORACLE_SAMPLES = 64
+ORACLE_CHECK_FILE = "label/oracle_check.json"
 
-def region_rows(regions: Regions) -> list[dict[str, Any]]:
+
+def region_rows(
+    regions: Regions, checks: Mapping[int, validity.RegionCheck] | None = None
+) -> list[dict[str, Any]]:
     """The rows of the labels file: the error regions only (`regions.is_error_region`); a
-    region the classifier mostly gets right is no bug to label."""
-    return [
-        {**{k: r[k] for k in ("id", "num_codes", "weight", "source_label_counts",
-                              "pred_label_counts")}, "grid": RunDir.grid(r["id"])}
-        for r in regions.records if is_error_region(r)
-    ]  # fmt: skip
+    region the classifier mostly gets right is no bug to label. With the oracle's `checks`
+    ({region id: check}), rows carry oracle_label, oracle_agreement and ambiguous."""
+    checks = checks or {}
+    rows = []
+    for r in regions.records:
+        if not is_error_region(r):
+            continue
+        row = {k: r[k] for k in ("id", "num_codes", "weight", "source_label_counts",
+                                 "pred_label_counts")}  # fmt: skip
+        row["grid"] = RunDir.grid(r["id"])
+        check = checks.get(r["id"])
+        if check is not None:
+            row.update(oracle_label=check["oracle_label"], oracle_agreement=check["agreement"],
+                       ambiguous=check["ambiguous"])  # fmt: skip
+        rows.append(row)
+    return rows
 
 
 def write_region_grids(ctx: Context, regions: Regions) -> None:
@@ -64,20 +88,21 @@ def stage_label(ctx: Context) -> dict[str, Any]:
     rows = region_rows(regions)
     write_region_grids(ctx, regions)
     suggestions = labeling.label_by_source(rows) if rows else {}
+    votes = oracle_votes(ctx, regions, [r["id"] for r in rows]) if ctx.config.uses_oracle else {}
+    checks = validity.label_check(votes, suggestions)
+    if ctx.config.uses_oracle:
+        write_json(ctx.dir.rel(ORACLE_CHECK_FILE), validity.as_json(checks))
+        flagged = [rid for rid, c in checks.items() if c["ambiguous"]]
+        ctx.log(
+            f"oracle check: {len(flagged)} of {len(checks)} regions ambiguous (the oracle "
+            f"disagrees with the suggested label on most samples) {flagged}"
+        )
+    rows = region_rows(regions, checks)
     if ctx.config.labeler == "source":
         labeling.write_auto_labels(path, rows, names, suggestions, labeler="source")
     elif ctx.config.labeler == "oracle":
-        oracle = train_oracle(ctx)
-        key = jax.random.fold_in(jax.random.key(ctx.config.distill.seed), 3)
-        z = sample_regions(regions, key, 64, tau=ctx.config.distill.tau)
-        offered = {r["id"] for r in rows}
-        preds = {
-            r["id"]: evaluation.predict(ctx.model("vae"), oracle, zr)
-            for r, zr in zip(regions.records, z, strict=True)
-            if r["id"] in offered
-        }
         labeling.write_auto_labels(
-            path, rows, names, labeling.label_by_oracle(preds), labeler="oracle"
+            path, rows, names, labeling.label_by_oracle(votes), labeler="oracle"
         )
     else:
         labeling.write_labels_file(path, rows, names, suggestions=suggestions)
@@ -98,11 +123,32 @@ def stage_label(ctx: Context) -> dict[str, Any]:
         "labeler": ctx.config.labeler,
         "num_labeled": labeled,
         "num_skipped": len(answers) - labeled,
+        "num_ambiguous": sum(c["ambiguous"] for c in checks.values()),
     }
 
 
+def oracle_votes(ctx: Context, regions: Regions, region_ids: list[int]) -> dict[int, np.ndarray]:
+    """The oracle's predictions on `ORACLE_SAMPLES` fresh samples of each region (trains the
+    oracle first, or reloads it when it is trained): {region id: [S] classes}."""
+    if not region_ids:
+        return {}
+    oracle = train_oracle(ctx)
+    key = jax.random.fold_in(jax.random.key(ctx.config.distill.seed), 3)
+    z = sample_regions(regions, key, ORACLE_SAMPLES, tau=ctx.config.distill.tau)
+    return {rid: evaluation.predict(ctx.model("vae"), oracle, z[rid]) for rid in sorted(region_ids)}
+
+
+def saved_checks(ctx: Context) -> dict[int, validity.RegionCheck]:
+    """The label stage's oracle check (label/oracle_check.json), or {} when there is none."""
+    path = ctx.dir.rel(ORACLE_CHECK_FILE)
+    return validity.from_json(read_json(path)) if os.path.exists(path) else {}
+
+
 def train_oracle(ctx: Context) -> Params:
-    """The 'oracle' labeler: a wider classifier trained longer with another seed."""
+    """The oracle: a wider classifier trained longer with another seed, in label/oracle/
+    (reloaded from its checkpoint when it is trained already)."""
+    if "oracle" in ctx._models:
+        return ctx._models["oracle"]
     train = dataclasses.replace(
         ctx.config.classifier_train,
         epochs=2 * ctx.config.classifier_train.epochs,
@@ -178,6 +224,12 @@ def label_interactively(
     rows = region_rows(regions)
     if not all(os.path.exists(ctx.path(r["grid"])) for r in rows):
         write_region_grids(ctx, regions)
+    if config.uses_oracle:  # the flag shown next to each suggestion
+        ids = [r["id"] for r in rows]
+        checks = validity.label_check(
+            oracle_votes(ctx, regions, ids), labeling.label_by_source(rows) if rows else {}
+        )
+        rows = region_rows(regions, checks)
     return labeling.interactive_label(
         ctx.dir.labels,
         rows,
@@ -201,7 +253,7 @@ def set_labels(
     """
     ctx = Context(os.path.abspath(run_dir), config, print)
     regions = load_regions(ctx.path("distill"))
-    rows, names = region_rows(regions), ctx.dataset.class_names
+    rows, names = region_rows(regions, saved_checks(ctx)), ctx.dataset.class_names
     path = ctx.dir.labels
     ids = [r["id"] for r in rows]
     current = (

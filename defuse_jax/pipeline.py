@@ -34,7 +34,7 @@ import jax
 import numpy as np
 
 from defuse_jax import distributed as dist
-from defuse_jax import evaluation, identification
+from defuse_jax import evaluation, identification, label_validity, region_overlap
 from defuse_jax import report as report_lib
 from defuse_jax import train_models as tm
 from defuse_jax.correction import fine_tune
@@ -49,8 +49,10 @@ from defuse_jax.label_stage import (  # noqa: F401 - the public API of a run dir
 )
 from defuse_jax.regions import (
     Regions,
+    codes_fitted,
     distill,
     load_regions,
+    resolved_max_codes,
     save_regions,
 )
 from defuse_jax.run_config import STAGES, RunConfig, stage_fingerprints
@@ -123,8 +125,14 @@ def stage_distill(ctx: Context) -> dict[str, Any]:
     )
     save_regions(regions, ctx.path("distill"))
     covered = int((regions.assignment >= 0).sum())
-    ctx.log(f"distill: {regions.num_regions} regions explain {covered} of {n} errors")
-    return {"num_regions": regions.num_regions, "codes_in_regions": covered}
+    # With max_codes=None an accelerator fits every code up to 200,000 (a CPU: 10,000).
+    fitted, cap = codes_fitted(errors["pred_label"], cfg), resolved_max_codes(cfg)
+    ctx.log(
+        f"distill: {regions.num_regions} regions explain {covered} of {n} errors (mixture "
+        f"fitted on {fitted} codes, max_codes {cap})"
+    )
+    return {"num_regions": regions.num_regions, "codes_in_regions": covered,
+            "codes_fitted": fitted, "max_codes": cap}  # fmt: skip
 
 
 def stage_correct(ctx: Context) -> dict[str, Any]:
@@ -136,10 +144,14 @@ def stage_correct(ctx: Context) -> dict[str, Any]:
         return {"skipped": True, "reason": msg}
     ds = ctx.dataset
     t0 = time.perf_counter()
+    regions = load_regions(ctx.path("distill"))
+    overlap = region_overlap.overlap_summary(
+        regions, labels, tau=cfg.tau, key=jax.random.fold_in(jax.random.key(cfg.seed), 2)
+    )
     params, history = fine_tune(
         ctx.model("classifier"),
         ctx.model("vae"),
-        load_regions(ctx.path("distill")),
+        regions,
         labels,
         x_train=ds.x_train,
         y_train=ds.y_train,
@@ -150,7 +162,8 @@ def stage_correct(ctx: Context) -> dict[str, Any]:
     ctx._models["corrected"] = params
     ctx.log(f"correct: fine-tuned on {len(labels)} labeled regions (lambda={cfg.lam})")
     return {"skipped": False, "reason": None, "num_regions": len(labels),
-            "seconds": time.perf_counter() - t0, "history": history}  # fmt: skip
+            "seconds": time.perf_counter() - t0, "history": history,
+            "overlap": {str(k): v for k, v in overlap.items()}}  # fmt: skip
 
 
 def stage_evaluate(ctx: Context) -> report_lib.Report:
@@ -176,7 +189,8 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
               "train/classifier/config.json", "train/classifier/history.json"),
     "search": ("search/errors.npz", "search/summary.json"),
     "distill": ("distill/regions.npz", "distill/regions.json"),
-    "label": ("label/region_*.png", "label/oracle/config.json", "label/oracle/history.json"),
+    "label": ("label/region_*.png", "label/oracle/config.json", "label/oracle/history.json",
+              "label/oracle_check.json"),
     "correct": ("correct/classifier/config.json",),
     "evaluate": ("report.json", "report.md", "plots/*.png"),
 }  # fmt: skip
@@ -204,6 +218,16 @@ def build_report(ctx: Context) -> report_lib.Report:
         before if correct_summary["skipped"]
         else evaluation.evaluate_classifier(ctx.model("corrected"), vae, **common)
     )  # fmt: skip
+    # Region accuracy counts the regions that are errors under their label (not those where
+    # the labeler sided with the classifier).
+    confirmed = evaluation.confirmed_error_regions(
+        before["per_region"], min_error_rate=ctx.config.distill.min_error_rate
+    )
+    before, after = (
+        {**ev, "region_accuracy": evaluation.region_accuracy(ev["per_region"], confirmed)}
+        for ev in (before, after)
+    )
+    oracle = _oracle_agreement(ctx, regions, labels) if ctx.config.uses_oracle else None
     search = read_json(ctx.path("search", "summary.json"))
     if search["num_errors_found"] == 0:
         ctx.messages.append(
@@ -225,17 +249,21 @@ def build_report(ctx: Context) -> report_lib.Report:
         answers=answers,
         before=before,
         after=after,
+        oracle=oracle,
         correction=report_lib.CorrectionReport(
             skipped=correct_summary["skipped"],
             reason=correct_summary.get("reason"),
             lam=ctx.config.correct.lam,
             epochs=ctx.config.correct.epochs,
+            resolve_overlap=ctx.config.correct.resolve_overlap,
             seconds=correct_summary.get("seconds"),
         ),
         stage_seconds=stage_seconds,
         devices={"backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()]},
         messages=ctx.messages,
         config=dataclasses.asdict(ctx.config),
+        confirmed=confirmed,
+        overlap={int(k): v for k, v in correct_summary.get("overlap", {}).items()},
     )
     report_lib.write_report(ctx.run_dir, report, codes=errors["z"], assignment=regions.assignment)
     pct = report_lib.pct
@@ -245,6 +273,25 @@ def build_report(ctx: Context) -> report_lib.Report:
         f"{pct(report['region_accuracy_before'])} -> {pct(report['region_accuracy_after'])}"
     )
     return report_lib.read_report(ctx.run_dir)
+
+
+def _oracle_agreement(
+    ctx: Context, regions: Regions, labels: Mapping[int, int]
+) -> label_validity.AgreementCheck:
+    """The oracle (trained by the label stage) against the final labels, on the held-out region
+    samples region accuracy is measured on. With no labeled region (the label stage then
+    trains no oracle when there is no region at all) nothing is checked."""
+    history = ctx.path("label", "oracle", "history.json")
+    test = read_json(history)["test"]["accuracy"] if os.path.exists(history) else None
+    votes = (
+        evaluation.heldout_predictions(
+            ctx.model("oracle"), ctx.model("vae"), regions=regions, region_ids=list(labels),
+            config=ctx.config.eval,
+        )
+        if labels
+        else {}
+    )  # fmt: skip
+    return label_validity.agreement_check(votes, labels, oracle_test_accuracy=test)
 
 
 def run(

@@ -105,6 +105,21 @@ def default_max_codes(backend: str | None = None) -> int:
     return CPU_MAX_CODES if backend == "cpu" else ACCELERATOR_MAX_CODES
 
 
+def resolved_max_codes(config: DistillConfig) -> int:
+    """The cap on the codes a mixture is fitted on: `config.max_codes`, or the backend's
+    default (`default_max_codes`) when it is None."""
+    return default_max_codes() if config.max_codes is None else config.max_codes
+
+
+def codes_fitted(pred_label: np.ndarray, config: DistillConfig) -> int:
+    """How many of the error codes (predicted labels [M]) `distill` fits its mixtures on: all
+    of them while they fit under `resolved_max_codes` (per predicted label with `per_label`)."""
+    pred_label = np.asarray(pred_label)
+    cap = resolved_max_codes(config)
+    sizes = np.unique(pred_label, return_counts=True)[1] if config.per_label else [len(pred_label)]
+    return int(sum(min(int(n), cap) for n in sizes if n >= max(config.min_codes, 2)))
+
+
 def _fit_mixture(x: np.ndarray, config: DistillConfig, seed: int):
     k = int(min(config.n_components, max(1, len(x) // 2)))
     # Over several processes the rows are sharded over the devices of all of them; with one
@@ -162,7 +177,7 @@ def distill(
             f"Only {m} error codes, fewer than min_codes={config.min_codes}: too few to form a "
             "region. Search more (more samples or sources) or lower min_codes."
         )
-    max_codes = default_max_codes() if config.max_codes is None else config.max_codes
+    max_codes = resolved_max_codes(config)
     rng = np.random.default_rng(config.seed)
     groups = (
         [(int(c), np.flatnonzero(pred_label == c)) for c in np.unique(pred_label)]

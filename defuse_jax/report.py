@@ -25,10 +25,13 @@ from typing import Any, Final, TypedDict
 
 import numpy as np
 
+from defuse_jax import label_validity
 from defuse_jax.files import atomic_write, make_dirs, remove
 from defuse_jax.plots import plt
 from defuse_jax.run_config import STAGES
 from defuse_jax.run_dir import RunDir
+
+WORSE_BY: Final = 0.05  # a region "ends worse" when its accuracy falls by more than this
 
 
 class RegionReport(TypedDict):
@@ -49,6 +52,16 @@ class RegionReport(TypedDict):
     skipped: bool  # the labeler rejected the region
     accuracy_before: float | None  # on held-out region samples (labeled regions only)
     accuracy_after: float | None
+    # labeled regions: the classifier errs on at least min_error_rate of the held-out samples
+    # under the region's label (counted in region accuracy); False: the labeler sided with the
+    # classifier, so the region is no bug; None: not labeled
+    confirmed_error: bool | None
+    contested: float | None  # share of its correction samples a region of another label claims
+    overlaps_with: list[int]  # labeled regions of another label that claim some of its samples
+    oracle_label: int | None  # the oracle's majority vote on them (labeled regions; None: no
+    # oracle in the run, `RunConfig.oracle_check`)
+    oracle_agreement: float | None  # share of them the oracle classifies as `label`
+    ambiguous: bool  # oracle_agreement < label_validity.AMBIGUOUS_BELOW (False: not checked)
     grid: str  # the sample grid, relative to the run directory
 
 
@@ -57,8 +70,9 @@ class CorrectionReport(TypedDict):
 
     skipped: bool
     reason: str | None  # why it was skipped
-    lam: float  # weight of the region loss
+    lam: float  # weight of the region loss (the reference's value is 0.01)
     epochs: int
+    resolve_overlap: bool  # overlapping regions of different labels got mixed targets
     seconds: float | None
 
 
@@ -76,12 +90,19 @@ class _ReportRequired(TypedDict):
     num_codes_in_non_error_regions: int  # error codes those regions hold
     num_regions_labeled: int
     num_regions_skipped: int
+    num_regions_confirmed: int  # labeled regions that are errors under their label (counted)
+    # labeled regions whose held-out accuracy fell by more than WORSE_BY in the correction
+    regions_worse_after: list[int]
     test_accuracy_before: float
     test_accuracy_after: float
-    region_accuracy_before: float | None  # mean over labeled regions (None: none labeled)
+    region_accuracy_before: float | None  # mean over confirmed regions (None: none)
     region_accuracy_after: float | None
     error_code_accuracy_before: float | None  # on the found codes, by their region's label
     error_code_accuracy_after: float | None
+    oracle_agreement: float | None  # mean over labeled regions of the oracle's agreement with
+    # the label on held-out region samples (None: no oracle, or nothing labeled)
+    oracle_test_accuracy: float | None  # the oracle's own test accuracy (None: no oracle)
+    num_ambiguous_regions: int  # labeled regions where the oracle disagrees on most samples
     regions: list[RegionReport]
     correction: CorrectionReport
     stage_seconds: dict[str, float]  # wall time of each finished stage before evaluate
@@ -110,11 +131,14 @@ def assemble(
     answers: Mapping[int, int | None],
     before: Mapping[str, Any],
     after: Mapping[str, Any],
+    oracle: label_validity.AgreementCheck | None = None,
     correction: CorrectionReport,
     stage_seconds: Mapping[str, float],
     devices: Mapping[str, Any],
     messages: Sequence[str],
     config: Mapping[str, Any],
+    confirmed: Sequence[int] = (),
+    overlap: Mapping[int, Mapping[str, Any]] | None = None,
 ) -> Report:
     """A `Report` from a run's parts.
 
@@ -124,15 +148,23 @@ def assemble(
       region_records: distill/regions.json's records (means and covariances are left out).
       answers: {region id: label, or None for skipped} of the answered regions.
       before, after: `evaluation.evaluate_classifier` of the original and corrected models.
+      oracle: the oracle's agreement with the labels (`label_validity.agreement_check`), or
+        None when the run has no oracle.
       correction: what the correction did.
       stage_seconds: wall time per stage; devices: backend and devices; messages: notes.
       config: the run's configuration as a dict.
+      confirmed: labeled regions that are errors under their label
+        (`evaluation.confirmed_error_regions`); `before` and `after` hold region accuracy over
+        these.
+      overlap: `region_overlap.overlap_summary` of the labeled regions (None: not measured).
     """
+    overlap = overlap or {}
     labels = {k: v for k, v in answers.items() if v is not None}
     regions: list[RegionReport] = []
     for rec in region_records:
         rid = int(rec["id"])
         label = answers.get(rid)
+        check = (oracle or {}).get("per_region", {}).get(rid)
         regions.append(
             RegionReport(
                 id=rid,
@@ -150,10 +182,23 @@ def assemble(
                 skipped=rid in answers and label is None,
                 accuracy_before=before["per_region"].get(rid),
                 accuracy_after=after["per_region"].get(rid),
+                confirmed_error=(rid in confirmed) if label is not None else None,
+                contested=overlap.get(rid, {}).get("contested"),
+                overlaps_with=sorted(int(k) for k in overlap.get(rid, {}).get("overlaps", {})),
+                oracle_label=None if check is None else check["oracle_label"],
+                oracle_agreement=None if check is None else check["agreement"],
+                ambiguous=check is not None and check["ambiguous"],
                 grid=RunDir.grid(rid),
             )
         )
     not_errors = [r for r in regions if not r["error_region"]]
+    worse = [
+        r["id"]
+        for r in regions
+        if r["accuracy_before"] is not None
+        and r["accuracy_after"] is not None
+        and r["accuracy_after"] < r["accuracy_before"] - WORSE_BY
+    ]
     return Report(
         dataset=dataset,
         class_names=list(class_names),
@@ -168,12 +213,17 @@ def assemble(
         num_codes_in_non_error_regions=sum(r["num_codes"] for r in not_errors),
         num_regions_labeled=len(labels),
         num_regions_skipped=len(answers) - len(labels),
+        num_regions_confirmed=len(confirmed),
+        regions_worse_after=worse,
         test_accuracy_before=before["test_accuracy"],
         test_accuracy_after=after["test_accuracy"],
         region_accuracy_before=before["region_accuracy"],
         region_accuracy_after=after["region_accuracy"],
         error_code_accuracy_before=before["error_code_accuracy"],
         error_code_accuracy_after=after["error_code_accuracy"],
+        oracle_agreement=oracle["agreement"] if oracle else None,
+        oracle_test_accuracy=oracle["oracle_test_accuracy"] if oracle else None,
+        num_ambiguous_regions=oracle["num_ambiguous"] if oracle else 0,
         regions=regions,
         correction=correction,
         stage_seconds=dict(stage_seconds),
@@ -382,9 +432,53 @@ def _summary_lines(report: Mapping[str, Any]) -> list[str]:
                 "regions** (the classifier gets most of their fresh samples right): they were "
                 "not offered for labeling and are not in the region accuracy."
             )
+        agree = report["num_regions_labeled"] - report.get(
+            "num_regions_confirmed", report["num_regions_labeled"]
+        )
+        if agree > 0:
+            text += (
+                f" {agree} labeled regions got the label the classifier already predicts (the "
+                "labeler sided with the classifier): they are no bug and are not in the region "
+                "accuracy, which covers the "
+                f"{report.get('num_regions_confirmed', 0)} confirmed error regions."
+            )
         if report["num_regions_labeled"] == 0:
             text += " **No region is labeled**, so the classifier was not corrected."
-    return [text]
+    worse = report.get("regions_worse_after") or []
+    if worse:
+        text += (
+            f" **{len(worse)} labeled regions ended more than {WORSE_BY:.0%} worse than they "
+            f"started** ({', '.join(map(str, worse))})."
+        )
+    contested = [r["id"] for r in report["regions"] if r.get("overlaps_with")]
+    if contested:
+        text += (
+            f" {len(contested)} labeled regions overlap regions of another label "
+            f"({', '.join(map(str, contested))}); "
+            + (
+                "their shared samples were trained on responsibility-weighted label mixes."
+                if report["correction"].get("resolve_overlap")
+                else "the correction trained each sample on its own region's label."
+            )
+        )
+    lines = [text]
+    if report.get("oracle_agreement") is not None:
+        ambiguous = [r["id"] for r in report["regions"] if r.get("ambiguous")]
+        lines += [
+            "",
+            f"Label validity: the oracle classifier (trained separately, test accuracy "
+            f"{pct(report.get('oracle_test_accuracy'))}) agrees with the region labels on "
+            f"{pct(report['oracle_agreement'])} of fresh region samples (mean over the labeled "
+            "regions). "
+            + (
+                "**Ambiguous labeled regions** (it disagrees on most of their samples): "
+                f"{', '.join(map(str, ambiguous))}. Their labels were kept; "
+                "look at their grids before trusting their accuracy."
+                if ambiguous
+                else "No labeled region is ambiguous."
+            ),
+        ]
+    return lines
 
 
 def before_after_table(report: Mapping[str, Any]) -> str:
@@ -412,7 +506,10 @@ def _regions_section(report: Mapping[str, Any]) -> list[str]:
         return ["No misclassification regions."]
     lines = []
     for title, group in (
-        ("Error regions", [r for r in regions if r.get("error_region", True)]),
+        ("Error regions", [r for r in regions if r.get("error_region", True)
+                           and r.get("confirmed_error") is not False]),
+        ("Labeled as the classifier predicts (no bug; not in region accuracy)",
+         [r for r in regions if r.get("confirmed_error") is False]),
         ("Not error regions (error rate below the threshold)",
          [r for r in regions if not r.get("error_region", True)]),
     ):  # fmt: skip
@@ -436,8 +533,8 @@ def _regions_section(report: Mapping[str, Any]) -> list[str]:
 def _regions_table(regions: Sequence[Mapping[str, Any]], names: Sequence[str]) -> list[str]:
     lines = [
         "| region | codes | weight | source -> predicted | purity | error rate | label "
-        "| accuracy before -> after |",
-        "|---:|---:|---:|---|---:|---:|---|---|",
+        "| oracle agrees | accuracy before -> after | overlap |",
+        "|---:|---:|---:|---|---:|---:|---|---|---|---|",
     ]
     for r in regions:
         flow = (
@@ -452,9 +549,27 @@ def _regions_table(regions: Sequence[Mapping[str, Any]], names: Sequence[str]) -
         lines.append(
             f"| {r['id']} | {r['num_codes']:,} | {float(r['weight']):.3f} | {_cell(flow)} "
             f"| {pct(r.get('purity'))} | {pct(r.get('error_rate'))} "
-            f"| {_cell(_region_label(r, names))} | {acc} |"
+            f"| {_cell(_region_label(r, names))} | {_cell(_oracle_cell(r, names))} | {acc} "
+            f"| {_overlap_cell(r)} |"
         )
     return lines
+
+
+def _overlap_cell(region: Mapping[str, Any]) -> str:
+    if not region.get("overlaps_with"):
+        return "none" if region.get("contested") is not None else _NA
+    ids = ", ".join(map(str, region["overlaps_with"]))
+    return f"{pct(region.get('contested'))} contested (with {ids})"
+
+
+def _oracle_cell(region: Mapping[str, Any], names: Sequence[str]) -> str:
+    """'92%', or '12% **ambiguous** (says 7)', or n/a when the label was not checked."""
+    agreement = region.get("oracle_agreement")
+    if agreement is None:
+        return _NA
+    if not region.get("ambiguous"):
+        return pct(agreement)
+    return f"{pct(agreement)} **ambiguous** (says {_class_name(names, region.get('oracle_label'))})"
 
 
 def _timings_section(stage_seconds: Mapping[str, float]) -> list[str]:

@@ -69,7 +69,8 @@ def test_full_run_report_and_resume(finished, tmp_path):
     for rec in report["regions"]:
         assert set(rec) == set(typing.get_type_hints(report_lib.RegionReport))
     assert report["num_errors_found"] > 0 and report["num_regions"] >= 1
-    # Every error region is labeled (source labeler); the others are listed, never offered.
+    # Every error region is labeled (by the default labeler, the oracle); the others are
+    # listed, never offered.
     errors = [r for r in report["regions"] if r["error_region"]]
     others = [r for r in report["regions"] if not r["error_region"]]
     assert errors and report["num_regions_labeled"] == len(errors)
@@ -78,24 +79,35 @@ def test_full_run_report_and_resume(finished, tmp_path):
     assert all(r["error_rate"] >= 0.5 for r in errors)
     assert all(r["error_rate"] < 0.5 and r["label"] is None for r in others)
     assert all(0.0 < r["purity"] <= 1.0 for r in report["regions"])
-    for key in ("test_accuracy_before", "test_accuracy_after", "region_accuracy_before",
-                "region_accuracy_after"):  # fmt: skip
+    for key in ("test_accuracy_before", "test_accuracy_after"):
         assert 0.0 <= report[key] <= 1.0
     assert set(report["stage_seconds"]) >= {"train", "search", "distill", "label", "correct"}
     for rec in report["regions"]:
         assert os.path.exists(os.path.join(run_dir, rec["grid"]))
-        labeled = rec["error_region"]  # region accuracy covers the labeled regions only
+        labeled = rec["error_region"]  # only error regions are labeled and evaluated
         assert (
             (rec["accuracy_before"] is not None) == labeled == (rec["accuracy_after"] is not None)
         )
+        # A labeled region counts as an error under its label when the classifier gets at most
+        # half of its held-out samples right under that label.
+        assert rec["confirmed_error"] == (1 - rec["accuracy_before"] >= 0.5 if labeled else None)
+        assert rec["overlaps_with"] == [] or rec["contested"] is not None
+    confirmed = [r for r in errors if r["confirmed_error"]]
+    assert report["num_regions_confirmed"] == len(confirmed)
+    for when in ("before", "after"):
+        want = np.mean([r[f"accuracy_{when}"] for r in confirmed]) if confirmed else None
+        assert report[f"region_accuracy_{when}"] == pytest.approx(want)
     assert os.path.exists(os.path.join(run_dir, "report.md"))
     assert os.path.exists(os.path.join(run_dir, "plots", "latent_pca.png"))
+    assert os.path.exists(os.path.join(run_dir, "label", "oracle", "config.json"))
+    labels_csv = os.path.join(run_dir, "label", "labels.csv")
     labels = labeling.read_labels(
-        os.path.join(run_dir, "label", "labels.csv"),
-        region_ids=[r["id"] for r in errors],
-        class_names=report["class_names"],
+        labels_csv, region_ids=[r["id"] for r in errors], class_names=report["class_names"]
     )
-    assert labels == {r["id"]: r["majority_source_label"] for r in errors}
+    assert labels == {r["id"]: r["label"] for r in errors}
+    assert all(0 <= v < len(report["class_names"]) for v in labels.values())
+    with open(labels_csv) as f:
+        assert all(line.rstrip().endswith(",oracle") for line in f.readlines()[1:])
     assert labeling.listed_regions(os.path.join(run_dir, "label", "labels.csv")) == [
         r["id"] for r in errors
     ]  # the others are not offered
@@ -140,6 +152,30 @@ def test_no_errors_found_gives_a_clear_report(trained, tmp_path):
     assert any("no errors" in m for m in report["messages"])
     assert report["test_accuracy_after"] == report["test_accuracy_before"]
     assert any("too few to distill" in line for line in logs)
+
+
+def test_every_region_below_the_error_threshold_still_evaluates(trained, tmp_path, monkeypatch):
+    """Regions exist but none is an error region: nothing to label, test accuracy still measured."""
+    real = pipeline.distill
+
+    def quiet_distill(*args, **kwargs):
+        regions = real(*args, **kwargs)
+        for rec in regions.records:  # as if the classifier got every region sample right
+            rec.update(error_rate=0.0, error_region=False)
+        return regions
+
+    monkeypatch.setattr(pipeline, "distill", quiet_distill)
+    run_dir = _copy(trained, tmp_path)
+    pipeline.run(run_dir, dataclasses.replace(TINY, labeler="source"), log=lambda s: None)
+    report = _report(run_dir)
+    assert report["num_regions"] >= 1
+    assert report["num_non_error_regions"] == report["num_regions"]
+    assert report["num_regions_labeled"] == 0 and report["correction"]["skipped"]
+    assert report["region_accuracy_before"] is None and report["region_accuracy_after"] is None
+    assert 0.5 < report["test_accuracy_before"] == report["test_accuracy_after"] <= 1.0
+    with open(os.path.join(run_dir, "report.md")) as f:
+        md = f.read()
+    assert "are **not error regions**" in md and "**No region is labeled**" in md
 
 
 def test_manual_labels_all_skipped_skips_correction(trained, tmp_path):
@@ -285,3 +321,136 @@ def test_region_purity_and_error_regions():
     assert by_source[1]["purity"] == pytest.approx(45 / 60) and by_source[2]["purity"] == 1.0
     assert is_error_region(by_source[1]) and by_source[1]["error_rate"] == 1.0
     assert not is_error_region(by_source[2]) and by_source[2]["error_rate"] == 0.0
+
+
+def test_oracle_agreement_in_report_labels_file_and_with_a_disagreeing_oracle(finished, tmp_path):
+    """The default run checks every label with the oracle (report, labels file); an oracle
+    that disagrees (the original classifier, wrong on most region samples by construction)
+    flags the regions ambiguous while the source labels stay as they were."""
+    import csv
+
+    from defuse_jax import label_stage, label_validity
+
+    run_dir = _copy(finished[0], tmp_path)
+    report = _report(run_dir)
+    labeled = [r for r in report["regions"] if r["label"] is not None]
+    first_labels = {r["id"]: r["label"] for r in labeled}
+    assert labeled and report["oracle_test_accuracy"] > 0.5
+    agreements = [r["oracle_agreement"] for r in labeled]
+    assert all(0.0 <= a <= 1.0 for a in agreements)
+    assert report["oracle_agreement"] == pytest.approx(np.mean(agreements))
+    assert report["num_ambiguous_regions"] == sum(r["ambiguous"] for r in labeled)
+    assert all(r["ambiguous"] == (r["oracle_agreement"] < 0.5) for r in labeled)
+    assert "oracle agrees" in open(os.path.join(run_dir, "report.md")).read()
+    with open(os.path.join(run_dir, "label", "labels.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert {"oracle", "oracle_agreement", "ambiguous"} <= set(rows[0])
+    saved = json.load(open(os.path.join(run_dir, "label", "oracle_check.json")))["regions"]
+    assert [r["ambiguous"] == "yes" for r in rows] == [
+        saved[r["region_id"]]["ambiguous"] for r in rows
+    ]
+
+    # The classifier itself as the oracle: its agreement with a label on the held-out samples is
+    # exactly the region's accuracy before correction.
+    ctx = pipeline.Context(os.path.abspath(run_dir), TINY, lambda s: None)
+    ctx._models["oracle"] = ctx.model("classifier")
+    report = pipeline.build_report(ctx)
+    labeled = [r for r in report["regions"] if r["label"] is not None]
+    for r in labeled:
+        assert r["oracle_agreement"] == pytest.approx(r["accuracy_before"])
+        assert r["ambiguous"] == (r["accuracy_before"] < label_validity.AMBIGUOUS_BELOW)
+    # The confirmed error regions are those the classifier gets mostly wrong under their label.
+    assert report["num_ambiguous_regions"] == sum(bool(r["confirmed_error"]) for r in labeled)
+    assert {r["id"]: r["label"] for r in labeled} == first_labels  # the flags changed no label
+    # ... and so is the label stage's check against the suggested (source) labels.
+    regions = pipeline.load_regions(ctx.path("distill"))
+    ids = [r["id"] for r in labeled]
+    checks = label_validity.label_check(
+        label_stage.oracle_votes(ctx, regions, ids),
+        {r["id"]: r["majority_source_label"] for r in labeled},
+    )
+    assert sum(c["ambiguous"] for c in checks.values()) >= 1  # error regions under the source
+
+
+def _tree(run_dir):
+    """{relative path: SHA-256} of every file under a directory."""
+    from defuse_jax.files import sha256
+
+    return {
+        os.path.relpath(os.path.join(d, n), run_dir): sha256(os.path.join(d, n))
+        for d, _, names in os.walk(run_dir)
+        for n in names
+    }
+
+
+def test_budget_sweep_reruns_the_stages_per_budget_and_leaves_the_source_run_alone(
+    finished, tmp_path
+):
+    import csv
+
+    from defuse_jax import budget_sweep, cli
+
+    source = finished[0]
+    before = _tree(source)
+    out = str(tmp_path / "budget")
+    # One budget keeps the test short; its search is a quarter of the source run's (64).
+    assert cli.main(["sweep-budget", "--from", source, "--out", out, "--samples", "16"]) == 0
+    assert _tree(source) == before  # the source run is only read
+    with open(os.path.join(out, "budget.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == list(budget_sweep.COLUMNS)
+    assert [int(r["samples_per_source"]) for r in rows] == [16]
+    full = _report(source)
+    assert int(rows[0]["samples_evaluated"]) * 4 == full["num_samples_evaluated"]
+    assert int(rows[0]["flips"]) <= full["num_flips"]
+    for r in rows:
+        report = _report(os.path.join(out, r["run_dir"]))
+        assert int(r["errors_kept"]) == report["num_errors_found"]
+        assert int(r["codes_fitted"]) == report["num_errors_found"]  # all fit under max_codes
+        assert int(r["max_codes"]) == 10_000  # DistillConfig.max_codes=None on a CPU
+        assert float(r["total_s"]) == pytest.approx(
+            sum(float(r[f"{s}_s"]) for s in budget_sweep.TIMED_STAGES)
+        )
+        assert report["config"]["search"]["num_samples"] == int(r["samples_per_source"])
+    # Each point reused the trained models (and the source run's oracle) instead of training.
+    record = json.load(open(os.path.join(out, "samples_16", "train", "stage.json")))
+    assert record == json.load(open(os.path.join(source, "train", "stage.json")))
+    assert os.path.getsize(os.path.join(out, "budget.png")) > 2000
+    data = json.load(open(os.path.join(out, "budget.json")))
+    assert data["samples"] == [16] and data["backend"] == "cpu" and len(data["rows"]) == 1
+
+    # Bad input fails early with what to do.
+    with pytest.raises(ValueError, match="inside the source run"):
+        budget_sweep.run_budget_sweep(source, os.path.join(source, "x"), samples=[4])
+    with pytest.raises(ValueError, match="given twice"):
+        budget_sweep.check_samples([4, 4])
+    with pytest.raises(ValueError, match="Pass --labeler source"):
+        budget_sweep.run_budget_sweep(
+            _manual_copy(source, tmp_path), str(tmp_path / "b2"), samples=[4]
+        )
+    assert budget_sweep.default_samples("cpu") == (10, 100, 1000)
+    assert budget_sweep.default_samples("gpu") == (10, 100, 1000, 10_000)
+
+
+def _manual_copy(source, tmp_path):
+    """A copy of a run whose saved configuration has the manual labeler."""
+    from defuse_jax.run_config import load_run_config
+
+    run_dir = _copy(source, tmp_path / "manual")
+    pipeline.save_run_config(
+        run_dir, dataclasses.replace(load_run_config(run_dir), labeler="manual")
+    )
+    return run_dir
+
+
+def test_the_mixture_takes_every_code_up_to_max_codes():
+    """max_codes=None means 10,000 codes on a CPU and 200,000 on an accelerator; the distill
+    stage reports how many codes its mixture was fitted on."""
+    from defuse_jax.regions import codes_fitted, default_max_codes, resolved_max_codes
+
+    assert default_max_codes("cpu") == 10_000 and default_max_codes("gpu") == 200_000
+    assert resolved_max_codes(DistillConfig()) == default_max_codes()  # tests run on a CPU
+    pred = np.repeat(np.arange(3), [30_000, 5, 1])
+    assert codes_fitted(pred, DistillConfig()) == 10_000
+    assert codes_fitted(pred, DistillConfig(max_codes=None, per_label=True, min_codes=5)) == 10_005
+    assert codes_fitted(pred, DistillConfig(max_codes=200_000)) == 30_006

@@ -29,7 +29,9 @@ REQUIRED = (
 )
 
 
-def _region(rid, num_codes, src, pred, *, label=None, skipped=False, before=None, after=None):
+def _region(
+    rid, num_codes, src, pred, *, label=None, skipped=False, before=None, after=None, oracle=None
+):
     counts_src = [0] * 10
     counts_src[src] = num_codes
     counts_pred = [0] * 10
@@ -50,15 +52,19 @@ def _region(rid, num_codes, src, pred, *, label=None, skipped=False, before=None
         "skipped": skipped,
         "accuracy_before": before,
         "accuracy_after": after,
+        "oracle_label": None if oracle is None else oracle[0],
+        "oracle_agreement": None if oracle is None else oracle[1],
+        "ambiguous": oracle is not None and oracle[1] < 0.5,
         "grid": f"label/region_{rid:03d}.png",
     }
 
 
 def _report(**overrides):
     regions = [
-        _region(3, 120, 6, 1, label=6, before=0.125, after=0.9375),
+        _region(3, 120, 6, 1, label=6, before=0.125, after=0.9375, oracle=(6, 0.875)),
         _region(0, 50, 4, 9, skipped=True),
-        _region(7, 30, 2, 7, label=2),  # labeled, but no held-out accuracy
+        # labeled, but no held-out accuracy; the oracle mostly says 7: ambiguous
+        _region(7, 30, 2, 7, label=2, oracle=(7, 0.25)),
     ]
     report = {
         "dataset": "digits",
@@ -78,6 +84,9 @@ def _report(**overrides):
         "region_accuracy_after": 0.9375,
         "error_code_accuracy_before": 0.0,
         "error_code_accuracy_after": 0.81,
+        "oracle_agreement": 0.5625,
+        "oracle_test_accuracy": 0.98,
+        "num_ambiguous_regions": 1,
         "regions": regions,
         "correction": {"skipped": False, "reason": None, "lam": 0.01, "epochs": 3, "seconds": 4.5},
         "stage_seconds": {
@@ -161,9 +170,15 @@ def test_full_report(tmp_path):
     assert "| Region accuracy (held-out region samples) | 12.5% | 93.8% | +81.2 pp |" in md
     assert "| Accuracy on the found error codes | 0.0% | 81.0% | +81.0 pp |" in md
     # Per-region rows, in the given order, with class names, labels and accuracies.
-    assert "| 3 | 120 | 0.600 | 6 -> 1 | 75.0% | 87.5% | 6 | 12.5% -> 93.8% |" in md
-    assert "| 0 | 50 | 0.250 | 4 -> 9 | 75.0% | n/a | skipped | n/a |" in md
-    assert "| 7 | 30 | 0.150 | 2 -> 7 | 75.0% | 87.5% | 2 | n/a -> n/a |" in md
+    assert "| 3 | 120 | 0.600 | 6 -> 1 | 75.0% | 87.5% | 6 | 87.5% | 12.5% -> 93.8% |" in md
+    assert "| 0 | 50 | 0.250 | 4 -> 9 | 75.0% | n/a | skipped | n/a | n/a |" in md
+    assert (
+        "| 7 | 30 | 0.150 | 2 -> 7 | 75.0% | 87.5% | 2 | 25.0% **ambiguous** (says 7) "
+        "| n/a -> n/a |" in md
+    )
+    # Label validity: the oracle's mean agreement, its test accuracy and the ambiguous regions.
+    assert "test accuracy 98.0%) agrees with the region labels on 56.2%" in md
+    assert "**Ambiguous labeled regions** (it disagrees on most of their samples): 7." in md
     assert md.index("| 3 | 120") < md.index("| 0 | 50") < md.index("| 7 | 30")
     for rid in (3, 0, 7):
         assert f"![region {rid}](label/region_{rid:03d}.png)" in md
@@ -311,7 +326,7 @@ def test_class_names_and_missing_grid(tmp_path):
     _, md = _read(paths)
     row = (
         "| 0 | 10 | 0.050 | not\\|smiling -> smiling | 75.0% | 87.5% | not\\|smiling "
-        "| 0.0% -> 100.0% |"
+        "| n/a | 0.0% -> 100.0% |"
     )
     assert row in md
     assert "![region 0]" not in md
@@ -380,3 +395,51 @@ def test_regions_below_the_error_threshold_are_listed_apart(tmp_path):
     assert md.index("**Not error regions") < md.index("| 1 | 40 | 0.200 | 4 -> 4 |")
     assert "| 75.0% | 10.0% | not an error region | n/a |" in md
     assert "| Test accuracy | 95.0% | 94.4% | -0.6 pp |" in md  # still evaluated
+
+
+def _assemble(per_before, per_after, *, answers, confirmed, overlap=None):
+    from defuse_jax.report import assemble
+
+    records = [_region(rid, 10 * (rid + 1), 4, 9) for rid in sorted(answers)]
+    search = {k: 1 for k in ("num_sources", "num_sources_used", "num_sources_skipped",
+                             "num_samples_evaluated", "num_errors_found", "num_flips")}  # fmt: skip
+    ev = lambda per: {"test_accuracy": 0.9, "region_accuracy": None, "per_region": per,  # noqa: E731
+                      "error_code_accuracy": None}  # fmt: skip
+    return assemble(
+        dataset="digits", class_names=NAMES, search=search, region_records=records,
+        answers=answers, before=ev(per_before), after=ev(per_after),
+        correction={"skipped": False, "reason": None, "lam": 0.01, "epochs": 1,
+                    "resolve_overlap": True, "seconds": 1.0},
+        stage_seconds={}, devices={}, messages=[], config={}, confirmed=confirmed,
+        overlap=overlap,
+    )  # fmt: skip
+
+
+def test_regions_that_end_worse_are_named(tmp_path):
+    report = _assemble(
+        {0: 0.10, 1: 0.60, 2: 0.30}, {0: 0.96, 1: 0.54, 2: 0.26},
+        answers={0: 4, 1: 4, 2: 4}, confirmed=[0, 2],
+    )  # fmt: skip
+    assert report["regions_worse_after"] == [1]  # -6 pt; region 2's -4 pt is within the bound
+    assert report["num_regions_confirmed"] == 2
+    assert [r["confirmed_error"] for r in report["regions"]] == [True, False, True]
+    _, md = _read(write_report(str(tmp_path), report, codes=np.zeros((0, 2)),
+                               assignment=np.zeros(0, np.int32)))  # fmt: skip
+    assert "**1 labeled regions ended more than 5% worse than they started** (1)." in md
+    assert "1 labeled regions got the label the classifier already predicts" in md
+    assert md.index("**Labeled as the classifier predicts") < md.index("| 1 | 20 |")
+
+
+def test_overlapping_regions_are_reported(tmp_path):
+    overlap = {0: {"contested": 0.4, "overlaps": {1: 0.4}}, 1: {"contested": 0.5,
+               "overlaps": {0: 0.5}}, 2: {"contested": 0.0, "overlaps": {}}}  # fmt: skip
+    report = _assemble(
+        {0: 0.1, 1: 0.1, 2: 0.1}, {0: 0.9, 1: 0.9, 2: 0.9},
+        answers={0: 4, 1: 5, 2: 6}, confirmed=[0, 1, 2], overlap=overlap,
+    )  # fmt: skip
+    assert [r["overlaps_with"] for r in report["regions"]] == [[1], [0], []]
+    assert [r["contested"] for r in report["regions"]] == [0.4, 0.5, 0.0]
+    _, md = _read(write_report(str(tmp_path), report, codes=np.zeros((0, 2)),
+                               assignment=np.zeros(0, np.int32)))  # fmt: skip
+    assert "2 labeled regions overlap regions of another label (0, 1)" in md
+    assert "| 40.0% contested (with 1) |" in md and "| none |" in md

@@ -19,6 +19,7 @@ from defuse_jax.labeling.labels_file import (
     HEADER,
     LabelsFileError,
     check_regions,
+    oracle_columns,
     read_table,
     template_row,
     write_backup,
@@ -94,8 +95,10 @@ def write_auto_labels(
 ) -> str:
     """Write a labels file whose ``label`` column is filled by an automatic labeler.
 
-    Same columns as :func:`write_labels_file` plus a trailing ``labeler`` column, so an
-    unattended run leaves the artefact a person would, and :func:`read_labels` reads either.
+    Same columns as :func:`write_labels_file` (the oracle's check included) plus a trailing
+    ``labeler`` column, so an unattended run leaves the artefact a person would, and
+    :func:`read_labels` reads either. Regions the oracle flags ambiguous keep their label: the
+    flag is information for whoever reviews the file.
     ``suggested`` repeats the label, so clearing the ``label`` column turns the file into a
     template for human review. If the file exists and holds different answers (e.g. a person's),
     it is first copied to ``<path>.bak`` with a warning.
@@ -134,7 +137,7 @@ def write_auto_labels(
         row["label"] = text
         row["labeler"] = labeler if text else ""
         rows.append(row)
-    return write_table(path, list(HEADER) + ["labeler"], rows)
+    return write_table(path, [*HEADER, *oracle_columns(regions), "labeler"], rows)
 
 
 def _backup_if_answers_differ(

@@ -6,8 +6,12 @@ File format (UTF-8 CSV, header first)::
     3,,2,120,0.08,2,7,label/region_003.png
 
 ``label`` holds an answer (see :mod:`defuse_jax.labeling.answers`): a class name, a class index
-or ``skip``; empty means not answered yet. The other columns are informational. Extra columns a
-person adds (e.g. ``notes``) are tolerated and kept when the file is rewritten.
+or ``skip``; empty means not answered yet. The other columns are informational. When the run
+checks labels with the oracle classifier (:mod:`defuse_jax.label_validity`), three more follow
+(:data:`ORACLE_COLUMNS`): ``oracle`` (the oracle's majority class on fresh region samples),
+``oracle_agreement`` (the share of those samples it classifies as the suggested label) and
+``ambiguous`` (``yes`` when that share is under one half: look twice before labeling). Extra
+columns a person adds (e.g. ``notes``) are tolerated and kept when the file is rewritten.
 
 :func:`write_labels_file` writes the template a person fills in (rewriting it keeps every answer
 already given, backing the old file up before dropping any), :func:`read_labels` validates it
@@ -41,6 +45,9 @@ HEADER: Final = (
     "top_pred",
     "grid",
 )
+# Written when the regions carry the oracle's check (keys oracle_label, oracle_agreement,
+# ambiguous); never kept from an older file, so a stale verdict does not survive a rewrite.
+ORACLE_COLUMNS: Final = ("oracle", "oracle_agreement", "ambiguous")
 _REQUIRED: Final = ("region_id", "label")
 # Columns compared on rewrite to warn when an answered region id now describes other codes.
 _STALE_CHECK: Final = ("num_codes", "top_source", "top_pred")
@@ -102,8 +109,14 @@ def _top(counts: Sequence[int] | None, names: Sequence[str]) -> str:
     return names[int(np.argmax(np.asarray(counts)))]
 
 
+def oracle_columns(regions: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
+    """:data:`ORACLE_COLUMNS` if any region carries the oracle's check, else none."""
+    return ORACLE_COLUMNS if any("oracle_agreement" in r for r in regions) else ()
+
+
 def template_row(region: Mapping[str, Any], names: Sequence[str], suggested: str) -> dict:
-    """A region's row of the labels file, unanswered: the :data:`HEADER` columns as text.
+    """A region's row of the labels file, unanswered: the :data:`HEADER` columns as text, and
+    the :data:`ORACLE_COLUMNS` when the region carries the oracle's check.
 
     Args:
         region: a checked region dict (see :func:`write_labels_file`).
@@ -115,7 +128,15 @@ def template_row(region: Mapping[str, Any], names: Sequence[str], suggested: str
     """
     weight = region.get("weight")
     num_codes = region.get("num_codes")
+    oracle = {}
+    if "oracle_agreement" in region:
+        oracle = {
+            "oracle": names[int(region["oracle_label"])],
+            "oracle_agreement": f"{float(region['oracle_agreement']):.2f}",
+            "ambiguous": "yes" if region.get("ambiguous") else "",
+        }
     return {
+        **oracle,
         "region_id": str(int(region["id"])),
         "label": "",
         "suggested": suggested,
@@ -290,8 +311,9 @@ def write_labels_file(
     Args:
         path: the CSV file (parent directories are created); written atomically.
         regions: region dicts (``id`` required; ``num_codes``, ``weight``,
-            ``source_label_counts``, ``pred_label_counts``, ``grid`` shown when present), in the
-            order they should be presented.
+            ``source_label_counts``, ``pred_label_counts``, ``grid`` shown when present; with
+            ``oracle_label``, ``oracle_agreement`` and ``ambiguous`` the :data:`ORACLE_COLUMNS`
+            are written), in the order they should be presented.
         class_names: class names in index order.
         suggestions: optional ``{region_id: class index}`` (e.g. :func:`label_by_source`),
             written as class names to the informational ``suggested`` column.
@@ -313,7 +335,7 @@ def write_labels_file(
     ids = check_regions(regions, names)
     suggested = _suggestion_names(suggestions, ids, names)
     old_fields, old = _old_rows(path) if os.path.exists(path) else ([], {})
-    extra = [c for c in old_fields if c not in HEADER]
+    extra = [c for c in old_fields if c not in HEADER and c not in ORACLE_COLUMNS]
 
     rows, stale = [], []
     for region, rid in zip(regions, ids, strict=True):
@@ -342,7 +364,7 @@ def write_labels_file(
             "from when they were answered); their answers are kept, check them",
             stacklevel=2,
         )
-    return write_table(path, list(HEADER) + extra, rows)
+    return write_table(path, [*HEADER, *oracle_columns(regions), *extra], rows)
 
 
 def _suggestion_names(

@@ -96,8 +96,9 @@ def interactive_label(
 
     The file is created (or synced with ``regions``, keeping answers) first. For each unanswered
     region the session prints its id, size and weight, top source and predicted labels, the
-    absolute path of its grid PNG and the suggested label, then asks for a class name or index,
-    ``skip``, ``back``, ``quit`` or ``?``. Invalid input re-prompts. The file is saved
+    absolute path of its grid PNG and the suggested label (with the oracle classifier's verdict
+    and the ambiguous flag when the file has the oracle's columns), then asks for a class name or
+    index, ``skip``, ``back``, ``quit`` or ``?``. Invalid input re-prompts. The file is saved
     atomically after every answer, so a killed session loses nothing and the next one resumes at
     the first unanswered region. ``quit``, EOF (Ctrl-D) and Ctrl-C end the session cleanly.
     Answers in the file that do not parse are reported and asked again.
@@ -223,9 +224,28 @@ def _show_region(
     print_fn(f"  predicted labels: {_describe_counts(region.get('pred_label_counts'), names)}")
     print_fn(f"  grid:             {grid_text}")
     print_fn(f"  suggested:        {row.get('suggested') or '(none)'}")
+    if row.get("oracle_agreement"):
+        verdict = (
+            "AMBIGUOUS: the oracle disagrees with the suggestion on most samples; look twice"
+            if row.get("ambiguous")
+            else "agrees with the suggestion"
+        )
+        print_fn(
+            f"  oracle:           says {row.get('oracle') or '?'}; on "
+            f"{_share(row['oracle_agreement'])} of fresh samples it says the suggested label "
+            f"({verdict})"
+        )
     if rid in answers:
         current = answers[rid]
         print_fn(f"  current answer:   {SKIP if current is None else names[current]}")
+
+
+def _share(text: str) -> str:
+    """'0.23' -> '23%' (the text itself if it is no number)."""
+    try:
+        return f"{float(text):.0%}"
+    except ValueError:
+        return text
 
 
 def _final_answers(
