@@ -150,10 +150,56 @@ def cmd_train(args: argparse.Namespace, *, kind: str) -> int:
     return 0
 
 
+def add_distributed_flags(p: argparse.ArgumentParser) -> None:
+    """--distributed and the explicit launch's --coordinator, --num-processes, --process-id."""
+    from defuse_jax import distributed
+
+    g = p.add_argument_group("many hosts (jax.distributed)")
+    g.add_argument("--distributed", action="store_true",
+                   help="one of several processes (every host runs the same command); the "
+                        "cluster is detected on Cloud TPU, SLURM and Open MPI")  # fmt: skip
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="process 0's address (explicit launch)")  # fmt: skip
+    g.add_argument("--num-processes", type=int, default=None, help="processes (explicit launch)")
+    g.add_argument("--process-id", type=int, default=None, help="this process (explicit launch)")
+    g.add_argument("--distributed-timeout", type=int, default=distributed.DEFAULT_TIMEOUT_S,
+                   metavar="SECONDS", help="wait this long for the coordinator and the other "
+                   "processes to join (default: %(default)s)")  # fmt: skip
+    g.add_argument("--heartbeat-timeout", type=int,
+                   default=distributed.DEFAULT_HEARTBEAT_TIMEOUT_S, metavar="SECONDS",
+                   help="a process silent this long counts as dead and the others stop "
+                        "(default: %(default)s)")  # fmt: skip
+
+
+def join_cluster(args: argparse.Namespace) -> None:
+    """`distributed.initialize` from the flags of `add_distributed_flags` (if --distributed)."""
+    from defuse_jax import distributed
+
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if not args.distributed:
+        if any(v is not None for v in explicit):
+            raise distributed.DistributedError(
+                "--coordinator, --num-processes and --process-id describe a distributed run: "
+                "add --distributed."
+            )
+        return
+    where = args.coordinator or "the detected coordinator"
+    wait = f"waiting up to {args.distributed_timeout} s for every process"
+    print(f"defuse-jax: joining the distributed run at {where} ({wait})", file=sys.stderr)
+    distributed.initialize(
+        coordinator=args.coordinator,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+        timeout_s=args.distributed_timeout,
+        heartbeat_timeout_s=args.heartbeat_timeout,
+    )
+
+
 def cmd_stage(args: argparse.Namespace, *, until: str) -> int:
-    """Run (or resume) every stage up to `until`."""
+    """Run (or resume) every stage up to `until` (on every process of a distributed run)."""
     from defuse_jax import pipeline
 
+    join_cluster(args)  # before anything else uses JAX
     out, config = resolve(args)
     try:
         pipeline.run(out, config, until=until)
@@ -228,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_ in STAGE_HELP.items():
         p = sub.add_parser(name, help=help_)
         add_run_flags(p)
+        add_distributed_flags(p)
         until = "evaluate" if name == "run" else name
         p.set_defaults(func=lambda a, u=until: cmd_stage(a, until=u), xla_cache=True)
 
@@ -259,6 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from defuse_jax.checkpoint import CheckpointError
     from defuse_jax.data import DatasetNotFoundError
+    from defuse_jax.distributed import DistributedError
 
     if getattr(args, "xla_cache", False):  # pipeline commands; not bench/sweep (they time compiles)
         from defuse_jax.xla_cache import enable_compilation_cache
@@ -266,7 +314,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         enable_compilation_cache()
     try:
         return int(args.func(args) or 0)
-    except (CheckpointError, DatasetNotFoundError, FileNotFoundError, ValueError, TypeError) as e:
+    except (
+        CheckpointError, DatasetNotFoundError, DistributedError, FileNotFoundError, ValueError,
+        TypeError,
+    ) as e:  # fmt: skip
         if os.environ.get("DEFUSE_JAX_TRACEBACK"):
             raise
         return _fail(f"{e}\n(set DEFUSE_JAX_TRACEBACK=1 for the full traceback)")

@@ -4,6 +4,12 @@ Every file the library writes goes through :func:`atomic_write`: a kill or a pow
 either the previous file or the complete new one at the path, never half a file that a rerun
 could trust.
 
+In a run over several processes (`defuse_jax.distributed`) only process 0 writes: every writer
+here (`atomic_write`, `make_dirs`, `move`, `remove`, `copy_file`) is a no-op on the other
+processes, and every process waits at a barrier before (no one still reads the old file) and
+after (everyone sees the new one). All processes must therefore call the writers in the same
+order, as they do when they run the same code.
+
 Example:
     >>> with atomic_write("run/label/labels.csv", newline="") as f:
     ...     f.write("region_id,label\\n")
@@ -14,13 +20,26 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from typing import IO, Any, Literal
 
 import numpy as np
+
+from defuse_jax import distributed
+
+
+@contextlib.contextmanager
+def _process_zero(what: str) -> Iterator[bool]:
+    """Yields whether this process writes (process 0, or the only one), between two barriers
+    when there are several processes."""
+    distributed.barrier(f"before {what}")
+    yield distributed.is_main()
+    distributed.barrier(f"after {what}")
 
 
 @contextlib.contextmanager
@@ -53,6 +72,16 @@ def atomic_write(
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write writes whole files: mode must be 'w' or 'wb', got {mode!r}")
     path = os.fspath(path)
+    with _process_zero(f"writing {path}") as writes:
+        if writes:
+            with _atomic_write(path, mode, encoding=encoding, newline=newline) as f:
+                yield f
+        else:  # another process writes the file: this one's content goes nowhere
+            yield io.BytesIO() if "b" in mode else io.StringIO()
+
+
+@contextlib.contextmanager
+def _atomic_write(path: str, mode: str, *, encoding: str, newline: str | None) -> Iterator[IO[Any]]:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
@@ -85,6 +114,40 @@ def _fsync_directory(directory: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def make_dirs(path: str | os.PathLike) -> None:
+    """`os.makedirs(path, exist_ok=True)` (process 0 only, see the module docstring)."""
+    with _process_zero(f"creating {os.fspath(path)}") as writes:
+        if writes:
+            os.makedirs(path, exist_ok=True)
+
+
+def move(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """`shutil.move(src, dst)`, creating dst's parent (process 0 only)."""
+    with _process_zero(f"moving {os.fspath(src)}") as writes:
+        if writes:
+            os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+            shutil.move(src, dst)
+
+
+def remove(path: str | os.PathLike) -> None:
+    """`os.remove(path)` (process 0 only)."""
+    with _process_zero(f"removing {os.fspath(path)}") as writes:
+        if writes:
+            os.remove(path)
+
+
+def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy `src` to `dst` atomically, with its permissions and times (process 0 only)."""
+    with _process_zero(f"copying {os.fspath(src)}") as writes:
+        if writes:
+            with (
+                open(src, "rb") as f,
+                _atomic_write(os.fspath(dst), "wb", encoding="utf-8", newline=None) as out,
+            ):
+                shutil.copyfileobj(f, out)
+            shutil.copystat(src, dst)
 
 
 def write_json(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> None:

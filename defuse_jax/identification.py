@@ -15,7 +15,7 @@ import numpy as np
 from defuse_jax import models
 from defuse_jax.batching import map_batches
 from defuse_jax.data import Dataset
-from defuse_jax.files import write_json, write_npz
+from defuse_jax.files import make_dirs, write_json, write_npz
 from defuse_jax.models import Params
 from defuse_jax.search import SearchConfig, SearchResult, latent_search
 
@@ -77,7 +77,7 @@ def run_search(
 
 def save_search(result: SearchResult, test_index: np.ndarray, directory: str) -> dict[str, Any]:
     """Write errors.npz and summary.json; returns the summary."""
-    os.makedirs(directory, exist_ok=True)
+    make_dirs(directory)
     arrays = {f: np.asarray(getattr(result, f)) for f in ERROR_FIELDS}
     # Map source indices back to test-set indices so the errors can be traced to images.
     arrays["test_index"] = test_index[arrays["source_index"]].astype(np.int32)

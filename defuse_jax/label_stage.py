@@ -24,7 +24,7 @@ import numpy as np
 from defuse_jax import evaluation, labeling, models, plots
 from defuse_jax import label_validity as validity
 from defuse_jax import train_models as tm
-from defuse_jax.files import read_json, write_json
+from defuse_jax.files import make_dirs, read_json, write_json
 from defuse_jax.models import Params
 from defuse_jax.regions import Regions, is_error_region, load_regions, sample_regions
 from defuse_jax.run_config import RunConfig
@@ -84,7 +84,7 @@ def stage_label(ctx: Context) -> dict[str, Any]:
     regions = load_regions(ctx.path("distill"))
     names = ctx.dataset.class_names
     path = ctx.dir.labels
-    os.makedirs(ctx.path("label"), exist_ok=True)
+    make_dirs(ctx.path("label"))
     rows = region_rows(regions)
     write_region_grids(ctx, regions)
     suggestions = labeling.label_by_source(rows) if rows else {}

@@ -11,6 +11,9 @@ configuration or of a redone stage upstream are moved aside first, and so are da
 (missing, truncated, altered; with the stage's record), so nothing computed (labels above all) is
 ever lost.
 
+Over several processes (`run(..., distributed=True)`, `defuse_jax.distributed`) every process
+runs every stage on the devices of all of them; process 0 alone writes the run directory.
+
 Example:
     >>> from defuse_jax.pipeline import RunConfig, run
     >>> report = run("runs/digits", RunConfig())["evaluate"]  # a `report.Report`
@@ -22,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
-import shutil
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -31,12 +33,13 @@ from typing import Any
 import jax
 import numpy as np
 
+from defuse_jax import distributed as dist
 from defuse_jax import evaluation, identification, label_validity, region_overlap
 from defuse_jax import report as report_lib
 from defuse_jax import train_models as tm
 from defuse_jax.correction import fine_tune
 from defuse_jax.data import Dataset
-from defuse_jax.files import read_json, sha256, write_json
+from defuse_jax.files import move, read_json, sha256, write_json
 from defuse_jax.label_stage import (  # noqa: F401 - the public API of a run directory
     label_interactively,
     labels_damage,
@@ -298,8 +301,21 @@ def run(
     until: str = "evaluate",
     log: Callable[[str], None] = print,
     dataset: Dataset | None = None,
+    distributed: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) the stages up to and including `until`.
+
+    Args:
+        run_dir: the run directory (created if missing).
+        config: the run's configuration.
+        until: the last stage to run.
+        log: where progress lines go (prefixed with "[process i of n] " on every process but
+            process 0 of a distributed run).
+        dataset: the dataset, if already loaded (default: loaded from `config.data`).
+        distributed: join the processes of a multi-host run first
+            (`distributed.initialize()`, which detects the cluster; call it yourself with the
+            coordinator's address for an explicit launch). Every process must call `run` with
+            the same arguments, and `run_dir` must be one shared directory.
 
     Returns:
         {stage: its summary} for every stage run or found done; the evaluate stage's summary
@@ -311,6 +327,19 @@ def run(
     """
     if until not in STAGES:
         raise ValueError(f"Unknown stage {until!r}; stages are {', '.join(STAGES)}.")
+    if "://" in os.fspath(run_dir):
+        raise ValueError(
+            f"The run directory {run_dir} is a URL: run directories are local or shared file "
+            "system paths (bucket paths such as gs:// are not supported). Mount the bucket "
+            "(e.g. gcsfuse) and pass the mount's path."
+        )
+    if distributed:
+        dist.initialize()
+    if dist.is_distributed():
+        dist.check_shared_directory(os.path.abspath(run_dir))
+        if not dist.is_main():
+            log = _prefixed(log, f"[{dist.describe()}] ")
+        log(f"[distributed] {dist.describe()}, {jax.device_count()} devices in all")
     ctx = Context(os.path.abspath(run_dir), config, log, _dataset=dataset)
     save_run_config(ctx.run_dir, config)
     summaries: dict[str, Any] = {}
@@ -337,6 +366,10 @@ def run(
         )  # fmt: skip
         summaries[stage], upstream = summary, completion
     return summaries
+
+
+def _prefixed(log: Callable[[str], None], prefix: str) -> Callable[[str], None]:
+    return lambda line: log(prefix + line)
 
 
 class _UnreadableRecord(Exception):
@@ -427,8 +460,7 @@ def save_run_config(run_dir: str, config: RunConfig) -> None:
 def _move_aside(ctx: Context, stage: str, reason: str) -> None:
     """Keep the outputs of an outdated stage (configuration changed, ...) under <run>/stale/."""
     dest = ctx.dir.new_stale(stage)
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    shutil.move(ctx.path(stage), dest)
+    move(ctx.path(stage), dest)
     ctx.log(f"[{stage}] {reason}: previous outputs moved to {dest}")
 
 
@@ -446,8 +478,7 @@ def _set_aside_damaged(ctx: Context, stage: str, damaged: Mapping[str, str]) -> 
             continue
         inside = rel.split("/", 1)[1] if rel.startswith(f"{stage}/") else rel
         target = os.path.join(dest, *inside.split("/"))
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        shutil.move(src, target)
+        move(src, target)
         moved.append(rel)
     what = "; ".join(f"{rel} {why}" for rel, why in damaged.items())
     ctx.log(

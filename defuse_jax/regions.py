@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from defuse_jax import distributed
 from defuse_jax.files import atomic_write, write_npz
 from defuse_jax.mixture import BayesianGaussianMixture, GaussianMixture
 from defuse_jax.precision import exact
@@ -121,9 +122,13 @@ def codes_fitted(pred_label: np.ndarray, config: DistillConfig) -> int:
 
 def _fit_mixture(x: np.ndarray, config: DistillConfig, seed: int):
     k = int(min(config.n_components, max(1, len(x) // 2)))
+    # Over several processes the rows are sharded over the devices of all of them; with one
+    # process the fit stays on one device, as it always has (a sharded fit sums its statistics
+    # in another order: the same regions up to float rounding).
     common = dict(
-        n_components=k, covariance_type="full", max_iter=config.max_iter, random_state=seed
-    )
+        n_components=k, covariance_type="full", max_iter=config.max_iter, random_state=seed,
+        devices="all" if distributed.is_distributed() else None,
+    )  # fmt: skip
     if config.method == "dpgmm":
         model = BayesianGaussianMixture(**common)
     elif config.method == "gmm":

@@ -26,7 +26,7 @@ from typing import Any, Final, TypedDict
 import numpy as np
 
 from defuse_jax import label_validity
-from defuse_jax.files import atomic_write
+from defuse_jax.files import atomic_write, make_dirs, remove
 from defuse_jax.plots import plt
 from defuse_jax.run_config import STAGES
 from defuse_jax.run_dir import RunDir
@@ -675,7 +675,7 @@ def write_report(
             raise ValueError(f"codes must be [M, L], got shape {codes.shape}")
     if assignment.shape[0] != codes.shape[0]:
         raise ValueError(f"assignment has {assignment.shape[0]} entries for {codes.shape[0]} codes")
-    os.makedirs(run_dir, exist_ok=True)
+    make_dirs(run_dir)
     names = report.get("class_names") or []
     plots: dict[str, str] = {}
     paths: dict[str, str] = {}
@@ -707,7 +707,7 @@ def write_report(
     for key, rel in (("latent_pca", PCA_PLOT), ("region_accuracy", ACCURACY_PLOT)):
         stale = os.path.join(run_dir, rel)
         if key not in plots and os.path.exists(stale):  # from an earlier report of this run
-            os.remove(stale)
+            remove(stale)
 
     data = _jsonable({**report, "plots": plots})
     json_path = os.path.join(run_dir, "report.json")

@@ -3,6 +3,13 @@
 Randomness is a pure function of (seed, step): the batch order of epoch e comes from
 `fold_in(data_key, e)` and the step's noise from `fold_in(step_key, step)`, so a run resumed from
 any checkpoint repeats exactly what the uninterrupted run would have done.
+
+Devices. With one process the training data sits on the devices and each step gathers its batch
+there, split over the local devices when the batch size allows. Over several processes
+(`defuse_jax.distributed`) the batch is split over the devices of all of them: each process
+gathers only its devices' rows of every batch on the host and hands them over
+(`jax.make_array_from_callback`), the parameters are replicated on every device, and Orbax
+saves and restores the checkpoints with its own multi-host protocol.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
+from defuse_jax import distributed
 from defuse_jax.batching import map_batches
 from defuse_jax.checkpoint import Checkpointer
 from defuse_jax.models import Params
@@ -137,6 +145,64 @@ def make_train_segment(
     return jax.jit(segment, donate_argnums=0)
 
 
+def make_fed_segment(
+    loss_fn: LossFn, graphdef: Any, optimizer: optax.GradientTransformation
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """`make_train_segment` for a mesh over several processes: the batches come in as inputs.
+
+    A jitted `segment(state, batches, valid, key_data) -> (state, metrics)`, with batches
+    {name: [L, B, ...]} (global arrays sharded over B, each process holding its devices' rows),
+    valid [L] bool and key_data the [2] uint32 data of the step key (a host value, the same on
+    every process). The steps compute what `make_train_segment`'s compute on the same batches.
+    """
+    step = _step_fn(loss_fn, graphdef, optimizer)
+
+    def segment(state, batches, valid, key_data):
+        step_key = jax.random.wrap_key_data(key_data)
+
+        def body(st, inputs):
+            batch, ok = inputs
+            new, metrics = step(st, batch, step_key)
+            new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, st)
+            return new, jax.tree.map(lambda m: jnp.where(ok, m, jnp.zeros_like(m)), metrics)
+
+        return jax.lax.scan(body, state, (batches, valid))
+
+    return jax.jit(segment, donate_argnums=0)
+
+
+def _global_batches(
+    data: Mapping[str, np.ndarray], idx: np.ndarray, sharding: NamedSharding
+) -> dict[str, jax.Array]:
+    """{name: [L, B, ...]} global arrays of the rows `idx` [L, B]: this process gathers (on the
+    host) only the rows of its own devices."""
+
+    def one(v: np.ndarray) -> jax.Array:
+        shape = idx.shape + v.shape[1:]
+        return jax.make_array_from_callback(
+            shape,
+            sharding,
+            lambda index: v[idx[index[0], index[1]]][(slice(None),) * 2 + index[2:]],
+        )
+
+    return {k: one(np.asarray(v)) for k, v in data.items()}
+
+
+def _replicated(tree: Any, sharding: NamedSharding) -> Any:
+    """`tree`'s arrays (the same on every process) as global arrays replicated by `sharding`."""
+
+    def one(a: Any) -> jax.Array:
+        host = np.asarray(a)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(one, tree)
+
+
+def _local(tree: Any) -> Any:
+    """A replicated global tree's copy on this process's first device."""
+    return jax.tree.map(lambda a: a.addressable_data(0), tree)
+
+
 @functools.lru_cache(maxsize=64)
 def _jitted(fn: Callable) -> Callable:
     return jax.jit(fn)
@@ -160,6 +226,14 @@ def _segment_length(checkpoint_every: int, steps_per_epoch: int, cap: int = 64) 
 
 def _data_mesh(batch_size: int) -> Mesh | None:
     devices = jax.devices()
+    if distributed.is_distributed():
+        if batch_size % len(devices):
+            raise ValueError(
+                f"batch_size {batch_size} does not split over the {len(devices)} devices of "
+                f"the {jax.process_count()} processes, and a distributed run shards every batch "
+                f"over all of them: use a multiple of {len(devices)}."
+            )
+        return Mesh(np.asarray(devices), ("data",))
     if len(devices) > 1 and batch_size % len(devices) == 0:
         return Mesh(np.asarray(devices), ("data",))
     return None
@@ -204,6 +278,7 @@ def fit(
     if config.epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {config.epochs}.")
     total_steps = config.epochs * steps_per_epoch
+    mesh = _data_mesh(config.batch_size)  # raises early when a distributed batch cannot split
     optimizer = make_optimizer(config)
     # Copy: the train step donates its state, and the caller keeps its `params`.
     init = jax.tree.map(jnp.copy, params.state)
@@ -219,23 +294,40 @@ def fit(
         keep=config.keep_checkpoints,
     )
     history: list[dict[str, float]] = []
+    replicated = NamedSharding(mesh, P()) if mesh else None
+    sharded = NamedSharding(mesh, P("data")) if mesh else None
+    fed = distributed.is_distributed()  # each process feeds its rows of every batch
+    if fed:  # global before the restore, so that Orbax restores onto every process's devices
+        state = _replicated(state, replicated)
     restored = ckpt.restore_latest(state)
     if restored is not None:
         state, meta = restored
         history = list(meta.get("history", []))
     start = int(state.step)
 
-    mesh = _data_mesh(config.batch_size)
-    replicated = NamedSharding(mesh, P()) if mesh else None
-    sharded = NamedSharding(mesh, P("data")) if mesh else None
-    data = {k: jax.device_put(np.asarray(v), replicated) for k, v in train_data.items()}
-    if replicated is not None:
-        state = jax.device_put(state, replicated)
+    if fed:
+        data = {k: np.asarray(v) for k, v in train_data.items()}
+    else:
+        data = {k: jax.device_put(np.asarray(v), replicated) for k, v in train_data.items()}
+        if replicated is not None:
+            state = jax.device_put(state, replicated)
 
     root = jax.random.key(config.seed)
     data_key, step_key = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
     seg_len = _segment_length(config.checkpoint_every, steps_per_epoch)
-    run_segment = make_train_segment(loss_fn, params.graphdef, optimizer, batch_sharding=sharded)
+    if fed:
+        run_fed = make_fed_segment(loss_fn, params.graphdef, optimizer)
+        key_data = np.asarray(jax.random.key_data(step_key))
+        steps_sharding = NamedSharding(mesh, P(None, "data"))
+
+        def run_segment(state, data, idx, valid, step_key):
+            del step_key  # fed as key_data
+            return run_fed(state, _global_batches(data, idx, steps_sharding), valid, key_data)
+
+    else:
+        run_segment = make_train_segment(
+            loss_fn, params.graphdef, optimizer, batch_sharding=sharded
+        )
 
     def batch_indices(step: int) -> np.ndarray:
         epoch, pos = divmod(step, steps_per_epoch)
@@ -247,7 +339,12 @@ def fit(
         return perms[epoch][pos * config.batch_size : (pos + 1) * config.batch_size]
 
     perms: dict[int, np.ndarray] = {}
-    bar = tqdm(total=total_steps, initial=start, desc=desc, disable=not progress)
+    bar = tqdm(
+        total=total_steps,
+        initial=start,
+        desc=desc,
+        disable=not progress or not distributed.is_main(),
+    )
     sums: dict[str, float] = {}
     ran = 0
     t0 = time.perf_counter()
@@ -271,7 +368,8 @@ def fit(
             # Steps of a resumed partial epoch are averaged over what this process ran.
             record = {"epoch": step // steps_per_epoch, **{k: v / ran for k, v in sums.items()}}
             if eval_fn is not None and eval_data is not None:
-                ev = evaluate(eval_fn, Params(params.graphdef, state.params), eval_data)
+                weights = _local(state.params) if fed else state.params
+                ev = evaluate(eval_fn, Params(params.graphdef, weights), eval_data)
                 record.update({f"test_{k}": v for k, v in ev.items()})
             record["seconds"] = time.perf_counter() - t0
             history.append(record)
@@ -280,6 +378,8 @@ def fit(
         ckpt.save(step, state, meta={"history": history}, force=step == total_steps)
     bar.close()
     ckpt.close()
+    if fed:  # this process's copy, on its first device like the caller's
+        return Params(params.graphdef, _local(state.params)), history
     # Hand back the weights placed like the caller's, so they mix with its other arrays.
     shardings = jax.tree.map(lambda a: a.sharding, params.state)
     return Params(params.graphdef, jax.device_put(state.params, shardings)), history

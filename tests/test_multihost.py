@@ -6,6 +6,7 @@ local processes talking over gloo.
 """
 
 import os
+import pathlib
 import socket
 import subprocess
 import sys
@@ -21,34 +22,39 @@ from defuse_jax.search import latent_search
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def two_process_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("multihost")
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+def start_workers(script: str, args: list[list[str]], logs: list[pathlib.Path]) -> list:
+    """One process per entry of `args` (`python script *args[i]`), each with 2 CPU devices,
+    its output in logs[i] (files: a full pipe cannot block)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", DEFUSE_JAX_CACHE_DIR="off", MPLBACKEND="Agg")
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-    port = str(_free_port())
-    logs = [open(out / f"p{i}.log", "w") for i in range(2)]  # files: a full pipe cannot block
-    procs = [
-        subprocess.Popen(
-            [sys.executable, WORKER, port, str(i), str(out / f"p{i}.npz")],
-            env=env,
-            stdout=logs[i],
-            stderr=subprocess.STDOUT,
-        )
-        for i in range(2)
-    ]
-    deadline = time.monotonic() + 300
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    procs = []
+    for a, log in zip(args, logs, strict=True):
+        with open(log, "w") as f:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-u", script, *a], env=env, stdout=f, stderr=subprocess.STDOUT
+                )
+            )
+    return procs
+
+
+def wait_for(procs: list, timeout_s: float, *, stop_on_failure: bool = True) -> None:
+    """Wait until every process exited, or (`stop_on_failure`) one failed (the others would wait
+    for it until a timeout), or `timeout_s` passed; then kill those still running."""
+    deadline = time.monotonic() + timeout_s
     try:
-        # If one worker fails, the other would wait for it until the coordinator's timeout.
         while time.monotonic() < deadline:
             codes = [p.poll() for p in procs]
-            if None not in codes or any(c not in (None, 0) for c in codes):
+            failed = stop_on_failure and any(c not in (None, 0) for c in codes)
+            if None not in codes or failed:
                 break
             time.sleep(0.2)
     finally:
@@ -56,14 +62,26 @@ def two_process_results(tmp_path_factory):
             if p.poll() is None:
                 p.kill()
                 p.wait()
-        for f in logs:
-            f.close()
-    failed = [
-        f"worker {i} exited with {p.returncode}:\n{(out / f'p{i}.log').read_text()[-3000:]}"
-        for i, p in enumerate(procs)
+
+
+def failures(procs: list, logs: list[pathlib.Path]) -> str:
+    """What went wrong in the processes that did not exit with 0 ("" if none)."""
+    return "\n".join(
+        f"worker {i} exited with {p.returncode}:\n{log.read_text()[-3000:]}"
+        for i, (p, log) in enumerate(zip(procs, logs, strict=True))
         if p.returncode != 0
-    ]
-    assert not failed, "\n".join(failed)
+    )
+
+
+@pytest.fixture(scope="module")
+def two_process_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("multihost")
+    port = str(free_port())
+    logs = [out / f"p{i}.log" for i in range(2)]
+    procs = start_workers(WORKER, [[port, str(i), str(out / f"p{i}.npz")] for i in range(2)], logs)
+    wait_for(procs, 300)
+    failed = failures(procs, logs)
+    assert not failed, failed
     return [dict(np.load(out / f"p{i}.npz")) for i in range(2)]
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import csv
 import os
-import shutil
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from defuse_jax.files import atomic_write
+from defuse_jax.files import atomic_write, copy_file
 from defuse_jax.labeling.answers import INT_RE, canonical_text, check_class_names, parse_label
 
 HEADER: Final = (
@@ -267,9 +266,7 @@ def write_backup(path: str | os.PathLike) -> str:
     while os.path.exists(backup := f"{path}.bak{n or ''}"):
         n += 1
     # Atomically too: a kill mid-copy must not leave a truncated backup that looks like the answers.
-    with open(path, "rb") as src, atomic_write(backup, "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    shutil.copystat(path, backup)
+    copy_file(path, backup)
     return backup
 
 
