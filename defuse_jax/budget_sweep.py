@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from defuse_jax import flags
-from defuse_jax.files import atomic_write, read_json
+from defuse_jax.files import read_json
 from defuse_jax.results_table import cell, write_results
 from defuse_jax.run_config import STAGES
 from defuse_jax.run_dir import RunDir
@@ -242,7 +242,7 @@ def write_outputs(
 
 def plot(rows: Sequence[dict[str, Any]], path: str) -> None:
     """Four panels against the budget (log scale): errors, regions, accuracies, stage times."""
-    from defuse_jax.plots import plt
+    from defuse_jax.plots import plt, save_figure
 
     rows = sorted(rows, key=lambda r: r["samples_per_source"])
     q = [r["samples_per_source"] for r in rows]
@@ -273,12 +273,7 @@ def plot(rows: Sequence[dict[str, Any]], path: str) -> None:
         ax.legend(fontsize=7, loc="best")
     axes[0].set_yscale("log")
     axes[3].set_yscale("log")
-    fig.tight_layout()
-    try:
-        with atomic_write(path, "wb") as f:
-            fig.savefig(f, format="png", dpi=100)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------------------------

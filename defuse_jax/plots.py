@@ -17,6 +17,16 @@ from defuse_jax.files import atomic_write  # noqa: E402
 _TEXT_H = 14  # pixels of one caption line
 
 
+def save_figure(fig, path: str | os.PathLike, *, dpi: int = 100) -> None:
+    """Lay out a matplotlib figure, write it as PNG atomically, and close it (also on error)."""
+    try:
+        fig.tight_layout()
+        with atomic_write(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
+
+
 def _font() -> ImageFont.ImageFont:
     return ImageFont.load_default()
 

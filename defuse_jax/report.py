@@ -27,7 +27,7 @@ import numpy as np
 
 from defuse_jax import label_validity
 from defuse_jax.files import atomic_write, make_dirs, remove
-from defuse_jax.plots import plt
+from defuse_jax.plots import plt, save_figure
 from defuse_jax.run_config import STAGES
 from defuse_jax.run_dir import RunDir
 
@@ -298,15 +298,6 @@ def _region_label(region: Mapping[str, Any], class_names: Sequence[str]) -> str:
 # --------------------------------------------------------------------------- plots
 
 
-def _save_figure(fig: Any, path: str) -> None:
-    try:
-        fig.tight_layout()
-        with atomic_write(path, "wb") as f:
-            fig.savefig(f, format="png", dpi=100)
-    finally:
-        plt.close(fig)
-
-
 def pca_2d(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Project codes [M, L] on their first two principal components (numpy SVD).
 
@@ -357,7 +348,7 @@ def plot_latent_pca(
     ax.set_title(title or f"Error codes in latent space (M = {len(proj)})", fontsize=10)
     if 0 < len(region_ids) <= 20:  # a legend with dozens of entries hides the points
         ax.legend(fontsize=7, markerscale=2, loc="best", framealpha=0.8)
-    _save_figure(fig, path)
+    save_figure(fig, path)
     return path
 
 
@@ -400,7 +391,7 @@ def plot_region_accuracy(
     ax.set_ylim(0, 105)
     ax.set_title("Region accuracy before / after correction", fontsize=10)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    _save_figure(fig, path)
+    save_figure(fig, path)
     return path
 
 

@@ -26,7 +26,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from defuse_jax import flags
-from defuse_jax.files import atomic_write
 from defuse_jax.regions import DistillConfig, distill
 from defuse_jax.results_table import cell, write_results
 from defuse_jax.search import SearchConfig, SearchResult, latent_search, latent_search_sweep
@@ -219,7 +218,7 @@ def write_outputs(
 def plot(rows: Sequence[dict[str, Any]], path: str) -> None:
     """Errors per million samples and distinct regions against scale, one line per (distribution,
     mode, samples); settings without a scale are dashed horizontal lines."""
-    from defuse_jax.plots import plt
+    from defuse_jax.plots import plt, save_figure
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     lines: dict[tuple, list[dict[str, Any]]] = {}
@@ -246,12 +245,7 @@ def plot(rows: Sequence[dict[str, Any]], path: str) -> None:
         ax.set_xlabel("perturbation scale")
         ax.set_title(title)
     axes[1].legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    try:
-        with atomic_write(path, "wb") as f:
-            fig.savefig(f, format="png", dpi=110)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 # --------------------------------------------------------------------------------------------
