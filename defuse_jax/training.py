@@ -105,6 +105,13 @@ def _step_fn(loss_fn: LossFn, graphdef: Any, optimizer: optax.GradientTransforma
     return train_step
 
 
+def _step_if(step, ok: jax.Array, state: TrainState, batch: Batch, step_key: jax.Array):
+    """One train step when `ok`, else the state unchanged and zero metrics (fixed-length scans)."""
+    new, metrics = step(state, batch, step_key)
+    new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
+    return new, jax.tree.map(lambda m: jnp.where(ok, m, jnp.zeros_like(m)), metrics)
+
+
 def make_train_segment(
     loss_fn: LossFn,
     graphdef: Any,
@@ -136,9 +143,7 @@ def make_train_segment(
             batch = {k: v[i] for k, v in data.items()}
             if batch_sharding is not None:
                 batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
-            new, metrics = step(st, batch, step_key)
-            new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, st)
-            return new, jax.tree.map(lambda m: jnp.where(ok, m, jnp.zeros_like(m)), metrics)
+            return _step_if(step, ok, st, batch, step_key)
 
         return jax.lax.scan(body, state, (idx, valid))
 
@@ -162,9 +167,7 @@ def make_fed_segment(
 
         def body(st, inputs):
             batch, ok = inputs
-            new, metrics = step(st, batch, step_key)
-            new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, st)
-            return new, jax.tree.map(lambda m: jnp.where(ok, m, jnp.zeros_like(m)), metrics)
+            return _step_if(step, ok, st, batch, step_key)
 
         return jax.lax.scan(body, state, (batches, valid))
 
