@@ -1,7 +1,9 @@
 """Datasets as numpy arrays: the embedded sklearn `digits` and TFDS image datasets.
 
 One entry point, `load_dataset(DataConfig(...))`, returns a `Dataset` with images as float32
-in [0, 1], NHWC (grayscale kept as C=1), int32 labels, train/test splits and metadata.
+in [0, 1], NHWC (grayscale kept as C=1), int32 labels, train/validation/test splits and
+metadata. The validation split is carved from the training split (`DataConfig.val_fraction`);
+no model trains on it.
 
 * `digits` (default): scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes),
   no network needed. Split into train/test with a seeded, stratified `train_test_split`.
@@ -22,8 +24,8 @@ Dataset-specific choices:
 
 Example:
     >>> ds = load_dataset(DataConfig(name="digits", seed=0))
-    >>> ds.x_train.shape, ds.x_train.dtype, ds.num_classes
-    ((1347, 8, 8, 1), dtype('float32'), 10)
+    >>> ds.x_train.shape, ds.x_val.shape, ds.num_classes
+    ((1145, 8, 8, 1), (202, 8, 8, 1), 10)
 """
 
 from __future__ import annotations
@@ -61,7 +63,12 @@ class DataConfig:
         test_fraction: `digits` only: fraction of the 1797 images in the stratified test split.
         max_train: keep only the first `max_train` training examples after a seeded shuffle.
         max_test: same for the test split.
-        seed: seeds the `digits` split and the shuffles behind `max_train` / `max_test`.
+        val_fraction: fraction of the training split (after `max_train`) held out as a
+            validation split that no model trains on. The correction chooses its region weight
+            and epoch on it, so that nothing is ever chosen on the test split. 0: no validation
+            split (the correction then keeps its last epoch of the reference weight).
+        seed: seeds the `digits` split and the shuffles behind `max_train` / `max_test` and the
+            validation split.
     """
 
     name: str = "digits"
@@ -70,6 +77,7 @@ class DataConfig:
     test_fraction: float = 0.25
     max_train: int | None = None
     max_test: int | None = None
+    val_fraction: float = 0.15
     seed: int = 0
 
 
@@ -86,6 +94,9 @@ class Dataset:
         num_classes: number of classes.
         image_shape: `(H, W, C)`.
         class_names: `num_classes` human-readable names, indexed by label.
+        x_val: `[n_val, H, W, C]` validation images carved from the training split (no model
+            trains on them); `n_val` is 0 when `DataConfig.val_fraction` is 0.
+        y_val: `[n_val]` int32.
     """
 
     name: str
@@ -96,6 +107,8 @@ class Dataset:
     num_classes: int
     image_shape: tuple[int, int, int]
     class_names: tuple[str, ...]
+    x_val: np.ndarray
+    y_val: np.ndarray
 
 
 class DatasetNotFoundError(ValueError):
@@ -144,8 +157,8 @@ def load_dataset(config: DataConfig = DataConfig()) -> Dataset:  # noqa: B008 (f
 
     Example:
         >>> ds = load_dataset(DataConfig(name="digits", image_size=16, max_train=100))
-        >>> ds.x_train.shape
-        (100, 16, 16, 1)
+        >>> ds.x_train.shape, ds.x_val.shape
+        ((85, 16, 16, 1), (15, 16, 16, 1))
     """
     _validate(config)
     if config.name == "digits":
@@ -175,6 +188,10 @@ def _validate(config: DataConfig) -> None:
         )
     if not 0.0 < config.test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {config.test_fraction!r}.")
+    if not 0.0 <= config.val_fraction < 1.0:
+        raise ValueError(
+            f"val_fraction must be in [0, 1), got {config.val_fraction!r} (0: no validation split)."
+        )
     for field in ("max_train", "max_test"):
         cap = getattr(config, field)
         if cap is not None and (isinstance(cap, bool) or int(cap) != cap or cap < 1):
@@ -186,6 +203,23 @@ def _cap_indices(n: int, cap: int | None, seed: int, stream: int) -> np.ndarray:
     if cap is None or cap >= n:
         return np.arange(n)
     return np.random.default_rng([seed, stream]).permutation(n)[:cap]
+
+
+def _split_validation(
+    x: np.ndarray, y: np.ndarray, config: DataConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x_train, y_train, x_val, y_val): a seeded `val_fraction` of the training rows as
+    validation, the rest (in their order) for training."""
+    n_val = round(config.val_fraction * len(y))
+    if config.val_fraction > 0 and not 0 < n_val < len(y):
+        raise ValueError(
+            f"val_fraction={config.val_fraction} of {len(y)} training examples leaves "
+            f"{n_val} for validation and {len(y) - n_val} for training; both need at least "
+            "one. Change val_fraction (0 turns the validation split off) or max_train."
+        )
+    val = np.zeros(len(y), bool)
+    val[np.random.default_rng([config.seed, 2]).permutation(len(y))[:n_val]] = True
+    return x[~val], y[~val], x[val], y[val]
 
 
 def _load_digits(config: DataConfig) -> Dataset:
@@ -208,8 +242,11 @@ def _load_digits(config: DataConfig) -> Dataset:
     train = _cap_indices(len(y_train), config.max_train, config.seed, 0)
     test = _cap_indices(len(y_test), config.max_test, config.seed, 1)
     x_train, y_train, x_test, y_test = x_train[train], y_train[train], x_test[test], y_test[test]
+    x_train, y_train, x_val, y_val = _split_validation(x_train, y_train, config)
     if config.image_size is not None and config.image_size != x.shape[1]:
-        x_train, x_test = (_resize_float(a, config.image_size) for a in (x_train, x_test))
+        x_train, x_val, x_test = (
+            _resize_float(a, config.image_size) for a in (x_train, x_val, x_test)
+        )
     return Dataset(
         name="digits",
         x_train=x_train,
@@ -219,6 +256,8 @@ def _load_digits(config: DataConfig) -> Dataset:
         num_classes=num_classes,
         image_shape=tuple(x_train.shape[1:]),
         class_names=tuple(str(c) for c in bunch.target_names),
+        x_val=x_val,
+        y_val=y_val,
     )
 
 
@@ -318,15 +357,18 @@ def _load_tfds(config: DataConfig, spec: _TfdsSpec) -> Dataset:
                 f"(min {y.min()}, max {y.max()}); is the split unlabeled?"
             )
         arrays += [x, y]
+    x_train, y_train, x_val, y_val = _split_validation(arrays[0], arrays[1], config)
     return Dataset(
         name=config.name,
-        x_train=arrays[0],
-        y_train=arrays[1],
+        x_train=x_train,
+        y_train=y_train,
         x_test=arrays[2],
         y_test=arrays[3],
         num_classes=len(class_names),
         image_shape=image_shape,
         class_names=class_names,
+        x_val=x_val,
+        y_val=y_val,
     )
 
 

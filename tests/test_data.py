@@ -25,13 +25,16 @@ def digits():
 
 def test_digits_shapes_dtypes_range_and_metadata(digits):
     assert digits.name == "digits"
-    assert digits.x_train.shape == (1347, 8, 8, 1)
-    assert digits.x_test.shape == (450, 8, 8, 1)  # ceil(0.25 * 1797)
-    assert digits.y_train.shape == (1347,) and digits.y_test.shape == (450,)
-    for x in (digits.x_train, digits.x_test):
+    # 1347 training images (1797 - ceil(0.25 * 1797)), 15% of them (202) for validation.
+    assert digits.x_train.shape == (1145, 8, 8, 1) and digits.x_val.shape == (202, 8, 8, 1)
+    assert digits.x_test.shape == (450, 8, 8, 1)
+    assert digits.y_train.shape == (1145,) and digits.y_test.shape == (450,)
+    assert digits.y_val.shape == (202,)
+    for x in (digits.x_train, digits.x_val, digits.x_test):
         assert x.dtype == np.float32
         assert x.min() == 0.0 and x.max() == 1.0
-    assert digits.y_train.dtype == np.int32 and digits.y_test.dtype == np.int32
+    for y in (digits.y_train, digits.y_val, digits.y_test):
+        assert y.dtype == np.int32
     assert digits.num_classes == 10
     assert digits.image_shape == (8, 8, 1)
     assert digits.class_names == tuple(str(i) for i in range(10))
@@ -44,8 +47,12 @@ def test_digits_split_is_a_partition_of_the_sklearn_data(digits):
     original = np.concatenate([bunch.images.reshape(-1, 64) / 16.0, bunch.target[:, None]], 1)
     split = np.concatenate(
         [
-            np.concatenate([digits.x_train.reshape(-1, 64), digits.y_train[:, None]], 1),
-            np.concatenate([digits.x_test.reshape(-1, 64), digits.y_test[:, None]], 1),
+            np.concatenate([x.reshape(-1, 64), y[:, None]], 1)
+            for x, y in (
+                (digits.x_train, digits.y_train),
+                (digits.x_val, digits.y_val),
+                (digits.x_test, digits.y_test),
+            )
         ]
     )
     # Same multiset of (image, label) rows: nothing lost, duplicated or relabelled.
@@ -56,7 +63,7 @@ def test_digits_split_is_a_partition_of_the_sklearn_data(digits):
 @pytest.mark.parametrize("test_fraction", [0.25, 0.5])
 def test_digits_split_is_stratified(test_fraction):
     ds = load_dataset(DataConfig(test_fraction=test_fraction, seed=3))
-    total = np.bincount(np.concatenate([ds.y_train, ds.y_test]), minlength=10)
+    total = np.bincount(np.concatenate([ds.y_train, ds.y_val, ds.y_test]), minlength=10)
     expected = total * len(ds.y_test) / total.sum()
     assert np.all(np.abs(np.bincount(ds.y_test, minlength=10) - expected) <= 1.0)
 
@@ -64,7 +71,7 @@ def test_digits_split_is_stratified(test_fraction):
 def test_digits_is_deterministic_per_seed(digits):
     same = load_dataset(DataConfig(seed=0))
     other = load_dataset(DataConfig(seed=1))
-    for field in ("x_train", "y_train", "x_test", "y_test"):
+    for field in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
         np.testing.assert_array_equal(getattr(same, field), getattr(digits, field))
     assert not np.array_equal(other.y_train, digits.y_train)
 
@@ -73,18 +80,38 @@ def test_digits_is_deterministic_per_seed(digits):
     ("max_train", "max_test", "n_train", "n_test"),
     [(100, 30, 100, 30), (None, 7, 1347, 7), (5000, None, 1347, 450)],
 )
-def test_digits_caps_take_a_seeded_subset(digits, max_train, max_test, n_train, n_test):
-    config = DataConfig(max_train=max_train, max_test=max_test)
+def test_digits_caps_take_a_seeded_subset(max_train, max_test, n_train, n_test):
+    config = DataConfig(max_train=max_train, max_test=max_test, val_fraction=0.0)
     ds = load_dataset(config)
     assert len(ds.x_train) == len(ds.y_train) == n_train
     assert len(ds.x_test) == len(ds.y_test) == n_test
+    assert ds.x_val.shape == (0, 8, 8, 1) and ds.y_val.shape == (0,)
     # Every kept row is a row of the uncapped split (same seed -> same split), without repeats.
-    full = {row.tobytes() for row in digits.x_train.reshape(len(digits.x_train), -1)}
+    uncapped = load_dataset(DataConfig(val_fraction=0.0))
+    full = {row.tobytes() for row in uncapped.x_train.reshape(len(uncapped.x_train), -1)}
     kept = [row.tobytes() for row in ds.x_train.reshape(n_train, -1)]
     assert set(kept) <= full
     again = load_dataset(config)
     np.testing.assert_array_equal(again.x_train, ds.x_train)
     np.testing.assert_array_equal(again.y_test, ds.y_test)
+
+
+@pytest.mark.parametrize(
+    ("max_train", "val_fraction", "n_val"), [(None, 0.15, 202), (100, 0.1, 10), (20, 0.5, 10)]
+)
+def test_validation_is_a_seeded_part_of_the_capped_training_split(max_train, val_fraction, n_val):
+    config = DataConfig(max_train=max_train, val_fraction=val_fraction)
+    ds = load_dataset(config)
+    whole = load_dataset(dataclasses.replace(config, val_fraction=0.0))
+    assert len(ds.y_val) == n_val and len(ds.y_train) + n_val == len(whole.y_train)
+    rows = lambda x, y: [a.tobytes() + bytes([b]) for a, b in zip(x, y, strict=True)]  # noqa: E731
+    train, val = rows(ds.x_train, ds.y_train), rows(ds.x_val, ds.y_val)
+    # No training image is a validation image, and together they are the capped split.
+    assert not set(train) & set(val)
+    assert sorted(train + val) == sorted(rows(whole.x_train, whole.y_train))
+    assert ds.x_test.shape == whole.x_test.shape  # the test split is untouched
+    other = load_dataset(dataclasses.replace(config, seed=config.seed + 1))
+    assert not np.array_equal(other.y_val, ds.y_val) or not np.array_equal(other.x_val, ds.x_val)
 
 
 def test_digits_caps_differ_across_seeds():
@@ -95,7 +122,8 @@ def test_digits_caps_differ_across_seeds():
 
 def test_digits_resize():
     ds = load_dataset(DataConfig(image_size=16, max_train=20, max_test=20))
-    assert ds.x_train.shape == (20, 16, 16, 1) and ds.image_shape == (16, 16, 1)
+    assert ds.x_train.shape == (17, 16, 16, 1) and ds.image_shape == (16, 16, 1)
+    assert ds.x_val.shape == (3, 16, 16, 1)
     assert ds.x_train.dtype == np.float32
     assert 0.0 <= ds.x_train.min() and ds.x_train.max() <= 1.0
     small = load_dataset(DataConfig(max_train=20, max_test=20))
@@ -189,7 +217,7 @@ _TFDS_CASES = [
 @pytest.mark.parametrize(("name", "size", "shape", "test_split", "names", "k"), _TFDS_CASES)
 def test_tfds_datasets(fake_tfds, name, size, shape, test_split, names, k):
     requested, _ = fake_tfds
-    ds = load_dataset(DataConfig(name=name, image_size=size))
+    ds = load_dataset(DataConfig(name=name, image_size=size, val_fraction=0.0))
     assert requested == ["train", test_split]
     assert ds.name == name and ds.image_shape == shape
     assert ds.num_classes == k == len(ds.class_names) and ds.class_names[:2] == names
@@ -207,7 +235,9 @@ def test_tfds_datasets(fake_tfds, name, size, shape, test_split, names, k):
 
 
 def test_tfds_caps_pair_images_with_labels(fake_tfds):
-    config = DataConfig(name="svhn_cropped", image_size=8, max_train=9, max_test=5, seed=4)
+    config = DataConfig(
+        name="svhn_cropped", image_size=8, max_train=9, max_test=5, val_fraction=0.0, seed=4
+    )
     ds = load_dataset(config)
     assert ds.x_train.shape == (9, 8, 8, 3) and ds.x_test.shape == (5, 8, 8, 3)
     index = np.rint(ds.x_train[:, 0, 0, 0] * 255).astype(int)  # record id from the image
@@ -224,9 +254,9 @@ def test_tfds_caps_pair_images_with_labels(fake_tfds):
 def test_tfds_downscale_is_antialiased(fake_tfds):
     _, pattern = fake_tfds
     pattern["value"] = "noise"
-    ds = load_dataset(DataConfig(name="mnist", image_size=7, max_train=4, max_test=1))
-    native = load_dataset(DataConfig(name="mnist", max_train=4, max_test=1))
-    assert ds.x_train.shape == (4, 7, 7, 1)
+    ds = load_dataset(DataConfig(name="mnist", image_size=7, max_train=5, max_test=1))
+    native = load_dataset(DataConfig(name="mnist", max_train=5, max_test=1))
+    assert ds.x_train.shape == (4, 7, 7, 1) and ds.x_val.shape == (1, 7, 7, 1)
     # Each output pixel averages many noisy input pixels (point sampling would keep the spread).
     assert ds.x_train.std() < 0.35 * native.x_train.std()
     np.testing.assert_allclose(ds.x_train.mean(), native.x_train.mean(), atol=0.05)
@@ -265,6 +295,9 @@ def test_missing_data_dir_is_named(tmp_path, name):
         DataConfig(test_fraction=0.001),  # 2 test images for 10 classes
         DataConfig(max_train=0),
         DataConfig(max_test=-3),
+        DataConfig(val_fraction=-0.1),
+        DataConfig(val_fraction=1.0),
+        DataConfig(max_train=3, val_fraction=0.9),  # 3 of 3 for validation, none to train
     ],
 )
 def test_bad_options_are_rejected(config):
