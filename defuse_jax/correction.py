@@ -14,18 +14,20 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from defuse_jax import correction_selection as sel
 from defuse_jax import models, region_overlap
+from defuse_jax.checkpoint import Checkpointer
 from defuse_jax.files import write_json
 from defuse_jax.models import Params
 from defuse_jax.regions import Regions, region_cholesky
-from defuse_jax.training import LossFn, TrainConfig, fit
+from defuse_jax.training import LossFn, TrainConfig, TrainState, fit, make_optimizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,10 +53,14 @@ class CorrectConfig:
         checkpoint_every: save every this many steps.
     """
 
+    select: bool = True
+    lams: tuple[float, ...] = (0.001, 0.003, 0.01)
+    max_val_drop: float = 0.005
+    select_samples: int = 64
     lam: float = 0.01
     region_batch_size: int = 64
     tau: float = 0.01
-    epochs: int = 40
+    epochs: int = 20
     batch_size: int = 64
     learning_rate: float = 3e-4
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
@@ -63,6 +69,17 @@ class CorrectConfig:
     resolve_overlap: bool = True
     seed: int = 0
     checkpoint_every: int = 500
+
+    def __post_init__(self):
+        if not self.lams or any(not lam > 0 for lam in self.lams):
+            raise ValueError(f"lams must be one or more positive weights, got {self.lams!r}.")
+        if not 0.0 <= self.max_val_drop <= 1.0:
+            raise ValueError(
+                f"max_val_drop is a fraction of accuracy in [0, 1] (0.005 = 0.5 pt), got "
+                f"{self.max_val_drop!r}."
+            )
+        if self.select_samples < 1:
+            raise ValueError(f"select_samples must be >= 1, got {self.select_samples}.")
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(
@@ -138,6 +155,14 @@ def make_correction_loss(
     return loss_fn
 
 
+class Correction(NamedTuple):
+    """What `fine_tune` returns."""
+
+    params: Params  # the fine-tuned (or, when nothing was within bounds, original) classifier
+    history: list[dict[str, float]]  # per-epoch records of the kept lambda's run
+    selection: dict[str, Any] | None  # the choice on validation data (None: `select` off)
+
+
 def fine_tune(
     classifier: Params,
     vae: Params,
@@ -146,10 +171,13 @@ def fine_tune(
     *,
     x_train: np.ndarray,
     y_train: np.ndarray,
+    x_val: np.ndarray | None = None,
+    y_val: np.ndarray | None = None,
     config: CorrectConfig,
     out_dir: str,
+    min_error_rate: float = 0.5,
     progress: bool = True,
-) -> tuple[Params, list[dict[str, float]]]:
+) -> Correction:
     """Fine-tune `classifier` on its training data plus samples of the labeled regions.
 
     Args:
@@ -159,43 +187,109 @@ def fine_tune(
         regions: the distilled regions.
         labels: {region id: class} of the labeled regions (skipped ones left out).
         x_train: [N, H, W, C] training images; y_train: [N] labels.
+        x_val: [n_val, H, W, C] validation images no model trained on; y_val: [n_val] labels
+            (needed when `config.select` is on).
         config: fine-tuning settings.
-        out_dir: where the fine-tuned model's checkpoints and config.json go (resumable).
+        out_dir: where the kept model's checkpoint and config.json go, and with `select` on,
+            each lambda's run under `lam_<value>/` and the choice in `selection.json`
+            (resumable).
+        min_error_rate: the distill stage's threshold: which regions the choice watches.
         progress: show a progress bar.
-
-    Returns:
-        (fine-tuned params, per-epoch history).
     """
     if not labels:
         raise ValueError("fine_tune needs at least one labeled region.")
     ids = np.asarray(sorted(labels), np.int64)
-    loss = make_correction_loss(
+    region_args = (
         vae,
         regions.means[ids],
         region_cholesky(regions, tau=config.tau)[ids],
         np.asarray([labels[int(i)] for i in ids], np.int32),
-        lam=config.lam,
-        region_batch_size=config.region_batch_size,
-        anchor=classifier,
-        anchor_weight=config.anchor,
-        resolve_overlap=config.resolve_overlap,
     )
+
+    def loss(lam: float) -> LossFn:
+        return make_correction_loss(
+            *region_args,
+            lam=lam,
+            region_batch_size=config.region_batch_size,
+            anchor=classifier,
+            anchor_weight=config.anchor,
+            resolve_overlap=config.resolve_overlap,
+        )
+
     train = config.train_config()
-    params, history = fit(
-        classifier,
-        loss,
-        {"x": x_train, "y": np.asarray(y_train, np.int32)},
-        config=train,
-        checkpoint_dir=os.path.join(out_dir, "ckpt"),
-        fingerprint={
-            "correct": dataclasses.asdict(config),
-            "labels": {str(k): int(v) for k, v in labels.items()},
-        },  # fmt: skip
-        desc="correct",
-        progress=progress,
-    )
+    data = {"x": x_train, "y": np.asarray(y_train, np.int32)}
+    fingerprint = {
+        "correct": dataclasses.asdict(config),
+        "labels": {str(k): int(v) for k, v in labels.items()},
+    }
+    if not config.select:
+        params, history = fit(
+            classifier, loss(config.lam), data, config=train,
+            checkpoint_dir=os.path.join(out_dir, "ckpt"), fingerprint=fingerprint,
+            desc="correct", progress=progress,
+        )  # fmt: skip
+        _describe(out_dir, classifier, train)
+        return Correction(params, history, None)
+
+    held_out = sel.selection_data(
+        classifier, vae, regions, labels, x_val=np.asarray(x_val), y_val=np.asarray(y_val),
+        samples=config.select_samples, tau=config.tau, seed=config.seed,
+        min_error_rate=min_error_rate,
+    )  # fmt: skip
+    eval_fn, eval_data = sel.scorer(held_out)
+    original = sel.score_original(classifier, held_out)
+    bounds = {"baseline_val": original.val_accuracy, "max_val_drop": config.max_val_drop}
+    runs: dict[float, tuple[sel.BestEpoch, list[dict[str, float]]]] = {}
+    for lam in config.lams:
+        run_dir = os.path.join(out_dir, f"lam_{lam:g}")
+        keeper = sel.BestEpoch(run_dir, lam=lam, fingerprint=fingerprint, **bounds)
+        _, history = fit(
+            classifier, loss(lam), data, config=train,
+            checkpoint_dir=os.path.join(run_dir, "ckpt"), fingerprint=fingerprint,
+            eval_fn=eval_fn, eval_data=eval_data, eval_prefix="select_", on_epoch=keeper,
+            desc=f"correct (lambda={lam:g})", progress=progress,
+        )  # fmt: skip
+        runs[lam] = (keeper, history)
+    candidates = [original] + [k.best for k, _ in runs.values() if k.best is not None]
+    chosen = max(candidates, key=lambda s: sel.rank(s, **bounds))
+    if chosen.epoch == 0:
+        params, history = classifier, []
+    else:
+        keeper, history = runs[chosen.lam]
+        params = keeper.load(classifier)
+    _save_kept(out_dir, params, train, fingerprint={**fingerprint, "chosen": chosen._asdict()})
     _describe(out_dir, classifier, train)
-    return params, history
+    selection = {
+        "chosen": chosen._asdict(),
+        "original": original._asdict(),
+        "kept_original": chosen.epoch == 0,
+        "watched_regions": held_out.watched,
+        "num_val": int(len(y_val)),
+        "per_lam": {
+            f"{lam:g}": [
+                {
+                    "epoch": int(h["epoch"]),
+                    "val_accuracy": h["select_val_accuracy"],
+                    "region_accuracy": h["select_region_accuracy"],
+                }
+                for h in hist
+            ]
+            for lam, (_, hist) in runs.items()
+        },  # fmt: skip
+    }
+    write_json(os.path.join(out_dir, "selection.json"), selection)
+    return Correction(params, history, selection)
+
+
+def _save_kept(out_dir: str, params: Params, train: TrainConfig, *, fingerprint: dict) -> None:
+    """The kept model as a one-step checkpoint in `out_dir/ckpt`, where `load_trained` reads
+    it (with a fresh optimiser state: it is a finished model, not a run to resume)."""
+    state = TrainState(
+        jnp.ones((), jnp.int32), params.state, make_optimizer(train).init(params.state)
+    )
+    ckpt = Checkpointer(os.path.join(out_dir, "ckpt"), fingerprint=fingerprint, save_every=1)
+    ckpt.save(1, state, force=True)
+    ckpt.close()
 
 
 def _describe(out_dir: str, classifier: Params, train: TrainConfig) -> None:

@@ -37,7 +37,7 @@ from defuse_jax import distributed as dist
 from defuse_jax import evaluation, identification, label_validity, region_overlap
 from defuse_jax import report as report_lib
 from defuse_jax import train_models as tm
-from defuse_jax.correction import fine_tune
+from defuse_jax.correction import CorrectConfig, fine_tune
 from defuse_jax.data import Dataset
 from defuse_jax.files import move, read_json, sha256, write_json
 from defuse_jax.label_stage import (  # noqa: F401 - the public API of a run directory
@@ -148,21 +148,37 @@ def stage_correct(ctx: Context) -> dict[str, Any]:
     overlap = region_overlap.overlap_summary(
         regions, labels, tau=cfg.tau, key=jax.random.fold_in(jax.random.key(cfg.seed), 2)
     )
-    params, history = fine_tune(
+    result = fine_tune(
         ctx.model("classifier"),
         ctx.model("vae"),
         regions,
         labels,
         x_train=ds.x_train,
         y_train=ds.y_train,
+        x_val=ds.x_val,
+        y_val=ds.y_val,
         config=cfg,
         out_dir=ctx.path("correct", "classifier"),
+        min_error_rate=ctx.config.distill.min_error_rate,
         progress=ctx.config.progress,
     )
-    ctx._models["corrected"] = params
-    ctx.log(f"correct: fine-tuned on {len(labels)} labeled regions (lambda={cfg.lam})")
+    ctx._models["corrected"] = result.params
+    chosen = result.selection and result.selection["chosen"]
+    if chosen is None:
+        ctx.log(f"correct: fine-tuned on {len(labels)} labeled regions (lambda={cfg.lam})")
+    elif result.selection["kept_original"]:
+        ctx.log(
+            f"correct: no lambda in {list(cfg.lams)} kept validation accuracy within "
+            f"{cfg.max_val_drop * 100:g} pt: the original classifier is kept"
+        )
+    else:
+        ctx.log(
+            f"correct: fine-tuned on {len(labels)} labeled regions; chose lambda="
+            f"{chosen['lam']:g}, epoch {chosen['epoch']} of {cfg.epochs} on validation data"
+        )
     return {"skipped": False, "reason": None, "num_regions": len(labels),
-            "seconds": time.perf_counter() - t0, "history": history,
+            "seconds": time.perf_counter() - t0, "history": result.history,
+            "selection": result.selection,
             "overlap": {str(k): v for k, v in overlap.items()}}  # fmt: skip
 
 
@@ -223,8 +239,11 @@ def build_report(ctx: Context) -> report_lib.Report:
     confirmed = evaluation.confirmed_error_regions(
         before["per_region"], min_error_rate=ctx.config.distill.min_error_rate
     )
+    # With no confirmed error (the labeler sided with the classifier everywhere) it covers every
+    # labeled region, which the correction must then keep right (`Report.region_accuracy_scope`).
+    scope = confirmed or sorted(labels)
     before, after = (
-        {**ev, "region_accuracy": evaluation.region_accuracy(ev["per_region"], confirmed)}
+        {**ev, "region_accuracy": evaluation.region_accuracy(ev["per_region"], scope)}
         for ev in (before, after)
     )
     oracle = _oracle_agreement(ctx, regions, labels) if ctx.config.uses_oracle else None
@@ -253,8 +272,9 @@ def build_report(ctx: Context) -> report_lib.Report:
         correction=report_lib.CorrectionReport(
             skipped=correct_summary["skipped"],
             reason=correct_summary.get("reason"),
-            lam=ctx.config.correct.lam,
-            epochs=ctx.config.correct.epochs,
+            lam=_kept_lam(ctx.config.correct, correct_summary.get("selection")),
+            epochs=_kept_epochs(ctx.config.correct, correct_summary.get("selection")),
+            selection=correct_summary.get("selection"),
             resolve_overlap=ctx.config.correct.resolve_overlap,
             seconds=correct_summary.get("seconds"),
         ),
@@ -273,6 +293,15 @@ def build_report(ctx: Context) -> report_lib.Report:
         f"{pct(report['region_accuracy_before'])} -> {pct(report['region_accuracy_after'])}"
     )
     return report_lib.read_report(ctx.run_dir)
+
+
+def _kept_lam(cfg: CorrectConfig, selection: Mapping[str, Any] | None) -> float:
+    """The region weight of the kept model (0.0: the original classifier was kept)."""
+    return cfg.lam if selection is None else float(selection["chosen"]["lam"])
+
+
+def _kept_epochs(cfg: CorrectConfig, selection: Mapping[str, Any] | None) -> int:
+    return cfg.epochs if selection is None else int(selection["chosen"]["epoch"])
 
 
 def _oracle_agreement(

@@ -21,7 +21,7 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any, Final, TypedDict
+from typing import Any, Final, Literal, NotRequired, TypedDict
 
 import numpy as np
 
@@ -70,10 +70,14 @@ class CorrectionReport(TypedDict):
 
     skipped: bool
     reason: str | None  # why it was skipped
-    lam: float  # weight of the region loss (the reference's value is 0.01)
-    epochs: int
+    lam: float  # weight of the region loss of the kept model (the reference's value is 0.01)
+    epochs: int  # epochs of the kept model (0: the original classifier was kept)
     resolve_overlap: bool  # overlapping regions of different labels got mixed targets
     seconds: float | None
+    # The choice of lambda and epoch on validation data (`correction_selection`; None when
+    # `CorrectConfig.select` is off): "chosen" and "original" scores, "kept_original",
+    # "watched_regions", "num_val" and every epoch's scores per lambda ("per_lam").
+    selection: NotRequired[dict[str, Any] | None]
 
 
 class _ReportRequired(TypedDict):
@@ -95,8 +99,11 @@ class _ReportRequired(TypedDict):
     regions_worse_after: list[int]
     test_accuracy_before: float
     test_accuracy_after: float
-    region_accuracy_before: float | None  # mean over confirmed regions (None: none)
+    region_accuracy_before: float | None  # mean over the regions of region_accuracy_scope
     region_accuracy_after: float | None
+    # "confirmed": the confirmed error regions; "labeled": every labeled region, when none is
+    # a confirmed error (the labeler sided with the classifier everywhere); None: no label.
+    region_accuracy_scope: Literal["confirmed", "labeled"] | None
     error_code_accuracy_before: float | None  # on the found codes, by their region's label
     error_code_accuracy_after: float | None
     oracle_agreement: float | None  # mean over labeled regions of the oracle's agreement with
@@ -155,7 +162,7 @@ def assemble(
       config: the run's configuration as a dict.
       confirmed: labeled regions that are errors under their label
         (`evaluation.confirmed_error_regions`); `before` and `after` hold region accuracy over
-        these.
+        these, or over every labeled region when there is none.
       overlap: `region_overlap.overlap_summary` of the labeled regions (None: not measured).
     """
     overlap = overlap or {}
@@ -219,6 +226,7 @@ def assemble(
         test_accuracy_after=after["test_accuracy"],
         region_accuracy_before=before["region_accuracy"],
         region_accuracy_after=after["region_accuracy"],
+        region_accuracy_scope="confirmed" if confirmed else ("labeled" if labels else None),
         error_code_accuracy_before=before["error_code_accuracy"],
         error_code_accuracy_after=after["error_code_accuracy"],
         oracle_agreement=oracle["agreement"] if oracle else None,
@@ -426,7 +434,13 @@ def _summary_lines(report: Mapping[str, Any]) -> list[str]:
         agree = report["num_regions_labeled"] - report.get(
             "num_regions_confirmed", report["num_regions_labeled"]
         )
-        if agree > 0:
+        if agree > 0 and report.get("region_accuracy_scope") == "labeled":
+            text += (
+                f" The labeler sided with the classifier in all {agree} labeled regions: no "
+                "labeled region is a confirmed error, so region accuracy covers every labeled "
+                "region (the correction only has to keep them right)."
+            )
+        elif agree > 0:
             text += (
                 f" {agree} labeled regions got the label the classifier already predicts (the "
                 "labeler sided with the classifier): they are no bug and are not in the region "
@@ -462,7 +476,9 @@ def _summary_lines(report: Mapping[str, Any]) -> list[str]:
             f"{pct(report['oracle_agreement'])} of fresh region samples (mean over the labeled "
             "regions). "
             + (
-                "**Ambiguous labeled regions** (it disagrees on most of their samples): "
+                f"**{len(ambiguous)} ambiguous labeled region{'s' * (len(ambiguous) != 1)}** "
+                "(it disagrees on most of their samples): "
+                f"{'region' if len(ambiguous) == 1 else 'regions'} "
                 f"{', '.join(map(str, ambiguous))}. Their labels were kept; "
                 "look at their grids before trusting their accuracy."
                 if ambiguous
@@ -478,9 +494,12 @@ def before_after_table(report: Mapping[str, Any]) -> str:
 
 
 def _results_table(report: Mapping[str, Any]) -> list[str]:
+    scope = {"confirmed": "confirmed error regions", "labeled": "all labeled regions"}.get(
+        report.get("region_accuracy_scope") or "", "held-out region samples"
+    )
     rows = (
         ("Test accuracy", "test_accuracy"),
-        ("Region accuracy (held-out region samples)", "region_accuracy"),
+        (f"Region accuracy ({scope})", "region_accuracy"),
         ("Accuracy on the found error codes", "error_code_accuracy"),
     )
     lines = ["| metric | before | after | change |", "|---|---:|---:|---:|"]
@@ -578,6 +597,39 @@ def _timings_section(stage_seconds: Mapping[str, float]) -> list[str]:
     return lines
 
 
+def _correction_lines(corr: Mapping[str, Any]) -> list[str]:
+    """How the kept model was chosen (or that the reference schedule was used)."""
+    sec = corr.get("seconds")
+    took = f" ({float(sec):.1f} s)" if sec is not None else ""
+    sel = corr.get("selection")
+    if not sel:
+        return [
+            f"Correction fine-tuned the classifier for {corr.get('epochs')} epochs with "
+            f"lambda = {corr.get('lam')}{took}, keeping the last epoch (no choice on "
+            "validation data)."
+        ]
+    chosen, original = sel["chosen"], sel["original"]
+    tried = ", ".join(sel.get("per_lam", {}))
+    watched = len(sel.get("watched_regions", []))
+    scores = (
+        f"validation accuracy {pct(original['val_accuracy'])} -> {pct(chosen['val_accuracy'])} "
+        f"on {sel.get('num_val')} validation images, accuracy on fresh samples of the "
+        f"{watched} watched regions {pct(original['region_accuracy'])} -> "
+        f"{pct(chosen['region_accuracy'])}"
+    )
+    if sel.get("kept_original"):
+        return [
+            f"Correction tried lambda in {{{tried}}}, but no epoch kept validation accuracy "
+            f"within the allowed drop of the original's, so **the original classifier is "
+            f"kept**{took}."
+        ]
+    return [
+        f"Correction tried lambda in {{{tried}}} and kept **lambda = {chosen['lam']:g}, epoch "
+        f"{chosen['epoch']}**, chosen on held-out data, never on the test split ({scores})"
+        f"{took}. The paper's reference is lambda = 0.01, last epoch (`--no-correct-select`)."
+    ]
+
+
 def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str], *, run_dir: str) -> str:
     """Render the human summary of a run (see :func:`write_report` for the report schema)."""
     out = [f"# Defuse report: {report['dataset']}", "", "## What happened", ""]
@@ -590,13 +642,7 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str], *, run_
     if corr.get("skipped"):
         out += ["", f"Correction was skipped: {corr.get('reason') or 'no reason given'}."]
     elif corr:
-        sec = corr.get("seconds")
-        out += [
-            "",
-            f"Correction fine-tuned the classifier for {corr.get('epochs')} epochs with "
-            f"lambda = {corr.get('lam')}"
-            + (f" in {float(sec):.1f} s." if sec is not None else "."),
-        ]
+        out += ["", *_correction_lines(corr)]
 
     out += ["", "## Regions", ""] + _regions_section(report)
 

@@ -80,6 +80,12 @@ class RunConfig:
             raise ValueError(
                 f"Unknown labeler {self.labeler!r}; use 'source', 'oracle' or 'manual'."
             )
+        if self.correct.select and self.data.val_fraction == 0:
+            raise ValueError(
+                "The correction chooses lambda and its epoch on a validation split "
+                "(correct.select), but data.val_fraction is 0. Set --val-fraction > 0, or "
+                "pass --no-correct-select to keep the last epoch of lambda = correct.lam."
+            )
         if self.max_sources is not None and self.max_sources < 1:
             raise ValueError(f"max_sources must be >= 1 (or None for all), got {self.max_sources}.")
 

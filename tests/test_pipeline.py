@@ -94,8 +94,11 @@ def test_full_run_report_and_resume(finished, tmp_path):
         assert rec["overlaps_with"] == [] or rec["contested"] is not None
     confirmed = [r for r in errors if r["confirmed_error"]]
     assert report["num_regions_confirmed"] == len(confirmed)
+    # Region accuracy covers the confirmed error regions, or every labeled one if there is none.
+    scope = confirmed or [r for r in errors if r["label"] is not None]
+    assert report["region_accuracy_scope"] == ("confirmed" if confirmed else "labeled")
     for when in ("before", "after"):
-        want = np.mean([r[f"accuracy_{when}"] for r in confirmed]) if confirmed else None
+        want = np.mean([r[f"accuracy_{when}"] for r in scope]) if scope else None
         assert report[f"region_accuracy_{when}"] == pytest.approx(want)
     assert os.path.exists(os.path.join(run_dir, "report.md"))
     assert os.path.exists(os.path.join(run_dir, "plots", "latent_pca.png"))

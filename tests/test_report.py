@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 
+from defuse_jax import report as report_lib
 from defuse_jax.report import ACCURACY_PLOT, PCA_PLOT, pca_2d, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -178,7 +179,7 @@ def test_full_report(tmp_path):
     )
     # Label validity: the oracle's mean agreement, its test accuracy and the ambiguous regions.
     assert "test accuracy 98.0%) agrees with the region labels on 56.2%" in md
-    assert "**Ambiguous labeled regions** (it disagrees on most of their samples): 7." in md
+    assert "**1 ambiguous labeled region** (it disagrees on most of their samples): region 7." in md
     assert md.index("| 3 | 120") < md.index("| 0 | 50") < md.index("| 7 | 30")
     for rid in (3, 0, 7):
         assert f"![region {rid}](label/region_{rid:03d}.png)" in md
@@ -430,6 +431,23 @@ def test_regions_that_end_worse_are_named(tmp_path):
     assert md.index("**Labeled as the classifier predicts") < md.index("| 1 | 20 |")
 
 
+@pytest.mark.parametrize(
+    "confirmed, scope, needle",
+    [
+        ([0], "confirmed", "| Region accuracy (confirmed error regions) |"),
+        ([], "labeled", "no labeled region is a confirmed error, so region accuracy covers every"),
+    ],
+)
+def test_region_accuracy_says_which_regions_it_covers(tmp_path, confirmed, scope, needle):
+    report = _assemble(
+        {0: 0.1, 1: 0.9}, {0: 1.0, 1: 1.0}, answers={0: 4, 1: 4}, confirmed=confirmed
+    )
+    assert report["region_accuracy_scope"] == scope
+    _, md = _read(write_report(str(tmp_path), report, codes=np.zeros((0, 2)),
+                               assignment=np.zeros(0, np.int32)))  # fmt: skip
+    assert needle in md
+
+
 def test_overlapping_regions_are_reported(tmp_path):
     overlap = {0: {"contested": 0.4, "overlaps": {1: 0.4}}, 1: {"contested": 0.5,
                "overlaps": {0: 0.5}}, 2: {"contested": 0.0, "overlaps": {}}}  # fmt: skip
@@ -443,3 +461,40 @@ def test_overlapping_regions_are_reported(tmp_path):
                                assignment=np.zeros(0, np.int32)))  # fmt: skip
     assert "2 labeled regions overlap regions of another label (0, 1)" in md
     assert "| 40.0% contested (with 1) |" in md and "| none |" in md
+
+
+_SELECTION = {
+    "chosen": {"lam": 0.003, "epoch": 7, "val_accuracy": 0.97, "region_accuracy": 0.99},
+    "original": {"lam": 0.0, "epoch": 0, "val_accuracy": 0.975, "region_accuracy": 0.3},
+    "kept_original": False,
+    "watched_regions": [1, 4],
+    "num_val": 202,
+    "per_lam": {"0.001": [], "0.003": [], "0.01": []},
+}
+
+
+@pytest.mark.parametrize(
+    "selection, needles",
+    [
+        (None, ["for 20 epochs with lambda = 0.01", "keeping the last epoch"]),
+        (
+            _SELECTION,
+            [
+                "tried lambda in {0.001, 0.003, 0.01}",
+                "**lambda = 0.003, epoch 7**",
+                "97.5% -> 97.0% on 202 validation images",
+                "2 watched regions 30.0% -> 99.0%",
+            ],
+        ),  # fmt: skip
+        (
+            {**_SELECTION, "kept_original": True},
+            ["no epoch kept validation accuracy", "**the original classifier is kept**"],
+        ),
+    ],
+)
+def test_the_report_says_how_the_corrected_model_was_chosen(selection, needles):
+    corr = {"skipped": False, "reason": None, "lam": 0.01, "epochs": 20, "seconds": 3.0,
+            "resolve_overlap": True, "selection": selection}  # fmt: skip
+    text = " ".join(report_lib._correction_lines(corr))
+    for needle in needles:
+        assert needle in text
