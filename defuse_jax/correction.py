@@ -56,7 +56,8 @@ class CorrectConfig:
     select: bool = True
     lams: tuple[float, ...] = (0.001, 0.003, 0.01)
     max_val_drop: float = 0.005
-    select_samples: int = 64
+    max_region_drop: float = 0.02
+    select_samples: int = 256
     lam: float = 0.01
     region_batch_size: int = 64
     tau: float = 0.01
@@ -73,11 +74,12 @@ class CorrectConfig:
     def __post_init__(self):
         if not self.lams or any(not lam > 0 for lam in self.lams):
             raise ValueError(f"lams must be one or more positive weights, got {self.lams!r}.")
-        if not 0.0 <= self.max_val_drop <= 1.0:
-            raise ValueError(
-                f"max_val_drop is a fraction of accuracy in [0, 1] (0.005 = 0.5 pt), got "
-                f"{self.max_val_drop!r}."
-            )
+        for name in ("max_val_drop", "max_region_drop"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(
+                    f"{name} is a fraction of accuracy in [0, 1] (0.005 = 0.5 pt), got "
+                    f"{getattr(self, name)!r}."
+                )
         if self.select_samples < 1:
             raise ValueError(f"select_samples must be >= 1, got {self.select_samples}.")
 
@@ -236,18 +238,17 @@ def fine_tune(
         samples=config.select_samples, tau=config.tau, seed=config.seed,
         min_error_rate=min_error_rate,
     )  # fmt: skip
-    eval_fn, eval_data = sel.scorer(held_out)
-    original = sel.score_original(classifier, held_out)
-    bounds = {"baseline_val": original.val_accuracy, "max_val_drop": config.max_val_drop}
+    original = sel.score(classifier, held_out, lam=0.0, epoch=0)
+    bounds = {"original": original, "max_val_drop": config.max_val_drop,
+              "max_region_drop": config.max_region_drop}  # fmt: skip
     runs: dict[float, tuple[sel.BestEpoch, list[dict[str, float]]]] = {}
     for lam in config.lams:
         run_dir = os.path.join(out_dir, f"lam_{lam:g}")
-        keeper = sel.BestEpoch(run_dir, lam=lam, fingerprint=fingerprint, **bounds)
+        keeper = sel.BestEpoch(run_dir, held_out, lam=lam, fingerprint=fingerprint, **bounds)
         _, history = fit(
             classifier, loss(lam), data, config=train,
             checkpoint_dir=os.path.join(run_dir, "ckpt"), fingerprint=fingerprint,
-            eval_fn=eval_fn, eval_data=eval_data, eval_prefix="select_", on_epoch=keeper,
-            desc=f"correct (lambda={lam:g})", progress=progress,
+            on_epoch=keeper, desc=f"correct (lambda={lam:g})", progress=progress,
         )  # fmt: skip
         runs[lam] = (keeper, history)
     candidates = [original] + [k.best for k, _ in runs.values() if k.best is not None]
@@ -257,13 +258,14 @@ def fine_tune(
     else:
         keeper, history = runs[chosen.lam]
         params = keeper.load(classifier)
-    _save_kept(out_dir, params, train, fingerprint={**fingerprint, "chosen": chosen._asdict()})
+    _save_kept(out_dir, params, train, fingerprint={**fingerprint, "chosen": chosen.as_json()})
     _describe(out_dir, classifier, train)
     selection = {
-        "chosen": chosen._asdict(),
-        "original": original._asdict(),
+        "chosen": chosen.as_json(),
+        "original": original.as_json(),
         "kept_original": chosen.epoch == 0,
-        "watched_regions": held_out.watched,
+        "region_ids": held_out.region_ids,
+        "watched_regions": np.asarray(held_out.region_ids)[held_out.watched].tolist(),
         "num_val": int(len(y_val)),
         "per_lam": {
             f"{lam:g}": [
@@ -271,6 +273,7 @@ def fine_tune(
                     "epoch": int(h["epoch"]),
                     "val_accuracy": h["select_val_accuracy"],
                     "region_accuracy": h["select_region_accuracy"],
+                    "worst_region_drop": h["select_worst_region_drop"],
                 }
                 for h in hist
             ]

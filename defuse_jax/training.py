@@ -252,7 +252,6 @@ def fit(
     fingerprint: dict[str, Any],
     eval_fn: EvalFn | None = None,
     eval_data: Mapping[str, np.ndarray] | None = None,
-    eval_prefix: str = "test_",
     on_epoch: Callable[[Params, dict[str, float]], None] | None = None,
     desc: str = "train",
     progress: bool = True,
@@ -268,10 +267,10 @@ def fit(
         fingerprint: settings that must match for a resume (model config, data, train config).
         eval_fn: optional per-example metrics, evaluated on `eval_data` after every epoch.
         eval_data: arrays for `eval_fn`.
-        eval_prefix: prefix of the eval metrics' names in the history.
         on_epoch: called with the weights and the history record after every epoch, before
-            that epoch's checkpoint (e.g. to keep the best epoch). On a resume, the epochs after
-            the restored checkpoint are run, and reported, again.
+            that epoch's checkpoint (e.g. to keep the best epoch); what it adds to the record
+            goes into the history. On a resume, the epochs after the restored checkpoint are
+            run, and reported, again.
         desc: progress-bar label.
         progress: show a progress bar.
 
@@ -379,7 +378,7 @@ def fit(
             if eval_fn is not None and eval_data is not None:
                 weights = _local(state.params) if fed else state.params
                 ev = evaluate(eval_fn, Params(params.graphdef, weights), eval_data)
-                record.update({f"{eval_prefix}{k}": v for k, v in ev.items()})
+                record.update({f"test_{k}": v for k, v in ev.items()})
             record["seconds"] = time.perf_counter() - t0
             history.append(record)
             if on_epoch is not None:

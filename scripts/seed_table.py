@@ -37,19 +37,32 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
+def _kept(report: dict) -> str:
+    """The kept lambda and epoch (chosen on validation data, or the fixed schedule)."""
+    corr = report.get("correction") or {}
+    if corr.get("skipped"):
+        return "skipped"
+    sel = corr.get("selection")
+    if sel and sel.get("kept_original"):
+        return "original kept"
+    return f"{corr.get('lam'):g} / {corr.get('epochs')}" + ("" if sel else " (fixed)")
+
+
 def table(reports: dict[int, dict]) -> str:
     lines = [
         "| seed | regions (labeled / confirmed errors) | region accuracy | test accuracy "
-        "| test change | regions >5 pt worse |",
-        "|---:|---|---|---|---:|---:|",
+        "| test change | regions >5 pt worse | kept lambda / epoch |",
+        "|---:|---|---|---|---:|---:|---|",
     ]
     for seed, r in reports.items():
         drop = 100 * (r["test_accuracy_after"] - r["test_accuracy_before"])
+        scope = " (all labeled)" if r.get("region_accuracy_scope") == "labeled" else ""
         lines.append(
             f"| {seed} | {r['num_regions']} ({r['num_regions_labeled']} / "
             f"{r['num_regions_confirmed']}) | {_pct(r['region_accuracy_before'])} -> "
-            f"{_pct(r['region_accuracy_after'])} | {_pct(r['test_accuracy_before'])} -> "
-            f"{_pct(r['test_accuracy_after'])} | {drop:+.1f} pt | {len(r['regions_worse_after'])} |"
+            f"{_pct(r['region_accuracy_after'])}{scope} | {_pct(r['test_accuracy_before'])} -> "
+            f"{_pct(r['test_accuracy_after'])} | {drop:+.1f} pt | {len(r['regions_worse_after'])} "
+            f"| {_kept(r)} |"
         )
     after = [r["region_accuracy_after"] for r in reports.values()]
     changes = [100 * (r["test_accuracy_after"] - r["test_accuracy_before"])
@@ -57,7 +70,7 @@ def table(reports: dict[int, dict]) -> str:
     if all(a is not None for a in after):
         lines.append(
             f"| mean / min | | after: {_pct(statistics.mean(after))} / {_pct(min(after))} | "
-            f"| {statistics.mean(changes):+.2f} / {min(changes):+.1f} pt | |"
+            f"| {statistics.mean(changes):+.2f} / {min(changes):+.1f} pt | | |"
         )
     return "\n".join(lines)
 
@@ -76,7 +89,8 @@ def main() -> None:
     if args.json:
         keys = ("num_regions", "num_regions_labeled", "num_regions_confirmed",
                 "region_accuracy_before", "region_accuracy_after", "test_accuracy_before",
-                "test_accuracy_after", "regions_worse_after")  # fmt: skip
+                "test_accuracy_after", "regions_worse_after", "region_accuracy_scope",
+                "correction")  # fmt: skip
         with open(args.json, "w") as f:
             json.dump({s: {k: r[k] for k in keys} for s, r in reports.items()}, f, indent=1)
 

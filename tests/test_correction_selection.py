@@ -15,24 +15,33 @@ from defuse_jax.correction import CorrectConfig, fine_tune
 from defuse_jax.files import read_json
 from defuse_jax.regions import Regions
 
-_BOUNDS = {"baseline_val": 0.90, "max_val_drop": 0.01}
+_ORIGINAL = sel.Score(0.0, 0, 0.90, 0.30, (0.30, 1.00))
+_BOUNDS = {"original": _ORIGINAL, "max_val_drop": 0.01, "max_region_drop": 0.05}
+
+
+def _s(lam, epoch, val, region, other=1.0):
+    """A candidate whose watched region (the first) scores `region`, the other `other`."""
+    return sel.Score(lam, epoch, val, region, (region, other))
 
 
 @pytest.mark.parametrize(
     "better, worse",
     [
-        # Within the bound beats outside it, whatever the region accuracy.
-        (sel.Score(0.01, 3, 0.89, 0.50), sel.Score(0.01, 4, 0.88, 1.00)),
-        # Within the bound: the higher region accuracy wins, even at a lower val accuracy.
-        (sel.Score(0.01, 3, 0.895, 0.99), sel.Score(0.001, 3, 0.95, 0.98)),
+        # Within the bounds beats outside them, whatever the region accuracy.
+        (_s(0.01, 3, 0.89, 0.50), _s(0.01, 4, 0.88, 1.00)),
+        (_s(0.01, 3, 0.89, 0.50), _s(0.01, 4, 0.95, 1.00, other=0.90)),  # a region 10 pt worse
+        # Within: the higher region accuracy wins, even at a lower val accuracy or a region
+        # that lost less than the bound.
+        (_s(0.01, 3, 0.895, 0.99, other=0.96), _s(0.001, 3, 0.95, 0.98)),
         # Equal region accuracy: higher val accuracy, then smaller lambda, then earlier epoch.
-        (sel.Score(0.01, 3, 0.92, 0.99), sel.Score(0.001, 3, 0.91, 0.99)),
-        (sel.Score(0.001, 9, 0.92, 0.99), sel.Score(0.01, 3, 0.92, 0.99)),
-        (sel.Score(0.01, 2, 0.92, 0.99), sel.Score(0.01, 3, 0.92, 0.99)),
-        # Both outside: the smaller loss of val accuracy wins.
-        (sel.Score(0.01, 3, 0.85, 0.10), sel.Score(0.01, 4, 0.80, 1.00)),
-        # The original (epoch 0) is within the bound by definition and loses to any fix there.
-        (sel.Score(0.01, 5, 0.90, 0.60), sel.Score(0.0, 0, 0.90, 0.30)),
+        (_s(0.01, 3, 0.92, 0.99), _s(0.001, 3, 0.91, 0.99)),
+        (_s(0.001, 9, 0.92, 0.99), _s(0.01, 3, 0.92, 0.99)),
+        (_s(0.01, 2, 0.92, 0.99), _s(0.01, 3, 0.92, 0.99)),
+        # Both outside: the smaller worst region loss, then the higher val accuracy.
+        (_s(0.01, 3, 0.85, 0.30, other=0.98), _s(0.01, 4, 0.95, 1.00, other=0.80)),
+        (_s(0.01, 3, 0.85, 0.30), _s(0.01, 4, 0.80, 1.00)),
+        # The original is within the bounds by definition and loses to any fix there.
+        (_s(0.01, 5, 0.90, 0.60), _ORIGINAL),
     ],
 )
 def test_rank_orders_candidates(better, worse):
@@ -56,28 +65,31 @@ def _tiny_models():
     return vae, clf
 
 
-def _record(epoch, val, region):
-    return {"epoch": epoch, "select_val_accuracy": val, "select_region_accuracy": region}
-
-
 def test_best_epoch_keeps_the_best_weights_across_a_resume(tmp_path):
-    _, clf = _tiny_models()
+    vae, clf, regions, x, y = _problem()
+    data = sel.selection_data(clf, vae, regions, {0: 1, 1: 2}, x_val=x[64:], y_val=y[64:],
+                              samples=8, tau=0.01, seed=0, min_error_rate=0.5)  # fmt: skip
     scaled = lambda c: models.Params(clf.graphdef, jax.tree.map(lambda a: a * c, clf.state))  # noqa: E731
-    keeper = sel.BestEpoch(str(tmp_path), lam=0.01, fingerprint={"a": 1}, **_BOUNDS)
-    keeper(scaled(1.0), _record(1, 0.90, 0.50))
-    keeper(scaled(2.0), _record(2, 0.90, 0.80))  # the best
-    keeper(scaled(3.0), _record(3, 0.70, 0.99))  # outside the bound
-    assert keeper.best == sel.Score(0.01, 2, 0.90, 0.80)
+    scores = {c: sel.score(scaled(c), data, lam=0.01, epoch=1) for c in (1.0, -1.0, 0.5)}
+    original = sel.score(clf, data, lam=0.0, epoch=0)
+    bounds = {"original": original, "max_val_drop": 1.0, "max_region_drop": 1.0}
+    best_c = max(scores, key=lambda c: sel.rank(scores[c], **bounds))
+    keeper = sel.BestEpoch(str(tmp_path), data, lam=0.01, fingerprint={"a": 1}, **bounds)
+    records = [{"epoch": epoch} for epoch in (1, 2, 3)]
+    for record, c in zip(records, scores, strict=True):
+        keeper(scaled(c), record)  # scores the epoch into its history record
+        assert record["select_val_accuracy"] == scores[c].val_accuracy
+    assert keeper.best.epoch == 1 + list(scores).index(best_c)
     # A new keeper (a resumed run) starts from the stored best and keeps it against worse ones.
-    resumed = sel.BestEpoch(str(tmp_path), lam=0.01, fingerprint={"a": 1}, **_BOUNDS)
+    resumed = sel.BestEpoch(str(tmp_path), data, lam=0.01, fingerprint={"a": 1}, **bounds)
     assert resumed.best == keeper.best
-    resumed(scaled(4.0), _record(4, 0.90, 0.70))
     for got, want in zip(
-        jax.tree.leaves(resumed.load(clf).state), jax.tree.leaves(scaled(2.0).state), strict=True
+        jax.tree.leaves(resumed.load(clf).state), jax.tree.leaves(scaled(best_c).state), strict=True
     ):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     # Stored by other settings: ignored.
-    assert sel.BestEpoch(str(tmp_path), lam=0.01, fingerprint={"a": 2}, **_BOUNDS).best is None
+    other = sel.BestEpoch(str(tmp_path), data, lam=0.01, fingerprint={"a": 2}, **bounds)
+    assert other.best is None
 
 
 def _problem(seed=0):
@@ -95,34 +107,31 @@ def _problem(seed=0):
 def test_fine_tune_keeps_the_chosen_epoch(tmp_path):
     vae, clf, regions, x, y = _problem()
     config = CorrectConfig(lams=(0.1, 1.0), epochs=3, batch_size=32, select_samples=16,
-                           max_val_drop=1.0)  # fmt: skip
+                           max_val_drop=1.0, max_region_drop=1.0)  # fmt: skip
     out = fine_tune(clf, vae, regions, {0: 1, 1: 2}, x_train=x[:64], y_train=y[:64],
                     x_val=x[64:], y_val=y[64:], config=config, out_dir=str(tmp_path),
                     min_error_rate=0.5, progress=False)  # fmt: skip
     selection = read_json(tmp_path / "selection.json")
     assert out.selection == selection and sorted(selection["per_lam"]) == ["0.1", "1"]
-    # The chosen score is the best over every lambda's epochs (and the original)...
-    scores = [sel.Score(**selection["original"])] + [
-        sel.Score(float(lam), r["epoch"], r["val_accuracy"], r["region_accuracy"])
-        for lam, rows in selection["per_lam"].items()
-        for r in rows
-    ]
-    bounds = {"baseline_val": selection["original"]["val_accuracy"], "max_val_drop": 1.0}
-    best = max(scores, key=lambda s: sel.rank(s, **bounds))
-    assert sel.Score(**selection["chosen"]) == best and best.epoch > 0
-    # ... and the returned model, and the one saved for the report, score exactly that again.
     held_out = sel.selection_data(clf, vae, regions, {0: 1, 1: 2}, x_val=x[64:], y_val=y[64:],
                                   samples=16, tau=config.tau, seed=config.seed,
                                   min_error_rate=0.5)  # fmt: skip
-    rescored = sel.score_original(out.params, held_out)
-    assert (rescored.val_accuracy, rescored.region_accuracy) == (
-        best.val_accuracy,
-        best.region_accuracy,
-    )
+    original = sel.score(clf, held_out, lam=0.0, epoch=0)
+    assert selection["original"]["val_accuracy"] == original.val_accuracy
+    # The chosen epoch is the best of every lambda's epochs (the history has their scores)...
+    rows = [(float(lam), r) for lam, rows in selection["per_lam"].items() for r in rows]
+    assert len(rows) == 2 * 3
+    chosen = sel.Score.from_json(selection["chosen"])
+    best = max(
+        (r["region_accuracy"], r["val_accuracy"], -lam, -r["epoch"]) for lam, r in rows
+    )  # every epoch is within the bounds of 1.0
+    assert (chosen.region_accuracy, chosen.val_accuracy, -chosen.lam, -chosen.epoch) == best
+    # ... and the returned model, and the one saved for the report, score exactly that again.
+    assert sel.score(out.params, held_out, lam=chosen.lam, epoch=chosen.epoch) == chosen
     from defuse_jax.train_models import load_trained
 
     saved, _ = load_trained(str(tmp_path))
-    assert sel.score_original(saved, held_out)[2:] == rescored[2:]
+    assert sel.score(saved, held_out, lam=chosen.lam, epoch=chosen.epoch) == chosen
 
 
 def test_fine_tune_keeps_the_original_when_every_epoch_costs_too_much(tmp_path):
@@ -149,7 +158,14 @@ def test_choosing_without_a_validation_split_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "change", [{"lams": ()}, {"lams": (0.01, 0.0)}, {"max_val_drop": 2.0}, {"select_samples": 0}]
+    "change",
+    [
+        {"lams": ()},
+        {"lams": (0.01, 0.0)},
+        {"max_val_drop": 2.0},
+        {"max_region_drop": -0.1},
+        {"select_samples": 0},
+    ],  # fmt: skip
 )
 def test_bad_selection_settings_are_rejected(change):
     with pytest.raises(ValueError):
