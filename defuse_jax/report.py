@@ -597,6 +597,14 @@ def _timings_section(stage_seconds: Mapping[str, float]) -> list[str]:
     return lines
 
 
+def correction_summary(report: Mapping[str, Any]) -> str:
+    """How the corrected model was chosen, as one Markdown paragraph (e.g. for a notebook)."""
+    corr = report.get("correction") or {}
+    if corr.get("skipped"):
+        return f"Correction was skipped: {corr.get('reason') or 'no reason given'}."
+    return " ".join(_correction_lines(corr)) if corr else ""
+
+
 def _correction_lines(corr: Mapping[str, Any]) -> list[str]:
     """How the kept model was chosen (or that the reference schedule was used)."""
     sec = corr.get("seconds")
@@ -638,11 +646,8 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str], *, run_
         out += ["", "Notes:", ""] + [f"- {m}" for m in report["messages"]]
 
     out += ["", "## Before / after correction", ""] + _results_table(report)
-    corr = report.get("correction") or {}
-    if corr.get("skipped"):
-        out += ["", f"Correction was skipped: {corr.get('reason') or 'no reason given'}."]
-    elif corr:
-        out += ["", *_correction_lines(corr)]
+    if report.get("correction"):
+        out += ["", correction_summary(report)]
 
     out += ["", "## Regions", ""] + _regions_section(report)
 

@@ -495,6 +495,6 @@ _SELECTION = {
 def test_the_report_says_how_the_corrected_model_was_chosen(selection, needles):
     corr = {"skipped": False, "reason": None, "lam": 0.01, "epochs": 20, "seconds": 3.0,
             "resolve_overlap": True, "selection": selection}  # fmt: skip
-    text = " ".join(report_lib._correction_lines(corr))
+    text = report_lib.correction_summary({"correction": corr})
     for needle in needles:
         assert needle in text
