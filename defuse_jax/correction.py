@@ -23,11 +23,10 @@ import optax
 
 from defuse_jax import correction_selection as sel
 from defuse_jax import models, region_overlap
-from defuse_jax.checkpoint import Checkpointer
 from defuse_jax.files import write_json
 from defuse_jax.models import Params
 from defuse_jax.regions import Regions, region_cholesky
-from defuse_jax.training import LossFn, TrainConfig, TrainState, fit, make_optimizer
+from defuse_jax.training import LossFn, TrainConfig, fit, save_finished
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,7 +257,9 @@ def fine_tune(
     else:
         keeper, history = runs[chosen.lam]
         params = keeper.load(classifier)
-    _save_kept(out_dir, params, train, fingerprint={**fingerprint, "chosen": chosen.as_json()})
+    # The kept model goes where `load_trained` reads it, as if it had been trained there.
+    save_finished(params, train, os.path.join(out_dir, "ckpt"),
+                  fingerprint={**fingerprint, "chosen": chosen.as_json()})  # fmt: skip
     _describe(out_dir, classifier, train)
     selection = {
         "chosen": chosen.as_json(),
@@ -282,17 +283,6 @@ def fine_tune(
     }
     write_json(os.path.join(out_dir, "selection.json"), selection)
     return Correction(params, history, selection)
-
-
-def _save_kept(out_dir: str, params: Params, train: TrainConfig, *, fingerprint: dict) -> None:
-    """The kept model as a one-step checkpoint in `out_dir/ckpt`, where `load_trained` reads
-    it (with a fresh optimiser state: it is a finished model, not a run to resume)."""
-    state = TrainState(
-        jnp.ones((), jnp.int32), params.state, make_optimizer(train).init(params.state)
-    )
-    ckpt = Checkpointer(os.path.join(out_dir, "ckpt"), fingerprint=fingerprint, save_every=1)
-    ckpt.save(1, state, force=True)
-    ckpt.close()
 
 
 def _describe(out_dir: str, classifier: Params, train: TrainConfig) -> None:

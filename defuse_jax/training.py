@@ -201,6 +201,22 @@ def _replicated(tree: Any, sharding: NamedSharding) -> Any:
     return jax.tree.map(one, tree)
 
 
+def save_finished(
+    params: Params, config: TrainConfig, checkpoint_dir: str, *, fingerprint: dict[str, Any]
+) -> None:
+    """Save a finished model where `train_models.load_trained` reads it: a one-step checkpoint
+    with a fresh optimiser state (a model to use, not a run to resume). Call it on every process
+    of a distributed run (Orbax writes the replicated arrays once)."""
+    state: Any = TrainState(
+        jnp.ones((), jnp.int32), params.state, make_optimizer(config).init(params.state)
+    )
+    if distributed.is_distributed():
+        state = _replicated(state, NamedSharding(Mesh(np.asarray(jax.devices()), ("data",)), P()))
+    ckpt = Checkpointer(checkpoint_dir, fingerprint=fingerprint, save_every=1)
+    ckpt.save(1, state, force=True)
+    ckpt.close()
+
+
 def _local(tree: Any) -> Any:
     """A replicated global tree's copy on this process's first device."""
     return jax.tree.map(lambda a: a.addressable_data(0), tree)
