@@ -56,6 +56,7 @@ class CorrectConfig:
     lams: tuple[float, ...] = (0.001, 0.003, 0.01)
     max_val_drop: float = 0.005
     max_region_drop: float = 0.02
+    region_tolerance: float = 0.01
     select_samples: int = 256
     lam: float = 0.01
     region_batch_size: int = 64
@@ -73,7 +74,7 @@ class CorrectConfig:
     def __post_init__(self):
         if not self.lams or any(not lam > 0 for lam in self.lams):
             raise ValueError(f"lams must be one or more positive weights, got {self.lams!r}.")
-        for name in ("max_val_drop", "max_region_drop"):
+        for name in ("max_val_drop", "max_region_drop", "region_tolerance"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(
                     f"{name} is a fraction of accuracy in [0, 1] (0.005 = 0.5 pt), got "
@@ -238,48 +239,46 @@ def fine_tune(
         min_error_rate=min_error_rate,
     )  # fmt: skip
     original = sel.score(classifier, held_out, lam=0.0, epoch=0)
-    bounds = {"original": original, "max_val_drop": config.max_val_drop,
-              "max_region_drop": config.max_region_drop}  # fmt: skip
-    runs: dict[float, tuple[sel.BestEpoch, list[dict[str, float]]]] = {}
+    scorer = sel.EpochScores(held_out)
+    histories: dict[float, list[dict[str, float]]] = {}
     for lam in config.lams:
-        run_dir = os.path.join(out_dir, f"lam_{lam:g}")
-        keeper = sel.BestEpoch(run_dir, held_out, lam=lam, fingerprint=fingerprint, **bounds)
-        _, history = fit(
+        _, histories[lam] = fit(
             classifier, loss(lam), data, config=train,
-            checkpoint_dir=os.path.join(run_dir, "ckpt"), fingerprint=fingerprint,
-            on_epoch=keeper, desc=f"correct (lambda={lam:g})", progress=progress,
+            checkpoint_dir=os.path.join(out_dir, f"lam_{lam:g}", "ckpt"),
+            fingerprint=fingerprint, on_epoch=scorer, desc=f"correct (lambda={lam:g})",
+            progress=progress,
         )  # fmt: skip
-        runs[lam] = (keeper, history)
-    candidates = [original] + [k.best for k, _ in runs.values() if k.best is not None]
-    chosen = max(candidates, key=lambda s: sel.rank(s, **bounds))
+    chosen = sel.choose(
+        original,
+        [c for lam, hist in histories.items() for c in sel.scores_of(hist, lam=lam)],
+        max_val_drop=config.max_val_drop,
+        max_region_drop=config.max_region_drop,
+        region_tolerance=config.region_tolerance,
+    )
+    kept_dir = os.path.join(out_dir, "ckpt")  # where `load_trained` reads the kept model
     if chosen.epoch == 0:
         params, history = classifier, []
-    else:
-        keeper, history = runs[chosen.lam]
-        params = keeper.load(classifier)
-    # The kept model goes where `load_trained` reads it, as if it had been trained there.
-    save_finished(params, train, os.path.join(out_dir, "ckpt"),
-                  fingerprint={**fingerprint, "chosen": chosen.as_json()})  # fmt: skip
+        save_finished(params, train, kept_dir, fingerprint={**fingerprint, "kept": "original"})
+    else:  # train the kept lambda again for the kept epochs (deterministic: the same weights)
+        params, history = fit(
+            classifier, loss(chosen.lam), data,
+            config=dataclasses.replace(train, epochs=chosen.epoch), checkpoint_dir=kept_dir,
+            fingerprint={**fingerprint, "kept_lam": chosen.lam}, on_epoch=scorer,
+            desc=f"correct (kept: lambda={chosen.lam:g})", progress=progress,
+        )  # fmt: skip
     _describe(out_dir, classifier, train)
     selection = {
-        "chosen": chosen.as_json(),
-        "original": original.as_json(),
+        "chosen": chosen._asdict(),
+        "original": original._asdict(),
         "kept_original": chosen.epoch == 0,
+        "region_tolerance": config.region_tolerance,
         "region_ids": held_out.region_ids,
         "watched_regions": np.asarray(held_out.region_ids)[held_out.watched].tolist(),
         "num_val": int(len(y_val)),
         "per_lam": {
-            f"{lam:g}": [
-                {
-                    "epoch": int(h["epoch"]),
-                    "val_accuracy": h["select_val_accuracy"],
-                    "region_accuracy": h["select_region_accuracy"],
-                    "worst_region_drop": h["select_worst_region_drop"],
-                }
-                for h in hist
-            ]
-            for lam, (_, hist) in runs.items()
-        },  # fmt: skip
+            f"{lam:g}": [c._asdict() for c in sel.scores_of(hist, lam=lam)]
+            for lam, hist in histories.items()
+        },
     }
     write_json(os.path.join(out_dir, "selection.json"), selection)
     return Correction(params, history, selection)

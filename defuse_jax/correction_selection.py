@@ -10,19 +10,24 @@ scored on two held-out sets that no training step sees:
 
 A candidate is *within bounds* when it loses at most `max_val_drop` of the original's
 validation accuracy and no labeled region loses more than `max_region_drop` of its accuracy.
-Among those, the chosen model has the best accuracy on the *watched* regions: the labeled
-regions that are errors under their label on these samples (every labeled region when there is
-none), as region accuracy is in the report. Ties go to the higher validation accuracy, then the
-smaller lambda, then the earlier epoch. The original classifier is always within bounds, so a
-correction that breaks the bounds at every epoch leaves the classifier as it was, and the
-report says so.
+Among those, the fix is measured on the *watched* regions: the labeled regions that are errors
+under their label on these samples (every labeled region when there is none), as region
+accuracy is in the report. Every candidate within `region_tolerance` of the best watched-region
+accuracy counts as fixing the regions as well as any, and the gentlest of them is kept: the
+smallest lambda, then the earliest epoch (the one-standard-error rule of model selection: the
+most regularised model that scores about as well as the best). The original classifier (lambda
+0, epoch 0) is always within bounds and the gentlest of all, so when no epoch improves the
+watched regions by more than the tolerance, or every epoch breaks the bounds, the classifier is
+left as it was, and the report says so.
+
+The scores of every epoch go into the training history, so only the kept model is trained
+again: `fit` is deterministic, so retraining its lambda for its number of epochs gives it back.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +35,6 @@ import numpy as np
 
 from defuse_jax import models
 from defuse_jax.batching import map_batches
-from defuse_jax.files import read_json, write_json, write_npz
 from defuse_jax.models import Params
 from defuse_jax.regions import Regions, sample_regions
 
@@ -46,14 +50,7 @@ class Score(NamedTuple):
     epoch: int  # epochs fine-tuned (0: the original classifier)
     val_accuracy: float  # on the validation split
     region_accuracy: float  # mean over the watched regions' samples
-    per_region: tuple[float, ...]  # [R] accuracy on each labeled region's samples
-
-    def as_json(self) -> dict[str, Any]:
-        return {**self._asdict(), "per_region": list(self.per_region)}
-
-    @classmethod
-    def from_json(cls, obj: Mapping[str, Any]) -> Score:
-        return cls(**{**obj, "per_region": tuple(obj["per_region"])})
+    worst_region_drop: float  # the most accuracy any labeled region lost against the original
 
 
 class SelectionData(NamedTuple):
@@ -65,6 +62,7 @@ class SelectionData(NamedTuple):
     y_region: np.ndarray  # [R * n] int32 the region's label
     region_ids: list[int]  # [R] the labeled regions, in the order of the samples
     watched: np.ndarray  # [R] bool: the regions whose accuracy is maximised
+    before: np.ndarray  # [R] the original classifier's accuracy on each region's samples
 
 
 def selection_data(
@@ -108,12 +106,12 @@ def selection_data(
     y_region = np.repeat(np.asarray([labels[int(i)] for i in ids], np.int32), samples)
     data = SelectionData(
         np.asarray(x_val, np.float32), np.asarray(y_val, np.int32), x_region, y_region,
-        [int(i) for i in ids], np.ones(len(ids), bool),
+        [int(i) for i in ids], np.ones(len(ids), bool), np.zeros(len(ids)),
     )  # fmt: skip
-    before = np.asarray(_per_region(classifier, data))
+    before = _per_region(classifier, data)
     watch = before <= 1.0 - min_error_rate + 1e-12
     # Every labeled region already agrees with its label: the correction must keep them all.
-    return data._replace(watched=watch if watch.any() else np.ones(len(ids), bool))
+    return data._replace(watched=watch if watch.any() else np.ones(len(ids), bool), before=before)
 
 
 @jax.jit
@@ -127,9 +125,10 @@ def _right(params: Params, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.asarray(pred) == y
 
 
-def _per_region(params: Params, data: SelectionData) -> tuple[float, ...]:
+def _per_region(params: Params, data: SelectionData) -> np.ndarray:
+    """[R] accuracy on each labeled region's samples."""
     right = _right(params, data.x_region, data.y_region).reshape(len(data.region_ids), -1)
-    return tuple(float(a) for a in right.mean(axis=1))
+    return right.mean(axis=1)
 
 
 def score(params: Params, data: SelectionData, *, lam: float, epoch: int) -> Score:
@@ -139,87 +138,52 @@ def score(params: Params, data: SelectionData, *, lam: float, epoch: int) -> Sco
         float(lam),
         int(epoch),
         float(_right(params, data.x_val, data.y_val).mean()),
-        float(np.mean(np.asarray(per_region)[data.watched])),
-        per_region,
+        float(per_region[data.watched].mean()),
+        float(max(0.0, (data.before - per_region).max())),
     )
 
 
-def rank(
-    candidate: Score, *, original: Score, max_val_drop: float, max_region_drop: float
-) -> tuple[Any, ...]:
-    """Sort key of a candidate: larger is better (see the module docstring)."""
-    worst = max((b - a for a, b in zip(candidate.per_region, original.per_region, strict=True)),
-                default=0.0)  # fmt: skip
-    within = (
-        candidate.val_accuracy >= original.val_accuracy - max_val_drop - 1e-9
-        and worst <= max_region_drop + 1e-9
-    )
-    tie = (-candidate.lam, -candidate.epoch)
-    if within:
-        return (1, candidate.region_accuracy, candidate.val_accuracy, *tie)
-    return (0, -worst, candidate.val_accuracy, candidate.region_accuracy, *tie)
+def choose(
+    original: Score,
+    candidates: list[Score],
+    *,
+    max_val_drop: float,
+    max_region_drop: float,
+    region_tolerance: float,
+) -> Score:
+    """The kept model among the original and the fine-tuned candidates (module docstring)."""
+    eps = 1e-9  # accuracies are ratios of counts: compare them with a little slack
+    within = [original] + [
+        c
+        for c in candidates
+        if c.val_accuracy >= original.val_accuracy - max_val_drop - eps
+        and c.worst_region_drop <= max_region_drop + eps
+    ]
+    best = max(c.region_accuracy for c in within)
+    good = [c for c in within if c.region_accuracy >= best - region_tolerance - eps]
+    return min(good, key=lambda c: (c.lam, c.epoch))
 
 
-class BestEpoch:
-    """`fit`'s `on_epoch` callback: scores every epoch and keeps one lambda's best on disk.
+class EpochScores:
+    """`fit`'s `on_epoch` callback: scores every epoch into its history record
+    (`select_val_accuracy`, `select_region_accuracy`, `select_worst_region_drop`)."""
 
-    It adds the scores to the epoch's history record (`select_val_accuracy`,
-    `select_region_accuracy`, `select_worst_region_drop`). `best.json` (the score and a
-    fingerprint) and `best.npz` (the weights) are written atomically whenever an epoch beats
-    the stored one, so a resumed run keeps the best epoch of the steps it does not run again.
-    A `best.json` of other settings is ignored.
-    """
-
-    def __init__(
-        self,
-        directory: str,
-        data: SelectionData,
-        *,
-        lam: float,
-        original: Score,
-        max_val_drop: float,
-        max_region_drop: float,
-        fingerprint: dict[str, Any],
-    ):
-        self.directory, self.data, self.lam = directory, data, float(lam)
-        self.bounds = {"original": original, "max_val_drop": max_val_drop,
-                       "max_region_drop": max_region_drop}  # fmt: skip
-        self.fingerprint = fingerprint
-        self.best: Score | None = None
-        path = os.path.join(directory, "best.json")
-        if os.path.exists(path) and os.path.exists(os.path.join(directory, "best.npz")):
-            saved = read_json(path)
-            if saved.get("fingerprint") == fingerprint:
-                self.best = Score.from_json(saved["score"])
-
-    def rank(self, candidate: Score) -> tuple[Any, ...]:
-        return rank(candidate, **self.bounds)
+    def __init__(self, data: SelectionData):
+        self.data = data
 
     def __call__(self, params: Params, record: dict[str, float]) -> None:
-        s = score(params, self.data, lam=self.lam, epoch=int(record["epoch"]))
-        original = self.bounds["original"]
+        s = score(params, self.data, lam=0.0, epoch=int(record["epoch"]))
         record.update(
             select_val_accuracy=s.val_accuracy,
             select_region_accuracy=s.region_accuracy,
-            select_worst_region_drop=max(
-                b - a for a, b in zip(s.per_region, original.per_region, strict=True)
-            ),
+            select_worst_region_drop=s.worst_region_drop,
         )
-        if self.best is not None and self.rank(s) <= self.rank(self.best):
-            return
-        leaves = jax.tree.leaves(jax.device_get(params.state))
-        write_npz(os.path.join(self.directory, "best.npz"),
-                  **{f"leaf_{i:04d}": np.asarray(a) for i, a in enumerate(leaves)})  # fmt: skip
-        write_json(
-            os.path.join(self.directory, "best.json"),
-            {"score": s.as_json(), "fingerprint": self.fingerprint},
-        )
-        self.best = s
 
-    def load(self, template: Params) -> Params:
-        """The stored best weights, shaped like `template`."""
-        with np.load(os.path.join(self.directory, "best.npz"), allow_pickle=False) as f:
-            leaves = [f[k] for k in sorted(f.files)]
-        treedef = jax.tree.structure(template.state)
-        state = jax.tree.unflatten(treedef, [jnp.asarray(a) for a in leaves])
-        return Params(template.graphdef, state)
+
+def scores_of(history: list[dict[str, float]], *, lam: float) -> list[Score]:
+    """The candidates of one lambda's run, from its history (see `EpochScores`)."""
+    return [
+        Score(float(lam), int(h["epoch"]), h["select_val_accuracy"],
+              h["select_region_accuracy"], h["select_worst_region_drop"])
+        for h in history
+    ]  # fmt: skip

@@ -627,14 +627,17 @@ def _correction_lines(corr: Mapping[str, Any]) -> list[str]:
     )
     if sel.get("kept_original"):
         return [
-            f"Correction tried lambda in {{{tried}}}, but no epoch kept validation accuracy "
-            f"within the allowed drop of the original's, so **the original classifier is "
-            f"kept**{took}."
+            f"Correction tried lambda in {{{tried}}}, but no epoch both stayed within the "
+            "allowed losses on held-out data (validation accuracy, every labeled region) and "
+            f"fixed the watched regions better than the original, so **the original classifier "
+            f"is kept**{took}."
         ]
     return [
         f"Correction tried lambda in {{{tried}}} and kept **lambda = {chosen['lam']:g}, epoch "
-        f"{chosen['epoch']}**, chosen on held-out data, never on the test split ({scores})"
-        f"{took}. The paper's reference is lambda = 0.01, last epoch (`--no-correct-select`)."
+        f"{chosen['epoch']}**: the gentlest (smallest lambda, then earliest epoch) of the "
+        "epochs within a point of the best fix, chosen on held-out data, never on the test "
+        f"split ({scores}){took}. The paper's reference is lambda = 0.01, last epoch "
+        "(`--no-correct-select`)."
     ]
 
 

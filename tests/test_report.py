@@ -488,7 +488,7 @@ _SELECTION = {
         ),  # fmt: skip
         (
             {**_SELECTION, "kept_original": True},
-            ["no epoch kept validation accuracy", "**the original classifier is kept**"],
+            ["no epoch both stayed within the", "**the original classifier is kept**"],
         ),
     ],
 )
