@@ -74,7 +74,8 @@ TINY_CONV = RunConfig(
     search=dataclasses.replace(DEFAULT_SEARCH, num_samples=64, scale=1.0, chunk_size=256),
     distill=DistillConfig(n_components=6, max_iter=100, min_codes=3, error_samples=32),
     grid_samples=4,
-    correct=CorrectConfig(epochs=2, batch_size=32),
+    # Two epochs are few: the larger region weights move these tiny regions within them.
+    correct=CorrectConfig(epochs=2, batch_size=32, lams=(0.3, 1.0)),
     progress=False,
 )
 
@@ -95,6 +96,6 @@ def test_conv_models_on_mocked_mnist_end_to_end(mock_mnist, tmp_path):
     # ... and the search, the mixture and the correction ran on real errors.
     assert report["num_samples_evaluated"] > 0 and report["num_errors_found"] > 0
     assert report["num_regions"] >= 1 and report["num_regions_labeled"] >= 1
-    # Fine-tuning on the regions fixes many of them (measured: 19% -> 81%) and keeps the rest.
+    # Fine-tuning on the regions fixes many of them (measured: 0% -> 100%) and keeps the rest.
     assert report["region_accuracy_after"] > report["region_accuracy_before"] + 0.2
     assert report["test_accuracy_after"] > 0.8
