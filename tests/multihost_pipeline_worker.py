@@ -32,7 +32,9 @@ MICRO = RunConfig(
     search=dataclasses.replace(DEFAULT_SEARCH, num_samples=32, chunk_size=512),
     distill=DistillConfig(n_components=4, max_iter=60, min_codes=3, error_samples=16),
     grid_samples=4,
-    correct=CorrectConfig(epochs=1, batch_size=32, checkpoint_every=4),
+    correct=CorrectConfig(
+        epochs=1, batch_size=32, checkpoint_every=4, lams=(0.003, 0.01), select_samples=64
+    ),  # fmt: skip
     progress=False,
 )
 

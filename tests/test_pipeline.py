@@ -26,7 +26,8 @@ TINY = RunConfig(
     search=dataclasses.replace(DEFAULT_SEARCH, num_samples=64, chunk_size=1024),
     distill=DistillConfig(n_components=8, max_iter=100, min_codes=5, error_samples=32),
     grid_samples=4,
-    correct=CorrectConfig(epochs=2, batch_size=32),
+    # One region weight keeps these runs short; the choice among several has its own tests.
+    correct=CorrectConfig(epochs=2, batch_size=32, lams=(0.01,), select_samples=64),
     progress=False,
 )
 
