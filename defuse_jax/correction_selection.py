@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from defuse_jax import models
+from defuse_jax import evaluation, models
 from defuse_jax.batching import map_batches
 from defuse_jax.models import Params
 from defuse_jax.regions import Regions, sample_regions
@@ -104,14 +104,17 @@ def selection_data(
     latent = z.shape[-1]
     x_region = np.asarray(jax.jit(models.decode)(vae, jnp.asarray(z.reshape(-1, latent))))
     y_region = np.repeat(np.asarray([labels[int(i)] for i in ids], np.int32), samples)
-    data = SelectionData(
+    before = _per_region(classifier, x_region, y_region, len(ids))
+    # The report's rule for a confirmed error region; with none (every labeled region already
+    # agrees with its label), the correction must keep them all.
+    confirmed = evaluation.confirmed_error_regions(
+        dict(zip(ids.tolist(), before.tolist(), strict=True)), min_error_rate=min_error_rate
+    )
+    watched = np.isin(ids, confirmed) if confirmed else np.ones(len(ids), bool)
+    return SelectionData(
         np.asarray(x_val, np.float32), np.asarray(y_val, np.int32), x_region, y_region,
-        [int(i) for i in ids], np.ones(len(ids), bool), np.zeros(len(ids)),
+        ids.tolist(), watched, before,
     )  # fmt: skip
-    before = _per_region(classifier, data)
-    watch = before <= 1.0 - min_error_rate + 1e-12
-    # Every labeled region already agrees with its label: the correction must keep them all.
-    return data._replace(watched=watch if watch.any() else np.ones(len(ids), bool), before=before)
 
 
 @jax.jit
@@ -125,15 +128,14 @@ def _right(params: Params, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.asarray(pred) == y
 
 
-def _per_region(params: Params, data: SelectionData) -> np.ndarray:
-    """[R] accuracy on each labeled region's samples."""
-    right = _right(params, data.x_region, data.y_region).reshape(len(data.region_ids), -1)
-    return right.mean(axis=1)
+def _per_region(params: Params, x_region: np.ndarray, y_region: np.ndarray, r: int) -> np.ndarray:
+    """[r] accuracy on each labeled region's samples (`x_region` holds them region by region)."""
+    return _right(params, x_region, y_region).reshape(r, -1).mean(axis=1)
 
 
 def score(params: Params, data: SelectionData, *, lam: float, epoch: int) -> Score:
     """A model's scores on the selection data."""
-    per_region = _per_region(params, data)
+    per_region = _per_region(params, data.x_region, data.y_region, len(data.region_ids))
     return Score(
         float(lam),
         int(epoch),

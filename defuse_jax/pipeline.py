@@ -168,8 +168,8 @@ def stage_correct(ctx: Context) -> dict[str, Any]:
         ctx.log(f"correct: fine-tuned on {len(labels)} labeled regions (lambda={cfg.lam})")
     elif result.selection["kept_original"]:
         ctx.log(
-            f"correct: no lambda in {list(cfg.lams)} kept validation accuracy within "
-            f"{cfg.max_val_drop * 100:g} pt: the original classifier is kept"
+            f"correct: no epoch of lambda in {list(cfg.lams)} fixed the watched regions "
+            "within the bounds on held-out data: the original classifier is kept"
         )
     else:
         ctx.log(

@@ -391,15 +391,14 @@ def fit(
         if step % steps_per_epoch == 0:
             # Steps of a resumed partial epoch are averaged over what this process ran.
             record = {"epoch": step // steps_per_epoch, **{k: v / ran for k, v in sums.items()}}
+            current = Params(params.graphdef, _local(state.params) if fed else state.params)
             if eval_fn is not None and eval_data is not None:
-                weights = _local(state.params) if fed else state.params
-                ev = evaluate(eval_fn, Params(params.graphdef, weights), eval_data)
+                ev = evaluate(eval_fn, current, eval_data)
                 record.update({f"test_{k}": v for k, v in ev.items()})
             record["seconds"] = time.perf_counter() - t0
             history.append(record)
             if on_epoch is not None:
-                weights = _local(state.params) if fed else state.params
-                on_epoch(Params(params.graphdef, weights), record)
+                on_epoch(current, record)
             bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k != "epoch"})
             sums, ran = {}, 0
         ckpt.save(step, state, meta={"history": history}, force=step == total_steps)
