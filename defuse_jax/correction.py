@@ -34,8 +34,18 @@ class CorrectConfig:
     """Fine-tuning settings.
 
     Attributes:
-        lam: weight lambda of the region loss (the reference's value; it uses plain SGD for
-            ~20 epochs, which leaves region accuracy near 50% on digits: see the README sweep).
+        select: choose the region weight and the epoch on held-out data
+            (`correction_selection`); False: the reference schedule, `lam` for `epochs`
+            epochs, last epoch kept.
+        lams: the region weights the choice fine-tunes with, one run each.
+        max_val_drop: the most validation accuracy a kept epoch may lose (0.005 = 0.5 pt).
+        max_region_drop: the most accuracy any labeled region may lose in a kept epoch.
+        region_tolerance: epochs this close to the best accuracy on the watched regions count
+            as fixing them as well; the gentlest of them is kept.
+        select_samples: fresh samples per labeled region that the choice scores on.
+        lam: weight lambda of the region loss without `select` (the reference's value; it uses
+            plain SGD for ~20 epochs, which leaves region accuracy near 50% on digits: see the
+            README sweep).
         region_batch_size: region samples per step.
         tau: region samples come from N(mean, tau * covariance).
         epochs: passes over the training data.
