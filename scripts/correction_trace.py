@@ -1,0 +1,111 @@
+"""Trace the correction epoch by epoch on a finished run, test accuracy included (analysis only).
+
+For each region weight, fine-tunes the run's classifier (in a temporary directory: the run is
+not modified) and after every epoch records what the correction's choice sees (validation
+accuracy, accuracy on the watched regions, the worst drop of a labeled region) next to what it
+must never see: test accuracy, and how many test images the epoch breaks (right before, wrong
+after) and fixes. It answers "how much does the test set move whatever epoch is kept?". A
+weight of 0 fine-tunes on the training data alone: the noise floor of continued training.
+
+    python scripts/correction_trace.py runs/seeds-conv/seed0 --lams 0 0.003 --epochs 6
+    python scripts/correction_trace.py RUN --learning-rate 1e-4 --json trace.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import tempfile
+
+import numpy as np
+
+from defuse_jax import correction_selection as sel
+from defuse_jax.correction import make_correction_loss
+from defuse_jax.label_stage import read_answers
+from defuse_jax.regions import load_regions, region_cholesky
+from defuse_jax.run_config import load_run_config
+from defuse_jax.stage_context import Context
+from defuse_jax.training import fit
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", help="a run directory whose label stage has finished")
+    ap.add_argument("--lams", type=float, nargs="+", help="region weights (default: the run's)")
+    ap.add_argument("--epochs", type=int, help="default: the run's correct.epochs")
+    ap.add_argument("--learning-rate", type=float, help="default: the run's")
+    ap.add_argument("--json", help="also write the records here")
+    args = ap.parse_args()
+
+    config = load_run_config(args.run)
+    if config is None:
+        raise SystemExit(f"{args.run} has no config.json: run the pipeline there first.")
+    cc = config.correct
+    train = dataclasses.replace(
+        cc.train_config(),
+        epochs=args.epochs or cc.epochs,
+        learning_rate=args.learning_rate or cc.learning_rate,
+    )
+    ctx = Context(os.path.abspath(args.run), config, print)
+    ds = ctx.dataset
+    labels = {k: v for k, v in read_answers(ctx).items() if v is not None}
+    if not labels:
+        raise SystemExit(f"{args.run} has no labeled region: nothing to correct.")
+    regions = load_regions(ctx.path("distill"))
+    clf, vae = ctx.model("classifier"), ctx.model("vae")
+    held_out = sel.selection_data(
+        clf, vae, regions, labels, x_val=ds.x_val, y_val=ds.y_val, samples=cc.select_samples,
+        tau=cc.tau, seed=cc.seed, min_error_rate=config.distill.min_error_rate,
+    )  # fmt: skip
+    test_before = sel._right(clf, ds.x_test, ds.y_test)
+    original = sel.score(clf, held_out, lam=0.0, epoch=0)
+    ids = np.asarray(sorted(labels))
+    region_args = (
+        vae,
+        regions.means[ids],
+        region_cholesky(regions, tau=cc.tau)[ids],
+        np.asarray([labels[int(i)] for i in ids], np.int32),
+    )
+    print(
+        f"original: val {original.val_accuracy:.4f}, watched regions "
+        f"{original.region_accuracy:.4f}, test {test_before.mean():.4f}; lr "
+        f"{train.learning_rate:g}, {train.epochs} epochs"
+    )
+    print("lambda epoch | val    regions worst-drop | test   broke fixed")
+    records = []
+    for lam in args.lams or cc.lams:
+
+        def on_epoch(params, record, lam=lam):
+            s = sel.score(params, held_out, lam=lam, epoch=int(record["epoch"]))
+            right = sel._right(params, ds.x_test, ds.y_test)
+            row = {**s._asdict(), "test_accuracy": float(right.mean()),
+                   "test_broken": int((test_before & ~right).sum()),
+                   "test_fixed": int((~test_before & right).sum())}  # fmt: skip
+            records.append(row)
+            print(
+                f"{lam:6g} {s.epoch:5d} | {s.val_accuracy:.4f} {s.region_accuracy:.4f}  "
+                f"{s.worst_region_drop:.3f}      | {row['test_accuracy']:.4f} "
+                f"{row['test_broken']:5d} {row['test_fixed']:5d}",
+                flush=True,
+            )
+
+        loss = make_correction_loss(
+            *region_args, lam=lam, region_batch_size=cc.region_batch_size,
+            resolve_overlap=cc.resolve_overlap,
+        )  # fmt: skip
+        with tempfile.TemporaryDirectory() as tmp:
+            fit(
+                clf, loss, {"x": ds.x_train, "y": np.asarray(ds.y_train, np.int32)},
+                config=train, checkpoint_dir=os.path.join(tmp, "ckpt"),
+                fingerprint={"trace": lam}, on_epoch=on_epoch, progress=False,
+            )  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"original": original._asdict(), "test_accuracy": float(test_before.mean()),
+                       "records": records}, f, indent=1)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
