@@ -436,6 +436,37 @@ def test_budget_sweep_reruns_the_stages_per_budget_and_leaves_the_source_run_alo
     assert budget_sweep.default_samples("gpu") == (10, 100, 1000, 10_000)
 
 
+def test_correction_trace_retraces_the_recorded_choice_and_counts_test_moves(
+    finished, tmp_path, monkeypatch
+):
+    """scripts/correction_trace.py trains what the correction trained: its per-epoch scores are
+    the ones selection.json recorded, and its test counts add up to its test accuracies."""
+    import runpy
+    import sys
+
+    source = finished[0]
+    before = _tree(source)
+    selection = json.load(open(os.path.join(source, "correct", "classifier", "selection.json")))
+    out = str(tmp_path / "trace.json")
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "correction_trace.py")
+    monkeypatch.setattr(sys, "argv", ["correction_trace.py", source, "--json", out])
+    runpy.run_path(script, run_name="__main__")
+    assert _tree(source) == before  # analysis only: the run is not touched
+
+    trace, report = json.load(open(out)), _report(source)
+    assert trace["test_accuracy"] == report["test_accuracy_before"]
+    assert trace["original"] == selection["original"]
+    recorded = selection["per_lam"]["0.01"]  # TINY's one region weight, 2 epochs
+    assert [(r["lam"], r["epoch"]) for r in trace["records"]] == [(0.01, 1), (0.01, 2)]
+    for r, e in zip(trace["records"], recorded, strict=True):
+        assert {k: r[k] for k in e} == e
+        n_test = 200  # TINY's max_test
+        moved = round((r["test_accuracy"] - trace["test_accuracy"]) * n_test)
+        assert moved == r["test_fixed"] - r["test_broken"]
+        if r["epoch"] == selection["chosen"]["epoch"]:
+            assert r["test_accuracy"] == report["test_accuracy_after"]
+
+
 def _manual_copy(source, tmp_path):
     """A copy of a run whose saved configuration has the manual labeler."""
     from defuse_jax.run_config import load_run_config
