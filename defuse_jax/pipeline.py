@@ -178,7 +178,7 @@ def stage_correct(ctx: Context) -> dict[str, Any]:
         )
     return {"skipped": False, "reason": None, "num_regions": len(labels),
             "seconds": time.perf_counter() - t0, "history": result.history,
-            "selection": result.selection,
+            "selection": result.selection, "control": result.control is not None,
             "overlap": {str(k): v for k, v in overlap.items()}}  # fmt: skip
 
 
@@ -207,7 +207,7 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "distill": ("distill/regions.npz", "distill/regions.json"),
     "label": ("label/region_*.png", "label/oracle/config.json", "label/oracle/history.json",
               "label/oracle_check.json"),
-    "correct": ("correct/classifier/config.json",),
+    "correct": ("correct/classifier/config.json", "correct/classifier/control/config.json"),
     "evaluate": ("report.json", "report.md", "plots/*.png"),
 }  # fmt: skip
 
@@ -234,6 +234,10 @@ def build_report(ctx: Context) -> report_lib.Report:
         before if correct_summary["skipped"]
         else evaluation.evaluate_classifier(ctx.model("corrected"), vae, **common)
     )  # fmt: skip
+    control = (
+        evaluation.evaluate_classifier(ctx.model("control"), vae, **common)
+        if correct_summary.get("control") else None
+    )  # fmt: skip
     # Region accuracy counts the regions that are errors under their label (not those where
     # the labeler sided with the classifier).
     confirmed = evaluation.confirmed_error_regions(
@@ -242,9 +246,9 @@ def build_report(ctx: Context) -> report_lib.Report:
     # With no confirmed error (the labeler sided with the classifier everywhere) it covers every
     # labeled region, which the correction must then keep right (`Report.region_accuracy_scope`).
     scope = confirmed or sorted(labels)
-    before, after = (
-        {**ev, "region_accuracy": evaluation.region_accuracy(ev["per_region"], scope)}
-        for ev in (before, after)
+    before, after, control = (
+        ev and {**ev, "region_accuracy": evaluation.region_accuracy(ev["per_region"], scope)}
+        for ev in (before, after, control)
     )
     oracle = _oracle_agreement(ctx, regions, labels) if ctx.config.uses_oracle else None
     search = read_json(ctx.path("search", "summary.json"))
@@ -275,6 +279,12 @@ def build_report(ctx: Context) -> report_lib.Report:
             lam=_kept_lam(ctx.config.correct, correct_summary.get("selection")),
             epochs=_kept_epochs(ctx.config.correct, correct_summary.get("selection")),
             selection=correct_summary.get("selection"),
+            control=control
+            and report_lib.ControlReport(
+                epochs=_kept_epochs(ctx.config.correct, correct_summary.get("selection")),
+                test_accuracy=control["test_accuracy"],
+                region_accuracy=control["region_accuracy"],
+            ),
             resolve_overlap=ctx.config.correct.resolve_overlap,
             seconds=correct_summary.get("seconds"),
         ),

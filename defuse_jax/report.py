@@ -65,6 +65,16 @@ class RegionReport(TypedDict):
     grid: str  # the sample grid, relative to the run directory
 
 
+class ControlReport(TypedDict):
+    """The control of the correction (`CorrectConfig.control`): the same fine-tuning (seed,
+    batches, epochs) on the training data alone, without any region sample. What it moves is
+    what continued training alone moves, not what the regions do."""
+
+    epochs: int  # as many as the kept model's
+    test_accuracy: float
+    region_accuracy: float | None  # over the same regions as the report's region accuracy
+
+
 class CorrectionReport(TypedDict):
     """What the correction stage did (`Report.correction`)."""
 
@@ -78,6 +88,8 @@ class CorrectionReport(TypedDict):
     # `CorrectConfig.select` is off): "chosen" and "original" scores, "kept_original",
     # "watched_regions", "num_val" and every epoch's scores per lambda ("per_lam").
     selection: NotRequired[dict[str, Any] | None]
+    # None: `CorrectConfig.control` off, the original classifier kept, or correction skipped.
+    control: NotRequired[ControlReport | None]
 
 
 class _ReportRequired(TypedDict):
@@ -602,7 +614,25 @@ def correction_summary(report: Mapping[str, Any]) -> str:
     corr = report.get("correction") or {}
     if corr.get("skipped"):
         return f"Correction was skipped: {corr.get('reason') or 'no reason given'}."
-    return " ".join(_correction_lines(corr)) if corr else ""
+    return " ".join(_correction_lines(corr) + _control_lines(report)) if corr else ""
+
+
+def _control_lines(report: Mapping[str, Any]) -> list[str]:
+    """What the same fine-tuning without regions did (`ControlReport`), next to the correction."""
+    ctl = (report.get("correction") or {}).get("control")
+    if not ctl:
+        return []
+    before = report["test_accuracy_before"]
+    return [
+        f"Control: the same fine-tuning ({ctl['epochs']} epochs, same seed and batches) on the "
+        f"training data alone, without any region sample, moves test accuracy "
+        f"{pct(before)} -> {pct(ctl['test_accuracy'])} "
+        f"({_pp(before, ctl['test_accuracy'])}, against "
+        f"{_pp(before, report['test_accuracy_after'])} with the regions) and region accuracy "
+        f"{pct(report['region_accuracy_before'])} -> {pct(ctl['region_accuracy'])} "
+        f"(against {pct(report['region_accuracy_after'])}): a test change the control shares "
+        "comes from continued training, not from the regions."
+    ]
 
 
 def _correction_lines(corr: Mapping[str, Any]) -> list[str]:

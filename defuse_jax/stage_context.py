@@ -42,12 +42,14 @@ class Context:
         return self._dataset
 
     def model(self, name: str) -> Params:
-        """ "vae", "classifier" (original), "corrected" or "oracle"."""
+        """ "vae", "classifier" (original), "corrected", "control" (fine-tuned without
+        regions, `CorrectConfig.control`) or "oracle"."""
         if name not in self._models:
             where = {
                 "vae": ("train", "vae"),
                 "classifier": ("train", "classifier"),
                 "corrected": ("correct", "classifier"),
+                "control": ("correct", "classifier", "control"),
                 "oracle": ("label", "oracle"),
             }[name]
             self._models[name] = tm.load_trained(self.path(*where))[0]

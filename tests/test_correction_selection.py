@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -112,10 +113,35 @@ def test_fine_tune_keeps_the_original_when_every_epoch_costs_too_much(tmp_path):
     out = fine_tune(clf, vae, regions, {0: 1, 1: 2}, x_train=x[:64], y_train=y[:64],
                     x_val=x[64:], y_val=y_val, config=config, out_dir=str(tmp_path),
                     progress=False)  # fmt: skip
-    assert out.selection["kept_original"] and out.history == []
+    assert out.selection["kept_original"] and out.history == [] and out.control is None
     assert out.selection["original"]["val_accuracy"] == 1.0
     assert all(r["val_accuracy"] < 1.0 for r in out.selection["per_lam"]["1"])
     assert out.params is clf
+
+
+def test_the_control_is_the_same_fine_tuning_blind_to_the_regions(tmp_path):
+    """The control trains the kept number of epochs without region samples: relabeling the
+    regions changes the corrected model but not the control, which is saved beside it."""
+    from defuse_jax.train_models import load_trained
+
+    vae, clf, regions, x, y = _problem()
+    config = CorrectConfig(select=False, lam=1.0, epochs=2, batch_size=32)
+
+    def run(labels, out_dir, cfg=config):
+        return fine_tune(clf, vae, regions, labels, x_train=x, y_train=y, config=cfg,
+                         out_dir=str(out_dir), progress=False)  # fmt: skip
+
+    def weights(params):
+        return np.concatenate([np.ravel(a) for a in jax.tree.leaves(params.state)])
+
+    a, b = run({0: 1, 1: 2}, tmp_path / "a"), run({0: 2, 1: 0}, tmp_path / "b")
+    assert not np.array_equal(weights(a.params), weights(b.params))
+    np.testing.assert_array_equal(weights(a.control), weights(b.control))
+    assert not np.array_equal(weights(a.control), weights(clf))  # it did train
+    saved, _ = load_trained(str(tmp_path / "a" / "control"))
+    np.testing.assert_array_equal(weights(saved), weights(a.control))
+    off = run({0: 1, 1: 2}, tmp_path / "off", dataclasses.replace(config, control=False))
+    assert off.control is None and not (tmp_path / "off" / "control").exists()
 
 
 def test_choosing_without_a_validation_split_is_a_clear_error(tmp_path):

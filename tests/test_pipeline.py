@@ -440,16 +440,23 @@ def test_correction_trace_retraces_the_recorded_choice_and_counts_test_moves(
     finished, tmp_path, monkeypatch
 ):
     """scripts/correction_trace.py trains what the correction trained: its per-epoch scores are
-    the ones selection.json recorded, and its test counts add up to its test accuracies."""
+    the ones selection.json recorded, its weight-0 trace is the report's control, and its test
+    counts add up to its test accuracies."""
     import runpy
     import sys
 
-    source = finished[0]
+    # Bounds that keep a fine-tuned epoch (TINY's tiny validation split keeps the original).
+    loose = dataclasses.replace(
+        TINY.correct, max_val_drop=1.0, max_region_drop=1.0, region_tolerance=0.0
+    )
+    source = _copy(finished[0], tmp_path)
+    pipeline.run(source, dataclasses.replace(TINY, correct=loose), log=lambda s: None)
     before = _tree(source)
     selection = json.load(open(os.path.join(source, "correct", "classifier", "selection.json")))
     out = str(tmp_path / "trace.json")
     script = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "correction_trace.py")
-    monkeypatch.setattr(sys, "argv", ["correction_trace.py", source, "--json", out])
+    argv = ["correction_trace.py", source, "--json", out, "--lams", "0.01", "0"]
+    monkeypatch.setattr(sys, "argv", argv)
     runpy.run_path(script, run_name="__main__")
     assert _tree(source) == before  # analysis only: the run is not touched
 
@@ -457,14 +464,22 @@ def test_correction_trace_retraces_the_recorded_choice_and_counts_test_moves(
     assert trace["test_accuracy"] == report["test_accuracy_before"]
     assert trace["original"] == selection["original"]
     recorded = selection["per_lam"]["0.01"]  # TINY's one region weight, 2 epochs
-    assert [(r["lam"], r["epoch"]) for r in trace["records"]] == [(0.01, 1), (0.01, 2)]
-    for r, e in zip(trace["records"], recorded, strict=True):
+    steps = [(r["lam"], r["epoch"]) for r in trace["records"]]
+    assert steps == [(0.01, 1), (0.01, 2), (0.0, 1), (0.0, 2)]
+    for r, e in zip(trace["records"][:2], recorded, strict=True):
         assert {k: r[k] for k in e} == e
         n_test = 200  # TINY's max_test
         moved = round((r["test_accuracy"] - trace["test_accuracy"]) * n_test)
         assert moved == r["test_fixed"] - r["test_broken"]
         if r["epoch"] == selection["chosen"]["epoch"]:
             assert r["test_accuracy"] == report["test_accuracy_after"]
+    # Weight 0 is the report's control: the same fine-tuning without regions, for the kept epochs.
+    control = report["correction"]["control"]
+    assert not selection["kept_original"] and control["epochs"] == selection["chosen"]["epoch"]
+    at_kept = trace["records"][2 + control["epochs"] - 1]
+    assert at_kept["test_accuracy"] == control["test_accuracy"]
+    assert os.path.isfile(os.path.join(source, "correct", "classifier", "control", "config.json"))
+    assert _report(finished[0])["correction"]["control"] is None  # the original kept: none
 
 
 def _manual_copy(source, tmp_path):

@@ -498,3 +498,29 @@ def test_the_report_says_how_the_corrected_model_was_chosen(selection, needles):
     text = report_lib.correction_summary({"correction": corr})
     for needle in needles:
         assert needle in text
+
+
+@pytest.mark.parametrize(
+    "control, needles, absent",
+    [
+        (None, [], "Control:"),
+        (
+            {"epochs": 7, "test_accuracy": 0.972, "region_accuracy": 0.55},
+            [
+                "same fine-tuning (7 epochs, same seed and batches)",
+                "test accuracy 98.0% -> 97.2% (-0.8 pp, against -0.4 pp with the regions)",
+                "region accuracy 30.0% -> 55.0% (against 99.0%)",
+            ],
+            None,
+        ),  # fmt: skip
+    ],
+)
+def test_the_report_sets_the_correction_next_to_its_control(control, needles, absent):
+    corr = {"skipped": False, "reason": None, "lam": 0.003, "epochs": 7, "seconds": 3.0,
+            "resolve_overlap": True, "selection": _SELECTION, "control": control}  # fmt: skip
+    report = {"correction": corr, "test_accuracy_before": 0.98, "test_accuracy_after": 0.976,
+              "region_accuracy_before": 0.3, "region_accuracy_after": 0.99}  # fmt: skip
+    text = report_lib.correction_summary(report)
+    for needle in needles:
+        assert needle in text
+    assert absent is None or absent not in text
