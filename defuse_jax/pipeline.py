@@ -297,9 +297,12 @@ def build_report(ctx: Context) -> report_lib.Report:
     )
     report_lib.write_report(ctx.run_dir, report, codes=errors["z"], assignment=regions.assignment)
     pct = report_lib.pct
+    ctl = report["correction"].get("control")
     ctx.log(
         f"evaluate: test accuracy {pct(report['test_accuracy_before'])} -> "
-        f"{pct(report['test_accuracy_after'])}, region accuracy "
+        f"{pct(report['test_accuracy_after'])}"
+        + (f" (control without regions: {pct(ctl['test_accuracy'])})" if ctl else "")
+        + ", region accuracy "
         f"{pct(report['region_accuracy_before'])} -> {pct(report['region_accuracy_after'])}"
     )
     return report_lib.read_report(ctx.run_dir)

@@ -450,7 +450,8 @@ def test_correction_trace_retraces_the_recorded_choice_and_counts_test_moves(
         TINY.correct, max_val_drop=1.0, max_region_drop=1.0, region_tolerance=0.0
     )
     source = _copy(finished[0], tmp_path)
-    pipeline.run(source, dataclasses.replace(TINY, correct=loose), log=lambda s: None)
+    logs = []
+    pipeline.run(source, dataclasses.replace(TINY, correct=loose), log=logs.append)
     before = _tree(source)
     selection = json.load(open(os.path.join(source, "correct", "classifier", "selection.json")))
     out = str(tmp_path / "trace.json")
@@ -479,6 +480,8 @@ def test_correction_trace_retraces_the_recorded_choice_and_counts_test_moves(
     at_kept = trace["records"][2 + control["epochs"] - 1]
     assert at_kept["test_accuracy"] == control["test_accuracy"]
     assert os.path.isfile(os.path.join(source, "correct", "classifier", "control", "config.json"))
+    shown = f"(control without regions: {report_lib.pct(control['test_accuracy'])})"
+    assert any(line.startswith("evaluate: ") and shown in line for line in logs)
     assert _report(finished[0])["correction"]["control"] is None  # the original kept: none
 
 
