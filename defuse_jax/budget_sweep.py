@@ -50,8 +50,8 @@ COLUMNS = (
     "samples_per_source", "samples_evaluated", "flips", "errors_kept", "max_codes",
     "codes_fitted", "regions", "error_regions", "codes_explained", "codes_explained_share",
     "regions_labeled", "region_accuracy_before", "region_accuracy_after",
-    "test_accuracy_before", "test_accuracy_after", "oracle_agreement", "ambiguous_regions",
-    *(f"{s}_s" for s in TIMED_STAGES), "total_s", "run_dir",
+    "test_accuracy_before", "test_accuracy_after", "test_accuracy_control", "oracle_agreement",
+    "ambiguous_regions", *(f"{s}_s" for s in TIMED_STAGES), "total_s", "run_dir",
 )  # fmt: skip
 
 
@@ -207,6 +207,8 @@ def table_row(run_dir: str, samples: int, report: dict[str, Any]) -> dict[str, A
         "region_accuracy_after": report["region_accuracy_after"],
         "test_accuracy_before": report["test_accuracy_before"],
         "test_accuracy_after": report["test_accuracy_after"],
+        # The same fine-tuning without regions (`CorrectConfig.control`; None: none trained).
+        "test_accuracy_control": (report["correction"].get("control") or {}).get("test_accuracy"),
         "oracle_agreement": report.get("oracle_agreement"),
         "ambiguous_regions": report.get("num_ambiguous_regions"),
         **{f"{s}_s": seconds[s] for s in TIMED_STAGES},

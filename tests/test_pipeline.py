@@ -416,6 +416,10 @@ def test_budget_sweep_reruns_the_stages_per_budget_and_leaves_the_source_run_alo
             sum(float(r[f"{s}_s"]) for s in budget_sweep.TIMED_STAGES)
         )
         assert report["config"]["search"]["num_samples"] == int(r["samples_per_source"])
+        control = report["correction"].get("control")
+        assert r["test_accuracy_control"] == (
+            "" if control is None else str(control["test_accuracy"])
+        )
     # Each point reused the trained models (and the source run's oracle) instead of training.
     record = json.load(open(os.path.join(out, "samples_16", "train", "stage.json")))
     assert record == json.load(open(os.path.join(source, "train", "stage.json")))
