@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -180,6 +180,45 @@ def make_correction_loss(
     return loss_fn
 
 
+def correction_losses(
+    classifier: Params,
+    vae: Params,
+    regions: Regions,
+    labels: Mapping[int, int],
+    *,
+    config: CorrectConfig,
+) -> Callable[[float], LossFn]:
+    """`lam -> the fine-tuning objective of `config` over the labeled regions` (what
+    `fine_tune` trains for each region weight, and its control for lambda 0).
+
+    Args:
+        classifier: the original classifier (the L2-SP anchor when `config.anchor` > 0).
+        vae: the trained VAE.
+        regions: the distilled regions.
+        labels: {region id: class} of the labeled regions.
+        config: fine-tuning settings.
+    """
+    ids = np.asarray(sorted(labels), np.int64)
+    region_args = (
+        vae,
+        regions.means[ids],
+        region_cholesky(regions, tau=config.tau)[ids],
+        np.asarray([labels[int(i)] for i in ids], np.int32),
+    )
+
+    def loss(lam: float) -> LossFn:
+        return make_correction_loss(
+            *region_args,
+            lam=lam,
+            region_batch_size=config.region_batch_size,
+            anchor=classifier,
+            anchor_weight=config.anchor,
+            resolve_overlap=config.resolve_overlap,
+        )
+
+    return loss
+
+
 class Correction(NamedTuple):
     """What `fine_tune` returns."""
 
@@ -225,24 +264,7 @@ def fine_tune(
     """
     if not labels:
         raise ValueError("fine_tune needs at least one labeled region.")
-    ids = np.asarray(sorted(labels), np.int64)
-    region_args = (
-        vae,
-        regions.means[ids],
-        region_cholesky(regions, tau=config.tau)[ids],
-        np.asarray([labels[int(i)] for i in ids], np.int32),
-    )
-
-    def loss(lam: float) -> LossFn:
-        return make_correction_loss(
-            *region_args,
-            lam=lam,
-            region_batch_size=config.region_batch_size,
-            anchor=classifier,
-            anchor_weight=config.anchor,
-            resolve_overlap=config.resolve_overlap,
-        )
-
+    loss = correction_losses(classifier, vae, regions, labels, config=config)
     train = config.train_config()
     data = {"x": x_train, "y": np.asarray(y_train, np.int32)}
     fingerprint = {

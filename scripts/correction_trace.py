@@ -22,9 +22,9 @@ import tempfile
 import numpy as np
 
 from defuse_jax import correction_selection as sel
-from defuse_jax.correction import make_correction_loss
+from defuse_jax.correction import correction_losses
 from defuse_jax.label_stage import read_answers
-from defuse_jax.regions import load_regions, region_cholesky
+from defuse_jax.regions import load_regions
 from defuse_jax.run_config import load_run_config
 from defuse_jax.stage_context import Context
 from defuse_jax.training import fit
@@ -61,13 +61,7 @@ def main() -> None:
     )  # fmt: skip
     test_before = sel._right(clf, ds.x_test, ds.y_test)
     original = sel.score(clf, held_out, lam=0.0, epoch=0)
-    ids = np.asarray(sorted(labels))
-    region_args = (
-        vae,
-        regions.means[ids],
-        region_cholesky(regions, tau=cc.tau)[ids],
-        np.asarray([labels[int(i)] for i in ids], np.int32),
-    )
+    loss = correction_losses(clf, vae, regions, labels, config=cc)
     print(
         f"original: val {original.val_accuracy:.4f}, watched regions "
         f"{original.region_accuracy:.4f}, test {test_before.mean():.4f}; lr "
@@ -91,13 +85,9 @@ def main() -> None:
                 flush=True,
             )
 
-        loss = make_correction_loss(
-            *region_args, lam=lam, region_batch_size=cc.region_batch_size,
-            resolve_overlap=cc.resolve_overlap,
-        )  # fmt: skip
         with tempfile.TemporaryDirectory() as tmp:
             fit(
-                clf, loss, {"x": ds.x_train, "y": np.asarray(ds.y_train, np.int32)},
+                clf, loss(lam), {"x": ds.x_train, "y": np.asarray(ds.y_train, np.int32)},
                 config=train, checkpoint_dir=os.path.join(tmp, "ckpt"),
                 fingerprint={"trace": lam}, on_epoch=on_epoch, progress=False,
             )  # fmt: skip
