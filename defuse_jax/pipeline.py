@@ -259,6 +259,7 @@ def build_report(ctx: Context) -> report_lib.Report:
         )
     if correct_summary["skipped"]:
         ctx.messages.append(correct_summary["reason"])
+    kept_epochs = _kept_epochs(ctx.config.correct, correct_summary.get("selection"))
     stage_seconds = {
         stage: read_json(ctx.dir.record(stage))["seconds"]
         for stage in STAGES[:-1]
@@ -277,11 +278,11 @@ def build_report(ctx: Context) -> report_lib.Report:
             skipped=correct_summary["skipped"],
             reason=correct_summary.get("reason"),
             lam=_kept_lam(ctx.config.correct, correct_summary.get("selection")),
-            epochs=_kept_epochs(ctx.config.correct, correct_summary.get("selection")),
+            epochs=kept_epochs,
             selection=correct_summary.get("selection"),
             control=control
             and report_lib.ControlReport(
-                epochs=_kept_epochs(ctx.config.correct, correct_summary.get("selection")),
+                epochs=kept_epochs,
                 test_accuracy=control["test_accuracy"],
                 region_accuracy=control["region_accuracy"],
             ),
