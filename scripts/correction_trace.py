@@ -9,6 +9,10 @@ weight of 0 fine-tunes on the training data alone: the noise floor of continued 
 
     python scripts/correction_trace.py runs/seeds-conv/seed0 --lams 0 0.003 --epochs 6
     python scripts/correction_trace.py RUN --learning-rate 1e-4 --json trace.json
+    python scripts/correction_trace.py RUN --optimizer sgd --learning-rate 0.01 --lams 0 0.03
+
+The JSON records name the test images each epoch breaks (`test_broken_ids`, indices into the
+run's test split), so you can see whether the same images break whatever the setting.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ def main() -> None:
     ap.add_argument("--lams", type=float, nargs="+", help="region weights (default: the run's)")
     ap.add_argument("--epochs", type=int, help="default: the run's correct.epochs")
     ap.add_argument("--learning-rate", type=float, help="default: the run's")
+    ap.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), help="default: the run's")
     ap.add_argument("--json", help="also write the records here")
     args = ap.parse_args()
 
@@ -47,6 +52,7 @@ def main() -> None:
         cc.train_config(),
         epochs=args.epochs or cc.epochs,
         learning_rate=args.learning_rate or cc.learning_rate,
+        optimizer=args.optimizer or cc.optimizer,
     )
     ctx = Context(os.path.abspath(args.run), config, print)
     ds = ctx.dataset
@@ -76,7 +82,8 @@ def main() -> None:
             right = sel._right(params, ds.x_test, ds.y_test)
             row = {**s._asdict(), "test_accuracy": float(right.mean()),
                    "test_broken": int((test_before & ~right).sum()),
-                   "test_fixed": int((~test_before & right).sum())}  # fmt: skip
+                   "test_fixed": int((~test_before & right).sum()),
+                   "test_broken_ids": np.flatnonzero(test_before & ~right).tolist()}  # fmt: skip
             records.append(row)
             print(
                 f"{lam:6g} {s.epoch:5d} | {s.val_accuracy:.4f} {s.region_accuracy:.4f}  "

@@ -476,6 +476,8 @@ def test_correction_trace_retraces_the_recorded_choice_and_counts_test_moves(
         n_test = 200  # TINY's max_test
         moved = round((r["test_accuracy"] - trace["test_accuracy"]) * n_test)
         assert moved == r["test_fixed"] - r["test_broken"]
+        assert len(set(r["test_broken_ids"])) == r["test_broken"]
+        assert all(0 <= i < n_test for i in r["test_broken_ids"])
         if r["epoch"] == selection["chosen"]["epoch"]:
             assert r["test_accuracy"] == report["test_accuracy_after"]
     # Weight 0 is the report's control: the same fine-tuning without regions, for the kept epochs.
