@@ -12,6 +12,8 @@ overwritten.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, NamedTuple
@@ -108,6 +110,36 @@ class CorrectConfig:
             seed=self.seed,
             checkpoint_every=self.checkpoint_every,
         )
+
+
+# Settings that only decide which epoch of which region weight is kept, whether a control is
+# trained, or how far each weight's run goes: changing them keeps every region weight's finished
+# run (`fine_tune`'s `runs_dir`; a run asked for more epochs resumes, one asked for fewer is read
+# up to them, since an epoch's batches do not depend on the number of epochs).
+CHOICE_ONLY: tuple[str, ...] = ("select", "lams", "max_val_drop", "max_region_drop",
+                                "region_tolerance", "control", "lam", "epochs",
+                                "checkpoint_every")  # fmt: skip
+
+
+def weight_run_fingerprint(
+    config: CorrectConfig, labels: Mapping[int, int], *, lam: float, min_error_rate: float
+) -> dict[str, Any]:
+    """What one region weight's run and its per-epoch scores depend on: everything of `config`
+    except `CHOICE_ONLY`, the labels, the weight, and the watched regions' threshold."""
+    kept = {k: v for k, v in dataclasses.asdict(config).items() if k not in CHOICE_ONLY}
+    return {
+        "correct": kept,
+        "lam": float(lam),
+        "labels": {str(k): int(v) for k, v in sorted(labels.items())},
+        "min_error_rate": float(min_error_rate),
+    }
+
+
+def weight_run_dir(runs_dir: str, fingerprint: Mapping[str, Any]) -> str:
+    """`runs_dir`/lam_<weight>-<12 hex digits of the fingerprint>: a run per setting, so runs
+    with other settings (other labels, say) never meet a checkpoint that is not theirs."""
+    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+    return os.path.join(runs_dir, f"lam_{fingerprint['lam']:g}-{digest[:12]}")
 
 
 def make_correction_loss(
@@ -242,6 +274,7 @@ def fine_tune(
     config: CorrectConfig,
     out_dir: str,
     min_error_rate: float = 0.5,
+    runs_dir: str | None = None,
     progress: bool = True,
 ) -> Correction:
     """Fine-tune `classifier` on its training data plus samples of the labeled regions.
@@ -257,9 +290,15 @@ def fine_tune(
             (needed when `config.select` is on).
         config: fine-tuning settings.
         out_dir: where the kept model's checkpoint and config.json go, and with `select` on,
-            each lambda's run under `lam_<value>/` and the choice in `selection.json`, and with
-            `control` on, the control model under `control/` (all resumable).
+            the choice in `selection.json`, and with `control` on, the control model under
+            `control/` (all resumable).
         min_error_rate: the distill stage's threshold: which regions the choice watches.
+        runs_dir: with `select` on, where each region weight's run is trained
+            (`weight_run_dir`; default: `out_dir`). Settings in `CHOICE_ONLY` are not part
+            of a run's key, so a later call with other bounds, lambdas or epochs reuses the
+            finished runs and only chooses again. The key does not cover the models, regions
+            or data: give a directory that belongs to these (the pipeline keys it by the label
+            stage's completion).
         progress: show a progress bar.
     """
     if not labels:
@@ -304,12 +343,14 @@ def fine_tune(
     scorer = sel.EpochScores(held_out)
     histories: dict[float, list[dict[str, float]]] = {}
     for lam in config.lams:
-        _, histories[lam] = fit(
+        run_fp = weight_run_fingerprint(config, labels, lam=lam, min_error_rate=min_error_rate)
+        _, history = fit(
             classifier, loss(lam), data, config=train,
-            checkpoint_dir=os.path.join(out_dir, f"lam_{lam:g}", "ckpt"),
-            fingerprint=fingerprint, on_epoch=scorer, desc=f"correct (lambda={lam:g})",
+            checkpoint_dir=os.path.join(weight_run_dir(runs_dir or out_dir, run_fp), "ckpt"),
+            fingerprint=run_fp, on_epoch=scorer, desc=f"correct (lambda={lam:g})",
             progress=progress,
         )  # fmt: skip
+        histories[lam] = history[: config.epochs]  # a reused longer run: its first epochs
     chosen = sel.choose(
         original,
         [c for lam, hist in histories.items() for c in sel.scores_of(hist, lam=lam)],

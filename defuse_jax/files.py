@@ -138,6 +138,13 @@ def remove(path: str | os.PathLike) -> None:
             os.remove(path)
 
 
+def remove_tree(path: str | os.PathLike) -> None:
+    """`shutil.rmtree(path)` (process 0 only): for caches, never for results."""
+    with _process_zero(f"removing {os.fspath(path)}") as writes:
+        if writes:
+            shutil.rmtree(path)
+
+
 def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Copy `src` to `dst` atomically, with its permissions and times (process 0 only)."""
     with _process_zero(f"copying {os.fspath(src)}") as writes:

@@ -39,7 +39,7 @@ from defuse_jax import report as report_lib
 from defuse_jax import train_models as tm
 from defuse_jax.correction import CorrectConfig, fine_tune
 from defuse_jax.data import Dataset
-from defuse_jax.files import move, read_json, sha256, write_json
+from defuse_jax.files import move, read_json, remove_tree, sha256, write_json
 from defuse_jax.label_stage import (  # noqa: F401 - the public API of a run directory
     label_interactively,
     labels_damage,
@@ -135,6 +135,22 @@ def stage_distill(ctx: Context) -> dict[str, Any]:
             "codes_fitted": fitted, "max_codes": cap}  # fmt: skip
 
 
+def _correction_runs(ctx: Context) -> str | None:
+    """The correction's runs directory for the label stage as it stands (`RunDir.correction_runs`:
+    keyed by its completion, so the runs are reused while it and everything upstream stand, and
+    a redo upstream starts afresh); the runs of earlier completions can never be reused and are
+    removed. None (runs inside correct/, not reused) for a label record without an id."""
+    label_id = read_json(ctx.dir.record("label")).get("id")
+    if not label_id:
+        return None
+    base = ctx.dir.correction_runs()
+    if os.path.isdir(base):
+        for name in sorted(os.listdir(base)):
+            if name != label_id:
+                remove_tree(os.path.join(base, name))
+    return ctx.dir.correction_runs(label_id)
+
+
 def stage_correct(ctx: Context) -> dict[str, Any]:
     cfg = ctx.config.correct
     labels = {k: v for k, v in read_answers(ctx).items() if v is not None}
@@ -160,6 +176,7 @@ def stage_correct(ctx: Context) -> dict[str, Any]:
         config=cfg,
         out_dir=ctx.path("correct", "classifier"),
         min_error_rate=ctx.config.distill.min_error_rate,
+        runs_dir=_correction_runs(ctx),
         progress=ctx.config.progress,
     )
     ctx._models["corrected"] = result.params

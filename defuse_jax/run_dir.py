@@ -6,6 +6,8 @@
     <run>/distill/                  regions.npz, regions.json
     <run>/label/                    labels.csv, region_XXX.png grids (oracle/ for that labeler)
     <run>/correct/                  fine-tuned classifier (its own checkpoints)
+    <run>/cache/correct/<label id>/ each region weight's fine-tuning run, kept while the label
+                                    stage stands (a new choice reuses them; a cache, pruned)
     <run>/report.json, report.md, plots/
     <run>/stale/                    outdated or damaged outputs, set aside (kept)
     <run>/<stage>/stage.json        a finished stage's record (started.json while it runs)
@@ -57,6 +59,12 @@ class RunDir:
     def started(self, stage: str) -> str:
         """The record a stage writes when it starts (its fingerprint)."""
         return self.path(stage, "started.json")
+
+    def correction_runs(self, label_id: str | None = None) -> str:
+        """Where the correction trains each region weight for the label stage's completion
+        `label_id` (None: the folder that holds one such directory per completion)."""
+        base = self.path("cache", "correct")
+        return base if label_id is None else os.path.join(base, label_id)
 
     def new_stale(self, stage: str) -> str:
         """A new <run>/stale/<stage>-<time>[-n] path (created by whoever moves things there)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import numpy as np
@@ -102,6 +103,43 @@ def test_fine_tune_keeps_the_chosen_epoch(tmp_path):
     saved, _ = load_trained(str(tmp_path))
     assert sel.score(saved, held_out, lam=chosen.lam, epoch=chosen.epoch) == chosen
     assert len(out.history) == chosen.epoch
+
+
+def test_a_new_choice_reuses_every_region_weights_finished_run(tmp_path, monkeypatch):
+    """Settings of the choice alone (bounds, which lambdas, fewer epochs) retrain no region
+    weight: the choice is made again from the runs in `runs_dir`, and equals a fresh one."""
+    vae, clf, regions, x, y = _problem()
+    scored, score_epoch = [], sel.EpochScores.__call__
+
+    def counted(self, params, record):
+        scored.append(int(record["epoch"]))
+        score_epoch(self, params, record)
+
+    monkeypatch.setattr(sel.EpochScores, "__call__", counted)
+    base = CorrectConfig(lams=(0.1, 1.0), epochs=3, batch_size=32, select_samples=16,
+                         max_val_drop=1.0, max_region_drop=1.0, control=False)  # fmt: skip
+
+    def run(config, name, runs_dir):
+        scored.clear()
+        out = fine_tune(clf, vae, regions, {0: 1, 1: 2}, x_train=x[:64], y_train=y[:64],
+                        x_val=x[64:], y_val=y[64:], config=config, out_dir=str(tmp_path / name),
+                        runs_dir=runs_dir, progress=False)  # fmt: skip
+        return out.selection, list(scored)
+
+    runs = str(tmp_path / "runs")
+    first, n_first = run(base, "first", runs)
+    assert len(n_first) == 2 * 3 + first["chosen"]["epoch"]  # both weights, then the kept
+    again = dataclasses.replace(base, lams=(1.0,), epochs=2, region_tolerance=0.5)
+    second, n_second = run(again, "second", runs)
+    assert n_second == list(range(1, second["chosen"]["epoch"] + 1))  # the kept one only
+    assert second["per_lam"]["1"] == first["per_lam"]["1"][:2]
+    fresh, _ = run(again, "fresh", str(tmp_path / "fresh_runs"))
+    assert fresh == second
+    # A setting the runs depend on (here the spread of the region samples) trains anew.
+    other = dataclasses.replace(again, tau=0.02)
+    _, n_other = run(other, "other", runs)
+    assert len(n_other) >= 2
+    assert len(os.listdir(runs)) == 3
 
 
 def test_fine_tune_keeps_the_original_when_every_epoch_costs_too_much(tmp_path):

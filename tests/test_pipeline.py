@@ -454,8 +454,19 @@ def test_correction_trace_retraces_the_recorded_choice_and_counts_test_moves(
         TINY.correct, max_val_drop=1.0, max_region_drop=1.0, region_tolerance=0.0
     )
     source = _copy(finished[0], tmp_path)
+    cache = os.path.join(source, "cache", "correct")
+    (label_id,) = os.listdir(cache)  # keyed by the label stage's completion
+    runs = {p: os.stat(os.path.join(cache, label_id, p)).st_mtime_ns
+            for p in _tree(os.path.join(cache, label_id))}  # fmt: skip
+    os.makedirs(os.path.join(cache, "an-earlier-label-stage"))
     logs = []
     pipeline.run(source, dataclasses.replace(TINY, correct=loose), log=logs.append)
+    assert "[correct] configuration changed" in " ".join(logs)
+    # Only the choice's bounds changed: it chose again from the region weight's finished run,
+    # untouched, and the cache of a label stage that no longer stands is gone.
+    assert os.listdir(cache) == [label_id]
+    assert {p: os.stat(os.path.join(cache, label_id, p)).st_mtime_ns
+            for p in _tree(os.path.join(cache, label_id))} == runs  # fmt: skip
     before = _tree(source)
     selection = json.load(open(os.path.join(source, "correct", "classifier", "selection.json")))
     out = str(tmp_path / "trace.json")
