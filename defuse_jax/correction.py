@@ -121,13 +121,20 @@ CHOICE_ONLY: tuple[str, ...] = ("select", "lams", "max_val_drop", "max_region_dr
                                 "checkpoint_every")  # fmt: skip
 
 
+# Part of every region weight's run key: bump it when the objective or the per-epoch scores
+# change, so that runs trained by older code are not reused.
+WEIGHT_RUN_VERSION = 1
+
+
 def weight_run_fingerprint(
     config: CorrectConfig, labels: Mapping[int, int], *, lam: float, min_error_rate: float
 ) -> dict[str, Any]:
-    """What one region weight's run and its per-epoch scores depend on: everything of `config`
-    except `CHOICE_ONLY`, the labels, the weight, and the watched regions' threshold."""
+    """What one region weight's run and its per-epoch scores depend on, besides the models,
+    regions and data: everything of `config` except `CHOICE_ONLY`, the labels, the weight, the
+    watched regions' threshold, and the code's `WEIGHT_RUN_VERSION`."""
     kept = {k: v for k, v in dataclasses.asdict(config).items() if k not in CHOICE_ONLY}
     return {
+        "version": WEIGHT_RUN_VERSION,
         "correct": kept,
         "lam": float(lam),
         "labels": {str(k): int(v) for k, v in sorted(labels.items())},

@@ -138,11 +138,14 @@ def remove(path: str | os.PathLike) -> None:
             os.remove(path)
 
 
-def remove_tree(path: str | os.PathLike) -> None:
-    """`shutil.rmtree(path)` (process 0 only): for caches, never for results."""
-    with _process_zero(f"removing {os.fspath(path)}") as writes:
-        if writes:
-            shutil.rmtree(path)
+def prune_dirs(parent: str | os.PathLike, *, keep: str) -> None:
+    """Remove every folder in the cache folder `parent` but `keep` (process 0 lists and
+    removes, between one pair of barriers; best effort, as befits a cache, never results)."""
+    with _process_zero(f"pruning {os.fspath(parent)}") as writes:
+        if writes and os.path.isdir(parent):
+            for entry in os.scandir(parent):
+                if entry.name != keep and entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
 
 
 def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:

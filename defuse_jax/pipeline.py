@@ -39,7 +39,7 @@ from defuse_jax import report as report_lib
 from defuse_jax import train_models as tm
 from defuse_jax.correction import CorrectConfig, fine_tune
 from defuse_jax.data import Dataset
-from defuse_jax.files import move, read_json, remove_tree, sha256, write_json
+from defuse_jax.files import move, prune_dirs, read_json, sha256, write_json
 from defuse_jax.label_stage import (  # noqa: F401 - the public API of a run directory
     label_interactively,
     labels_damage,
@@ -143,11 +143,7 @@ def _correction_runs(ctx: Context) -> str | None:
     label_id = read_json(ctx.dir.record("label")).get("id")
     if not label_id:
         return None
-    base = ctx.dir.correction_runs()
-    if os.path.isdir(base):
-        for name in sorted(os.listdir(base)):
-            if name != label_id:
-                remove_tree(os.path.join(base, name))
+    prune_dirs(ctx.dir.correction_runs(), keep=label_id)
     return ctx.dir.correction_runs(label_id)
 
 
