@@ -12,8 +12,6 @@ overwritten.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, NamedTuple
@@ -25,7 +23,7 @@ import optax
 
 from defuse_jax import correction_selection as sel
 from defuse_jax import models, region_overlap
-from defuse_jax.files import write_json
+from defuse_jax.files import json_digest, write_json
 from defuse_jax.models import Params
 from defuse_jax.regions import Regions, region_cholesky
 from defuse_jax.training import LossFn, TrainConfig, fit, save_finished
@@ -143,10 +141,9 @@ def weight_run_fingerprint(
 
 
 def weight_run_dir(runs_dir: str, fingerprint: Mapping[str, Any]) -> str:
-    """`runs_dir`/lam_<weight>-<12 hex digits of the fingerprint>: a run per setting, so runs
+    """`runs_dir`/lam_<weight>-<`json_digest` of the fingerprint>: a run per setting, so runs
     with other settings (other labels, say) never meet a checkpoint that is not theirs."""
-    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
-    return os.path.join(runs_dir, f"lam_{fingerprint['lam']:g}-{digest[:12]}")
+    return os.path.join(runs_dir, f"lam_{fingerprint['lam']:g}-{json_digest(fingerprint)}")
 
 
 def make_correction_loss(

@@ -184,3 +184,10 @@ def sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def json_digest(obj: Any) -> str:
+    """16 hex digits of the SHA-256 of `obj` as canonical JSON (sorted keys; what JSON cannot
+    hold, as text): the fingerprint of a configuration."""
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

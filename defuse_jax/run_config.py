@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import typing
@@ -13,7 +12,7 @@ from defuse_jax import train_models as tm
 from defuse_jax.correction import CorrectConfig
 from defuse_jax.data import DataConfig
 from defuse_jax.evaluation import EvalConfig
-from defuse_jax.files import sha256
+from defuse_jax.files import json_digest, sha256
 from defuse_jax.models import ClassifierConfig, VAEConfig
 from defuse_jax.regions import DistillConfig
 from defuse_jax.run_dir import RunDir
@@ -90,11 +89,6 @@ class RunConfig:
             raise ValueError(f"max_sources must be >= 1 (or None for all), got {self.max_sources}.")
 
 
-def _hash(obj: Any) -> str:
-    text = json.dumps(obj, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def stage_fingerprints(config: RunConfig, run_dir: str) -> dict[str, str]:
     """Fingerprint of every stage: its own settings plus the fingerprint of the stage before."""
     parts: dict[str, Any] = {
@@ -116,7 +110,7 @@ def stage_fingerprints(config: RunConfig, run_dir: str) -> dict[str, str]:
     }  # fmt: skip
     out, prev = {}, ""
     for stage in STAGES:
-        prev = _hash({"upstream": prev, "stage": stage, "config": parts[stage]})
+        prev = json_digest({"upstream": prev, "stage": stage, "config": parts[stage]})
         out[stage] = prev
     return out
 

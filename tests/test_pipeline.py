@@ -387,6 +387,11 @@ def _tree(run_dir):
     }
 
 
+def _mtimes(directory):
+    """{relative path: modification time in ns} of every file under a directory."""
+    return {p: os.stat(os.path.join(directory, p)).st_mtime_ns for p in _tree(directory)}
+
+
 def test_budget_sweep_reruns_the_stages_per_budget_and_leaves_the_source_run_alone(
     finished, tmp_path
 ):
@@ -456,8 +461,7 @@ def test_correction_trace_retraces_the_recorded_choice_and_counts_test_moves(
     source = _copy(finished[0], tmp_path)
     cache = os.path.join(source, "cache", "correct")
     (label_id,) = os.listdir(cache)  # keyed by the label stage's completion
-    runs = {p: os.stat(os.path.join(cache, label_id, p)).st_mtime_ns
-            for p in _tree(os.path.join(cache, label_id))}  # fmt: skip
+    runs = _mtimes(os.path.join(cache, label_id))
     os.makedirs(os.path.join(cache, "an-earlier-label-stage"))
     logs = []
     pipeline.run(source, dataclasses.replace(TINY, correct=loose), log=logs.append)
@@ -465,8 +469,7 @@ def test_correction_trace_retraces_the_recorded_choice_and_counts_test_moves(
     # Only the choice's bounds changed: it chose again from the region weight's finished run,
     # untouched, and the cache of a label stage that no longer stands is gone.
     assert os.listdir(cache) == [label_id]
-    assert {p: os.stat(os.path.join(cache, label_id, p)).st_mtime_ns
-            for p in _tree(os.path.join(cache, label_id))} == runs  # fmt: skip
+    assert _mtimes(os.path.join(cache, label_id)) == runs
     before = _tree(source)
     selection = json.load(open(os.path.join(source, "correct", "classifier", "selection.json")))
     out = str(tmp_path / "trace.json")
