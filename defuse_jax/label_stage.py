@@ -89,23 +89,27 @@ def stage_label(ctx: Context) -> dict[str, Any]:
     write_region_grids(ctx, regions)
     suggestions = labeling.label_by_source(rows) if rows else {}
     votes = oracle_votes(ctx, regions, [r["id"] for r in rows]) if ctx.config.uses_oracle else {}
-    checks = validity.label_check(votes, suggestions)
+    # The oracle checks the label each region is given (the oracle labeler: its own majority
+    # vote) or offered (the source and manual labelers: the majority source label), so the
+    # flag in the labels file, this log and the report speak of the same label.
+    given = labeling.label_by_oracle(votes) if ctx.config.labeler == "oracle" else suggestions
+    checks = validity.label_check(votes, given)
     if ctx.config.uses_oracle:
         write_json(ctx.dir.rel(ORACLE_CHECK_FILE), validity.as_json(checks))
         flagged = [rid for rid, c in checks.items() if c["ambiguous"]]
+        why = (
+            "no class gets half of the oracle's votes"
+            if ctx.config.labeler == "oracle"
+            else "the oracle disagrees with the suggested label on most samples"
+        )
         ctx.log(
-            f"oracle check: {len(flagged)} of {len(checks)} regions ambiguous (the oracle "
-            f"disagrees with the suggested label on most samples) {flagged}"
+            f"oracle check: {len(flagged)} of {len(checks)} regions ambiguous ({why}) {flagged}"
         )
     rows = region_rows(regions, checks)
-    if ctx.config.labeler == "source":
-        labeling.write_auto_labels(path, rows, names, suggestions, labeler="source")
-    elif ctx.config.labeler == "oracle":
-        labeling.write_auto_labels(
-            path, rows, names, labeling.label_by_oracle(votes), labeler="oracle"
-        )
-    else:
+    if ctx.config.labeler == "manual":
         labeling.write_labels_file(path, rows, names, suggestions=suggestions)
+    else:
+        labeling.write_auto_labels(path, rows, names, given, labeler=ctx.config.labeler)
     answers = labeling.read_labels(path, region_ids=[r["id"] for r in rows], class_names=names)
     missing = [r["id"] for r in rows if r["id"] not in answers]
     if missing:

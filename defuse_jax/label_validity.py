@@ -13,9 +13,10 @@ because of it.
 
 Two checks use it:
 
-* `label_check`, in the label stage, before anyone answers: the oracle against each region's
-  suggested label (its majority source label), so the labels file and the terminal labeler
-  show the flag next to the suggestion;
+* `label_check`, in the label stage: the oracle against the label each region is given or
+  offered (the oracle labeler's own majority vote; for the source and manual labelers, the
+  majority source label suggested before anyone answers), so the labels file and the terminal
+  labeler show the flag next to that label;
 * `agreement_check`, in the evaluation: the oracle against each region's final label on the
   held-out region samples (the ones region accuracy is measured on), reported per region and
   overall in report.json / report.md.
@@ -82,12 +83,12 @@ def check_region(votes: np.ndarray, label: int) -> RegionCheck:
 def label_check(
     votes: Mapping[int, np.ndarray], suggestions: Mapping[int, int]
 ) -> dict[int, RegionCheck]:
-    """The label stage's check: the oracle against each region's suggested label.
+    """The label stage's check: the oracle against each region's given or suggested label.
 
     Args:
         votes: {region id: [S] oracle predictions on fresh samples of the region}.
-        suggestions: {region id: suggested class} (`labeling.label_by_source`); regions without
-            a suggestion are left out.
+        suggestions: {region id: class} (`labeling.label_by_source`, or the oracle labeler's
+            `labeling.label_by_oracle`); regions without one are left out.
 
     Returns:
         {region id: `RegionCheck`}.

@@ -43,8 +43,9 @@ class RunConfig:
         oracle_check: check every region's label with the oracle classifier (a stronger,
             separately trained one, `label_stage.train_oracle`, kept in label/oracle/ and
             trained in the label stage whatever the labeler): the labels file and the terminal
-            labeler flag regions whose suggested label it disputes on most fresh samples as
-            ambiguous, and the report gives its agreement with every label (`label_validity`).
+            labeler flag regions whose suggested label (the oracle labeler: its own vote) it
+            disputes on most fresh samples as ambiguous, and the report gives its agreement
+            with every label (`label_validity`).
             Costs one more classifier training: on digits on a 2-core CPU the label stage takes
             7 s instead of 1 s (3.5 s of them training steps; the train stage takes 6 s), cheap
             enough to be on by default. The oracle labeler trains the oracle and checks with it

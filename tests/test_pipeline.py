@@ -353,6 +353,10 @@ def test_oracle_agreement_in_report_labels_file_and_with_a_disagreeing_oracle(fi
     assert [r["ambiguous"] == "yes" for r in rows] == [
         saved[r["region_id"]]["ambiguous"] for r in rows
     ]
+    # The label stage checked the labels it wrote (the oracle labeler's: its own vote), as the
+    # report checks the final labels.
+    names = pipeline.Context(run_dir, TINY, print).dataset.class_names
+    assert all(names[saved[r["region_id"]]["label"]] == r["label"] == r["oracle"] for r in rows)
 
     # The classifier itself as the oracle: its agreement with a label on the held-out samples is
     # exactly the region's accuracy before correction.
