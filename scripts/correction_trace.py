@@ -10,6 +10,12 @@ weight of 0 fine-tunes on the training data alone: the noise floor of continued 
     python scripts/correction_trace.py runs/seeds-conv/seed0 --lams 0 0.003 --epochs 6
     python scripts/correction_trace.py RUN --learning-rate 1e-4 --json trace.json
     python scripts/correction_trace.py RUN --optimizer sgd --learning-rate 0.01 --lams 0 0.03
+    python scripts/correction_trace.py RUN --lams 0.003 --epochs 8 --interpolate 0.5 0.75 1
+
+`--interpolate` also scores, after every epoch, the weights moved only part of the way from the
+original's: theta_0 + alpha * (theta - theta_0) (weight-space interpolation, as in WiSE-FT).
+It asks whether the test images an epoch breaks lie on the fix's path (they break at every alpha
+that fixes the regions) or are noise of continued training (a smaller alpha keeps them).
 
 The JSON records name the test images each epoch breaks (`test_broken_ids`, indices into the
 run's test split), so you can see whether the same images break whatever the setting.
@@ -23,6 +29,7 @@ import json
 import os
 import tempfile
 
+import jax
 import numpy as np
 
 from defuse_jax import correction_selection as sel
@@ -34,6 +41,14 @@ from defuse_jax.stage_context import Context
 from defuse_jax.training import fit
 
 
+def _interpolate(original, tuned, alpha: float):
+    """The weights `alpha` of the way from the original's to the fine-tuned ones."""
+    if alpha == 1.0:  # exactly the trained weights (w0 + (w - w0) may round differently)
+        return tuned
+    # On the host: the trained weights may be replicated over devices, the original's are not.
+    return jax.tree.map(lambda w0, w: w0 + alpha * (w - w0), *jax.device_get((original, tuned)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", help="a run directory whose label stage has finished")
@@ -41,6 +56,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, help="default: the run's correct.epochs")
     ap.add_argument("--learning-rate", type=float, help="default: the run's")
     ap.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), help="default: the run's")
+    ap.add_argument(
+        "--interpolate", type=float, nargs="+", default=[1.0], metavar="ALPHA",
+        help="also score theta_0 + ALPHA * (theta - theta_0) each epoch (default: 1 only)",
+    )  # fmt: skip
     ap.add_argument("--json", help="also write the records here")
     args = ap.parse_args()
 
@@ -73,24 +92,27 @@ def main() -> None:
         f"{original.region_accuracy:.4f}, test {test_before.mean():.4f}; lr "
         f"{train.learning_rate:g}, {train.epochs} epochs"
     )
-    print("lambda epoch | val    regions worst-drop | test   broke fixed")
+    print("lambda epoch alpha | val    regions worst-drop | test   broke fixed")
     records = []
     for lam in args.lams or cc.lams:
 
-        def on_epoch(params, record, lam=lam):
-            s = sel.score(params, held_out, lam=lam, epoch=int(record["epoch"]))
-            right = sel._right(params, ds.x_test, ds.y_test)
-            row = {**s._asdict(), "test_accuracy": float(right.mean()),
-                   "test_broken": int((test_before & ~right).sum()),
-                   "test_fixed": int((~test_before & right).sum()),
-                   "test_broken_ids": np.flatnonzero(test_before & ~right).tolist()}  # fmt: skip
-            records.append(row)
-            print(
-                f"{lam:6g} {s.epoch:5d} | {s.val_accuracy:.4f} {s.region_accuracy:.4f}  "
-                f"{s.worst_region_drop:.3f}      | {row['test_accuracy']:.4f} "
-                f"{row['test_broken']:5d} {row['test_fixed']:5d}",
-                flush=True,
-            )
+        def on_epoch(tuned, record, lam=lam):
+            for alpha in args.interpolate:
+                params = _interpolate(clf, tuned, alpha)
+                s = sel.score(params, held_out, lam=lam, epoch=int(record["epoch"]))
+                right = sel._right(params, ds.x_test, ds.y_test)
+                broken = test_before & ~right
+                row = {**s._asdict(), "alpha": alpha, "test_accuracy": float(right.mean()),
+                       "test_broken": int(broken.sum()),
+                       "test_fixed": int((~test_before & right).sum()),
+                       "test_broken_ids": np.flatnonzero(broken).tolist()}  # fmt: skip
+                records.append(row)
+                print(
+                    f"{lam:6g} {s.epoch:5d} {alpha:5.3g} | {s.val_accuracy:.4f} "
+                    f"{s.region_accuracy:.4f}  {s.worst_region_drop:.3f}      | "
+                    f"{row['test_accuracy']:.4f} {row['test_broken']:5d} {row['test_fixed']:5d}",
+                    flush=True,
+                )
 
         with tempfile.TemporaryDirectory() as tmp:
             fit(

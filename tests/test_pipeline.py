@@ -479,11 +479,21 @@ def test_correction_trace_retraces_the_recorded_choice_and_counts_test_moves(
     out = str(tmp_path / "trace.json")
     script = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "correction_trace.py")
     argv = ["correction_trace.py", source, "--json", out, "--lams", "0.01", "0"]
-    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(sys, "argv", argv + ["--interpolate", "0", "1"])
     runpy.run_path(script, run_name="__main__")
     assert _tree(source) == before  # analysis only: the run is not touched
 
     trace, report = json.load(open(out)), _report(source)
+    # alpha 0 interpolates all the way back: every epoch scores as the original classifier.
+    back = [r for r in trace["records"] if r.pop("alpha") == 0.0]
+    assert len(back) == 4 and len(trace["records"]) == 8
+    for r in back:
+        assert {k: r[k] for k in ("val_accuracy", "region_accuracy", "worst_region_drop")} == {
+            k: trace["original"][k]
+            for k in ("val_accuracy", "region_accuracy", "worst_region_drop")
+        }
+        assert r["test_accuracy"] == trace["test_accuracy"] and r["test_broken"] == 0
+    trace["records"] = [r for r in trace["records"] if r not in back]
     assert trace["test_accuracy"] == report["test_accuracy_before"]
     assert trace["original"] == selection["original"]
     recorded = selection["per_lam"]["0.01"]  # TINY's one region weight, 2 epochs
