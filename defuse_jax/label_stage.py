@@ -216,9 +216,22 @@ def label_interactively(
     input_fn: Callable[[str], str] = input,
     print_fn: Callable[..., None] = print,
 ) -> dict[int, int | None]:
-    """Walk a person through the unlabeled regions (runs the stages up to distill first)."""
+    """Walk a person through the unlabeled regions (runs the stages up to distill first).
+
+    Raises:
+        ValueError: the run labels its regions automatically (`config.labeler` is not
+            "manual"): the label stage would replace the answers.
+    """
     from defuse_jax.pipeline import run  # the orchestration imports this module
 
+    if config.labeler != "manual":
+        raise ValueError(
+            f"{run_dir} labels its regions automatically (labeler {config.labeler!r}), so the "
+            "label stage would replace answers typed here. To label by hand, add --labeler "
+            "manual (saved with the run; a finished label stage is then redone and asks every "
+            "region). To change a few labels of a finished run, edit their cells in "
+            f"{RunDir(run_dir).labels} and rerun `defuse-jax run --out {run_dir}`."
+        )
     run(run_dir, config, until="distill", log=print_fn)
     ctx = Context(os.path.abspath(run_dir), config, print_fn)
     regions = load_regions(ctx.path("distill"))

@@ -29,7 +29,7 @@ from defuse_jax import label_validity
 from defuse_jax.files import atomic_write, make_dirs, remove
 from defuse_jax.plots import plt, save_figure
 from defuse_jax.run_config import STAGES
-from defuse_jax.run_dir import RunDir
+from defuse_jax.run_dir import LABELS_FILE, RunDir
 
 WORSE_BY: Final = 0.05  # a region "ends worse" when its accuracy falls by more than this
 
@@ -702,11 +702,13 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str], *, run_
         "",
         "## Relabel and rerun",
         "",
-        "The region labels live in the labels file of this run. To review or change them, label "
-        "the regions by hand and rerun; finished stages upstream of labeling are reused:",
+        f"The region labels live in `{LABELS_FILE}`. To change some, edit their `label` cells "
+        "(a class name or index, or `skip`) and rerun: only the correction and the evaluation are "
+        "redone. To label the regions by hand in the terminal instead (a run labeled "
+        "automatically then redoes its label stage, which asks every region):",
         "",
         "```sh",
-        f"defuse-jax label --out {run_dir}",
+        f"defuse-jax label --out {run_dir} --labeler manual",
         f"defuse-jax run --out {run_dir}",
         "```",
         "",

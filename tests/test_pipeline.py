@@ -184,6 +184,10 @@ def test_every_region_below_the_error_threshold_still_evaluates(trained, tmp_pat
 
 def test_manual_labels_all_skipped_skips_correction(trained, tmp_path):
     run_dir = _copy(trained, tmp_path)
+    # Under an automatic labeler the label stage would overwrite answers typed in: refused early.
+    with pytest.raises(ValueError, match="labeler 'oracle'.*add --labeler manual"):
+        pipeline.label_interactively(run_dir, TINY, input_fn=lambda prompt: "3")
+    assert not os.path.exists(os.path.join(run_dir, "label"))
     manual = dataclasses.replace(TINY, labeler="manual")
     with pytest.raises(pipeline.LabelsPending, match="labels.csv"):
         pipeline.run(run_dir, manual, log=lambda s: None)

@@ -188,7 +188,7 @@ def test_full_report(tmp_path):
     # Stage timings in pipeline order, with a total.
     assert md.index("| train |") < md.index("| search |") < md.index("| evaluate |")
     assert "| **total** | **18.6** |" in md
-    assert f"defuse-jax label --out {run_dir}" in md
+    assert f"defuse-jax label --out {run_dir} --labeler manual" in md
     assert f"defuse-jax run --out {run_dir}" in md
 
 
