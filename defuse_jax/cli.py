@@ -93,6 +93,12 @@ def resolve(args: argparse.Namespace) -> tuple[str, RunConfig]:
         correct=flags.from_flags(args, CorrectConfig, prefix="correct-", base=base.correct),
         eval=flags.from_flags(args, EvalConfig, prefix="eval-", base=base.eval),
     )
+    if getattr(args, "correct_lams", None) is not None and not config.correct.select:
+        raise ValueError(
+            "--correct-lams lists the region weights the correction chooses among, but the "
+            "choice is off (--no-correct-select), which trains --correct-lam alone: pass "
+            "--correct-lam instead, or drop --no-correct-select."
+        )
     return out, config
 
 
@@ -136,6 +142,7 @@ def cmd_train(args: argparse.Namespace, *, kind: str) -> int:
     from defuse_jax import train_models as tm
 
     out, config = resolve(args)
+    pipeline.check_available(config.data)  # before the config is saved
     pipeline.save_run_config(out, config)
     ctx = pipeline.Context(os.path.abspath(out), config, print)
     if kind == "vae":

@@ -23,6 +23,7 @@ import optax
 
 from defuse_jax import correction_selection as sel
 from defuse_jax import models, region_overlap
+from defuse_jax.config_checks import NON_NEGATIVE, POSITIVE, POSITIVE_INT, check_fields
 from defuse_jax.files import json_digest, write_json
 from defuse_jax.models import Params
 from defuse_jax.regions import Regions, region_cholesky
@@ -95,8 +96,12 @@ class CorrectConfig:
                     f"{name} is a fraction of accuracy in [0, 1] (0.005 = 0.5 pt), got "
                     f"{getattr(self, name)!r}."
                 )
-        if self.select_samples < 1:
-            raise ValueError(f"select_samples must be >= 1, got {self.select_samples}.")
+        check_fields(self, {
+            "select_samples": POSITIVE_INT, "lam": POSITIVE, "region_batch_size": POSITIVE_INT,
+            "tau": POSITIVE, "epochs": POSITIVE_INT, "batch_size": POSITIVE_INT,
+            "learning_rate": POSITIVE, "momentum": NON_NEGATIVE, "anchor": NON_NEGATIVE,
+            "checkpoint_every": POSITIVE_INT,
+        })  # fmt: skip
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(

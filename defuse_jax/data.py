@@ -166,6 +166,21 @@ def load_dataset(config: DataConfig = DataConfig()) -> Dataset:  # noqa: B008 (f
     return _load_tfds(config, _TFDS_SPECS[config.name])
 
 
+def check_available(config: DataConfig) -> None:
+    """Raises what `load_dataset` would raise about the config, without reading the data.
+
+    For the pipeline to call before it saves the config into a run directory or sets a stage's
+    outputs aside, so a typo in a data flag costs nothing.
+
+    Raises:
+        ValueError: unknown name, non-existent `data_dir`, or an out-of-range option.
+        DatasetNotFoundError: a TFDS dataset that is not prepared in `data_dir`.
+    """
+    _validate(config)
+    if config.name != "digits":
+        _open_sources(config.name, ("train", _TFDS_SPECS[config.name].test_split), config.data_dir)
+
+
 def _validate(config: DataConfig) -> None:
     """Raises a clear ValueError for a bad config, before any file is touched."""
     if config.name not in SUPPORTED_DATASETS:

@@ -17,6 +17,7 @@ import numpy as np
 
 from defuse_jax import losses, models
 from defuse_jax.batching import map_batches
+from defuse_jax.config_checks import POSITIVE, POSITIVE_INT, check_fields
 from defuse_jax.models import Params
 from defuse_jax.regions import Regions, sample_regions
 from defuse_jax.training import evaluate
@@ -38,6 +39,9 @@ class EvalConfig:
     region_samples: int = 256
     tau: float = 0.01
     seed: int = 0
+
+    def __post_init__(self):
+        check_fields(self, {"region_samples": POSITIVE_INT, "tau": POSITIVE})
 
 
 def predict(

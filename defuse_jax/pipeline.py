@@ -38,7 +38,7 @@ from defuse_jax import evaluation, identification, label_validity, region_overla
 from defuse_jax import report as report_lib
 from defuse_jax import train_models as tm
 from defuse_jax.correction import CorrectConfig, fine_tune
-from defuse_jax.data import Dataset
+from defuse_jax.data import Dataset, check_available
 from defuse_jax.files import move, prune_dirs, read_json, sha256, write_json
 from defuse_jax.label_stage import (  # noqa: F401 - the public API of a run directory
     label_interactively,
@@ -389,6 +389,10 @@ def run(
             "system paths (bucket paths such as gs:// are not supported). Mount the bucket "
             "(e.g. gcsfuse) and pass the mount's path."
         )
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise ValueError(f"The run directory {run_dir} is a file: pass a directory to --out.")
+    if dataset is None:  # before the config is saved or any output is set aside
+        check_available(config.data)
     if distributed:
         dist.initialize()
     if dist.is_distributed():

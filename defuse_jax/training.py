@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from defuse_jax import distributed
 from defuse_jax.batching import map_batches
 from defuse_jax.checkpoint import Checkpointer
+from defuse_jax.config_checks import NON_NEGATIVE, POSITIVE, POSITIVE_INT, check_fields
 from defuse_jax.models import Params
 
 Batch = Mapping[str, jax.Array]
@@ -69,6 +70,13 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
+
+    def __post_init__(self):
+        check_fields(self, {
+            "epochs": POSITIVE_INT, "batch_size": POSITIVE_INT, "learning_rate": POSITIVE,
+            "momentum": NON_NEGATIVE, "weight_decay": NON_NEGATIVE,
+            "checkpoint_every": POSITIVE_INT, "keep_checkpoints": POSITIVE_INT,
+        })  # fmt: skip
 
 
 class TrainState(NamedTuple):

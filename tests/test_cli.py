@@ -1,12 +1,14 @@
 """CLI: info prints the devices; bad input gives one clear error line and exit code 2."""
 
 import json
+import os
 
 import jax
 import pytest
 
 from defuse_jax import cli
 from defuse_jax.pipeline import save_run_config
+from defuse_jax.run_config import RunConfig
 
 
 def test_info_lists_devices(capsys):
@@ -30,6 +32,50 @@ def test_bad_input_is_one_clear_error(argv, message, capsys, tmp_path):
     err = capsys.readouterr().err
     assert message in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "flags_, message",
+    [
+        (["--dataset", "mnst"], "Unknown dataset 'mnst'"),
+        (["--data-dir", "/no/such/dir"], "/no/such/dir"),
+        (["--val-fraction", "1.5"], "val_fraction must be in [0, 1)"),
+        (["--eval-region-samples", "-1"], "region_samples=-1; it must be an integer >= 1"),
+        (["--grid-samples", "0"], "grid_samples=0"),
+        (["--clf-epochs", "0"], "epochs=0"),
+        (["--correct-tau", "0"], "tau=0.0; it must be a number > 0"),
+        (["--correct-lams", "0.1", "0.2", "--no-correct-select"], "pass --correct-lam instead"),
+    ],
+)
+def test_a_bad_flag_on_a_run_fails_before_anything_is_saved_or_set_aside(
+    flags_, message, tmp_path, capsys
+):
+    out = str(tmp_path / "run")
+    save_run_config(out, RunConfig())
+    os.makedirs(os.path.join(out, "train"))
+    with open(os.path.join(out, "train", "stage.json"), "w") as f:
+        f.write("{}")
+
+    def files():
+        return {
+            os.path.relpath(os.path.join(d, n), out): open(os.path.join(d, n)).read()
+            for d, _, names in os.walk(out)
+            for n in names
+        }
+
+    before = files()
+    assert cli.main(["run", "--out", out, *flags_]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert files() == before  # no stale/, the typo not saved into config.json
+
+
+def test_a_file_as_the_run_directory_is_one_clear_error(tmp_path, capsys):
+    path = tmp_path / "afile"
+    path.write_text("")
+    assert cli.main(["run", "--out", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "is a file: pass a directory to --out" in err and "Traceback" not in err
 
 
 def test_flags_override_the_saved_run_config(tmp_path):

@@ -1,0 +1,46 @@
+"""Declarative checks of configuration fields: a config lists its rules, `check_fields` applies
+them.
+
+A rule is a predicate and what the value must be, in words. The checks run in `__post_init__`,
+so a bad value fails where the config is made: from the command line, before any stage moves an
+output aside or saves the config into the run directory.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+
+class Rule(NamedTuple):
+    ok: Callable[[Any], bool]
+    must_be: str  # completes "it must be ..."
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+POSITIVE_INT = Rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+POSITIVE = Rule(lambda v: _is_real(v) and v > 0, "a number > 0")
+NON_NEGATIVE = Rule(lambda v: _is_real(v) and v >= 0, "a number >= 0")
+
+
+def check_fields(config: Any, rules: Mapping[str, Rule]) -> None:
+    """Raises ValueError naming the first field of `config` that breaks its rule.
+
+    Args:
+        config: a configuration dataclass instance.
+        rules: {field name: `Rule`}.
+    """
+    for name, rule in rules.items():
+        value = getattr(config, name)
+        if not rule.ok(value):
+            raise ValueError(
+                f"{type(config).__name__}: {name}={value!r}; it must be {rule.must_be}."
+            )
