@@ -70,13 +70,13 @@ def write_region_grids(ctx: Context, regions: Regions) -> None:
     for rec, zr in zip(regions.records, z, strict=True):
         images = np.asarray(decode(vae, zr))
         pred = evaluation.predict(vae, clf, zr)
-        src = names[rec["majority_source_label"]]
+        top = rec.get("top_pair") or (rec["majority_source_label"], rec["majority_pred_label"])
         plots.save_image_grid(
             images,
             ctx.dir.rel(RunDir.grid(rec["id"])),
             titles=[f"pred {names[p]}" for p in pred],
-            suptitle=f"region {rec['id']}: {rec['num_codes']} errors, mostly {src} -> "
-            f"{names[rec['majority_pred_label']]}",
+            suptitle=f"region {rec['id']}: {rec['num_codes']} errors, most often "
+            f"{names[top[0]]} -> {names[top[1]]}",
         )
 
 

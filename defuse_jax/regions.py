@@ -211,6 +211,7 @@ def distill(
         src = np.bincount(source_label[members[o]], minlength=num_classes)
         prd = np.bincount(pred_label[members[o]], minlength=num_classes)
         pairs = source_label[members[o]].astype(np.int64) * num_classes + pred_label[members[o]]
+        top = int(np.bincount(pairs).argmax())
         records.append(
             {
                 "id": r,
@@ -222,7 +223,9 @@ def distill(
                 "pred_label_counts": prd.tolist(),
                 "majority_source_label": int(src.argmax()),
                 "majority_pred_label": int(prd.argmax()),
-                # share of the codes with the region's most common (source, predicted) pair
+                # the region's most common (source, predicted) pair (not always the two
+                # majorities side by side: those may never occur together), and its share
+                "top_pair": [top // num_classes, top % num_classes],
                 "purity": float(np.bincount(pairs).max() / len(pairs)),
             }
         )

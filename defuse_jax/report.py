@@ -45,7 +45,8 @@ class RegionReport(TypedDict):
     majority_source_label: int
     majority_pred_label: int
     error_rate: float | None  # share of fresh region samples not classified as the majority
-    purity: float  # share of its codes with its most common (source, predicted) pair
+    top_pair: list[int] | None  # [2] its most common (source, predicted) pair (None: older run)
+    purity: float  # share of its codes with that pair
     error_region: bool  # error_rate >= the distill stage's min_error_rate (else not offered)
     label: int | None  # the region's label (None: skipped or unlabeled)
     label_name: str | None
@@ -194,6 +195,7 @@ def assemble(
                 majority_source_label=rec["majority_source_label"],
                 majority_pred_label=rec["majority_pred_label"],
                 error_rate=rec.get("error_rate"),
+                top_pair=rec.get("top_pair"),
                 purity=rec.get("purity", float("nan")),
                 error_region=bool(rec.get("error_region", True)),
                 label=label,
@@ -554,15 +556,17 @@ def _regions_section(report: Mapping[str, Any]) -> list[str]:
 
 def _regions_table(regions: Sequence[Mapping[str, Any]], names: Sequence[str]) -> list[str]:
     lines = [
-        "| region | codes | weight | source -> predicted | purity | error rate | label "
+        "| region | codes | weight | top source -> predicted | purity | error rate | label "
         "| oracle agrees | accuracy before -> after | overlap |",
         "|---:|---:|---:|---|---:|---:|---|---|---|---|",
     ]
     for r in regions:
-        flow = (
-            f"{_class_name(names, r.get('majority_source_label'))} -> "
-            f"{_class_name(names, r.get('majority_pred_label'))}"
+        # The pair purity counts; a run from before it was recorded shows the two majorities.
+        src, pred = r.get("top_pair") or (
+            r.get("majority_source_label"),
+            r.get("majority_pred_label"),
         )
+        flow = f"{_class_name(names, src)} -> {_class_name(names, pred)}"
         acc = (
             f"{pct(r.get('accuracy_before'))} -> {pct(r.get('accuracy_after'))}"
             if _is_labeled(r)

@@ -311,23 +311,28 @@ def test_min_error_rate_outside_the_unit_interval_is_a_clear_error(value):
 
 
 def test_region_purity_and_error_regions():
-    """Purity is the share of a region's codes with its most common (source, predicted) pair;
-    regions whose fresh samples the classifier mostly gets right are not error regions."""
+    """Purity is the share of a region's codes with its most common (source, predicted) pair,
+    which is not the two majorities side by side; regions whose fresh samples the classifier
+    mostly gets right are not error regions."""
     import numpy as np
 
     from defuse_jax.regions import distill, is_error_region
 
     rng = np.random.default_rng(0)
     codes = np.concatenate([rng.normal(size=(60, 2)) * 0.1, rng.normal(size=(60, 2)) * 0.1 + 5])
-    source = np.array([1] * 60 + [2] * 60)
-    pred = np.array([7] * 45 + [8] * 15 + [3] * 60)  # region near 0: 45 of 60 are 1 -> 7
+    # Region near 0: 20 of 60 codes are 1 -> 7, the rest 4 -> 9, 6 -> 8 and 4 -> 2. Its majority
+    # source is 4 and its majority prediction 7, a pair no code has.
+    source = np.array([1] * 20 + [4] * 15 + [6] * 13 + [4] * 12 + [2] * 60)
+    pred = np.array([7] * 20 + [9] * 15 + [8] * 13 + [2] * 12 + [3] * 60)
     cfg = DistillConfig(method="gmm", n_components=2, max_iter=50, min_codes=5, error_samples=64)
     # The classifier on fresh samples: wrong around the origin, right around (5, 5).
     regions = distill(codes, source, pred, num_classes=10, config=cfg,
                       predict_fn=lambda z: np.where(np.asarray(z)[:, 0] < 2.5, 7, 2))  # fmt: skip
     by_source = {r["majority_source_label"]: r for r in regions.records}
-    assert by_source[1]["purity"] == pytest.approx(45 / 60) and by_source[2]["purity"] == 1.0
-    assert is_error_region(by_source[1]) and by_source[1]["error_rate"] == 1.0
+    assert by_source[4]["majority_pred_label"] == 7
+    assert by_source[4]["top_pair"] == [1, 7] and by_source[4]["purity"] == pytest.approx(20 / 60)
+    assert by_source[2]["top_pair"] == [2, 3] and by_source[2]["purity"] == 1.0
+    assert is_error_region(by_source[4]) and by_source[4]["error_rate"] == 1.0
     assert not is_error_region(by_source[2]) and by_source[2]["error_rate"] == 0.0
 
 
