@@ -119,6 +119,7 @@ class _ReportRequired(TypedDict):
     region_accuracy_scope: Literal["confirmed", "labeled"] | None
     error_code_accuracy_before: float | None  # on the found codes, by their region's label
     error_code_accuracy_after: float | None
+    num_error_codes_labeled: int  # the found codes those two cover: the ones in labeled regions
     oracle_agreement: float | None  # mean over labeled regions of the oracle's agreement with
     # the label on held-out region samples (None: no oracle, or nothing labeled)
     oracle_test_accuracy: float | None  # the oracle's own test accuracy (None: no oracle)
@@ -243,6 +244,7 @@ def assemble(
         region_accuracy_scope="confirmed" if confirmed else ("labeled" if labels else None),
         error_code_accuracy_before=before["error_code_accuracy"],
         error_code_accuracy_after=after["error_code_accuracy"],
+        num_error_codes_labeled=before["num_error_codes_labeled"],
         oracle_agreement=oracle["agreement"] if oracle else None,
         oracle_test_accuracy=oracle["oracle_test_accuracy"] if oracle else None,
         num_ambiguous_regions=oracle["num_ambiguous"] if oracle else 0,
@@ -514,13 +516,19 @@ def _results_table(report: Mapping[str, Any]) -> list[str]:
     rows = (
         ("Test accuracy", "test_accuracy"),
         (f"Region accuracy ({scope})", "region_accuracy"),
-        ("Accuracy on the found error codes", "error_code_accuracy"),
+        (_codes_row(report.get("num_error_codes_labeled")), "error_code_accuracy"),
     )
     lines = ["| metric | before | after | change |", "|---|---:|---:|---:|"]
     for name, key in rows:
         b, a = report.get(f"{key}_before"), report.get(f"{key}_after")
         lines.append(f"| {name} | {pct(b)} | {pct(a)} | {_pp(b, a)} |")
     return lines
+
+
+def _codes_row(n: int | None) -> str:
+    if n is None:  # a report from before the count was kept
+        return "Accuracy on the found error codes in labeled regions"
+    return f"Accuracy on the {n:,} found error codes in labeled regions (by the region's label)"
 
 
 def _regions_section(report: Mapping[str, Any]) -> list[str]:

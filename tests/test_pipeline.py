@@ -80,6 +80,13 @@ def test_full_run_report_and_resume(finished, tmp_path):
     assert all(r["error_rate"] >= 0.5 for r in errors)
     assert all(r["error_rate"] < 0.5 and r["label"] is None for r in others)
     assert all(0.0 < r["purity"] <= 1.0 for r in report["regions"])
+    # The accuracy on the found codes covers the codes of the labeled regions, and says so.
+    in_labeled = sum(r["num_codes"] for r in report["regions"] if r["label"] is not None)
+    assert report["num_error_codes_labeled"] == in_labeled > 0
+    assert (
+        f"Accuracy on the {in_labeled:,} found error codes in labeled regions"
+        in open(os.path.join(run_dir, "report.md")).read()
+    )
     for key in ("test_accuracy_before", "test_accuracy_after"):
         assert 0.0 <= report[key] <= 1.0
     assert set(report["stage_seconds"]) >= {"train", "search", "distill", "label", "correct"}

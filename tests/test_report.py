@@ -96,6 +96,7 @@ def _report(**overrides):
         "region_accuracy_after": 0.9375,
         "error_code_accuracy_before": 0.0,
         "error_code_accuracy_after": 0.81,
+        "num_error_codes_labeled": 1234,
         "oracle_agreement": 0.5625,
         "oracle_test_accuracy": 0.98,
         "num_ambiguous_regions": 1,
@@ -180,7 +181,10 @@ def test_full_report(tmp_path):
     # Before/after table with percentages and percentage-point changes.
     assert "| Test accuracy | 95.0% | 94.4% | -0.6 pp |" in md
     assert "| Region accuracy (held-out region samples) | 12.5% | 93.8% | +81.2 pp |" in md
-    assert "| Accuracy on the found error codes | 0.0% | 81.0% | +81.0 pp |" in md
+    assert (
+        "| Accuracy on the 1,234 found error codes in labeled regions (by the region's label) "
+        "| 0.0% | 81.0% | +81.0 pp |"
+    ) in md
     # Per-region rows, in the given order, with class names, labels and accuracies.
     assert "| 3 | 120 | 0.600 | 6 -> 1 | 75.0% | 87.5% | 6 | 87.5% | 12.5% -> 93.8% |" in md
     # The pair purity counts, not the majorities side by side (older runs: those).
@@ -217,7 +221,10 @@ def test_rewrite_is_idempotent_and_handles_numpy_and_nan(tmp_path):
     assert first == second
     assert first["num_errors_found"] == 50 and first["test_accuracy_after"] == 0.5
     assert first["error_code_accuracy_after"] is None  # NaN is not valid JSON
-    assert "| Accuracy on the found error codes | 0.0% | n/a | n/a |" in md
+    assert (
+        "| Accuracy on the 1,234 found error codes in labeled regions (by the region's label) "
+        "| 0.0% | n/a | n/a |"
+    ) in md
     # A later report without plots (e.g. a rerun that found nothing) removes the stale ones.
     paths = write_report(
         run_dir,
@@ -417,7 +424,7 @@ def _assemble(per_before, per_after, *, answers, confirmed, overlap=None):
     search = {k: 1 for k in ("num_sources", "num_sources_used", "num_sources_skipped",
                              "num_samples_evaluated", "num_errors_found", "num_flips")}  # fmt: skip
     ev = lambda per: {"test_accuracy": 0.9, "region_accuracy": None, "per_region": per,  # noqa: E731
-                      "error_code_accuracy": None}  # fmt: skip
+                      "error_code_accuracy": None, "num_error_codes_labeled": 0}  # fmt: skip
     return assemble(
         dataset="digits", class_names=NAMES, search=search, region_records=records,
         answers=answers, before=ev(per_before), after=ev(per_after),
