@@ -131,8 +131,14 @@ def stage_distill(ctx: Context) -> dict[str, Any]:
         f"distill: {regions.num_regions} regions explain {covered} of {n} errors (mixture "
         f"fitted on {fitted} codes, max_codes {cap})"
     )
+    if not regions.converged:
+        ctx.log(
+            f"distill: the mixture fit stopped at max_iter={cfg.max_iter} before converging; "
+            "the regions are those of its last iteration (raise --distill-max-iter to fit on)"
+        )
     return {"num_regions": regions.num_regions, "codes_in_regions": covered,
-            "codes_fitted": fitted, "max_codes": cap}  # fmt: skip
+            "codes_fitted": fitted, "max_codes": cap,
+            "mixture_converged": regions.converged}  # fmt: skip
 
 
 def _correction_runs(ctx: Context) -> str | None:
@@ -269,6 +275,11 @@ def build_report(ctx: Context) -> report_lib.Report:
         ctx.messages.append(
             "The search found no errors: the classifier was never fooled within the search "
             "radius. Widen the search (--search-scale, --search-num-samples) to probe further."
+        )
+    if not regions.converged:
+        ctx.messages.append(
+            f"The mixture fit stopped at max_iter={ctx.config.distill.max_iter} before it "
+            "converged: the regions are those of its last iteration (--distill-max-iter fits on)."
         )
     if correct_summary["skipped"]:
         ctx.messages.append(correct_summary["reason"])

@@ -16,12 +16,14 @@ import dataclasses
 import functools
 import json
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from sklearn.exceptions import ConvergenceWarning
 
 from defuse_jax import distributed
 from defuse_jax.files import atomic_write, write_npz
@@ -82,6 +84,9 @@ class Regions:
         weights: [R] mixture weights (of the whole error set).
         assignment: [M] region index of every error code, -1 for codes in dropped components.
         records: per-region summaries (JSON-able dicts; see `distill`).
+        fits: one JSON-able dict per mixture fit (one, or one per predicted label with
+            `per_label`): `label` (None: all codes), `codes` fitted, `converged`, `n_iter`,
+            `max_iter`. Empty for regions saved before it was kept.
     """
 
     means: np.ndarray
@@ -89,6 +94,12 @@ class Regions:
     weights: np.ndarray
     assignment: np.ndarray
     records: list[dict[str, Any]]
+    fits: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    @property
+    def converged(self) -> bool:
+        """Whether every mixture fit converged within `max_iter` (True when there was none)."""
+        return all(f["converged"] for f in self.fits)
 
     @property
     def num_regions(self) -> int:
@@ -135,7 +146,11 @@ def _fit_mixture(x: np.ndarray, config: DistillConfig, seed: int):
         model = GaussianMixture(**common)
     else:
         raise ValueError(f"Unknown distill method {config.method!r}; use 'dpgmm' or 'gmm'.")
-    return model.fit(x)
+    # A fit stopped by max_iter is recorded (`Regions.fits`) and reported by the distill stage,
+    # rather than warned about from inside the library where no run directory keeps it.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return model.fit(x)
 
 
 def distill(
@@ -184,12 +199,16 @@ def distill(
         if config.per_label
         else [(None, np.arange(m))]
     )
-    means, covs, weights, members = [], [], [], []
-    for g, (_, idx) in enumerate(groups):
+    means, covs, weights, members, fits = [], [], [], [], []
+    for g, (label, idx) in enumerate(groups):
         if len(idx) < max(config.min_codes, 2):
             continue
         fit_idx = idx if len(idx) <= max_codes else rng.choice(idx, max_codes, replace=False)
         model = _fit_mixture(codes[fit_idx], config, config.seed + g)
+        fits.append(
+            {"label": label, "codes": int(len(fit_idx)), "converged": bool(model.converged_),
+             "n_iter": int(model.n_iter_), "max_iter": config.max_iter}
+        )  # fmt: skip
         comp = np.asarray(model.predict(codes[idx]))
         share = len(idx) / m
         for c in range(len(model.weights_)):
@@ -238,6 +257,7 @@ def distill(
         weights=np.asarray([weights[o] for o in order], np.float32),
         assignment=assignment,
         records=records,
+        fits=fits,
     )
     if predict_fn is not None and records:
         key = jax.random.key(config.seed)
@@ -287,12 +307,12 @@ def save_regions(regions: Regions, directory: str) -> None:
         assignment=regions.assignment,
     )
     with atomic_write(os.path.join(directory, "regions.json")) as f:
-        json.dump({"regions": regions.records}, f, indent=1)
+        json.dump({"regions": regions.records, "fits": regions.fits}, f, indent=1)
 
 
 def load_regions(directory: str) -> Regions:
     with np.load(os.path.join(directory, "regions.npz"), allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
     with open(os.path.join(directory, "regions.json")) as f:
-        records = json.load(f)["regions"]
-    return Regions(records=records, **arrays)
+        saved = json.load(f)
+    return Regions(records=saved["regions"], fits=saved.get("fits", []), **arrays)

@@ -343,6 +343,31 @@ def test_region_purity_and_error_regions():
     assert not is_error_region(by_source[2]) and by_source[2]["error_rate"] == 0.0
 
 
+def test_a_mixture_fit_cut_short_is_recorded_not_warned(tmp_path):
+    """A fit stopped by max_iter raises no library warning; the regions record it, and it
+    survives saving."""
+    import warnings
+
+    import numpy as np
+
+    from defuse_jax.regions import distill, load_regions, save_regions
+
+    rng = np.random.default_rng(0)
+    codes = np.concatenate([rng.normal(size=(40, 2)), rng.normal(size=(40, 2)) + 4])
+    labels = np.repeat([1, 2], 40)
+    for max_iter, converged in ((1, False), (100, True)):
+        cfg = DistillConfig(method="gmm", n_components=2, max_iter=max_iter, min_codes=5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the ConvergenceWarning would fail here
+            regions = distill(codes, labels, labels + 1, num_classes=10, config=cfg)
+        assert regions.converged is converged
+        assert [(f["codes"], f["converged"], f["max_iter"]) for f in regions.fits] == [
+            (80, converged, max_iter)
+        ]
+        save_regions(regions, str(tmp_path))
+        assert load_regions(str(tmp_path)).fits == regions.fits
+
+
 def test_oracle_agreement_in_report_labels_file_and_with_a_disagreeing_oracle(finished, tmp_path):
     """The default run checks every label with the oracle (report, labels file); an oracle
     that disagrees (the original classifier, wrong on most region samples by construction)
