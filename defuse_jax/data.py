@@ -54,7 +54,8 @@ class DataConfig:
     """Which dataset to load and how.
 
     Attributes:
-        name: `"digits"` (embedded, sklearn) or one of the TFDS names in `SUPPORTED_DATASETS`.
+        name: `"digits"` (embedded, sklearn), or a TFDS dataset prepared offline: `"mnist"`,
+            `"fashion_mnist"`, `"svhn_cropped"`, `"visual_domain_decathlon/gtsrb"`, `"celeb_a"`.
         data_dir: TFDS data directory holding prepared datasets; must exist if given. `None`
             uses TFDS's default (`$TFDS_DATA_DIR` or `~/tensorflow_datasets`).
         image_size: resize images to `image_size x image_size` (non-square images are
@@ -66,7 +67,8 @@ class DataConfig:
         val_fraction: fraction of the training split (after `max_train`) held out as a
             validation split that no model trains on. The correction chooses its region weight
             and epoch on it, so that nothing is ever chosen on the test split. 0: no validation
-            split (the correction then keeps its last epoch of the reference weight).
+            split, which needs the choice off (--no-correct-select: the correction then keeps
+            the last epoch of the reference weight).
         seed: seeds the `digits` split and the shuffles behind `max_train` / `max_test` and the
             validation split.
     """
@@ -294,7 +296,9 @@ def _not_prepared_message(
         f'       python -c "import tensorflow_datasets as tfds; tfds.builder({name!r}, '
         f"data_dir={target!r}, file_format='array_record').download_and_prepare()\"\n"
         "     (file_format='array_record' matters: the default tfrecord files cannot be read "
-        "without TensorFlow.)"
+        'without TensorFlow; with defuse-jax installed there, `python -c "from '
+        f"defuse_jax.data import prepare_dataset; prepare_dataset({name!r}, "
+        f'data_dir={target!r})"` does the same.)'
     )
 
 

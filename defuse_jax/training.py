@@ -53,7 +53,7 @@ class TrainConfig:
         optimizer: "adam", "adamw" or "sgd" (with `momentum`).
         momentum: SGD momentum.
         weight_decay: decoupled weight decay (adamw only).
-        seed: root of all randomness of the run.
+        seed: seed of this model's initialisation and batch order.
         checkpoint_every: save a checkpoint every this many steps (and at the end).
         keep_checkpoints: how many recent checkpoints to keep.
 

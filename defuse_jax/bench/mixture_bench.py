@@ -36,6 +36,7 @@ from defuse_jax import flags
 from defuse_jax.bench.devices import ensure_devices
 from defuse_jax.files import atomic_write
 from defuse_jax.mixture import BayesianGaussianMixture, GaussianMixture
+from defuse_jax.mixture.gaussian import COVARIANCE_TYPES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--d", type=int, default=16, help="features")
     parser.add_argument("--k", type=int, default=20, help="headline components")
     parser.add_argument("--iters", type=int, default=100, help="fixed iterations (tol = 0)")
-    parser.add_argument("--covariance-type", default="full")
+    parser.add_argument(
+        "--covariance-type", default="full", choices=COVARIANCE_TYPES,
+        help="the mixtures' covariance type (default: %(default)s)",
+    )  # fmt: skip
     parser.add_argument(
         "--models", nargs="+", choices=["gmm", "dpgmm"], default=["gmm", "dpgmm"], help="models"
     )

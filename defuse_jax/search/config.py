@@ -63,7 +63,8 @@ class SearchConfig:
         float32 (the search warns). Bind the models with
         `models.search_functions(vae, classifier, compute_dtype=...)` (or cast them with
         `models.cast_params`) so the whole forward pass runs in bfloat16.
-      seed: used only when `latent_search` is called with `key=None`.
+      seed: the search's random key: the pipeline searches with `jax.random.key(seed)`, and
+        `latent_search` uses it when called with `key=None`.
     """
 
     mode: Mode = "sample"
