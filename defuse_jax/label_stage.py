@@ -269,6 +269,12 @@ def set_labels(
         All answers now in the file.
     """
     ctx = Context(os.path.abspath(run_dir), config, print)
+    if config.labeler != "manual" and not os.path.exists(ctx.dir.record("label")):
+        raise ValueError(
+            f"{run_dir}'s label stage has not finished, and its labeler {config.labeler!r} "
+            "would replace these answers when it does: run the pipeline first and set labels "
+            "afterwards, or use the manual labeler."
+        )
     regions = load_regions(ctx.path("distill"))
     rows, names = region_rows(regions, saved_checks(ctx)), ctx.dataset.class_names
     path = ctx.dir.labels

@@ -383,8 +383,10 @@ def plot_region_accuracy(
     class_names: Sequence[str],
     overall_before: float | None,
     overall_after: float | None,
+    overall_of: str = "all regions",
 ) -> str:
-    """Grouped bars of accuracy before/after per region, dashed overall lines; returns path."""
+    """Grouped bars of accuracy before/after per region, dashed lines for the region accuracy
+    (the mean over `overall_of`, which need not be every region drawn); returns path."""
     n = len(regions)
     fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * n + 2.0), 4.0))
     x = np.arange(n)
@@ -400,8 +402,8 @@ def plot_region_accuracy(
             if v is None:  # make a missing value visible instead of a silent zero bar
                 ax.text(bar.get_x() + bar.get_width() / 2, 1.0, _NA, ha="center", fontsize=7)
     for value, color, name in (
-        (overall_before, "tab:red", "overall before"),
-        (overall_after, "tab:green", "overall after"),
+        (overall_before, "tab:red", f"region accuracy before\n({overall_of})"),
+        (overall_after, "tab:green", f"region accuracy after\n({overall_of})"),
     ):
         if value is not None:
             ax.axhline(100.0 * value, color=color, ls="--", lw=1, label=name)
@@ -504,15 +506,17 @@ def _summary_lines(report: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+# What region accuracy averages over (`Report.region_accuracy_scope`), in words.
+_SCOPES: Final = {"confirmed": "confirmed error regions", "labeled": "all labeled regions"}
+
+
 def before_after_table(report: Mapping[str, Any]) -> str:
     """The before/after accuracy table of a report, as Markdown (e.g. for a notebook)."""
     return "\n".join(_results_table(report))
 
 
 def _results_table(report: Mapping[str, Any]) -> list[str]:
-    scope = {"confirmed": "confirmed error regions", "labeled": "all labeled regions"}.get(
-        report.get("region_accuracy_scope") or "", "held-out region samples"
-    )
+    scope = _SCOPES.get(report.get("region_accuracy_scope") or "", "held-out region samples")
     rows = (
         ("Test accuracy", "test_accuracy"),
         (f"Region accuracy ({scope})", "region_accuracy"),
@@ -547,6 +551,13 @@ def _regions_section(report: Mapping[str, Any]) -> list[str]:
     ):  # fmt: skip
         if group:
             lines += [f"**{title}**", "", *_regions_table(group, names), ""]
+    lines += [
+        "*Error rate*: the share of fresh region samples the classifier does not call the "
+        "region's majority source label (measured before labeling, to decide which regions are "
+        "errors). *Accuracy*: the share of held-out region samples it calls the region's label. "
+        "The two differ where the label is not the source label.",
+        "",
+    ]
     lines.pop()
     grids = [r for r in regions if r.get("grid")]
     if grids:
@@ -663,9 +674,9 @@ def _correction_lines(corr: Mapping[str, Any]) -> list[str]:
     watched = len(sel.get("watched_regions", []))
     scores = (
         f"validation accuracy {pct(original['val_accuracy'])} -> {pct(chosen['val_accuracy'])} "
-        f"on {sel.get('num_val')} validation images, accuracy on fresh samples of the "
-        f"{watched} watched regions {pct(original['region_accuracy'])} -> "
-        f"{pct(chosen['region_accuracy'])}"
+        f"on {sel.get('num_val')} validation images, accuracy on the choice's own fresh "
+        f"samples of the {watched} watched regions {pct(original['region_accuracy'])} -> "
+        f"{pct(chosen['region_accuracy'])}, drawn apart from the evaluation's"
     )
     if sel.get("kept_original"):
         return [
@@ -790,6 +801,7 @@ def write_report(
             class_names=names,
             overall_before=report.get("region_accuracy_before"),
             overall_after=report.get("region_accuracy_after"),
+            overall_of=_SCOPES.get(report.get("region_accuracy_scope") or "", "all regions"),
         )
         plots["region_accuracy"] = ACCURACY_PLOT
 

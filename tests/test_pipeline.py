@@ -194,6 +194,8 @@ def test_manual_labels_all_skipped_skips_correction(trained, tmp_path):
     # Under an automatic labeler the label stage would overwrite answers typed in: refused early.
     with pytest.raises(ValueError, match="labeler 'oracle'.*add --labeler manual"):
         pipeline.label_interactively(run_dir, TINY, input_fn=lambda prompt: "3")
+    with pytest.raises(ValueError, match="label stage has not finished"):
+        pipeline.set_labels(run_dir, TINY, {0: "3"})
     assert not os.path.exists(os.path.join(run_dir, "label"))
     manual = dataclasses.replace(TINY, labeler="manual")
     with pytest.raises(pipeline.LabelsPending, match="labels.csv"):

@@ -187,6 +187,8 @@ def test_full_report(tmp_path):
     ) in md
     # Per-region rows, in the given order, with class names, labels and accuracies.
     assert "| 3 | 120 | 0.600 | 6 -> 1 | 75.0% | 87.5% | 6 | 87.5% | 12.5% -> 93.8% |" in md
+    # The tables say what their two rates are measured against.
+    assert "*Error rate*: the share of fresh region samples the classifier does not call" in md
     # The pair purity counts, not the majorities side by side (older runs: those).
     assert "| 0 | 50 | 0.250 | 5 -> 9 | 75.0% | n/a | skipped | n/a | n/a |" in md
     assert (
