@@ -60,6 +60,8 @@ def resolve(args: argparse.Namespace) -> tuple[str, RunConfig]:
     """(run directory, config): the directory's saved config with the typed flags on top."""
     dataset = getattr(args, "dataset", None)
     out = args.out or default_run_dir(dataset or "digits")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"The run directory {out} is a file: pass a directory to --out.")
     base = load_run_config(out) or RunConfig()
     data = flags.from_flags(args, DataConfig, rename=_DATA_RENAME, base=base.data)
     top = flags.from_flags(args, RunConfig, base=base)  # top-level fields only

@@ -29,6 +29,7 @@ def _is_real(v: Any) -> bool:
 POSITIVE_INT = Rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1")
 POSITIVE = Rule(lambda v: _is_real(v) and v > 0, "a number > 0")
 NON_NEGATIVE = Rule(lambda v: _is_real(v) and v >= 0, "a number >= 0")
+OPTIONAL_POSITIVE_INT = Rule(lambda v: v is None or POSITIVE_INT.ok(v), "an integer >= 1 or None")
 
 
 def check_fields(config: Any, rules: Mapping[str, Rule]) -> None:

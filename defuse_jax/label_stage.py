@@ -27,7 +27,7 @@ from defuse_jax import train_models as tm
 from defuse_jax.files import make_dirs, read_json, write_json
 from defuse_jax.models import Params
 from defuse_jax.regions import Regions, is_error_region, load_regions, sample_regions
-from defuse_jax.run_config import RunConfig
+from defuse_jax.run_config import RunConfig, stage_fingerprints
 from defuse_jax.run_dir import RunDir
 from defuse_jax.stage_context import Context, LabelsPending
 
@@ -228,25 +228,22 @@ def label_interactively(
         raise ValueError(
             f"{run_dir} labels its regions automatically (labeler {config.labeler!r}), so the "
             "label stage would replace answers typed here. To label by hand, add --labeler "
-            "manual (saved with the run; a finished label stage is then redone and asks every "
-            "region). To change a few labels of a finished run, edit their cells in "
+            "manual (saved with the run; an automatic label stage is then set aside and every "
+            "region asked). To change a few labels of a finished run, edit their cells in "
             f"{RunDir(run_dir).labels} and rerun `defuse-jax run --out {run_dir}`."
         )
-    run(run_dir, config, until="distill", log=print_fn)
+    # Through the label stage itself: an outdated one (e.g. an automatic labeler's) is set aside
+    # first, and the stage writes the grids, the oracle's check and the labels file to answer in.
+    try:
+        run(run_dir, config, until="label", log=print_fn)
+    except LabelsPending:
+        pass  # the regions this session asks
     ctx = Context(os.path.abspath(run_dir), config, print_fn)
     regions = load_regions(ctx.path("distill"))
     if regions.num_regions == 0:
         print_fn("No regions to label: the search found too few errors.")
         return {}
-    rows = region_rows(regions)
-    if not all(os.path.exists(ctx.path(r["grid"])) for r in rows):
-        write_region_grids(ctx, regions)
-    if config.uses_oracle:  # the flag shown next to each suggestion
-        ids = [r["id"] for r in rows]
-        checks = validity.label_check(
-            oracle_votes(ctx, regions, ids), labeling.label_by_source(rows) if rows else {}
-        )
-        rows = region_rows(regions, checks)
+    rows = region_rows(regions, saved_checks(ctx))  # the flag shown next to each suggestion
     return labeling.interactive_label(
         ctx.dir.labels,
         rows,
@@ -254,6 +251,17 @@ def label_interactively(
         run_dir=ctx.run_dir,
         input_fn=input_fn,
         print_fn=print_fn,
+    )
+
+
+def _label_stage_current(ctx: Context) -> bool:
+    """Whether the label stage finished with the run's configuration (its record's
+    fingerprint), so a rerun keeps the labels file as it is."""
+    path = ctx.dir.record("label")
+    if not os.path.exists(path):
+        return False
+    return (
+        read_json(path).get("fingerprint") == stage_fingerprints(ctx.config, ctx.run_dir)["label"]
     )
 
 
@@ -269,11 +277,11 @@ def set_labels(
         All answers now in the file.
     """
     ctx = Context(os.path.abspath(run_dir), config, print)
-    if config.labeler != "manual" and not os.path.exists(ctx.dir.record("label")):
+    if config.labeler != "manual" and not _label_stage_current(ctx):
         raise ValueError(
-            f"{run_dir}'s label stage has not finished, and its labeler {config.labeler!r} "
-            "would replace these answers when it does: run the pipeline first and set labels "
-            "afterwards, or use the manual labeler."
+            f"{run_dir}'s label stage has not finished with this configuration, and its labeler "
+            f"{config.labeler!r} would replace these answers when it does: run the pipeline "
+            "first and set labels afterwards, or use the manual labeler."
         )
     regions = load_regions(ctx.path("distill"))
     rows, names = region_rows(regions, saved_checks(ctx)), ctx.dataset.class_names

@@ -55,7 +55,7 @@ from defuse_jax.regions import (
     resolved_max_codes,
     save_regions,
 )
-from defuse_jax.run_config import STAGES, RunConfig, stage_fingerprints
+from defuse_jax.run_config import STAGES, RunConfig, load_run_config, stage_fingerprints
 from defuse_jax.run_dir import RunDir
 from defuse_jax.stage_context import Context, LabelsPending  # noqa: F401 - re-exported
 
@@ -402,7 +402,13 @@ def run(
         )
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise ValueError(f"The run directory {run_dir} is a file: pass a directory to --out.")
-    if dataset is None:  # before the config is saved or any output is set aside
+    try:
+        saved = load_run_config(run_dir)
+    except (ValueError, TypeError, KeyError):  # unreadable: treated as new, and overwritten
+        saved = None
+    if dataset is None and (saved is None or saved.data != config.data):
+        # A new data config is checked before it is saved or any output set aside; one the
+        # run already used is not (its data may be gone while every stage is done).
         check_available(config.data)
     if distributed:
         dist.initialize()

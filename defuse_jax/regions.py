@@ -26,6 +26,13 @@ import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 
 from defuse_jax import distributed
+from defuse_jax.config_checks import (
+    NON_NEGATIVE,
+    OPTIONAL_POSITIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    check_fields,
+)
 from defuse_jax.files import atomic_write, write_npz
 from defuse_jax.mixture import BayesianGaussianMixture, GaussianMixture
 from defuse_jax.precision import exact
@@ -69,6 +76,11 @@ class DistillConfig:
     seed: int = 0
 
     def __post_init__(self):
+        check_fields(self, {
+            "n_components": POSITIVE_INT, "max_iter": POSITIVE_INT, "weight_cutoff": NON_NEGATIVE,
+            "min_codes": POSITIVE_INT, "max_codes": OPTIONAL_POSITIVE_INT, "tau": POSITIVE,
+            "error_samples": POSITIVE_INT,
+        })  # fmt: skip
         if not 0.0 <= float(self.min_error_rate) <= 1.0:
             raise ValueError(
                 f"DistillConfig: min_error_rate={self.min_error_rate!r}; it is a share of "

@@ -44,6 +44,8 @@ def test_bad_input_is_one_clear_error(argv, message, capsys, tmp_path):
         (["--grid-samples", "0"], "grid_samples=0"),
         (["--clf-epochs", "0"], "epochs=0"),
         (["--correct-tau", "0"], "tau=0.0; it must be a number > 0"),
+        (["--distill-n-components", "0"], "n_components=0; it must be an integer >= 1"),
+        (["--distill-max-codes", "0"], "max_codes=0; it must be an integer >= 1 or None"),
         (["--correct-lams", "0.1", "0.2", "--no-correct-select"], "pass --correct-lam instead"),
     ],
 )
@@ -70,10 +72,11 @@ def test_a_bad_flag_on_a_run_fails_before_anything_is_saved_or_set_aside(
     assert files() == before  # no stale/, the typo not saved into config.json
 
 
-def test_a_file_as_the_run_directory_is_one_clear_error(tmp_path, capsys):
+@pytest.mark.parametrize("command", ["run", "train-vae", "label"])
+def test_a_file_as_the_run_directory_is_one_clear_error(command, tmp_path, capsys):
     path = tmp_path / "afile"
     path.write_text("")
-    assert cli.main(["run", "--out", str(path)]) == 2
+    assert cli.main([command, "--out", str(path)]) == 2
     err = capsys.readouterr().err
     assert "is a file: pass a directory to --out" in err and "Traceback" not in err
 

@@ -189,6 +189,43 @@ def test_every_region_below_the_error_threshold_still_evaluates(trained, tmp_pat
     assert "are **not error regions**" in md and "**No region is labeled**" in md
 
 
+def test_a_finished_run_reruns_without_its_data_being_checked(finished, tmp_path, monkeypatch):
+    """The data check guards a new data config; a run that already used its config skips its
+    done stages even when the data is no longer where it was (a moved TFDS data_dir)."""
+
+    def gone(config):
+        raise AssertionError("the unchanged data config was checked")
+
+    monkeypatch.setattr(pipeline, "check_available", gone)
+    run_dir = _copy(finished[0], tmp_path)
+    logs = []
+    pipeline.run(run_dir, TINY, log=logs.append)
+    assert sum("done earlier, skipped" in line for line in logs) == len(pipeline.STAGES)
+    with pytest.raises(AssertionError, match="was checked"):
+        pipeline.run(run_dir, dataclasses.replace(TINY, data=DataConfig(max_train=500)))
+
+
+def test_labeling_an_automatically_labeled_run_by_hand_asks_every_region(finished, tmp_path):
+    """`defuse-jax label --labeler manual` on a finished oracle-labeled run sets the oracle's
+    label stage aside and asks every error region in the same session."""
+    run_dir = _copy(finished[0], tmp_path)
+    report = _report(run_dir)
+    ids = sorted(r["id"] for r in report["regions"] if r["error_region"])
+    asked = []
+
+    def answer(prompt):
+        asked.append(prompt)
+        return "skip"
+
+    manual = dataclasses.replace(TINY, labeler="manual")
+    answers = pipeline.label_interactively(run_dir, manual, input_fn=answer, print_fn=print)
+    assert sorted(answers) == ids and all(v is None for v in answers.values())
+    assert len(asked) == len(ids)
+    assert any(n.startswith("label-") for n in os.listdir(os.path.join(run_dir, "stale")))
+    pipeline.run(run_dir, manual, log=lambda s: None)  # no LabelsPending: all answered
+    assert _report(run_dir)["num_regions_skipped"] == len(ids)
+
+
 def test_manual_labels_all_skipped_skips_correction(trained, tmp_path):
     run_dir = _copy(trained, tmp_path)
     # Under an automatic labeler the label stage would overwrite answers typed in: refused early.
