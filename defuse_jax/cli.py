@@ -312,7 +312,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        stray = [e for e in extra if not e.startswith("-")]
+        hint = (
+            f" (a run directory is given with --out: --out {stray[0]})"
+            if stray and hasattr(args, "out")
+            else ""
+        )
+        parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     from defuse_jax.checkpoint import CheckpointError
     from defuse_jax.data import DatasetNotFoundError
     from defuse_jax.distributed import DistributedError

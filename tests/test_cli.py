@@ -121,6 +121,8 @@ def test_unknown_choice_is_rejected_by_argparse(capsys):
         (["bench", "search", "--dtype", "float16"], "invalid choice: 'float16'"),
         (["bench", "mixture", "--out", "m.json"], "--out was renamed: use --json"),
         (["run", "--search-mode", "annealing"], "invalid choice: 'annealing'"),
+        (["run", "runs/x"], "unrecognized arguments: runs/x (a run directory is given with --out"),
+        (["info", "--verbose"], "unrecognized arguments: --verbose"),
     ],
 )
 def test_uniform_flag_conventions_fail_with_the_fix(argv, message, capsys):
