@@ -42,7 +42,8 @@ class CorrectConfig:
         max_val_drop: the most validation accuracy a kept epoch may lose (0.005 = 0.5 pt).
         max_region_drop: the most accuracy any labeled region may lose in a kept epoch.
         region_tolerance: epochs this close to the best accuracy on the watched regions count
-            as fixing them as well; the gentlest of them is kept.
+            as fixing them as well; the one that breaks the fewest shifted training images
+            (then the gentlest) is kept.
         select_samples: fresh samples per labeled region that the choice scores on.
         control: also fine-tune without the region term (lambda 0: the training data alone)
             for as many epochs as the kept model, with the same seed and batches, so the
@@ -126,7 +127,7 @@ CHOICE_ONLY: tuple[str, ...] = ("select", "lams", "max_val_drop", "max_region_dr
 
 # Part of every region weight's run key: bump it when the objective or the per-epoch scores
 # change, so that runs trained by older code are not reused.
-WEIGHT_RUN_VERSION = 1
+WEIGHT_RUN_VERSION = 2  # 2: the epochs' scores include select_shifted_broken
 
 
 def weight_run_fingerprint(
@@ -345,8 +346,8 @@ def fine_tune(
 
     held_out = sel.selection_data(
         classifier, vae, regions, labels, x_val=np.asarray(x_val), y_val=np.asarray(y_val),
-        samples=config.select_samples, tau=config.tau, seed=config.seed,
-        min_error_rate=min_error_rate,
+        x_train=x_train, y_train=y_train, samples=config.select_samples, tau=config.tau,
+        seed=config.seed, min_error_rate=min_error_rate,
     )  # fmt: skip
     original = sel.score(classifier, held_out, lam=0.0, epoch=0)
     scorer = sel.EpochScores(held_out)

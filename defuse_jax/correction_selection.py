@@ -6,19 +6,30 @@ scored on two held-out sets that no training step sees:
 * the validation split carved from the training data (`Dataset.x_val`), which stands in for the
   test set;
 * fresh samples of every labeled region (`CorrectConfig.select_samples` per region, drawn with
-  the correction's seed, not with the evaluation's).
+  the correction's seed, not with the evaluation's);
+* the training images shifted by about 7% of their side (`shifted_images`: 1 pixel on the 8x8
+  digits, 2 at 28x28) up, down, left and right. No training step sees them shifted, so they
+  are natural-looking images near the data that the classifier was not fitted on.
 
 A candidate is *within bounds* when it loses at most `max_val_drop` of the original's
 validation accuracy and no labeled region loses more than `max_region_drop` of its accuracy.
 Among those, the fix is measured on the *watched* regions: the labeled regions that are errors
 under their label on these samples (every labeled region when there is none), as region
 accuracy is in the report. Every candidate within `region_tolerance` of the best watched-region
-accuracy counts as fixing the regions as well as any, and the gentlest of them is kept: the
-smallest lambda, then the earliest epoch (the one-standard-error rule of model selection: the
-most regularised model that scores about as well as the best). The original classifier (lambda
-0, epoch 0) is always within bounds and the gentlest of all, so when no epoch improves the
-watched regions by more than the tolerance, or every epoch breaks the bounds, the classifier is
-left as it was, and the report says so.
+accuracy counts as fixing the regions as well as any (the one-standard-error rule of model
+selection), and among them the one that breaks the fewest shifted training images (right under
+the original, wrong after) is kept: the fix that moves the classifier's boundary least away
+from the regions, i.e. the least prediction churn. Ties go to the gentlest: the smallest
+lambda, then the earliest epoch. The original classifier (lambda 0, epoch 0) is always within
+bounds and breaks nothing, so when no epoch improves the watched regions by more than the
+tolerance, or every epoch breaks the bounds, the classifier is left as it was, and the report
+says so.
+
+Why churn: 202 validation images cannot tell a model that breaks two or three test digits from
+one that breaks none (on the conv digits seed 0, validation accuracy was the same for nearly
+every epoch), while the 4 x 1,145 shifted training images see the same boundary moves. Over the
+README's 13 digits seeds, keeping the least-churn model instead of the gentlest one changed the
+test result in four: two conv seeds gained one and two test images, two MLP seeds lost one.
 
 The scores of every epoch go into the training history, so only the kept model is trained
 again: `fit` is deterministic, so retraining its lambda for its number of epochs gives it back.
@@ -51,6 +62,7 @@ class Score(NamedTuple):
     val_accuracy: float  # on the validation split
     region_accuracy: float  # mean over the watched regions' samples
     worst_region_drop: float  # the most accuracy any labeled region lost against the original
+    shifted_broken: int = 0  # shifted training images the original gets right and this wrong
 
 
 class SelectionData(NamedTuple):
@@ -63,6 +75,25 @@ class SelectionData(NamedTuple):
     region_ids: list[int]  # [R] the labeled regions, in the order of the samples
     watched: np.ndarray  # [R] bool: the regions whose accuracy is maximised
     before: np.ndarray  # [R] the original classifier's accuracy on each region's samples
+    x_shifted: np.ndarray  # [4 N, H, W, C] the training images, shifted (`shifted_images`)
+    y_shifted: np.ndarray  # [4 N] int32 their labels
+    right_shifted: np.ndarray  # [4 N] bool: where the original classifier gets them right
+
+
+# Shift of the churn images, as a fraction of the image side (at least one pixel).
+SHIFT_FRACTION = 1 / 14
+
+
+def shifted_images(x: np.ndarray) -> np.ndarray:
+    """x: [N, H, W, C] -> [4 N, H, W, C]: x shifted down, up, right and left by
+    max(1, round(H * SHIFT_FRACTION)) pixels, the uncovered border set to 0 (the background)."""
+    d = max(1, round(x.shape[1] * SHIFT_FRACTION))
+    out = np.zeros((4, *x.shape), x.dtype)
+    out[0, :, d:] = x[:, :-d]
+    out[1, :, :-d] = x[:, d:]
+    out[2, :, :, d:] = x[:, :, :-d]
+    out[3, :, :, :-d] = x[:, :, d:]
+    return out.reshape(-1, *x.shape[1:])
 
 
 def selection_data(
@@ -73,6 +104,8 @@ def selection_data(
     *,
     x_val: np.ndarray,
     y_val: np.ndarray,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
     samples: int,
     tau: float,
     seed: int,
@@ -86,6 +119,8 @@ def selection_data(
         regions: the distilled regions.
         labels: {region id: class} of the labeled regions.
         x_val: [n_val, H, W, C] validation images; y_val: [n_val] labels.
+        x_train: [N, H, W, C] training images, scored shifted (`shifted_images`); y_train:
+            [N] labels.
         samples: samples per labeled region.
         tau: region samples come from N(mean, tau * covariance).
         seed: the correction seed.
@@ -111,9 +146,12 @@ def selection_data(
         dict(zip(ids.tolist(), before.tolist(), strict=True)), min_error_rate=min_error_rate
     )
     watched = np.isin(ids, confirmed) if confirmed else np.ones(len(ids), bool)
+    x_shifted = shifted_images(np.asarray(x_train, np.float32))
+    y_shifted = np.tile(np.asarray(y_train, np.int32), 4)
     return SelectionData(
         np.asarray(x_val, np.float32), np.asarray(y_val, np.int32), x_region, y_region,
-        ids.tolist(), watched, before,
+        ids.tolist(), watched, before, x_shifted, y_shifted,
+        _right(classifier, x_shifted, y_shifted),
     )  # fmt: skip
 
 
@@ -142,6 +180,7 @@ def score(params: Params, data: SelectionData, *, lam: float, epoch: int) -> Sco
         float(_right(params, data.x_val, data.y_val).mean()),
         float(per_region[data.watched].mean()),
         float(max(0.0, (data.before - per_region).max())),
+        int((data.right_shifted & ~_right(params, data.x_shifted, data.y_shifted)).sum()),
     )
 
 
@@ -163,12 +202,13 @@ def choose(
     ]
     best = max(c.region_accuracy for c in within)
     good = [c for c in within if c.region_accuracy >= best - region_tolerance - eps]
-    return min(good, key=lambda c: (c.lam, c.epoch))
+    return min(good, key=lambda c: (c.shifted_broken, c.lam, c.epoch))
 
 
 class EpochScores:
     """`fit`'s `on_epoch` callback: scores every epoch into its history record
-    (`select_val_accuracy`, `select_region_accuracy`, `select_worst_region_drop`)."""
+    (`select_val_accuracy`, `select_region_accuracy`, `select_worst_region_drop`,
+    `select_shifted_broken`)."""
 
     def __init__(self, data: SelectionData):
         self.data = data
@@ -179,6 +219,7 @@ class EpochScores:
             select_val_accuracy=s.val_accuracy,
             select_region_accuracy=s.region_accuracy,
             select_worst_region_drop=s.worst_region_drop,
+            select_shifted_broken=s.shifted_broken,
         )
 
 
@@ -186,6 +227,7 @@ def scores_of(history: list[dict[str, float]], *, lam: float) -> list[Score]:
     """The candidates of one lambda's run, from its history (see `EpochScores`)."""
     return [
         Score(float(lam), int(h["epoch"]), h["select_val_accuracy"],
-              h["select_region_accuracy"], h["select_worst_region_drop"])
+              h["select_region_accuracy"], h["select_worst_region_drop"],
+              int(h["select_shifted_broken"]))
         for h in history
     ]  # fmt: skip

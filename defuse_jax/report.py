@@ -687,11 +687,17 @@ def _correction_lines(corr: Mapping[str, Any]) -> list[str]:
         ]
     return [
         f"Correction tried lambda in {{{tried}}} and kept **lambda = {chosen['lam']:g}, epoch "
-        f"{chosen['epoch']}**: the gentlest (smallest lambda, then earliest epoch) of the "
-        "epochs within a point of the best fix, chosen on held-out data, never on the test "
+        f"{chosen['epoch']}**: of the epochs within a point of the best fix, the one that "
+        f"breaks the fewest shifted training images{_churn(chosen)} (then the gentlest: "
+        "smallest lambda, earliest epoch), chosen on held-out data, never on the test "
         f"split ({scores}){took}. The paper's reference is lambda = 0.01, last epoch "
         "(`--no-correct-select`)."
     ]
+
+
+def _churn(chosen: Mapping[str, Any]) -> str:
+    n = chosen.get("shifted_broken")
+    return "" if n is None else f" ({n:,})"  # None: a run from before it was scored
 
 
 def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str], *, run_dir: str) -> str:

@@ -81,7 +81,8 @@ def main() -> None:
     regions = load_regions(ctx.path("distill"))
     clf, vae = ctx.model("classifier"), ctx.model("vae")
     held_out = sel.selection_data(
-        clf, vae, regions, labels, x_val=ds.x_val, y_val=ds.y_val, samples=cc.select_samples,
+        clf, vae, regions, labels, x_val=ds.x_val, y_val=ds.y_val, x_train=ds.x_train,
+        y_train=ds.y_train, samples=cc.select_samples,
         tau=cc.tau, seed=cc.seed, min_error_rate=config.distill.min_error_rate,
     )  # fmt: skip
     test_before = sel._right(clf, ds.x_test, ds.y_test)

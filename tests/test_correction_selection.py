@@ -20,8 +20,8 @@ _ORIGINAL = sel.Score(0.0, 0, 0.90, 0.30, 0.0)
 _BOUNDS = {"max_val_drop": 0.01, "max_region_drop": 0.05, "region_tolerance": 0.01}
 
 
-def _s(lam, epoch, val, region, drop=0.0):
-    return sel.Score(lam, epoch, val, region, drop)
+def _s(lam, epoch, val, region, drop=0.0, churn=0):
+    return sel.Score(lam, epoch, val, region, drop, churn)
 
 
 @pytest.mark.parametrize(
@@ -32,17 +32,35 @@ def _s(lam, epoch, val, region, drop=0.0):
         # ... not one that loses too much validation accuracy, or too much on another region.
         ([_s(0.01, 3, 0.90, 0.95), _s(0.01, 4, 0.88, 1.00)], 0),
         ([_s(0.01, 3, 0.90, 0.95), _s(0.01, 4, 0.95, 1.00, drop=0.10)], 0),
-        # Within the tolerance of the best, the smallest lambda, then the earliest epoch wins.
+        # Within the tolerance of the best, the one that breaks the fewest shifted training
+        # images wins; among equals, the smallest lambda, then the earliest epoch.
         ([_s(0.01, 2, 0.92, 1.00), _s(0.001, 9, 0.90, 0.992), _s(0.001, 12, 0.90, 1.0)], 1),
         ([_s(0.001, 5, 0.90, 0.985), _s(0.001, 7, 0.90, 0.995), _s(0.003, 2, 0.90, 1.00)], 1),
+        ([_s(0.001, 9, 0.90, 0.992, churn=40), _s(0.01, 2, 0.90, 1.0, churn=25)], 1),
+        ([_s(0.001, 9, 0.90, 0.992, churn=25), _s(0.01, 2, 0.90, 1.0, churn=25)], 0),
+        # ... but not one outside the tolerance, however little it breaks.
+        ([_s(0.001, 9, 0.90, 0.97, churn=0), _s(0.01, 2, 0.90, 1.0, churn=25)], 1),
         # Nothing within the bounds, or nothing better than the original: the original is kept.
         ([_s(0.01, 3, 0.85, 1.00), _s(0.01, 4, 0.95, 1.00, drop=0.2)], None),
         ([_s(0.01, 3, 0.90, 0.305)], None),
     ],
 )
-def test_choose_keeps_the_gentlest_of_the_best_within_bounds(candidates, kept):
+def test_choose_keeps_the_least_churn_of_the_best_within_bounds(candidates, kept):
     chosen = sel.choose(_ORIGINAL, candidates, **_BOUNDS)
     assert chosen == (_ORIGINAL if kept is None else candidates[kept])
+
+
+def test_shifted_images_move_every_image_one_step_each_way():
+    x = np.arange(2 * 8 * 8, dtype=np.float32).reshape(2, 8, 8, 1) + 1
+    out = sel.shifted_images(x).reshape(4, 2, 8, 8, 1)  # down, up, right, left; 1 px at 8x8
+    np.testing.assert_array_equal(out[0, :, 1:], x[:, :-1])
+    np.testing.assert_array_equal(out[1, :, :-1], x[:, 1:])
+    np.testing.assert_array_equal(out[2, :, :, 1:], x[:, :, :-1])
+    np.testing.assert_array_equal(out[3, :, :, :-1], x[:, :, 1:])
+    assert (out[0, :, 0] == 0).all() and (out[3, :, :, -1] == 0).all()  # background comes in
+    assert sel.shifted_images(np.zeros((1, 28, 28, 1))).shape == (4, 28, 28, 1)
+    wide = sel.shifted_images(np.ones((1, 28, 28, 1)))
+    assert (wide[0, :2] == 0).all() and (wide[0, 2:] == 1).all()  # 2 px at 28x28
 
 
 def _tiny_models():
@@ -84,8 +102,8 @@ def test_fine_tune_keeps_the_chosen_epoch(tmp_path):
     selection = read_json(tmp_path / "selection.json")
     assert out.selection == selection and sorted(selection["per_lam"]) == ["0.1", "1"]
     held_out = sel.selection_data(clf, vae, regions, {0: 1, 1: 2}, x_val=x[64:], y_val=y[64:],
-                                  samples=16, tau=config.tau, seed=config.seed,
-                                  min_error_rate=0.5)  # fmt: skip
+                                  x_train=x[:64], y_train=y[:64], samples=16, tau=config.tau,
+                                  seed=config.seed, min_error_rate=0.5)  # fmt: skip
     original = sel.score(clf, held_out, lam=0.0, epoch=0)
     assert selection["original"] == original._asdict()
     # Every epoch of every lambda was scored, and the kept one is `choose`'s pick of them...

@@ -485,7 +485,13 @@ def test_overlapping_regions_are_reported(tmp_path):
 
 
 _SELECTION = {
-    "chosen": {"lam": 0.003, "epoch": 7, "val_accuracy": 0.97, "region_accuracy": 0.99},
+    "chosen": {
+        "lam": 0.003,
+        "epoch": 7,
+        "val_accuracy": 0.97,
+        "region_accuracy": 0.99,
+        "shifted_broken": 1234,
+    },  # fmt: skip
     "original": {"lam": 0.0, "epoch": 0, "val_accuracy": 0.975, "region_accuracy": 0.3},
     "kept_original": False,
     "watched_regions": [1, 4],
@@ -505,6 +511,7 @@ _SELECTION = {
                 "**lambda = 0.003, epoch 7**",
                 "97.5% -> 97.0% on 202 validation images",
                 "2 watched regions 30.0% -> 99.0%",
+                "the one that breaks the fewest shifted training images (1,234)",
             ],
         ),  # fmt: skip
         (
