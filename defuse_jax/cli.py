@@ -24,6 +24,7 @@ from defuse_jax.evaluation import EvalConfig
 from defuse_jax.models import ClassifierConfig, VAEConfig
 from defuse_jax.regions import DistillConfig
 from defuse_jax.run_config import DEFAULT_SEARCH, STAGES, RunConfig, load_run_config
+from defuse_jax.run_dir import check_not_a_file
 from defuse_jax.search import SearchConfig
 from defuse_jax.training import TrainConfig
 
@@ -60,8 +61,7 @@ def resolve(args: argparse.Namespace) -> tuple[str, RunConfig]:
     """(run directory, config): the directory's saved config with the typed flags on top."""
     dataset = getattr(args, "dataset", None)
     out = args.out or default_run_dir(dataset or "digits")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"The run directory {out} is a file: pass a directory to --out.")
+    check_not_a_file(out)
     base = load_run_config(out) or RunConfig()
     data = flags.from_flags(args, DataConfig, rename=_DATA_RENAME, base=base.data)
     top = flags.from_flags(args, RunConfig, base=base)  # top-level fields only

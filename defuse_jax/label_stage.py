@@ -26,7 +26,7 @@ from defuse_jax import label_validity as validity
 from defuse_jax import train_models as tm
 from defuse_jax.files import make_dirs, read_json, write_json
 from defuse_jax.models import Params
-from defuse_jax.regions import Regions, is_error_region, load_regions, sample_regions
+from defuse_jax.regions import Regions, is_error_region, load_regions, sample_regions, top_pair
 from defuse_jax.run_config import RunConfig, stage_fingerprints
 from defuse_jax.run_dir import RunDir
 from defuse_jax.stage_context import Context, LabelsPending
@@ -70,13 +70,13 @@ def write_region_grids(ctx: Context, regions: Regions) -> None:
     for rec, zr in zip(regions.records, z, strict=True):
         images = np.asarray(decode(vae, zr))
         pred = evaluation.predict(vae, clf, zr)
-        top = rec.get("top_pair") or (rec["majority_source_label"], rec["majority_pred_label"])
+        src, top_pred = top_pair(rec)
         plots.save_image_grid(
             images,
             ctx.dir.rel(RunDir.grid(rec["id"])),
             titles=[f"pred {names[p]}" for p in pred],
             suptitle=f"region {rec['id']}: {rec['num_codes']} errors, most often "
-            f"{names[top[0]]} -> {names[top[1]]}",
+            f"{names[src]} -> {names[top_pred]}",
         )
 
 

@@ -52,11 +52,12 @@ from defuse_jax.regions import (
     codes_fitted,
     distill,
     load_regions,
+    not_converged_note,
     resolved_max_codes,
     save_regions,
 )
 from defuse_jax.run_config import STAGES, RunConfig, load_run_config, stage_fingerprints
-from defuse_jax.run_dir import RunDir
+from defuse_jax.run_dir import RunDir, check_not_a_file
 from defuse_jax.stage_context import Context, LabelsPending  # noqa: F401 - re-exported
 
 # --------------------------------------------------------------------------------------------
@@ -132,10 +133,7 @@ def stage_distill(ctx: Context) -> dict[str, Any]:
         f"fitted on {fitted} codes, max_codes {cap})"
     )
     if not regions.converged:
-        ctx.log(
-            f"distill: the mixture fit stopped at max_iter={cfg.max_iter} before converging; "
-            "the regions are those of its last iteration (raise --distill-max-iter to fit on)"
-        )
+        ctx.log(f"distill: {not_converged_note(cfg.max_iter)}")
     return {"num_regions": regions.num_regions, "codes_in_regions": covered,
             "codes_fitted": fitted, "max_codes": cap,
             "mixture_converged": regions.converged}  # fmt: skip
@@ -277,10 +275,8 @@ def build_report(ctx: Context) -> report_lib.Report:
             "radius. Widen the search (--search-scale, --search-num-samples) to probe further."
         )
     if not regions.converged:
-        ctx.messages.append(
-            f"The mixture fit stopped at max_iter={ctx.config.distill.max_iter} before it "
-            "converged: the regions are those of its last iteration (--distill-max-iter fits on)."
-        )
+        note = not_converged_note(ctx.config.distill.max_iter)
+        ctx.messages.append(f"{note[0].upper()}{note[1:]}.")
     if correct_summary["skipped"]:
         ctx.messages.append(correct_summary["reason"])
     kept_epochs = _kept_epochs(ctx.config.correct, correct_summary.get("selection"))
@@ -400,8 +396,7 @@ def run(
             "system paths (bucket paths such as gs:// are not supported). Mount the bucket "
             "(e.g. gcsfuse) and pass the mount's path."
         )
-    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
-        raise ValueError(f"The run directory {run_dir} is a file: pass a directory to --out.")
+    check_not_a_file(run_dir)
     try:
         saved = load_run_config(run_dir)
     except (ValueError, TypeError, KeyError):  # unreadable: treated as new, and overwritten

@@ -17,7 +17,7 @@ import functools
 import json
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import jax
@@ -244,7 +244,8 @@ def distill(
         src = np.bincount(source_label[members[o]], minlength=num_classes)
         prd = np.bincount(pred_label[members[o]], minlength=num_classes)
         pairs = source_label[members[o]].astype(np.int64) * num_classes + pred_label[members[o]]
-        top = int(np.bincount(pairs).argmax())
+        pair_counts = np.bincount(pairs)
+        top = int(pair_counts.argmax())
         records.append(
             {
                 "id": r,
@@ -259,7 +260,7 @@ def distill(
                 # the region's most common (source, predicted) pair (not always the two
                 # majorities side by side: those may never occur together), and its share
                 "top_pair": [top // num_classes, top % num_classes],
-                "purity": float(np.bincount(pairs).max() / len(pairs)),
+                "purity": float(pair_counts[top] / len(pairs)),
             }
         )
     L = codes.shape[1]
@@ -283,6 +284,23 @@ def distill(
             rec["error_rate"] = float(np.mean(p != rec["majority_source_label"]))
             rec["error_region"] = rec["error_rate"] >= config.min_error_rate
     return regions
+
+
+def top_pair(record: Mapping[str, Any]) -> tuple[int | None, int | None]:
+    """(source, predicted): a region record's most common pair, the one its purity counts; a
+    record from before it was kept gives the two majorities."""
+    pair = record.get("top_pair")
+    if pair:
+        return pair[0], pair[1]
+    return record.get("majority_source_label"), record.get("majority_pred_label")
+
+
+def not_converged_note(max_iter: int) -> str:
+    """What a run says when a mixture fit stopped at `max_iter` (`Regions.converged` False)."""
+    return (
+        f"the mixture fit stopped at max_iter={max_iter} before it converged: the regions are "
+        "those of its last iteration (raise --distill-max-iter to fit on)"
+    )
 
 
 def is_error_region(record: dict[str, Any]) -> bool:

@@ -28,6 +28,7 @@ import numpy as np
 from defuse_jax import label_validity
 from defuse_jax.files import atomic_write, make_dirs, remove
 from defuse_jax.plots import plt, save_figure
+from defuse_jax.regions import top_pair
 from defuse_jax.run_config import STAGES
 from defuse_jax.run_dir import LABELS_FILE, RunDir
 
@@ -580,11 +581,7 @@ def _regions_table(regions: Sequence[Mapping[str, Any]], names: Sequence[str]) -
         "|---:|---:|---:|---|---:|---:|---|---|---|---|",
     ]
     for r in regions:
-        # The pair purity counts; a run from before it was recorded shows the two majorities.
-        src, pred = r.get("top_pair") or (
-            r.get("majority_source_label"),
-            r.get("majority_pred_label"),
-        )
+        src, pred = top_pair(r)  # the pair purity counts
         flow = f"{_class_name(names, src)} -> {_class_name(names, pred)}"
         acc = (
             f"{pct(r.get('accuracy_before'))} -> {pct(r.get('accuracy_after'))}"

@@ -9,7 +9,7 @@ import typing
 from typing import Any, Literal
 
 from defuse_jax import train_models as tm
-from defuse_jax.config_checks import POSITIVE_INT, check_fields
+from defuse_jax.config_checks import OPTIONAL_POSITIVE_INT, POSITIVE_INT, check_fields
 from defuse_jax.correction import CorrectConfig
 from defuse_jax.data import DataConfig
 from defuse_jax.evaluation import EvalConfig
@@ -87,9 +87,7 @@ class RunConfig:
                 "(correct.select), but data.val_fraction is 0. Set --val-fraction > 0, or "
                 "pass --no-correct-select to keep the last epoch of lambda = correct.lam."
             )
-        check_fields(self, {"grid_samples": POSITIVE_INT})
-        if self.max_sources is not None and self.max_sources < 1:
-            raise ValueError(f"max_sources must be >= 1 (or None for all), got {self.max_sources}.")
+        check_fields(self, {"grid_samples": POSITIVE_INT, "max_sources": OPTIONAL_POSITIVE_INT})
 
 
 def stage_fingerprints(config: RunConfig, run_dir: str) -> dict[str, str]:

@@ -25,6 +25,12 @@ import time
 LABELS_FILE = "label/labels.csv"
 
 
+def check_not_a_file(run_dir: str) -> None:
+    """Raises ValueError when `run_dir` names an existing file rather than a directory."""
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise ValueError(f"The run directory {run_dir} is a file: pass a directory to --out.")
+
+
 @dataclasses.dataclass(frozen=True)
 class RunDir:
     """The run directory `root` (absolute or relative) and the paths inside it."""
