@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from defuse_jax.conv_layers import conv_few_outputs, conv_transpose_stride2
+from defuse_jax.conv_layers import conv2d, conv_few_outputs, conv_transpose_stride2
 
 ImageShape = tuple[int, int, int]
 
@@ -115,6 +115,14 @@ def host_lecun_normal(
         bad = np.abs(w) > 2.0
     std = math.sqrt(1.0 / fan_in) / 0.87962566103423978  # std of N(0,1) truncated to [-2, 2]
     return jnp.asarray((w * std).astype(np.dtype(dtype)))
+
+
+def _conv(layer: nnx.Conv, x: jax.Array) -> jax.Array:
+    # The layer's own parameters through `conv2d`, whose gradient stays fast inside the training
+    # loop's scan on XLA:CPU (conv_layers.py); the same values as calling the layer.
+    return conv2d(
+        x, layer.kernel[...], layer.bias[...], strides=layer.strides, padding=layer.padding
+    )
 
 
 def _pool2(x: jax.Array) -> jax.Array:
@@ -222,8 +230,8 @@ class VAE(nnx.Module):
         if self.config.kind == "mlp":
             stats = self.enc(x.reshape(x.shape[0], -1))
         else:
-            h = nnx.relu(self.conv1(x))
-            h = nnx.relu(self.conv2(h))
+            h = nnx.relu(_conv(self.conv1, x))
+            h = nnx.relu(_conv(self.conv2, h))
             stats = self.enc_head(nnx.relu(h.reshape(h.shape[0], -1)))
         mean, logvar = jnp.split(stats, 2, axis=-1)
         return mean, logvar
@@ -287,9 +295,9 @@ class Classifier(nnx.Module):
         """x: [B, H, W, C] in [0, 1] -> logits [B, num_classes]."""
         check_images(x, self.image_shape, what="Classifier")
         if self.config.kind == "conv":
-            x = nnx.relu(self.conv1(x))
+            x = nnx.relu(_conv(self.conv1, x))
             x = _pool2(x)
-            x = nnx.relu(self.conv2(x))
+            x = nnx.relu(_conv(self.conv2, x))
             x = _pool2(x)
         return self.head(x.reshape(x.shape[0], -1))
 

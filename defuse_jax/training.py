@@ -120,6 +120,27 @@ def _step_if(step, ok: jax.Array, state: TrainState, batch: Batch, step_key: jax
     return new, jax.tree.map(lambda m: jnp.where(ok, m, jnp.zeros_like(m)), metrics)
 
 
+LOOP_FORMS = ("scan", "steps")
+# How `fit` runs the steps of a segment, by backend. "scan": one `lax.scan` per segment, one
+# dispatch; "steps": one dispatch of the jitted, donated step per step. On a 2-core CPU the scan
+# was faster for every model once the conv layers' gradients were loop-friendly (conv_layers.py;
+# `defuse-jax bench train` measures both forms). GPU and TPU: the scan, which dispatches once
+# (not measured on them yet).
+_LOOP_BY_BACKEND = {"cpu": "scan", "gpu": "scan", "tpu": "scan"}
+
+
+def default_loop() -> str:
+    """The loop form `fit` uses on this backend when not told otherwise."""
+    return _LOOP_BY_BACKEND.get(jax.default_backend(), "scan")
+
+
+def _gather(data: Batch, i: jax.Array, batch_sharding: NamedSharding | None) -> Batch:
+    batch = {k: v[i] for k, v in data.items()}
+    if batch_sharding is not None:
+        batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+    return batch
+
+
 def make_train_segment(
     loss_fn: LossFn,
     graphdef: Any,
@@ -148,27 +169,84 @@ def make_train_segment(
     def segment(state, data, idx, valid, step_key):
         def body(st, inputs):
             i, ok = inputs
-            batch = {k: v[i] for k, v in data.items()}
-            if batch_sharding is not None:
-                batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
-            return _step_if(step, ok, st, batch, step_key)
+            return _step_if(step, ok, st, _gather(data, i, batch_sharding), step_key)
 
         return jax.lax.scan(body, state, (idx, valid))
 
     return jax.jit(segment, donate_argnums=0)
 
 
+def make_train_steps(
+    loss_fn: LossFn,
+    graphdef: Any,
+    optimizer: optax.GradientTransformation,
+    *,
+    batch_sharding: NamedSharding | None = None,
+) -> Callable[..., tuple[TrainState, dict[str, np.ndarray]]]:
+    """`make_train_segment`'s segment as one dispatch per step ("steps" loop form).
+
+    The same arguments and results; the valid steps (a prefix of `valid`) each run the jitted
+    step once, with the state donated, gathering the batch on the device. Its metrics come back
+    as host arrays.
+    """
+    step = _step_fn(loss_fn, graphdef, optimizer)
+
+    def step_at(state, data, idx, j, step_key):
+        return step(state, _gather(data, idx[j], batch_sharding), step_key)
+
+    one = jax.jit(step_at, donate_argnums=0)
+
+    def segment(state, data, idx, valid, step_key):
+        # idx goes to the devices once per segment, placed like the data.
+        placement = next(iter(data.values())).sharding
+        idx = jax.device_put(np.asarray(idx), placement)
+        return _stepwise(lambda st, j: one(st, data, idx, j, step_key), state, valid)
+
+    return segment
+
+
+def _stepwise(one: Callable, state: TrainState, valid: np.ndarray):
+    """Run `one(state, j)` for each valid step j; metrics {name: [L]} on the host, zeros after."""
+    count = int(np.sum(valid))
+    per_step = []
+    for j in range(count):
+        state, metrics = one(state, np.int32(j))
+        per_step.append(metrics)
+    per_step = jax.device_get(per_step)  # one wait at the segment's end, not one per step
+    names = per_step[0].keys() if per_step else ()
+    out = {}
+    for k in names:
+        out[k] = np.zeros(len(valid), np.asarray(per_step[0][k]).dtype)
+        out[k][:count] = [m[k] for m in per_step]
+    return state, out
+
+
 def make_fed_segment(
-    loss_fn: LossFn, graphdef: Any, optimizer: optax.GradientTransformation
+    loss_fn: LossFn,
+    graphdef: Any,
+    optimizer: optax.GradientTransformation,
+    *,
+    loop: str = "scan",
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
     """`make_train_segment` for a mesh over several processes: the batches come in as inputs.
 
-    A jitted `segment(state, batches, valid, key_data) -> (state, metrics)`, with batches
+    A `segment(state, batches, valid, key_data) -> (state, metrics)`, with batches
     {name: [L, B, ...]} (global arrays sharded over B, each process holding its devices' rows),
     valid [L] bool and key_data the [2] uint32 data of the step key (a host value, the same on
-    every process). The steps compute what `make_train_segment`'s compute on the same batches.
+    every process). The steps compute what `make_train_segment`'s compute on the same batches,
+    as one scan or (`loop="steps"`) one dispatch per step.
     """
     step = _step_fn(loss_fn, graphdef, optimizer)
+    if loop == "steps":
+
+        def step_at(state, batches, j, key_data):
+            batch = {k: v[j] for k, v in batches.items()}
+            return step(state, batch, jax.random.wrap_key_data(key_data))
+
+        one = jax.jit(step_at, donate_argnums=0)
+        return lambda state, batches, valid, key_data: _stepwise(
+            lambda st, j: one(st, batches, j, key_data), state, valid
+        )
 
     def segment(state, batches, valid, key_data):
         step_key = jax.random.wrap_key_data(key_data)
@@ -279,6 +357,7 @@ def fit(
     on_epoch: Callable[[Params, dict[str, float]], None] | None = None,
     desc: str = "train",
     progress: bool = True,
+    loop: str | None = None,
 ) -> tuple[Params, list[dict[str, float]]]:
     """Train `params` on `train_data`, resuming from `checkpoint_dir` if it holds a checkpoint.
 
@@ -297,10 +376,15 @@ def fit(
             run, and reported, again.
         desc: progress-bar label.
         progress: show a progress bar.
+        loop: "scan" or "steps" (`LOOP_FORMS`); None: this backend's (`default_loop`). Both
+            run the same steps on the same batches; the scan dispatches once per segment.
 
     Returns:
         (trained params, per-epoch history of train and eval metrics).
     """
+    loop = default_loop() if loop is None else loop
+    if loop not in LOOP_FORMS:
+        raise ValueError(f"loop {loop!r}; use one of {LOOP_FORMS} (or None for the backend's).")
     n = len(next(iter(train_data.values())))
     steps_per_epoch = n // config.batch_size
     if steps_per_epoch < 1:
@@ -348,7 +432,7 @@ def fit(
     data_key, step_key = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
     seg_len = _segment_length(config.checkpoint_every, steps_per_epoch)
     if fed:
-        run_fed = make_fed_segment(loss_fn, params.graphdef, optimizer)
+        run_fed = make_fed_segment(loss_fn, params.graphdef, optimizer, loop=loop)
         key_data = np.asarray(jax.random.key_data(step_key))
         steps_sharding = NamedSharding(mesh, P(None, "data"))
 
@@ -357,9 +441,8 @@ def fit(
             return run_fed(state, _global_batches(data, idx, steps_sharding), valid, key_data)
 
     else:
-        run_segment = make_train_segment(
-            loss_fn, params.graphdef, optimizer, batch_sharding=sharded
-        )
+        make = make_train_segment if loop == "scan" else make_train_steps
+        run_segment = make(loss_fn, params.graphdef, optimizer, batch_sharding=sharded)
 
     def batch_indices(step: int) -> np.ndarray:
         epoch, pos = divmod(step, steps_per_epoch)

@@ -1,13 +1,15 @@
 """The rewritten decoder layers equal the flax layers they replace, values and gradients."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from defuse_jax import models
-from defuse_jax.conv_layers import conv_few_outputs, conv_transpose_stride2
+from defuse_jax import losses, models, training
+from defuse_jax.conv_layers import conv2d, conv_few_outputs, conv_transpose_stride2
 
 # Host-side init: flax's default initialiser compiles an XLA program per weight shape.
 _INIT = dict(kernel_init=models.host_lecun_normal)
@@ -124,3 +126,67 @@ def test_conv_vae_decode_equals_the_flax_layers():
         models.set_decoder_formulation(None)
     with pytest.raises(ValueError, match="decoder formulation"):
         models.set_decoder_formulation("winograd")
+
+
+def _lax_conv(x, k, strides, padding):
+    return jax.lax.conv_general_dilated(
+        x, k, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+@pytest.mark.parametrize(
+    "shape, kernel, strides, padding",
+    [
+        ((3, 14, 14, 1, 8), (3, 3), (1, 1), "SAME"),  # the classifier's layers
+        ((2, 9, 7, 8, 5), (4, 4), (2, 2), "SAME"),  # the encoder's, odd sides
+        ((2, 10, 9, 2, 3), (5, 2), (3, 1), "VALID"),  # rows the strides never reach
+        ((2, 7, 9, 3, 4), (3, 3), (2, 2), ((0, 2), (1, 0))),  # explicit pads
+    ],
+)
+def test_conv2d_equals_lax_values_and_gradients(shape, kernel, strides, padding):
+    b, h, w, cin, cout = shape
+    rng = np.random.default_rng(0)  # host draws: eager jax.random compiles per shape
+    x, k, bias = (
+        rng.standard_normal(s, np.float32) for s in ((b, h, w, cin), kernel + (cin, cout), (cout,))
+    )
+
+    def value_and_grads(conv):  # one program per side: values and both gradients
+        return jax.jit(
+            jax.value_and_grad(lambda x, k: jnp.sum(jnp.sin(conv(x, k))), argnums=(0, 1))
+        )(x, k)
+
+    ours = value_and_grads(lambda x, k: conv2d(x, k, None, strides=strides, padding=padding))
+    ref = value_and_grads(lambda x, k: _lax_conv(x, k, strides, padding))
+    for got, want in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+    with_bias = jax.jit(lambda x, k, b: conv2d(x, k, b, strides=strides, padding=padding))
+    np.testing.assert_allclose(
+        with_bias(x, k, bias), _lax_conv(x, k, strides, padding) + bias, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("model", ["classifier", "vae"])
+def test_scanned_conv_training_runs_only_library_convolutions(model):
+    """Inside the training loop's scan, every convolution XLA:CPU compiles is in the canonical
+    NHWC/HWIO form its convolution library runs; autodiff's own transposed convolutions were
+    left in other dimension orders there and ran 19x slower (conv_layers.py)."""
+    shape = (16, 16, 1)  # at 8x8 XLA swaps a tiny strided input gradient's operands itself
+    if model == "vae":
+        config = models.VAEConfig(kind="conv", latent_dim=3, hidden=8, channels=(4, 8))
+        params = models.params_of(models.VAE(config, image_shape=shape, rngs=nnx.Rngs(0)))
+        loss_fn, batch = losses.vae_loss, {"x": jnp.zeros((4, *shape))}
+    else:
+        config = models.ClassifierConfig(kind="conv", hidden=8, channels=(4, 8))
+        clf = models.Classifier(config, image_shape=shape, num_classes=3, rngs=nnx.Rngs(0))
+        params, loss_fn = models.params_of(clf), losses.classifier_loss
+        batch = {"x": jnp.zeros((4, *shape)), "y": jnp.zeros((4,), jnp.int32)}
+    optimizer = training.make_optimizer(training.TrainConfig())
+    state = training.TrainState(
+        jnp.zeros((), jnp.int32), params.state, optimizer.init(params.state)
+    )
+    segment = training.make_train_segment(loss_fn, params.graphdef, optimizer)
+    idx, valid = jnp.zeros((2, 4), jnp.int32), jnp.ones((2,), bool)
+    hlo = segment.lower(state, batch, idx, valid, jax.random.key(0)).compile().as_text()
+    labels = re.findall(r"convolution\(.*?dim_labels=(\S+?),", hlo)
+    assert len(labels) >= (3 if model == "classifier" else 7)  # forward and input gradients
+    assert set(labels) == {"b01f_01io->b01f"}, labels

@@ -8,12 +8,14 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from defuse_jax import cli, data, train_models
+from defuse_jax import cli, data, losses, train_models, training
 from defuse_jax.checkpoint import CheckpointError
-from defuse_jax.models import ClassifierConfig
+from defuse_jax.models import Classifier, ClassifierConfig, params_of
 from defuse_jax.training import TrainConfig
 
 SMALL = ClassifierConfig(kind="mlp", hidden=32)
@@ -139,3 +141,63 @@ def test_sigkill_then_restart_matches_uninterrupted_run(tmp_path):
     a, _ = train_models.load_trained(str(tmp_path / "ref" / "train" / "classifier"))
     b, _ = train_models.load_trained(str(tmp_path / "killed" / "train" / "classifier"))
     _assert_same(a, b)
+
+
+def _reference_fit(params, loss_fn, train_data, config):
+    """`fit`'s documented order as a plain loop of the jitted step, one call per step: epoch e's
+    batches from permutation(fold_in(data_key, e)), the step noise from the step key."""
+    n = len(train_data["x"])
+    optimizer = training.make_optimizer(config)
+    step = jax.jit(training._step_fn(loss_fn, params.graphdef, optimizer))
+    state = training.TrainState(
+        jnp.zeros((), jnp.int32), params.state, optimizer.init(params.state)
+    )
+    root = jax.random.key(config.seed)
+    data_key, step_key = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
+    for epoch in range(config.epochs):
+        order = np.asarray(jax.random.permutation(jax.random.fold_in(data_key, epoch), n))
+        for pos in range(n // config.batch_size):
+            rows = order[pos * config.batch_size : (pos + 1) * config.batch_size]
+            state, _ = step(state, {k: v[rows] for k, v in train_data.items()}, step_key)
+    return state.params
+
+
+def test_every_loop_form_gives_the_reference_loops_weights(tmp_path):
+    """Each loop form `fit` can run (the backend's default among them) trains the weights a plain
+    loop of the jitted step trains: "steps" bit for bit on one device (batch 30 does not split
+    over the 4 forced devices), the scan (XLA fuses a loop body its own way) and the batch
+    sharded over the 4 devices (batch 32) to float32 rounding. (A conv model's scanned step is
+    checked in tests/test_conv_layers.py.)"""
+    assert training.default_loop() in training.LOOP_FORMS
+    config = ClassifierConfig(kind="mlp", hidden=16)
+    model = Classifier(config, image_shape=(8, 8, 1), num_classes=3, rngs=nnx.Rngs(0))
+    params = params_of(model)
+    rng = np.random.default_rng(0)
+    train_data = {
+        "x": rng.random((100, 8, 8, 1), dtype=np.float32),
+        "y": rng.integers(0, 3, 100).astype(np.int32),
+    }
+    for batch_size, exact in ((30, True), (32, False)):
+        # Segments end at checkpoints (every 2 steps) and epochs (3 steps): 2, 1, 1, 2 steps.
+        train = TrainConfig(epochs=2, batch_size=batch_size, checkpoint_every=2, keep_checkpoints=1)
+        want = jax.tree.leaves(_reference_fit(params, losses.classifier_loss, train_data, train))
+        for loop in training.LOOP_FORMS:
+            got, history = training.fit(
+                params, losses.classifier_loss, train_data, config=train, progress=False,
+                checkpoint_dir=str(tmp_path / f"{loop}{batch_size}"), fingerprint={}, loop=loop,
+            )  # fmt: skip
+            assert len(history) == 2
+            for g, w in zip(jax.tree.leaves(got.state), want, strict=True):
+                if exact and loop == "steps":
+                    np.testing.assert_array_equal(g, w, err_msg=loop)
+                else:
+                    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6, err_msg=loop)
+
+
+def test_unknown_loop_form_is_a_clear_error(digits, tmp_path):
+    with pytest.raises(ValueError, match="loop 'unrolled'; use one of"):
+        training.fit(
+            params_of(Classifier(SMALL, image_shape=(8, 8, 1), num_classes=10, rngs=nnx.Rngs(0))),
+            losses.classifier_loss, {"x": digits.x_train, "y": digits.y_train}, config=FAST,
+            checkpoint_dir=str(tmp_path), fingerprint={}, loop="unrolled",
+        )  # fmt: skip

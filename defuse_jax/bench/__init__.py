@@ -8,4 +8,5 @@ BENCHMARKS = {
     # name -> module path (imported lazily so `defuse-jax --help` stays fast)
     "search": "defuse_jax.bench.search_bench",
     "mixture": "defuse_jax.bench.mixture_bench",
+    "train": "defuse_jax.bench.train_bench",
 }
