@@ -350,15 +350,17 @@ def fine_tune(
         seed=config.seed, min_error_rate=min_error_rate,
     )  # fmt: skip
     original = sel.score(classifier, held_out, lam=0.0, epoch=0)
-    scorer = sel.EpochScores(held_out)
+    keep = sel.KeptWeights(
+        original, max_val_drop=config.max_val_drop, max_region_drop=config.max_region_drop
+    )
     histories: dict[float, list[dict[str, float]]] = {}
     for lam in config.lams:
         run_fp = weight_run_fingerprint(config, labels, lam=lam, min_error_rate=min_error_rate)
         _, history = fit(
             classifier, loss(lam), data, config=train,
             checkpoint_dir=os.path.join(weight_run_dir(runs_dir or out_dir, run_fp), "ckpt"),
-            fingerprint=run_fp, on_epoch=scorer, desc=f"correct (lambda={lam:g})",
-            progress=progress,
+            fingerprint=run_fp, on_epoch=sel.EpochScores(held_out, lam=lam, keep=keep),
+            desc=f"correct (lambda={lam:g})", progress=progress,
         )  # fmt: skip
         histories[lam] = history[: config.epochs]  # a reused longer run: its first epochs
     chosen = sel.choose(
@@ -371,14 +373,21 @@ def fine_tune(
     kept_dir = os.path.join(out_dir, "ckpt")  # where `load_trained` reads the kept model
     if chosen.epoch == 0:
         params, history = classifier, []
-        save_finished(params, train, kept_dir, fingerprint={**fingerprint, "kept": "original"})
-    else:  # train the kept lambda again for the kept epochs (deterministic: the same weights)
-        params, history = fit(
-            classifier, loss(chosen.lam), data,
-            config=dataclasses.replace(train, epochs=chosen.epoch), checkpoint_dir=kept_dir,
-            fingerprint={**fingerprint, "kept_lam": chosen.lam}, on_epoch=scorer,
-            desc=f"correct (kept: lambda={chosen.lam:g})", progress=progress,
-        )  # fmt: skip
+        kept_fingerprint = {**fingerprint, "kept": "original"}
+    else:
+        params = keep.params_of(chosen)  # held while its run trained
+        if params is None:  # runs reused from the cache: train the kept lambda again for the
+            # kept epochs (deterministic: the same weights, and the run's own scores)
+            params, _ = fit(
+                classifier, loss(chosen.lam), data,
+                config=dataclasses.replace(train, epochs=chosen.epoch),
+                checkpoint_dir=os.path.join(out_dir, "retrain", "ckpt"),
+                fingerprint={**fingerprint, "kept_lam": chosen.lam},
+                desc=f"correct (kept: lambda={chosen.lam:g})", progress=progress,
+            )  # fmt: skip
+        history = histories[chosen.lam][: chosen.epoch]
+        kept_fingerprint = {**fingerprint, "kept_lam": chosen.lam, "kept_epoch": chosen.epoch}
+    save_finished(params, train, kept_dir, fingerprint=kept_fingerprint)
     _describe(out_dir, classifier, train)
     selection = {
         "chosen": chosen._asdict(),

@@ -121,6 +121,7 @@ def test_fine_tune_keeps_the_chosen_epoch(tmp_path):
     saved, _ = load_trained(str(tmp_path))
     assert sel.score(saved, held_out, lam=chosen.lam, epoch=chosen.epoch) == chosen
     assert len(out.history) == chosen.epoch
+    assert not (tmp_path / "retrain").exists()  # its weights were held while its run trained
 
 
 def test_a_new_choice_reuses_every_region_weights_finished_run(tmp_path, monkeypatch):
@@ -137,19 +138,29 @@ def test_a_new_choice_reuses_every_region_weights_finished_run(tmp_path, monkeyp
     base = CorrectConfig(lams=(0.1, 1.0), epochs=3, batch_size=32, select_samples=16,
                          max_val_drop=1.0, max_region_drop=1.0, control=False)  # fmt: skip
 
+    outs = {}
+
     def run(config, name, runs_dir):
         scored.clear()
-        out = fine_tune(clf, vae, regions, {0: 1, 1: 2}, x_train=x[:64], y_train=y[:64],
-                        x_val=x[64:], y_val=y[64:], config=config, out_dir=str(tmp_path / name),
-                        runs_dir=runs_dir, progress=False)  # fmt: skip
-        return out.selection, list(scored)
+        outs[name] = fine_tune(clf, vae, regions, {0: 1, 1: 2}, x_train=x[:64], y_train=y[:64],
+                               x_val=x[64:], y_val=y[64:], config=config,
+                               out_dir=str(tmp_path / name), runs_dir=runs_dir,
+                               progress=False)  # fmt: skip
+        return outs[name].selection, list(scored)
 
     runs = str(tmp_path / "runs")
     first, n_first = run(base, "first", runs)
-    assert len(n_first) == 2 * 3 + first["chosen"]["epoch"]  # both weights, then the kept
+    assert len(n_first) == 2 * 3  # both weights, each epoch once; the kept one's weights held
+    # With the runs reused, the kept model is trained again, to the same weights bit for bit.
+    same, n_same = run(base, "same", runs)
+    assert same == first and n_same == [] and (tmp_path / "same" / "retrain").is_dir()
+    for a, b in zip(
+        *(jax.tree.leaves(outs[k].params.state) for k in ("first", "same")), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
     again = dataclasses.replace(base, lams=(1.0,), epochs=2, region_tolerance=0.5)
     second, n_second = run(again, "second", runs)
-    assert n_second == list(range(1, second["chosen"]["epoch"] + 1))  # the kept one only
+    assert n_second == []  # nothing trained but the kept model, whose scores are the run's
     assert second["per_lam"]["1"] == first["per_lam"]["1"][:2]
     fresh, _ = run(again, "fresh", str(tmp_path / "fresh_runs"))
     assert fresh == second
@@ -158,6 +169,35 @@ def test_a_new_choice_reuses_every_region_weights_finished_run(tmp_path, monkeyp
     _, n_other = run(other, "other", runs)
     assert len(n_other) >= 2
     assert len(os.listdir(runs)) == 3
+
+
+def _score(lam, epoch, region, broken, val=1.0, drop=0.0):
+    return sel.Score(lam, epoch, val, region, drop, broken)
+
+
+def test_kept_weights_hold_every_epoch_the_choice_may_keep_and_no_other():
+    """Whatever the bounds' survivors turn out to be, `choose`'s pick among all candidates is
+    one whose weights were held; candidates out of bounds or beaten on both counts are not."""
+    original = _score(0.0, 0, 0.2, 0)
+    keep = sel.KeptWeights(original, max_val_drop=0.01, max_region_drop=0.05)
+    candidates = [
+        _score(0.1, 1, 0.90, 5), _score(0.1, 2, 0.95, 9), _score(0.1, 3, 0.96, 2),
+        _score(0.1, 4, 0.99, 3, val=0.5),  # out of bounds: validation
+        _score(1.0, 1, 0.94, 1), _score(1.0, 2, 0.97, 4), _score(1.0, 3, 0.97, 4, drop=0.2),
+    ]  # fmt: skip
+    for i, c in enumerate(candidates):
+        keep.offer(c, models.Params(None, {"w": np.full(2, i)}))
+    # (0.1, 1) and (0.1, 2) are beaten by (0.1, 3) on accuracy and churn; (1.0, 2) is not.
+    assert set(keep.front) == {candidates[2], candidates[4], candidates[5]}
+    for tolerance in (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 1.0):
+        chosen = sel.choose(original, candidates, max_val_drop=0.01, max_region_drop=0.05,
+                            region_tolerance=tolerance)  # fmt: skip
+        if chosen == original:  # the classifier itself: no weights to hold
+            assert tolerance >= 0.97 - 0.2
+            continue
+        held = keep.params_of(chosen)
+        assert held is not None, (tolerance, chosen)
+        np.testing.assert_array_equal(held.state["w"], candidates.index(chosen))
 
 
 def test_fine_tune_keeps_the_original_when_every_epoch_costs_too_much(tmp_path):
