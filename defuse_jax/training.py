@@ -354,6 +354,7 @@ def fit(
     fingerprint: dict[str, Any],
     eval_fn: EvalFn | None = None,
     eval_data: Mapping[str, np.ndarray] | None = None,
+    eval_every: int = 1,
     on_epoch: Callable[[Params, dict[str, float]], None] | None = None,
     desc: str = "train",
     progress: bool = True,
@@ -368,8 +369,11 @@ def fit(
         config: optimisation settings.
         checkpoint_dir: where checkpoints are saved and resumed from.
         fingerprint: settings that must match for a resume (model config, data, train config).
-        eval_fn: optional per-example metrics, evaluated on `eval_data` after every epoch.
+        eval_fn: optional per-example metrics, evaluated on `eval_data` every `eval_every`
+            epochs and after the last one.
         eval_data: arrays for `eval_fn`.
+        eval_every: epochs between evaluations (they change no result: only which history
+            records carry `test_*` metrics).
         on_epoch: called with the weights and the history record after every epoch, before
             that epoch's checkpoint (e.g. to keep the best epoch); what it adds to the record
             goes into the history. On a resume, the epochs after the restored checkpoint are
@@ -393,6 +397,8 @@ def fit(
         )
     if config.epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {config.epochs}.")
+    if eval_every < 1:
+        raise ValueError(f"eval_every must be >= 1, got {eval_every}.")
     total_steps = config.epochs * steps_per_epoch
     mesh = _data_mesh(config.batch_size)  # raises early when a distributed batch cannot split
     optimizer = make_optimizer(config)
@@ -480,10 +486,12 @@ def fit(
         step += count
         bar.update(count)
         if step % steps_per_epoch == 0:
+            epoch = step // steps_per_epoch
             # Steps of a resumed partial epoch are averaged over what this process ran.
-            record = {"epoch": step // steps_per_epoch, **{k: v / ran for k, v in sums.items()}}
+            record = {"epoch": epoch, **{k: v / ran for k, v in sums.items()}}
             current = Params(params.graphdef, _local(state.params) if fed else state.params)
-            if eval_fn is not None and eval_data is not None:
+            evaluate_now = epoch % eval_every == 0 or step == total_steps
+            if eval_fn is not None and eval_data is not None and evaluate_now:
                 ev = evaluate(eval_fn, current, eval_data)
                 record.update({f"test_{k}": v for k, v in ev.items()})
             record["seconds"] = time.perf_counter() - t0

@@ -162,13 +162,16 @@ def _reference_fit(params, loss_fn, train_data, config):
     return state.params
 
 
-def test_every_loop_form_gives_the_reference_loops_weights(tmp_path):
+@pytest.mark.parametrize("fed", [False, True])
+def test_every_loop_form_gives_the_reference_loops_weights(fed, tmp_path, monkeypatch):
     """Each loop form `fit` can run (the backend's default among them) trains the weights a plain
     loop of the jitted step trains: "steps" bit for bit on one device (batch 30 does not split
     over the 4 forced devices), the scan (XLA fuses a loop body its own way) and the batch
-    sharded over the 4 devices (batch 32) to float32 rounding. (A conv model's scanned step is
-    checked in tests/test_conv_layers.py.)"""
+    sharded over the 4 devices (batch 32) to float32 rounding. `fed`: the several-process path
+    (each process hands in its rows of every batch), run here by one process with 4 devices.
+    (A conv model's scanned step is checked in tests/test_conv_layers.py.)"""
     assert training.default_loop() in training.LOOP_FORMS
+    monkeypatch.setattr(training.distributed, "is_distributed", lambda: fed)
     config = ClassifierConfig(kind="mlp", hidden=16)
     model = Classifier(config, image_shape=(8, 8, 1), num_classes=3, rngs=nnx.Rngs(0))
     params = params_of(model)
@@ -177,7 +180,8 @@ def test_every_loop_form_gives_the_reference_loops_weights(tmp_path):
         "x": rng.random((100, 8, 8, 1), dtype=np.float32),
         "y": rng.integers(0, 3, 100).astype(np.int32),
     }
-    for batch_size, exact in ((30, True), (32, False)):
+    # The fed path shards every batch over all devices: only batch 32 splits.
+    for batch_size, exact in ((32, False),) if fed else ((30, True), (32, False)):
         # Segments end at checkpoints (every 2 steps) and epochs (3 steps): 2, 1, 1, 2 steps.
         train = TrainConfig(epochs=2, batch_size=batch_size, checkpoint_every=2, keep_checkpoints=1)
         want = jax.tree.leaves(_reference_fit(params, losses.classifier_loss, train_data, train))
@@ -201,3 +205,15 @@ def test_unknown_loop_form_is_a_clear_error(digits, tmp_path):
             losses.classifier_loss, {"x": digits.x_train, "y": digits.y_train}, config=FAST,
             checkpoint_dir=str(tmp_path), fingerprint={}, loop="unrolled",
         )  # fmt: skip
+
+
+def test_eval_every_evaluates_on_schedule_and_after_the_last_epoch(digits, tmp_path):
+    model = Classifier(SMALL, image_shape=(8, 8, 1), num_classes=10, rngs=nnx.Rngs(0))
+    test = {"x": digits.x_test, "y": digits.y_test}
+    _, history = training.fit(
+        params_of(model), losses.classifier_loss, {"x": digits.x_train, "y": digits.y_train},
+        config=dataclasses.replace(FAST, epochs=5), checkpoint_dir=str(tmp_path),
+        fingerprint={}, eval_fn=losses.classifier_eval, eval_data=test, eval_every=2,
+        progress=False,
+    )  # fmt: skip
+    assert [h["epoch"] for h in history if "test_accuracy" in h] == [2, 4, 5]
