@@ -5,11 +5,11 @@
 # orbax-checkpoint, scikit-learn, matplotlib, pillow and tqdm (torch optional; tensorflow-datasets
 # not needed). Nothing is installed; the checkout is used in place (PYTHONPATH).
 #
-#   OUT=/some/dir bash scripts/device_check.sh      # the full check, about 5.5 minutes on one H200
+#   OUT=/some/dir bash scripts/device_check.sh      # the full check, about 6.5 minutes on one H200
 #   QUICK=1 OUT=/tmp/x bash scripts/device_check.sh # CPU smoke run (the test suite runs it)
 #
 # Steps, each under its own timeout; a failed or timed-out step is recorded and the next runs:
-#   info          backend, devices, versions                      -> info.json
+#   info          backend, devices, versions                      -> steps.json ["info"]
 #   digits        `defuse-jax run` on digits (MLP models)         -> digits_report.json
 #   conv          the same with --image-size 28 (conv models)     -> conv_report.json
 #   mixture_100k  mixture benchmark headline, 100k x 16, K=20     -> mixture.json ["100k"]
@@ -19,8 +19,10 @@
 #   ill_cond      a float32 fit of 200k x 16 rows 1e3 from the origin vs float64 scikit-learn
 #                                                                 -> ill_conditioned.json
 #   search        search benchmark in float32 and bfloat16        -> search.json
-# plus steps.json (each step's exit code and seconds) and check.log (everything printed):
-# 8 files in all.
+#   train         training benchmark: fit's loop forms against the bare step, 28x28 MLP and
+#                 conv models                                     -> train.json
+# plus steps.json (the info, each step's exit code and seconds) and check.log (everything
+# printed): 8 files in all, the most the device tool brings back.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_results/device_check}
@@ -60,6 +62,7 @@ if [ -n "$QUICK" ]; then  # seconds on a CPU: every step runs, on toy sizes
   ILL_N=20000
   SEARCH=(--quick --no-torch --no-modes --models mlp --chains 256 --chunk-sizes 64 128
     --scaling-devices 1)
+  TRAIN=(--quick --kinds mlp --roles classifier --train-size 256)
 else
   PIPE=()
   CONV=()
@@ -68,12 +71,13 @@ else
   ILL_N=200000
   SEARCH=(--repeats 2 --chains 65536 1048576 --ref-points 32 --no-modes --decoders phase native
     --scaling-devices 1 2 4 8)
+  TRAIN=(--sizes 28 --kinds mlp conv)
 fi
 MIX_COMMON=(--no-parity --no-pipeline --scaling-n --scaling-k --sklearn-full-max 0
   --sklearn-short-iters 2)
 
 step info 60 $PY -m defuse_jax.cli info --json
-$PY -m defuse_jax.cli info --json >"$OUT/info.json" 2>/dev/null
+$PY -m defuse_jax.cli info --json >"$WORK/info.json" 2>/dev/null
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.max.sm \
   --format=csv >>"$LOG" 2>&1
 
@@ -128,6 +132,8 @@ EOF
 step search 240 $PY -m defuse_jax.cli bench search --dtype float32 bfloat16 "${SEARCH[@]}" \
   --json "$OUT/search.json"
 
+step train 150 $PY -m defuse_jax.cli bench train "${TRAIN[@]}" --json "$OUT/train.json"
+
 $PY - "$STEPS" "$OUT/steps.json" "$WORK" "$OUT/mixture.json" <<'EOF'
 import json, os, sys
 mixture = {}
@@ -138,7 +144,9 @@ for size in ("100k", "1m"):
 json.dump(mixture, open(sys.argv[4], "w"), indent=1)
 rows = [line.rstrip("\n").split("\t") for line in open(sys.argv[1]) if line.strip()]
 steps = [{"step": s, "exit_code": int(rc), "seconds": int(t)} for s, rc, t in rows]
-json.dump({"steps": steps, "ok": all(s["exit_code"] == 0 for s in steps)},
+info_path = os.path.join(sys.argv[3], "info.json")
+info = json.load(open(info_path)) if os.path.getsize(info_path) else None
+json.dump({"info": info, "steps": steps, "ok": all(s["exit_code"] == 0 for s in steps)},
           open(sys.argv[2], "w"), indent=1)
 print("\n".join(f"{s['step']:<14} exit {s['exit_code']:>3} {s['seconds']:>5}s" for s in steps))
 sys.exit(0 if all(s["exit_code"] == 0 for s in steps) else 1)

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = ("info", "digits", "conv", "mixture_100k", "mixture_1m", "ill_cond", "search")
+STEPS = ("info", "digits", "conv", "mixture_100k", "mixture_1m", "ill_cond", "search", "train")
 
 
 @pytest.mark.slow
@@ -35,6 +35,8 @@ def test_device_check_quick_mode_runs_every_step(tmp_path):
     assert all(r["ok"] for r in ill["rows"]) and len(ill["rows"]) == 2
     search = json.loads((out / "search.json").read_text())
     assert [m["dtype"] for m in search["models"]] == ["float32", "bfloat16"]
-    info = json.loads((out / "info.json").read_text())
-    assert info["backend"] == "cpu"
+    train = json.loads((out / "train.json").read_text())
+    assert [r["role"] for r in train["rows"]] == ["classifier"]
+    assert {"fit_scan", "fit_steps", "bare"} <= set(train["rows"][0])
+    assert steps["info"]["backend"] == "cpu"
     assert "=== search: exit 0" in (out / "check.log").read_text()
