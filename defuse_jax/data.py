@@ -7,6 +7,10 @@ no model trains on it.
 
 * `digits` (default): scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes),
   no network needed. Split into train/test with a seeded, stratified `train_test_split`.
+* `mnist` and `fashion_mnist` from their original IDX files when `data_dir` holds them (gzipped
+  or not; Debian's `apt-get install dataset-fashion-mnist` puts Fashion-MNIST's in
+  `/usr/share/datasets/fashion-mnist/`; torchvision's and Kaggle's downloads work too): see
+  `idx_files`. `max_train` / `max_test` pick seeded subsets of the files' splits.
 * TFDS datasets (`mnist`, `fashion_mnist`, `svhn_cropped`, `visual_domain_decathlon/gtsrb`,
   `celeb_a`) are read through `tfds.data_source` (random access over ArrayRecord files; no
   TensorFlow needed). They are never downloaded from here: a dataset that is not prepared in
@@ -37,6 +41,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from defuse_jax import idx_files
 
 __all__ = [
     "SUPPORTED_DATASETS",
@@ -142,6 +148,20 @@ _TFDS_SPECS: dict[str, _TfdsSpec] = {
 
 SUPPORTED_DATASETS: tuple[str, ...] = ("digits", *_TFDS_SPECS)
 
+# The datasets that may come as IDX files, with their class names (label order).
+_IDX_CLASS_NAMES: dict[str, tuple[str, ...]] = {
+    "mnist": tuple(str(d) for d in range(10)),
+    "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                      "Sneaker", "Bag", "Ankle boot"),
+}  # fmt: skip
+
+
+def _idx_split_files(config: DataConfig) -> dict[str, idx_files.IdxSplit] | None:
+    """The dataset's IDX files in `config.data_dir`, or None (then TFDS is asked)."""
+    if config.name not in _IDX_CLASS_NAMES or config.data_dir is None:
+        return None
+    return idx_files.find_idx_files(config.data_dir, config.name)
+
 
 def load_dataset(config: DataConfig = DataConfig()) -> Dataset:  # noqa: B008 (frozen)
     """Loads a dataset as numpy arrays (images float32 in [0, 1], NHWC; labels int32).
@@ -165,6 +185,9 @@ def load_dataset(config: DataConfig = DataConfig()) -> Dataset:  # noqa: B008 (f
     _validate(config)
     if config.name == "digits":
         return _load_digits(config)
+    files = _idx_split_files(config)
+    if files is not None:
+        return _load_idx(config, files)
     return _load_tfds(config, _TFDS_SPECS[config.name])
 
 
@@ -177,10 +200,18 @@ def check_available(config: DataConfig) -> None:
     Raises:
         ValueError: unknown name, non-existent `data_dir`, or an out-of-range option.
         DatasetNotFoundError: a TFDS dataset that is not prepared in `data_dir`.
+        idx_files.IdxError: IDX files that are missing, truncated, of the wrong kind, or whose
+            counts or labels do not fit (their images are not read).
     """
     _validate(config)
-    if config.name != "digits":
-        _open_sources(config.name, ("train", _TFDS_SPECS[config.name].test_split), config.data_dir)
+    if config.name == "digits":
+        return
+    files = _idx_split_files(config)
+    if files is not None:
+        for split in files.values():
+            idx_files.check_split(split, num_classes=len(_IDX_CLASS_NAMES[config.name]))
+        return
+    _open_sources(config.name, ("train", _TFDS_SPECS[config.name].test_split), config.data_dir)
 
 
 def _validate(config: DataConfig) -> None:
@@ -273,6 +304,34 @@ def _load_digits(config: DataConfig) -> Dataset:
         num_classes=num_classes,
         image_shape=tuple(x_train.shape[1:]),
         class_names=tuple(str(c) for c in bunch.target_names),
+        x_val=x_val,
+        y_val=y_val,
+    )
+
+
+def _load_idx(config: DataConfig, files: dict[str, idx_files.IdxSplit]) -> Dataset:
+    class_names = _IDX_CLASS_NAMES[config.name]
+    arrays = []
+    for split, cap, stream in (("train", config.max_train, 0), ("test", config.max_test, 1)):
+        count, height, width = idx_files.check_split(files[split], num_classes=len(class_names))
+        rows = _cap_indices(count, cap, config.seed, stream)
+        images, labels = idx_files.read_split(files[split], num_classes=len(class_names), rows=rows)
+        images = images[..., None]  # [n, H, W, 1] uint8
+        if config.image_size is not None and config.image_size != height:
+            images = np.stack([_resize_uint8(im, config.image_size) for im in images])
+        x = images.astype(np.float32)
+        x /= np.float32(255.0)  # as the TFDS path: correctly rounded v / 255
+        arrays += [x, labels]
+    x_train, y_train, x_val, y_val = _split_validation(arrays[0], arrays[1], config)
+    return Dataset(
+        name=config.name,
+        x_train=x_train,
+        y_train=y_train,
+        x_test=arrays[2],
+        y_test=arrays[3],
+        num_classes=len(class_names),
+        image_shape=tuple(x_train.shape[1:]),
+        class_names=class_names,
         x_val=x_val,
         y_val=y_val,
     )
