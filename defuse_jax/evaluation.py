@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -71,23 +71,112 @@ def heldout_region_codes(
     return z[np.asarray(region_ids, np.int64)]
 
 
-def heldout_predictions(
-    classifier: Params,
+def decode(vae: Params, z: np.ndarray, *, batch_size: int = 4096) -> np.ndarray:
+    """Decoded codes on the host: z [M, L] -> images [M, H, W, C]."""
+    out = map_batches(
+        lambda b: _decode_fn()(vae, b["z"]), {"z": np.asarray(z)}, batch_size=batch_size
+    )
+    return np.zeros((0,), np.float32) if out is None else out
+
+
+def classify(classifier: Params, x: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
+    """Predictions on images: x [M, H, W, C] -> [M] int32."""
+    out = map_batches(lambda b: _classify_fn()(classifier, b["x"]), {"x": x}, batch_size=batch_size)
+    return np.zeros((0,), np.int32) if out is None else out
+
+
+@functools.cache
+def _decode_fn():
+    return jax.jit(models.decode)
+
+
+@functools.cache
+def _classify_fn():
+    return jax.jit(lambda c, x: models.logits(c, x).argmax(-1).astype(jnp.int32))
+
+
+class EvalSet(NamedTuple):
+    """What every classifier of a run is evaluated on, decoded once (the VAE is frozen)."""
+
+    x_test: np.ndarray  # [N, H, W, C]
+    y_test: np.ndarray  # [N] int32
+    region_ids: np.ndarray  # [R] the labeled regions, sorted
+    region_labels: np.ndarray  # [R] their labels
+    region_images: np.ndarray  # [R, n, H, W, C] their held-out samples, decoded
+    error_labels: np.ndarray  # [m] the label of the region each error code in one falls in
+    error_images: np.ndarray  # [m, H, W, C] those error codes, decoded
+
+
+def eval_set(
     vae: Params,
     *,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
     regions: Regions,
-    region_ids: Sequence[int],
+    labels: Mapping[int, int],
+    errors: Mapping[str, np.ndarray],
     config: EvalConfig,
-) -> dict[int, np.ndarray]:
-    """A classifier's predictions on the held-out samples of some regions (the samples region
-    accuracy is measured on): {region id: [config.region_samples] classes}."""
-    ids = np.asarray(sorted(int(i) for i in region_ids), np.int64)
-    if len(ids) == 0:
+) -> EvalSet:
+    """The test split, the labeled regions' held-out samples and the search's error codes in
+    labeled regions (`regions.assignment` maps codes to regions), decoded."""
+    ids = np.asarray(sorted(labels), np.int64)
+    target = np.asarray([labels[int(i)] for i in ids], np.int64)
+    if len(ids):
+        z = heldout_region_codes(regions, ids, config=config)
+        r, n, latent = z.shape
+        images = decode(vae, z.reshape(-1, latent))
+        images = images.reshape(r, n, *images.shape[1:])
+    else:
+        images = np.zeros((0, 0, *x_test.shape[1:]), np.float32)
+    region_label = np.full(regions.num_regions, -1)
+    region_label[ids] = target
+    assigned = regions.assignment
+    mask = (assigned >= 0) & (region_label[np.maximum(assigned, 0)] >= 0)
+    codes = np.asarray(errors["z"])[mask]
+    return EvalSet(
+        np.asarray(x_test), np.asarray(y_test, np.int32), ids, target, images,
+        region_label[assigned[mask]], decode(vae, codes) if len(codes) else codes,
+    )  # fmt: skip
+
+
+def heldout_votes(classifier: Params, data: EvalSet) -> dict[int, np.ndarray]:
+    """A classifier's predictions on the held-out samples of the labeled regions (those region
+    accuracy is measured on): {region id: [EvalConfig.region_samples] classes}."""
+    if len(data.region_ids) == 0:
         return {}
-    z = heldout_region_codes(regions, ids, config=config)
-    r, n, L = z.shape
-    pred = predict(vae, classifier, z.reshape(-1, L)).reshape(r, n)
-    return {int(i): p for i, p in zip(ids, pred, strict=True)}
+    r, n = data.region_images.shape[:2]
+    pred = classify(classifier, data.region_images.reshape(r * n, *data.region_images.shape[2:]))
+    return {int(i): p for i, p in zip(data.region_ids, pred.reshape(r, n), strict=True)}
+
+
+def evaluate_on(classifier: Params, data: EvalSet) -> dict[str, Any]:
+    """Test accuracy, region accuracy (overall and per labeled region) and error-code accuracy.
+
+    Returns:
+        {"test_accuracy", "region_accuracy", "per_region": {id: accuracy},
+         "error_code_accuracy", "num_error_codes_labeled"}; region numbers are None when no
+        region is labeled.
+    """
+    test = evaluate(losses.classifier_eval, classifier, {"x": data.x_test, "y": data.y_test})
+    out: dict[str, Any] = {"test_accuracy": test["accuracy"]}
+    if len(data.region_ids) == 0:
+        return {**out, "region_accuracy": None, "per_region": {}, "error_code_accuracy": None,
+                "num_error_codes_labeled": 0}  # fmt: skip
+    votes = heldout_votes(classifier, data)
+    per_region = {
+        i: float((votes[int(i)] == t).mean())
+        for i, t in zip(data.region_ids.tolist(), data.region_labels, strict=True)
+    }
+    out["region_accuracy"] = float(np.mean(list(per_region.values())))
+    out["per_region"] = per_region
+    # The adversarial codes themselves, judged by the label of the region they fall in.
+    if len(data.error_labels):
+        pred = classify(classifier, data.error_images)
+        out["error_code_accuracy"] = float((pred == data.error_labels).mean())
+    else:
+        out["error_code_accuracy"] = None
+    out["num_error_codes_labeled"] = int(len(data.error_labels))
+    return out
 
 
 def evaluate_classifier(
@@ -101,7 +190,7 @@ def evaluate_classifier(
     errors: Mapping[str, np.ndarray],
     config: EvalConfig,
 ) -> dict[str, Any]:
-    """Test accuracy, region accuracy (overall and per labeled region) and error-code accuracy.
+    """`evaluate_on` one classifier (several: build the `eval_set` once and reuse it).
 
     Args:
         classifier: the model to evaluate.
@@ -111,37 +200,10 @@ def evaluate_classifier(
         labels: {region id: class} for the labeled (not skipped) regions.
         errors: the search's errors (needs "z"); `regions.assignment` maps them to regions.
         config: evaluation settings.
-
-    Returns:
-        {"test_accuracy", "region_accuracy", "per_region": {id: accuracy},
-         "error_code_accuracy", "num_error_codes_labeled"}; region numbers are None when no
-        region is labeled.
     """
-    test = evaluate(losses.classifier_eval, classifier, {"x": x_test, "y": y_test.astype(np.int32)})
-    out: dict[str, Any] = {"test_accuracy": test["accuracy"]}
-    ids = np.asarray(sorted(labels), np.int64)
-    if len(ids) == 0:
-        return {**out, "region_accuracy": None, "per_region": {}, "error_code_accuracy": None,
-                "num_error_codes_labeled": 0}  # fmt: skip
-    z = heldout_region_codes(regions, ids, config=config)
-    r, n, L = z.shape
-    pred = predict(vae, classifier, z.reshape(-1, L)).reshape(r, n)
-    target = np.asarray([labels[int(i)] for i in ids])[:, None]
-    per_region = (pred == target).mean(axis=1)
-    out["region_accuracy"] = float(per_region.mean())
-    out["per_region"] = {int(i): float(a) for i, a in zip(ids, per_region, strict=True)}
-    # The adversarial codes themselves, judged by the label of the region they fall in.
-    region_label = np.full(regions.num_regions, -1)
-    region_label[ids] = target[:, 0]
-    assigned = regions.assignment
-    mask = (assigned >= 0) & (region_label[np.maximum(assigned, 0)] >= 0)
-    if mask.any():
-        p = predict(vae, classifier, np.asarray(errors["z"])[mask])
-        out["error_code_accuracy"] = float((p == region_label[assigned[mask]]).mean())
-    else:
-        out["error_code_accuracy"] = None
-    out["num_error_codes_labeled"] = int(mask.sum())
-    return out
+    data = eval_set(vae, x_test=x_test, y_test=y_test, regions=regions, labels=labels,
+                    errors=errors, config=config)  # fmt: skip
+    return evaluate_on(classifier, data)
 
 
 def confirmed_error_regions(

@@ -241,18 +241,18 @@ def build_report(ctx: Context) -> report_lib.Report:
     answers = read_answers(ctx) if regions.num_regions else {}
     labels = {k: v for k, v in answers.items() if v is not None}
     correct_summary = read_json(ctx.dir.record("correct"))["summary"]
-    common = dict(
-        x_test=ds.x_test, y_test=ds.y_test, regions=regions, labels=labels, errors=errors,
-        config=ctx.config.eval,
+    # Decoded once for every classifier evaluated here (and the oracle's check).
+    eval_set = evaluation.eval_set(
+        ctx.model("vae"), x_test=ds.x_test, y_test=ds.y_test, regions=regions, labels=labels,
+        errors=errors, config=ctx.config.eval,
     )  # fmt: skip
-    vae = ctx.model("vae")
-    before = evaluation.evaluate_classifier(ctx.model("classifier"), vae, **common)
+    before = evaluation.evaluate_on(ctx.model("classifier"), eval_set)
     after = (
         before if correct_summary["skipped"]
-        else evaluation.evaluate_classifier(ctx.model("corrected"), vae, **common)
+        else evaluation.evaluate_on(ctx.model("corrected"), eval_set)
     )  # fmt: skip
     control = (
-        evaluation.evaluate_classifier(ctx.model("control"), vae, **common)
+        evaluation.evaluate_on(ctx.model("control"), eval_set)
         if correct_summary.get("control") else None
     )  # fmt: skip
     # Region accuracy counts the regions that are errors under their label (not those where
@@ -267,7 +267,7 @@ def build_report(ctx: Context) -> report_lib.Report:
         ev and {**ev, "region_accuracy": evaluation.region_accuracy(ev["per_region"], scope)}
         for ev in (before, after, control)
     )
-    oracle = _oracle_agreement(ctx, regions, labels) if ctx.config.uses_oracle else None
+    oracle = _oracle_agreement(ctx, eval_set, labels) if ctx.config.uses_oracle else None
     search = read_json(ctx.path("search", "summary.json"))
     if search["num_errors_found"] == 0:
         ctx.messages.append(
@@ -339,21 +339,14 @@ def _kept_epochs(cfg: CorrectConfig, selection: Mapping[str, Any] | None) -> int
 
 
 def _oracle_agreement(
-    ctx: Context, regions: Regions, labels: Mapping[int, int]
+    ctx: Context, eval_set: evaluation.EvalSet, labels: Mapping[int, int]
 ) -> label_validity.AgreementCheck:
     """The oracle (trained by the label stage) against the final labels, on the held-out region
     samples region accuracy is measured on. With no labeled region (the label stage then
     trains no oracle when there is no region at all) nothing is checked."""
     history = ctx.path("label", "oracle", "history.json")
     test = read_json(history)["test"]["accuracy"] if os.path.exists(history) else None
-    votes = (
-        evaluation.heldout_predictions(
-            ctx.model("oracle"), ctx.model("vae"), regions=regions, region_ids=list(labels),
-            config=ctx.config.eval,
-        )
-        if labels
-        else {}
-    )  # fmt: skip
+    votes = evaluation.heldout_votes(ctx.model("oracle"), eval_set) if labels else {}
     return label_validity.agreement_check(votes, labels, oracle_test_accuracy=test)
 
 

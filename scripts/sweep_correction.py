@@ -43,9 +43,10 @@ def main() -> None:
     ds, regions = ctx.dataset, load_regions(ctx.path("distill"))
     labels = {k: v for k, v in pipeline.read_answers(ctx).items() if v is not None}
     errors = identification.load_errors(ctx.path("search"))
-    common = dict(x_test=ds.x_test, y_test=ds.y_test, regions=regions, labels=labels,
-                  errors=errors, config=config.eval)  # fmt: skip
-    before = evaluation.evaluate_classifier(ctx.model("classifier"), ctx.model("vae"), **common)
+    eval_set = evaluation.eval_set(ctx.model("vae"), x_test=ds.x_test, y_test=ds.y_test,
+                                   regions=regions, labels=labels, errors=errors,
+                                   config=config.eval)  # fmt: skip
+    before = evaluation.evaluate_on(ctx.model("classifier"), eval_set)
     rows = []
     print(
         f"before: test {before['test_accuracy']:.4f}, "
@@ -61,7 +62,7 @@ def main() -> None:
                                   x_train=ds.x_train, y_train=ds.y_train, config=cfg,
                                   out_dir=tmp, progress=False).params  # fmt: skip
         seconds = time.perf_counter() - t0
-        after = evaluation.evaluate_classifier(params, ctx.model("vae"), **common)
+        after = evaluation.evaluate_on(params, eval_set)
         rows.append({"lam": lam, "epochs": epochs, "optimizer": opt, "learning_rate": lr,
                      "test_accuracy": after["test_accuracy"],
                      "region_accuracy": after["region_accuracy"], "seconds": seconds})  # fmt: skip
