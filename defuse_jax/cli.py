@@ -145,7 +145,7 @@ def cmd_train(args: argparse.Namespace, *, kind: str) -> int:
 
     out, config = resolve(args)
     pipeline.check_available(config.data)  # before the config is saved
-    pipeline.save_run_config(out, config)
+    config = pipeline.resolve_lengths(out, config)  # saves it, with the lengths it resolved to
     ctx = pipeline.Context(os.path.abspath(out), config, print)
     if kind == "vae":
         result = tm.train_vae(ctx.dataset, out_dir=ctx.path("train", "vae"), config=config.vae,

@@ -22,8 +22,14 @@ import numpy as np
 import optax
 
 from defuse_jax import correction_selection as sel
-from defuse_jax import models, region_overlap
-from defuse_jax.config_checks import NON_NEGATIVE, POSITIVE, POSITIVE_INT, check_fields
+from defuse_jax import models, region_overlap, training_lengths
+from defuse_jax.config_checks import (
+    NON_NEGATIVE,
+    OPTIONAL_POSITIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    check_fields,
+)
 from defuse_jax.files import json_digest, write_json
 from defuse_jax.models import Params
 from defuse_jax.regions import Regions, region_cholesky
@@ -54,7 +60,11 @@ class CorrectConfig:
             README sweep).
         region_batch_size: region samples per step.
         tau: region samples come from N(mean, tau * covariance).
-        epochs: passes over the training data.
+        epochs: rounds of training per region weight; the choice scores a candidate after
+            each (the reference's epochs).
+        epoch_steps: steps per round; None: one epoch of at most
+            `training_lengths.CORRECTION_ROUND_STEPS` steps (a full epoch on digits), so that
+            a large training split does not make every round a long one.
         batch_size: training examples per step.
         learning_rate: optimiser step size.
         optimizer: "adam", "adamw" or "sgd" (the reference: SGD, lr 1e-3, momentum 0.9).
@@ -79,6 +89,7 @@ class CorrectConfig:
     region_batch_size: int = 64
     tau: float = 0.01
     epochs: int = 20
+    epoch_steps: int | None = None
     batch_size: int = 64
     learning_rate: float = 3e-4
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
@@ -99,7 +110,8 @@ class CorrectConfig:
                 )
         check_fields(self, {
             "select_samples": POSITIVE_INT, "lam": POSITIVE, "region_batch_size": POSITIVE_INT,
-            "tau": POSITIVE, "epochs": POSITIVE_INT, "batch_size": POSITIVE_INT,
+            "tau": POSITIVE, "epochs": POSITIVE_INT, "epoch_steps": OPTIONAL_POSITIVE_INT,
+            "batch_size": POSITIVE_INT,
             "learning_rate": POSITIVE, "momentum": NON_NEGATIVE, "anchor": NON_NEGATIVE,
             "checkpoint_every": POSITIVE_INT,
         })  # fmt: skip
@@ -114,6 +126,12 @@ class CorrectConfig:
             seed=self.seed,
             checkpoint_every=self.checkpoint_every,
         )
+
+
+def resolved(config: CorrectConfig, n_train: int) -> CorrectConfig:
+    """`config` with the round length that runs (`training_lengths.correction_round_steps`)."""
+    steps = training_lengths.correction_round_steps(config.epoch_steps, n_train, config.batch_size)
+    return dataclasses.replace(config, epoch_steps=steps)
 
 
 # Settings that only decide which epoch of which region weight is kept, whether a control is
@@ -313,6 +331,7 @@ def fine_tune(
     """
     if not labels:
         raise ValueError("fine_tune needs at least one labeled region.")
+    config = resolved(config, len(x_train))
     loss = correction_losses(classifier, vae, regions, labels, config=config)
     train = config.train_config()
     data = {"x": x_train, "y": np.asarray(y_train, np.int32)}
@@ -331,6 +350,7 @@ def fine_tune(
             checkpoint_dir=os.path.join(control_dir, "ckpt"),
             fingerprint={**fingerprint, "control_epochs": epochs},
             desc="correct (control: no regions)", progress=progress,
+            epoch_steps=config.epoch_steps,
         )  # fmt: skip
         _describe(control_dir, classifier, train)
         return params
@@ -339,7 +359,7 @@ def fine_tune(
         params, history = fit(
             classifier, loss(config.lam), data, config=train,
             checkpoint_dir=os.path.join(out_dir, "ckpt"), fingerprint=fingerprint,
-            desc="correct", progress=progress,
+            desc="correct", progress=progress, epoch_steps=config.epoch_steps,
         )  # fmt: skip
         _describe(out_dir, classifier, train)
         return Correction(params, history, None, control(config.epochs))
@@ -360,7 +380,7 @@ def fine_tune(
             classifier, loss(lam), data, config=train,
             checkpoint_dir=os.path.join(weight_run_dir(runs_dir or out_dir, run_fp), "ckpt"),
             fingerprint=run_fp, on_epoch=sel.EpochScores(held_out, lam=lam, keep=keep),
-            desc=f"correct (lambda={lam:g})", progress=progress,
+            desc=f"correct (lambda={lam:g})", progress=progress, epoch_steps=config.epoch_steps,
         )  # fmt: skip
         histories[lam] = history[: config.epochs]  # a reused longer run: its first epochs
     chosen = sel.choose(
@@ -384,6 +404,7 @@ def fine_tune(
                 checkpoint_dir=os.path.join(out_dir, "retrain", "ckpt"),
                 fingerprint={**fingerprint, "kept_lam": chosen.lam},
                 desc=f"correct (kept: lambda={chosen.lam:g})", progress=progress,
+                epoch_steps=config.epoch_steps,
             )  # fmt: skip
         history = histories[chosen.lam][: chosen.epoch]
         kept_fingerprint = {**fingerprint, "kept_lam": chosen.lam, "kept_epoch": chosen.epoch}

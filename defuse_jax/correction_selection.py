@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from defuse_jax import evaluation, models
+from defuse_jax import evaluation, models, training_lengths
 from defuse_jax.batching import map_batches
 from defuse_jax.models import Params
 from defuse_jax.regions import Regions, sample_regions
@@ -122,8 +122,9 @@ def selection_data(
         regions: the distilled regions.
         labels: {region id: class} of the labeled regions.
         x_val: [n_val, H, W, C] validation images; y_val: [n_val] labels.
-        x_train: [N, H, W, C] training images, scored shifted (`shifted_images`); y_train:
-            [N] labels.
+        x_train: [N, H, W, C] training images, scored shifted (`shifted_images`): all of them
+            up to `training_lengths.CHURN_IMAGES`, a seeded subset of that many beyond;
+            y_train: [N] labels.
         samples: samples per labeled region.
         tau: region samples come from N(mean, tau * covariance).
         seed: the correction seed.
@@ -149,8 +150,12 @@ def selection_data(
         dict(zip(ids.tolist(), before.tolist(), strict=True)), min_error_rate=min_error_rate
     )
     watched = np.isin(ids, confirmed) if confirmed else np.ones(len(ids), bool)
-    x_shifted = shifted_images(np.asarray(x_train, np.float32))
-    y_shifted = np.tile(np.asarray(y_train, np.int32), 4)
+    churn = np.arange(len(y_train))
+    if len(churn) > training_lengths.CHURN_IMAGES:  # 4 x 51,000 images would dwarf the rest
+        rng = np.random.default_rng([seed, _SELECT_STREAM])
+        churn = np.sort(rng.choice(len(churn), training_lengths.CHURN_IMAGES, replace=False))
+    x_shifted = shifted_images(np.asarray(x_train[churn], np.float32))
+    y_shifted = np.tile(np.asarray(y_train, np.int32)[churn], 4)
     return SelectionData(
         np.asarray(x_val, np.float32), np.asarray(y_val, np.int32), x_region, y_region,
         ids.tolist(), watched, before, x_shifted, y_shifted,

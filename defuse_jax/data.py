@@ -214,6 +214,26 @@ def check_available(config: DataConfig) -> None:
     _open_sources(config.name, ("train", _TFDS_SPECS[config.name].test_split), config.data_dir)
 
 
+def train_size(config: DataConfig) -> int:
+    """How many training examples `load_dataset(config)` returns, without reading images.
+
+    Raises:
+        What `check_available` raises.
+    """
+    check_available(config)
+    if config.name == "digits":
+        n = 1797  # scikit-learn's digits
+        n_train = n - math.ceil(config.test_fraction * n)
+    elif (files := _idx_split_files(config)) is not None:
+        n_train = idx_files.check_split(files["train"], num_classes=10)[0]
+    else:
+        _, (source,) = _open_sources(config.name, ("train",), config.data_dir)
+        n_train = len(source)
+    if config.max_train is not None:
+        n_train = min(n_train, config.max_train)
+    return n_train - round(config.val_fraction * n_train)
+
+
 def _validate(config: DataConfig) -> None:
     """Raises a clear ValueError for a bad config, before any file is touched."""
     if config.name not in SUPPORTED_DATASETS:

@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from defuse_jax import evaluation, labeling, models, plots
+from defuse_jax import evaluation, labeling, models, plots, training_lengths
 from defuse_jax import label_validity as validity
 from defuse_jax import train_models as tm
 from defuse_jax.files import make_dirs, read_json, write_json
@@ -159,10 +159,11 @@ def train_oracle(ctx: Context) -> Params:
     (reloaded from its checkpoint when it is trained already)."""
     if "oracle" in ctx._models:
         return ctx._models["oracle"]
+    clf_train = training_lengths.train_epochs(
+        ctx.config.classifier_train, training_lengths.CLASSIFIER_BUDGET, len(ctx.dataset.x_train)
+    )
     train = dataclasses.replace(
-        ctx.config.classifier_train,
-        epochs=2 * ctx.config.classifier_train.epochs,
-        seed=ctx.config.classifier_train.seed + 1,
+        clf_train, epochs=training_lengths.oracle_epochs(clf_train), seed=clf_train.seed + 1
     )
     config = tm.oracle_classifier_config(ctx.dataset.image_shape)
     oracle = tm.train_classifier(

@@ -34,11 +34,11 @@ import jax
 import numpy as np
 
 from defuse_jax import distributed as dist
-from defuse_jax import evaluation, identification, label_validity, region_overlap
+from defuse_jax import evaluation, identification, label_validity, region_overlap, training_lengths
 from defuse_jax import report as report_lib
 from defuse_jax import train_models as tm
 from defuse_jax.correction import CorrectConfig, fine_tune
-from defuse_jax.data import Dataset, check_available
+from defuse_jax.data import Dataset, check_available, train_size
 from defuse_jax.files import move, prune_dirs, read_json, sha256, write_json
 from defuse_jax.label_stage import (  # noqa: F401 - the public API of a run directory
     label_interactively,
@@ -405,8 +405,8 @@ def run(
         if not dist.is_main():
             log = _prefixed(log, f"[{dist.describe()}] ")
         log(f"[distributed] {dist.describe()}, {jax.device_count()} devices in all")
+    config = resolve_lengths(run_dir, config, dataset)
     ctx = Context(os.path.abspath(run_dir), config, log, _dataset=dataset)
-    save_run_config(ctx.run_dir, config)
     summaries: dict[str, Any] = {}
     upstream: str | None = None  # id of the completion of the stage before (None: first stage)
     for stage in STAGES[: STAGES.index(until) + 1]:
@@ -517,9 +517,35 @@ def _damaged_outputs(ctx: Context, stage: str, record: Mapping[str, Any]) -> dic
     return damaged
 
 
-def save_run_config(run_dir: str, config: RunConfig) -> None:
-    """Remember the run's configuration in <run>/config.json (the CLI's defaults next time)."""
-    write_json(RunDir(run_dir).config, dataclasses.asdict(config))
+def save_run_config(
+    run_dir: str, config: RunConfig, *, lengths: Mapping[str, Any] | None = None
+) -> None:
+    """Remember the run's configuration in <run>/config.json (the CLI's defaults next time),
+    with the training lengths it resolved to (`training_lengths.lengths`) under "lengths"."""
+    record = dataclasses.asdict(config)
+    if lengths is not None:
+        record["lengths"] = dict(lengths)
+    write_json(RunDir(run_dir).config, record)
+
+
+def resolve_lengths(run_dir: str, config: RunConfig, dataset: Dataset | None = None) -> RunConfig:
+    """`config` with its unset training lengths derived from the training split's size
+    (`training_lengths`), saved into config.json as given plus the lengths it resolved to.
+
+    The size comes from `dataset`, else from the data's files. When those are gone (a run
+    whose every stage is done), the lengths recorded in config.json are used again.
+    """
+    try:
+        n_train = len(dataset.x_train) if dataset is not None else train_size(config.data)
+    except (ValueError, OSError):
+        path = RunDir(run_dir).config
+        recorded = (read_json(path).get("lengths") or {}) if os.path.exists(path) else {}
+        if "num_train" not in recorded:
+            raise
+        n_train = recorded["num_train"]
+    resolved = training_lengths.resolve(config, n_train)
+    save_run_config(run_dir, config, lengths=training_lengths.lengths(resolved, n_train))
+    return resolved
 
 
 def _move_aside(ctx: Context, stage: str, reason: str) -> None:

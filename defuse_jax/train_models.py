@@ -23,15 +23,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from defuse_jax import losses, plots
+from defuse_jax import losses, plots, training_lengths
 from defuse_jax.checkpoint import Checkpointer
 from defuse_jax.data import Dataset
 from defuse_jax.files import read_json, write_json
 from defuse_jax.models import VAE, Classifier, ClassifierConfig, Params, VAEConfig, params_of
 from defuse_jax.training import TrainConfig, TrainState, evaluate, fit, make_optimizer
 
-VAE_TRAIN_DEFAULT = TrainConfig(epochs=120, batch_size=64, learning_rate=1e-3)
-CLASSIFIER_TRAIN_DEFAULT = TrainConfig(epochs=40, batch_size=64, learning_rate=1e-3)
+# Epochs from the data size (`training_lengths`): 120 and 40 on the 1,145 digits.
+VAE_TRAIN_DEFAULT = TrainConfig(epochs=None, batch_size=64, learning_rate=1e-3)
+CLASSIFIER_TRAIN_DEFAULT = TrainConfig(epochs=None, batch_size=64, learning_rate=1e-3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,8 +123,10 @@ def train_vae(
     train: TrainConfig = VAE_TRAIN_DEFAULT,
     progress: bool = True,
 ) -> TrainedModel:
-    """Train (or resume, or reload when finished) the VAE on `ds.x_train`."""
+    """Train (or resume, or reload when finished) the VAE on `ds.x_train` (epochs None: from
+    its size, `training_lengths.VAE_BUDGET`)."""
     config = config or default_vae_config(ds.image_shape)
+    train = training_lengths.train_epochs(train, training_lengths.VAE_BUDGET, len(ds.x_train))
     vae = VAE(config, image_shape=ds.image_shape, rngs=nnx.Rngs(train.seed))
     result = _train(
         "vae", vae, ds, {"x": ds.x_train}, {"x": ds.x_test}, out_dir=out_dir, train=train,
@@ -143,8 +146,12 @@ def train_classifier(
     train: TrainConfig = CLASSIFIER_TRAIN_DEFAULT,
     progress: bool = True,
 ) -> TrainedModel:
-    """Train (or resume, or reload when finished) the classifier on (`x_train`, `y_train`)."""
+    """Train (or resume, or reload when finished) the classifier on (`x_train`, `y_train`)
+    (epochs None: from its size, `training_lengths.CLASSIFIER_BUDGET`)."""
     config = config or default_classifier_config(ds.image_shape)
+    train = training_lengths.train_epochs(
+        train, training_lengths.CLASSIFIER_BUDGET, len(ds.x_train)
+    )
     check_labels(ds.y_train, ds.num_classes, what="Training labels")
     check_labels(ds.y_test, ds.num_classes, what="Test labels")
     clf = Classifier(

@@ -31,7 +31,13 @@ from tqdm.auto import tqdm
 from defuse_jax import distributed
 from defuse_jax.batching import map_batches
 from defuse_jax.checkpoint import Checkpointer
-from defuse_jax.config_checks import NON_NEGATIVE, POSITIVE, POSITIVE_INT, check_fields
+from defuse_jax.config_checks import (
+    NON_NEGATIVE,
+    OPTIONAL_POSITIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    check_fields,
+)
 from defuse_jax.models import Params
 
 Batch = Mapping[str, jax.Array]
@@ -47,7 +53,8 @@ class TrainConfig:
 
     Attributes:
         epochs: passes over the training data (the last partial batch of an epoch is dropped so
-            every step has the same shape).
+            every step has the same shape); None: from the data size (`training_lengths`; the
+            pipeline and `train_models` resolve it, `fit` needs a number).
         batch_size: examples per step (split across devices when divisible by their count).
         learning_rate: optimiser step size.
         optimizer: "adam", "adamw" or "sgd" (with `momentum`).
@@ -61,7 +68,7 @@ class TrainConfig:
     arguments of `fit` and stay out of every fingerprint.
     """
 
-    epochs: int = 30
+    epochs: int | None = None
     batch_size: int = 64
     learning_rate: float = 1e-3
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
@@ -73,7 +80,7 @@ class TrainConfig:
 
     def __post_init__(self):
         check_fields(self, {
-            "epochs": POSITIVE_INT, "batch_size": POSITIVE_INT, "learning_rate": POSITIVE,
+            "epochs": OPTIONAL_POSITIVE_INT, "batch_size": POSITIVE_INT, "learning_rate": POSITIVE,
             "momentum": NON_NEGATIVE, "weight_decay": NON_NEGATIVE,
             "checkpoint_every": POSITIVE_INT, "keep_checkpoints": POSITIVE_INT,
         })  # fmt: skip
@@ -359,6 +366,7 @@ def fit(
     desc: str = "train",
     progress: bool = True,
     loop: str | None = None,
+    epoch_steps: int | None = None,
 ) -> tuple[Params, list[dict[str, float]]]:
     """Train `params` on `train_data`, resuming from `checkpoint_dir` if it holds a checkpoint.
 
@@ -382,6 +390,9 @@ def fit(
         progress: show a progress bar.
         loop: "scan" or "steps" (`LOOP_FORMS`); None: this backend's (`default_loop`). Both
             run the same steps on the same batches; the scan dispatches once per segment.
+        epoch_steps: at most this many steps per epoch (None: a full pass). Epoch e then
+            trains on the first `epoch_steps` batches of its own shuffle of the data: the
+            correction's rounds on a large training split (`training_lengths`).
 
     Returns:
         (trained params, per-epoch history of train and eval metrics).
@@ -395,8 +406,17 @@ def fit(
         raise ValueError(
             f"batch_size {config.batch_size} exceeds the {n} training examples; lower it."
         )
+    if config.epochs is None:
+        raise ValueError(
+            "TrainConfig.epochs is None (from the data size): resolve it first, e.g. "
+            "training_lengths.train_epochs(config, VAE_BUDGET, n_train), or set a number."
+        )
     if config.epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {config.epochs}.")
+    if epoch_steps is not None:
+        if epoch_steps < 1:
+            raise ValueError(f"epoch_steps must be >= 1 or None, got {epoch_steps}.")
+        steps_per_epoch = min(steps_per_epoch, epoch_steps)
     if eval_every < 1:
         raise ValueError(f"eval_every must be >= 1, got {eval_every}.")
     total_steps = config.epochs * steps_per_epoch

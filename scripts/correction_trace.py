@@ -32,6 +32,7 @@ import tempfile
 import jax
 import numpy as np
 
+from defuse_jax import correction
 from defuse_jax import correction_selection as sel
 from defuse_jax.correction import correction_losses
 from defuse_jax.label_stage import read_answers
@@ -66,15 +67,15 @@ def main() -> None:
     config = load_run_config(args.run)
     if config is None:
         raise SystemExit(f"{args.run} has no config.json: run the pipeline there first.")
-    cc = config.correct
+    ctx = Context(os.path.abspath(args.run), config, print)
+    ds = ctx.dataset
+    cc = correction.resolved(config.correct, len(ds.x_train))  # its round length, as it ran
     train = dataclasses.replace(
         cc.train_config(),
         epochs=args.epochs or cc.epochs,
         learning_rate=args.learning_rate or cc.learning_rate,
         optimizer=args.optimizer or cc.optimizer,
     )
-    ctx = Context(os.path.abspath(args.run), config, print)
-    ds = ctx.dataset
     labels = {k: v for k, v in read_answers(ctx).items() if v is not None}
     if not labels:
         raise SystemExit(f"{args.run} has no labeled region: nothing to correct.")
@@ -120,6 +121,7 @@ def main() -> None:
                 clf, loss(lam), {"x": ds.x_train, "y": np.asarray(ds.y_train, np.int32)},
                 config=train, checkpoint_dir=os.path.join(tmp, "ckpt"),
                 fingerprint={"trace": lam}, on_epoch=on_epoch, progress=False,
+                epoch_steps=cc.epoch_steps,
             )  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:

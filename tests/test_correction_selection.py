@@ -270,3 +270,21 @@ def test_a_run_that_chooses_on_validation_needs_a_validation_split():
     with pytest.raises(ValueError, match="--no-correct-select"):
         RunConfig(data=DataConfig(val_fraction=0.0))
     RunConfig(data=DataConfig(val_fraction=0.0), correct=CorrectConfig(select=False))
+
+
+def test_churn_images_are_a_seeded_subset_of_a_large_training_split(monkeypatch):
+    vae, clf, regions, x, y = _problem()
+    monkeypatch.setattr(sel.training_lengths, "CHURN_IMAGES", 10)
+    kw = dict(x_val=x[64:], y_val=y[64:], samples=4, tau=0.01, min_error_rate=0.5)
+    data = sel.selection_data(clf, vae, regions, {0: 1}, x_train=x[:64], y_train=y[:64],
+                              seed=0, **kw)  # fmt: skip
+    assert data.x_shifted.shape == (4 * 10, 8, 8, 1)
+    rows = [i for i in range(64) if any(np.array_equal(sel.shifted_images(x[i : i + 1])[0], s)
+                                        for s in data.x_shifted[:10])]  # fmt: skip
+    assert len(rows) == 10 and np.array_equal(data.y_shifted[:10], y[rows])
+    again = sel.selection_data(clf, vae, regions, {0: 1}, x_train=x[:64], y_train=y[:64],
+                               seed=0, **kw)  # fmt: skip
+    np.testing.assert_array_equal(again.x_shifted, data.x_shifted)
+    small = sel.selection_data(clf, vae, regions, {0: 1}, x_train=x[:8], y_train=y[:8],
+                               seed=0, **kw)  # fmt: skip
+    np.testing.assert_array_equal(small.x_shifted, sel.shifted_images(x[:8]))  # all of them

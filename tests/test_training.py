@@ -143,9 +143,10 @@ def test_sigkill_then_restart_matches_uninterrupted_run(tmp_path):
     _assert_same(a, b)
 
 
-def _reference_fit(params, loss_fn, train_data, config):
+def _reference_fit(params, loss_fn, train_data, config, *, epoch_steps=None):
     """`fit`'s documented order as a plain loop of the jitted step, one call per step: epoch e's
-    batches from permutation(fold_in(data_key, e)), the step noise from the step key."""
+    batches from permutation(fold_in(data_key, e)) (its first `epoch_steps`), the step noise
+    from the step key."""
     n = len(train_data["x"])
     optimizer = training.make_optimizer(config)
     step = jax.jit(training._step_fn(loss_fn, params.graphdef, optimizer))
@@ -156,7 +157,7 @@ def _reference_fit(params, loss_fn, train_data, config):
     data_key, step_key = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
     for epoch in range(config.epochs):
         order = np.asarray(jax.random.permutation(jax.random.fold_in(data_key, epoch), n))
-        for pos in range(n // config.batch_size):
+        for pos in range(min(n // config.batch_size, epoch_steps or n)):
             rows = order[pos * config.batch_size : (pos + 1) * config.batch_size]
             state, _ = step(state, {k: v[rows] for k, v in train_data.items()}, step_key)
     return state.params
