@@ -74,12 +74,16 @@ def write_region_grids(ctx: Context, regions: Regions) -> None:
     preds = evaluation.predict(vae, clf, flat).reshape(z.shape[:2])
     for rec, region_images, pred in zip(regions.records, images, preds, strict=True):
         src, top_pred = top_pair(rec)
+        # The codes' most common pair describes the search's errors; the samples shown are
+        # drawn near the region's mean and may look otherwise, so the title says both.
+        shown = np.bincount(pred, minlength=len(names))
         plots.save_image_grid(
             region_images,
             ctx.dir.rel(RunDir.grid(rec["id"])),
             titles=[f"pred {names[p]}" for p in pred],
             suptitle=f"region {rec['id']}: {rec['num_codes']} errors, most often "
-            f"{names[src]} -> {names[top_pred]}",
+            f"{names[src]} -> {names[top_pred]}; these samples: classifier says "
+            f"{names[shown.argmax()]} ({shown.max()}/{len(pred)})",
         )
 
 

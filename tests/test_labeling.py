@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import csv
 import os
+from types import SimpleNamespace
 
+import jax
 import numpy as np
 import pytest
+from test_correction_selection import _problem, _tiny_models
 
+from defuse_jax import evaluation, label_stage, plots
 from defuse_jax.labeling import (
     HEADER,
     SKIP,
@@ -21,6 +25,7 @@ from defuse_jax.labeling import (
     write_auto_labels,
     write_labels_file,
 )
+from defuse_jax.regions import sample_regions
 
 DIGITS = tuple(str(i) for i in range(10))
 SMILE = ("not_smiling", "smiling")
@@ -489,3 +494,30 @@ def test_interactive_review_of_auto_labels_records_the_labeler(tmp_path):
     got, script, _ = _session(path, ["9"], tmp_path)  # only region 11 is unanswered
     assert got == {3: 2, 0: 6, 11: 9} and len(script.prompts) == 1
     assert [r["labeler"] for r in _rows(path)] == ["source", "source", "interactive"]
+
+
+def test_region_grid_titles_say_what_their_samples_show(monkeypatch, tmp_path):
+    """A grid's title gives the codes' most common pair and what the classifier says on the
+    samples shown, which are drawn near the region's mean and may show something else."""
+    vae, clf = _tiny_models()
+    _, _, regions, _, _ = _problem()
+    regions.records[:] = [
+        {"id": i, "num_codes": 7, "top_pair": [0, 2]}
+        for i in (0, 1)
+    ]  # fmt: skip
+    config = SimpleNamespace(distill=SimpleNamespace(seed=0, tau=0.01), grid_samples=6)
+    ctx = SimpleNamespace(
+        model={"vae": vae, "classifier": clf}.__getitem__, config=config,
+        dataset=SimpleNamespace(class_names=("ant", "bee", "cat")),
+        dir=SimpleNamespace(rel=lambda p: str(tmp_path / p)),
+    )  # fmt: skip
+    titles = []
+    monkeypatch.setattr(plots, "save_image_grid", lambda *a, **kw: titles.append(kw["suptitle"]))
+    label_stage.write_region_grids(ctx, regions)
+    key = jax.random.fold_in(jax.random.key(0), 2)
+    z = sample_regions(regions, key, 6, tau=0.01)
+    for title, zr in zip(titles, z, strict=True):
+        shown = np.bincount(evaluation.predict(vae, clf, zr), minlength=3)
+        name = ("ant", "bee", "cat")[shown.argmax()]
+        assert "7 errors, most often ant -> cat" in title
+        assert title.endswith(f"these samples: classifier says {name} ({shown.max()}/6)")
