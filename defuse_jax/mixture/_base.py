@@ -135,7 +135,7 @@ class MixtureBase(DensityMixin, BaseEstimator, metaclass=abc.ABCMeta):
         """
         argument_checks.check_common(self)
         dtype = self._dtype()
-        x = argument_checks.check_data(X, n_components=self.n_components)
+        x = argument_checks.check_data(self, X, n_components=self.n_components)
         n, d = x.shape
         offset = x.mean(axis=0)
         user = self._check_specific(x)  # host arrays in data coordinates (float64) or None
@@ -171,7 +171,6 @@ class MixtureBase(DensityMixin, BaseEstimator, metaclass=abc.ABCMeta):
         if code != _engine.OK:
             raise ValueError(NON_FINITE_MESSAGE)
         self._offset = offset
-        self.n_features_in_ = d
         n_iter = int(out["n_iter"])
         self.n_iter_ = n_iter
         self.converged_ = bool(out["converged"])
@@ -201,7 +200,7 @@ class MixtureBase(DensityMixin, BaseEstimator, metaclass=abc.ABCMeta):
     def _posterior(self, X):
         check_is_fitted(self, "_means_c")
         dtype = self._dtype()
-        x = argument_checks.check_data(X, n_features=self.n_features_in_, fitting=False)
+        x = argument_checks.check_data(self, X, fitting=False)
         with x64_context(dtype):
             n, d = x.shape
             # blocks of at most _PREDICT_BLOCK rows, bucketed: similar sizes share the program

@@ -9,6 +9,7 @@ import numbers
 
 import numpy as np
 from sklearn.utils import check_scalar
+from sklearn.utils.validation import validate_data
 
 from defuse_jax.mixture.gaussian import COVARIANCE_TYPES
 
@@ -101,36 +102,29 @@ def as_float_array(value, name: str, dtype=np.float64) -> np.ndarray:
 
 
 def check_data(
-    X, *, n_components: int | None = None, n_features: int | None = None, fitting: bool = True
+    estimator, X, *, n_components: int | None = None, fitting: bool = True
 ) -> np.ndarray:
-    """X as a finite float64 [n_samples, n_features] array, or a ValueError naming the problem."""
-    arr = as_float_array(X, "X")
-    if arr.ndim != 2:
-        raise ValueError(
-            f"Expected a 2-D array X of shape (n_samples, n_features), got {arr.ndim}-D input "
-            f"of shape {arr.shape}. Reshape your data, e.g. X.reshape(-1, 1) for one feature."
-        )
-    n, d = arr.shape
-    if d < 1:
-        raise ValueError(f"X has 0 features (shape {arr.shape}); at least 1 is required.")
-    if fitting and n < 2:
-        raise ValueError(f"X has {n} sample(s) (shape {arr.shape}); at least 2 are required.")
-    if n < 1:
-        raise ValueError(f"X has 0 samples (shape {arr.shape}).")
+    """X as a finite float64 [n_samples, n_features] array, or an error naming the problem.
+
+    scikit-learn's own `validate_data` does the checks every estimator shares, in its words:
+    2-D, numeric, real, dense, at least one feature, at least two samples to fit, and (when
+    predicting) the number of features `fit` saw. `fit` sets `n_features_in_` here. Added: the
+    count of non-finite values and what to do about them, and n_samples >= n_components.
+    """
+    arr = validate_data(
+        estimator, X, reset=fitting, dtype=np.float64, ensure_all_finite=False,
+        ensure_min_samples=2 if fitting else 1,
+    )  # fmt: skip
     if not np.all(np.isfinite(arr)):
         bad = int(np.sum(~np.isfinite(arr)))
         raise ValueError(
             f"X contains {bad} non-finite value(s) (NaN or infinity); remove or "
             "impute them before fitting."
         )
-    if fitting and n_components is not None and n < n_components:
+    if fitting and n_components is not None and arr.shape[0] < n_components:
         raise ValueError(
             f"Expected n_samples >= n_components but got n_components = "
-            f"{n_components}, n_samples = {n}."
-        )
-    if n_features is not None and d != n_features:
-        raise ValueError(
-            f"X has {d} features, but this model was fitted with {n_features} features."
+            f"{n_components}, n_samples = {arr.shape[0]}."
         )
     return arr
 
