@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
+import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -212,21 +213,26 @@ STAGE_FNS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "evaluate": stage_evaluate,
 }
 
-# The files a finished stage leaves behind (globs relative to the run directory). Its record keeps
-# their SHA-256 digests, and a rerun trusts the stage only while every one is still there with
-# those bytes. Not listed: Orbax checkpoints (committed by an atomic rename and checked by the
-# checkpointer when restored), and the labels file, which a person may edit: it is checked by
-# reading it (`label_stage.labels_damage`).
+# The files a finished stage leaves behind (globs relative to the run directory; `**` reaches
+# into the Orbax checkpoints' step directories). Its record keeps their SHA-256 digests, and a
+# rerun trusts the stage only while every one is still there with those bytes: a damaged model
+# is found before anything restores it. Not listed: the labels file, which a person may edit:
+# it is checked by reading it (`label_stage.labels_damage`).
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "train": ("train/vae/config.json", "train/vae/history.json", "train/vae/reconstructions.png",
-              "train/classifier/config.json", "train/classifier/history.json"),
+              "train/vae/ckpt/**", "train/classifier/config.json",
+              "train/classifier/history.json", "train/classifier/ckpt/**"),
     "search": ("search/errors.npz", "search/summary.json"),
     "distill": ("distill/regions.npz", "distill/regions.json"),
     "label": ("label/region_*.png", "label/oracle/config.json", "label/oracle/history.json",
-              "label/oracle_check.json"),
-    "correct": ("correct/classifier/config.json", "correct/classifier/control/config.json"),
+              "label/oracle/ckpt/**", "label/oracle_check.json"),
+    "correct": ("correct/classifier/config.json", "correct/classifier/ckpt/**",
+                "correct/classifier/control/config.json", "correct/classifier/control/ckpt/**"),
     "evaluate": ("report.json", "report.md", "plots/*.png"),
 }  # fmt: skip
+# A checkpoint's step directory (`.../ckpt/<step>`): damage to any file in it sets the whole
+# step aside, so that training resumes from an intact earlier step, or starts again.
+_CHECKPOINT_STEP = re.compile(r"^(.*/ckpt/\d+)/")
 
 
 # --------------------------------------------------------------------------------------------
@@ -495,8 +501,9 @@ def _digests(ctx: Context, stage: str) -> dict[str, str]:
     """{path relative to the run directory: SHA-256} of the outputs `stage` left."""
     out = {}
     for pattern in STAGE_OUTPUTS[stage]:
-        for path in sorted(glob.glob(ctx.path(pattern))):
-            out[os.path.relpath(path, ctx.run_dir).replace(os.sep, "/")] = sha256(path)
+        for path in sorted(glob.glob(ctx.path(pattern), recursive=True)):
+            if os.path.isfile(path):
+                out[os.path.relpath(path, ctx.run_dir).replace(os.sep, "/")] = sha256(path)
     return out
 
 
@@ -562,6 +569,10 @@ def _set_aside_damaged(ctx: Context, stage: str, damaged: Mapping[str, str]) -> 
     # The labels file stays: the label stage rewrites it keeping every answer (or naming the
     # malformed line), and an automatic labeler keeps a .bak copy when the answers differ.
     moving = [rel for rel in damaged if rel != "label/labels.csv"] + [f"{stage}/stage.json"]
+    # A damaged checkpoint file goes with its whole step directory.
+    moving = list(dict.fromkeys(
+        m.group(1) if (m := _CHECKPOINT_STEP.match(rel)) else rel for rel in moving
+    ))  # fmt: skip
     moved = []
     for rel in moving:
         src = ctx.path(*rel.split("/"))

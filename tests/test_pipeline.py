@@ -276,7 +276,24 @@ DAMAGE = (
     ("label/region_000.png", "label"),
     ("correct/classifier/config.json", "correct"),
     ("report.json", "evaluate"),
+    # Each model's checkpoint: the largest file of its last step (resolved by `_damaged_path`).
+    ("train/vae/ckpt", "train"),
+    ("train/classifier/ckpt", "train"),
+    ("label/oracle/ckpt", "label"),
+    ("correct/classifier/ckpt", "correct"),
 )
+
+
+def _damaged_path(run_dir, rel):
+    """(file to damage, what is set aside): `rel` itself, or for a checkpoint directory the
+    largest file of its last step and that step's directory."""
+    if not rel.endswith("/ckpt"):
+        return rel, rel
+    ckpt = os.path.join(run_dir, *rel.split("/"))
+    step = max((d for d in os.listdir(ckpt) if d.isdigit()), key=int)
+    files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(ckpt, step)) for f in fs]
+    largest = os.path.relpath(max(files, key=os.path.getsize), run_dir).replace(os.sep, "/")
+    return largest, f"{rel}/{step}"
 
 
 def _snapshot(directory):
@@ -306,6 +323,7 @@ def _load(path):
 @pytest.mark.parametrize("rel,stage", DAMAGE, ids=[rel for rel, _ in DAMAGE])
 def test_a_damaged_output_is_moved_aside_and_its_stage_redone(finished, tmp_path, rel, stage):
     run_dir = _copy(finished[0], tmp_path)
+    rel, aside = _damaged_path(run_dir, rel)
     path = os.path.join(run_dir, *rel.split("/"))
     with open(path, "rb") as f:
         whole = f.read()
@@ -319,7 +337,10 @@ def test_a_damaged_output_is_moved_aside_and_its_stage_redone(finished, tmp_path
     assert logs[: len(upstream)] == [f"[{s}] done earlier, skipped" for s in upstream]
     why = "is unreadable" if rel.endswith("stage.json") else f"damaged output ({rel} "
     assert why in logs[len(upstream)] and logs[len(upstream) + 1] == f"[{stage}] running", logs
-    _load(path)  # whole again
+    if aside != rel:  # a checkpoint: its step is written again (training resumed, or redone)
+        assert os.path.isdir(os.path.join(run_dir, *aside.split("/")))
+    else:
+        _load(path)  # whole again
     (kept,) = os.listdir(os.path.join(run_dir, "stale"))
     kept = os.path.join(run_dir, "stale", kept)
     assert os.path.basename(kept).startswith(f"{stage}-")
@@ -331,13 +352,15 @@ def test_a_damaged_output_is_moved_aside_and_its_stage_redone(finished, tmp_path
             offered = [r["id"] for r in json.load(f)["regions"] if r["error_region"]]
         assert sorted(_load(path)) == offered
     else:
-        # What was damaged is kept under stale/, as it was.
+        # What was damaged is kept under stale/, as it was (a checkpoint: its whole step).
         inside = rel.split("/", 1)[1] if rel.startswith(f"{stage}/") else rel
         with open(os.path.join(kept, *inside.split("/")), "rb") as f:
             assert f.read() == whole[: len(whole) // 2]
-    # Nothing was trained again (a redone train stage reloads its checkpoints).
+        assert f"{aside} " in logs[len(upstream)] or f"{aside}," in logs[len(upstream)]
+    # Nothing else was trained again (a redone train stage reloads its checkpoints).
     for m, before in ckpts.items():
-        assert _snapshot(os.path.join(run_dir, "train", m, "ckpt")) == before
+        if not aside.startswith(f"train/{m}/ckpt/"):
+            assert _snapshot(os.path.join(run_dir, "train", m, "ckpt")) == before
     logs.clear()
     pipeline.run(run_dir, TINY, until=stage, log=logs.append)
     assert all("done earlier" in line for line in logs), logs
