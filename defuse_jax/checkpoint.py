@@ -9,8 +9,13 @@ directory, so work is never thrown away without the user deciding to.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
+import logging
 import os
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -19,6 +24,33 @@ import orbax.checkpoint as ocp
 
 class CheckpointError(RuntimeError):
     """A checkpoint directory that cannot be resumed from."""
+
+
+@contextlib.contextmanager
+def _quiet_restore() -> Iterator[None]:
+    """Keeps Orbax's own reports of a failed restore off the terminal: its absl warnings and
+    the "Exception ignored in <coroutine>" tracebacks of the reads it abandons (each about 60
+    lines of TensorStore spec). The failure itself is raised as one CheckpointError.
+    `DEFUSE_JAX_TRACEBACK=1` shows everything."""
+    if os.environ.get("DEFUSE_JAX_TRACEBACK"):
+        yield
+        return
+    absl_logger = logging.getLogger("absl")
+    level, hook = absl_logger.level, sys.unraisablehook
+    absl_logger.setLevel(logging.ERROR + 10)
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        yield
+    finally:
+        gc.collect()  # the abandoned reads are finalised here, still under the quiet hook
+        sys.unraisablehook = hook
+        absl_logger.setLevel(level)
+
+
+def _first_line(e: Exception) -> str:
+    """The error's type and first line, without the TensorStore spec Orbax appends."""
+    text = str(e).split(" See full TensorStore")[0].strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
 
 
 def _canonical(obj: Any) -> Any:
@@ -87,7 +119,10 @@ class Checkpointer:
         # Check the fingerprint first, so a config change is reported as such (not as a shape
         # mismatch deep inside Orbax).
         try:
-            meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            with _quiet_restore():
+                meta = self._manager.restore(
+                    step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+                )
             meta = dict(meta["meta"] or {})
         except Exception as e:  # noqa: BLE001 - any failure here means an unusable checkpoint
             raise self._unreadable(step, e) from e
@@ -100,9 +135,10 @@ class Checkpointer:
             )
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         try:
-            restored = self._manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-            )
+            with _quiet_restore():
+                restored = self._manager.restore(
+                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+                )
         except Exception as e:  # noqa: BLE001
             raise self._unreadable(step, e) from e
         return restored["state"], meta
@@ -110,7 +146,7 @@ class Checkpointer:
     def _unreadable(self, step: int, e: Exception) -> CheckpointError:
         return CheckpointError(
             f"The checkpoint at step {step} in {self.directory} cannot be restored "
-            f"({type(e).__name__}: {str(e)[:300]}). It is corrupt or was written by an "
+            f"({_first_line(e)}). It is corrupt or was written by an "
             "incompatible model. Nothing was overwritten: move the directory away (or pass "
             "a new output directory) to start fresh, or fix the configuration to match it."
         )

@@ -78,19 +78,76 @@ def test_vae_trains_and_writes_reconstructions(digits, tmp_path):
     assert os.path.exists(os.path.join(out, "config.json"))
 
 
-def test_corrupt_checkpoint_is_a_clear_error_and_nothing_is_deleted(digits, tmp_path):
-    out = tmp_path / "clf"
-    train_models.train_classifier(digits, out_dir=str(out), config=SMALL, train=FAST)
-    ckpt = out / "ckpt"
-    latest = max(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
-    for root, _, files in os.walk(ckpt / str(latest)):
+def _overwrite_every_file(step_dir):
+    for root, _, files in os.walk(step_dir):
         for f in files:
             with open(os.path.join(root, f), "wb") as fh:
                 fh.write(b"not a checkpoint")
+
+
+def _zero_the_largest_file(step_dir):
+    """64 zero bytes over the start of the largest file: the metadata reads, the arrays do not."""
+    files = [os.path.join(r, f) for r, _, fs in os.walk(step_dir) for f in fs]
+    with open(max(files, key=os.path.getsize), "r+b") as fh:
+        fh.write(bytes(64))
+
+
+@pytest.mark.parametrize("damage", [_overwrite_every_file, _zero_the_largest_file])
+def test_corrupt_checkpoint_is_a_clear_error_and_nothing_is_deleted(
+    digits, tmp_path, capfd, damage
+):
+    out, config = tmp_path / "clf", SMALL
+    train_models.train_classifier(digits, out_dir=str(out), config=config, train=FAST)
+    ckpt = out / "ckpt"
+    latest = max(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
+    damage(ckpt / str(latest))
     before = sorted(p.name for p in ckpt.iterdir())
-    with pytest.raises(CheckpointError, match=str(ckpt)):
-        train_models.train_classifier(digits, out_dir=str(out), config=SMALL, train=FAST)
+    capfd.readouterr()
+    with pytest.raises(CheckpointError, match=str(ckpt)) as err:
+        train_models.train_classifier(digits, out_dir=str(out), config=config, train=FAST)
     assert sorted(p.name for p in ckpt.iterdir()) == before
+    # One message, no TensorStore spec; Orbax's own warnings and tracebacks stay off the terminal.
+    assert len(str(err.value).splitlines()) == 1 and "TensorStore" not in str(err.value)
+    printed = capfd.readouterr()
+    assert "Traceback" not in printed.err and "absl" not in printed.err, printed.err[-2000:]
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_a_failed_restore_keeps_orbax_reports_off_the_terminal(monkeypatch, verbose):
+    """What Orbax reports when a restore fails (absl warnings; the tracebacks of the reads it
+    abandons, which Python reports as unraisable) is hidden, unless DEFUSE_JAX_TRACEBACK=1."""
+    import logging
+    import sys
+
+    import absl.logging
+
+    from defuse_jax import checkpoint
+
+    if verbose:
+        monkeypatch.setenv("DEFUSE_JAX_TRACEBACK", "1")
+    else:
+        monkeypatch.delenv("DEFUSE_JAX_TRACEBACK", raising=False)
+    shown = []  # what would reach the terminal
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: shown.append(str(u.exc_value)))
+
+    class Record(logging.Handler):
+        def emit(self, record):
+            shown.append(record.getMessage())
+
+    handler = Record(level=logging.WARNING)
+    logging.getLogger("absl").addHandler(handler)
+
+    class Abandoned:
+        def __del__(self):
+            raise RuntimeError("abandoned read")
+
+    try:
+        with checkpoint._quiet_restore():
+            absl.logging.warning("Item 'state' could not be restored")
+            Abandoned()
+    finally:
+        logging.getLogger("absl").removeHandler(handler)
+    assert shown == (["Item 'state' could not be restored", "abandoned read"] if verbose else [])
 
 
 def test_changed_config_refuses_to_resume(digits, tmp_path):
