@@ -1,8 +1,9 @@
 """The label stage on a run directory: region sample grids, the automatic labelers (majority
 source label, or a separately trained oracle classifier), the oracle's check of every region's
 suggested label (`label_validity`; `RunConfig.oracle_check`), the labels file a person answers
-in, and the two ways a person answers (`label_interactively` in a terminal, `set_labels` from a
-notebook). The labels file itself and the answer grammar are `defuse_jax.labeling`'s.
+in, and `set_labels`, how a notebook answers (a terminal: `pipeline.label_interactively`, which
+runs the stages before it). The labels file itself and the answer grammar are
+`defuse_jax.labeling`'s.
 
 When the oracle is trained: in the label stage, into label/oracle/, whenever the run uses it
 (`RunConfig.uses_oracle`: the oracle labeler, or `oracle_check`, on by default). It is trained
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -220,51 +221,6 @@ def _ids(ids: set[int], most: int = 10) -> str:
     return str(shown[:most])[:-1] + (", ...]" if len(shown) > most else "]")
 
 
-def label_interactively(
-    run_dir: str,
-    config: RunConfig,
-    *,
-    input_fn: Callable[[str], str] = input,
-    print_fn: Callable[..., None] = print,
-) -> dict[int, int | None]:
-    """Walk a person through the unlabeled regions (runs the stages up to distill first).
-
-    Raises:
-        ValueError: the run labels its regions automatically (`config.labeler` is not
-            "manual"): the label stage would replace the answers.
-    """
-    from defuse_jax.pipeline import run  # the orchestration imports this module
-
-    if config.labeler != "manual":
-        raise ValueError(
-            f"{run_dir} labels its regions automatically (labeler {config.labeler!r}), so the "
-            "label stage would replace answers typed here. To label by hand, add --labeler "
-            "manual (saved with the run; an automatic label stage is then set aside and every "
-            "region asked). To change a few labels of a finished run, edit their cells in "
-            f"{RunDir(run_dir).labels} and rerun `defuse-jax run --out {run_dir}`."
-        )
-    # Through the label stage itself: an outdated one (e.g. an automatic labeler's) is set aside
-    # first, and the stage writes the grids, the oracle's check and the labels file to answer in.
-    try:
-        run(run_dir, config, until="label", log=print_fn)
-    except LabelsPending:
-        pass  # the regions this session asks
-    ctx = Context(os.path.abspath(run_dir), config, print_fn)
-    regions = load_regions(ctx.path("distill"))
-    if regions.num_regions == 0:
-        print_fn("No regions to label: the search found too few errors.")
-        return {}
-    rows = region_rows(regions, saved_checks(ctx))  # the flag shown next to each suggestion
-    return labeling.interactive_label(
-        ctx.dir.labels,
-        rows,
-        ctx.dataset.class_names,
-        run_dir=ctx.run_dir,
-        input_fn=input_fn,
-        print_fn=print_fn,
-    )
-
-
 def _label_stage_current(ctx: Context) -> bool:
     """Whether the label stage finished with the run's configuration (its record's
     fingerprint), so a rerun keeps the labels file as it is."""
@@ -281,8 +237,9 @@ def set_labels(
 ) -> dict[int, int | None]:
     """Record answers for some regions ({region id: class name, index or "skip"}).
 
-    For notebooks and scripts; the terminal equivalent is `label_interactively`. Answers already
-    in the labels file for other regions are kept; rerun `run` afterwards to redo the correction.
+    For notebooks and scripts; the terminal equivalent is `pipeline.label_interactively`.
+    Answers already in the labels file for other regions are kept; rerun `run` afterwards to
+    redo the correction.
 
     Returns:
         All answers now in the file.

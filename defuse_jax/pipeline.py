@@ -35,16 +35,24 @@ import jax
 import numpy as np
 
 from defuse_jax import distributed as dist
-from defuse_jax import evaluation, identification, label_validity, region_overlap, training_lengths
+from defuse_jax import (
+    evaluation,
+    identification,
+    label_validity,
+    labeling,
+    region_overlap,
+    training_lengths,
+)
 from defuse_jax import report as report_lib
 from defuse_jax import train_models as tm
 from defuse_jax.correction import CorrectConfig, fine_tune
 from defuse_jax.data import Dataset, check_available, train_size
 from defuse_jax.files import move, prune_dirs, read_json, sha256, write_json
 from defuse_jax.label_stage import (  # noqa: F401 - the public API of a run directory
-    label_interactively,
     labels_damage,
     read_answers,
+    region_rows,
+    saved_checks,
     set_labels,
     stage_label,
 )
@@ -585,4 +593,47 @@ def _set_aside_damaged(ctx: Context, stage: str, damaged: Mapping[str, str]) -> 
     what = "; ".join(f"{rel} {why}" for rel, why in damaged.items())
     ctx.log(
         f"[{stage}] damaged output ({what}): {', '.join(moved)} moved to {dest}; redoing the stage"
+    )
+
+
+def label_interactively(
+    run_dir: str,
+    config: RunConfig,
+    *,
+    input_fn: Callable[[str], str] = input,
+    print_fn: Callable[..., None] = print,
+) -> dict[int, int | None]:
+    """Walk a person through the unlabeled regions (runs the stages up to distill first).
+
+    Raises:
+        ValueError: the run labels its regions automatically (`config.labeler` is not
+            "manual"): the label stage would replace the answers.
+    """
+    if config.labeler != "manual":
+        raise ValueError(
+            f"{run_dir} labels its regions automatically (labeler {config.labeler!r}), so the "
+            "label stage would replace answers typed here. To label by hand, add --labeler "
+            "manual (saved with the run; an automatic label stage is then set aside and every "
+            "region asked). To change a few labels of a finished run, edit their cells in "
+            f"{RunDir(run_dir).labels} and rerun `defuse-jax run --out {run_dir}`."
+        )
+    # Through the label stage itself: an outdated one (e.g. an automatic labeler's) is set aside
+    # first, and the stage writes the grids, the oracle's check and the labels file to answer in.
+    try:
+        run(run_dir, config, until="label", log=print_fn)
+    except LabelsPending:
+        pass  # the regions this session asks
+    ctx = Context(os.path.abspath(run_dir), config, print_fn)
+    regions = load_regions(ctx.path("distill"))
+    if regions.num_regions == 0:
+        print_fn("No regions to label: the search found too few errors.")
+        return {}
+    rows = region_rows(regions, saved_checks(ctx))  # the flag shown next to each suggestion
+    return labeling.interactive_label(
+        ctx.dir.labels,
+        rows,
+        ctx.dataset.class_names,
+        run_dir=ctx.run_dir,
+        input_fn=input_fn,
+        print_fn=print_fn,
     )

@@ -1,7 +1,8 @@
 """The engines stay independent: neither `defuse_jax.search` nor `defuse_jax.mixture` imports the
 other, the models or the pipeline, and what they share (`defuse_jax._plumbing`) imports nothing
 else of the package. The labeling modules import one way (answers <- labels_file <- automatic,
-terminal). Read from the source (no import), so a lazy import counts too."""
+terminal), and only the orchestration imports the pipeline. Read from the source (no import), so
+a lazy import counts too."""
 
 import ast
 import pathlib
@@ -82,4 +83,19 @@ def test_labeling_modules_import_one_way():
                 part = module.removeprefix("defuse_jax.labeling").lstrip(".").split(".")[0]
                 if part not in allowed:
                     bad.add(f"labeling/{name}.py: {module}")
+    assert not bad, sorted(bad)
+
+
+# The orchestration and its front ends; every other module (the stages among them) must not
+# know the pipeline, so that nothing imports in a circle.
+ORCHESTRATION = {"pipeline.py", "cli.py", "budget_sweep.py"}
+
+
+def test_only_the_orchestration_imports_the_pipeline():
+    bad = {
+        str(path.relative_to(PACKAGE))
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if str(path.relative_to(PACKAGE)) not in ORCHESTRATION
+        and "defuse_jax.pipeline" in imported_modules(path)
+    }
     assert not bad, sorted(bad)
