@@ -51,7 +51,7 @@ COLUMNS = (
     "codes_fitted", "regions", "error_regions", "codes_explained", "codes_explained_share",
     "regions_labeled", "region_accuracy_before", "region_accuracy_after",
     "test_accuracy_before", "test_accuracy_after", "test_accuracy_control", "oracle_agreement",
-    "ambiguous_regions", *(f"{s}_s" for s in TIMED_STAGES), "total_s", "run_dir",
+    "ambiguous_regions", "bug_yield", *(f"{s}_s" for s in TIMED_STAGES), "total_s", "run_dir",
 )  # fmt: skip
 
 
@@ -211,6 +211,8 @@ def table_row(run_dir: str, samples: int, report: dict[str, Any]) -> dict[str, A
         "test_accuracy_control": (report["correction"].get("control") or {}).get("test_accuracy"),
         "oracle_agreement": report.get("oracle_agreement"),
         "ambiguous_regions": report.get("num_ambiguous_regions"),
+        # share of kept codes the evaluation-only judge reads as the source class
+        "bug_yield": (report.get("bug_yield") or {}).get("bug"),
         **{f"{s}_s": seconds[s] for s in TIMED_STAGES},
         "total_s": sum(seconds.values()),
         "run_dir": os.path.basename(run_dir),

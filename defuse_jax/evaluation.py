@@ -131,7 +131,10 @@ def eval_set(
     region_label = np.full(regions.num_regions, -1)
     region_label[ids] = target
     assigned = regions.assignment
-    mask = (assigned >= 0) & (region_label[np.maximum(assigned, 0)] >= 0)
+    # (With no region at all every code is unassigned, and region_label is empty.)
+    mask = (assigned >= 0) & (
+        region_label[np.maximum(assigned, 0)] >= 0 if regions.num_regions else False
+    )
     codes = np.asarray(errors["z"])[mask]
     return EvalSet(
         np.asarray(x_test), np.asarray(y_test, np.int32), ids, target, images,

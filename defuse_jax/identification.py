@@ -43,6 +43,7 @@ def run_search(
     max_sources: int | None = None,
     seed: int = 0,
     mesh: jax.sharding.Mesh | None = None,
+    validity: Params | None = None,
 ) -> tuple[SearchResult, np.ndarray]:
     """Search from the test points; returns (result, indices of the test points used as sources).
 
@@ -54,6 +55,8 @@ def run_search(
             Points the classifier gets wrong at their code are skipped by the search itself.
         seed: seed of that subset.
         mesh: devices to shard the search over (default: all).
+        validity: the classifier that must still read the source class for a flip to count
+            (`SearchConfig.validity`, the oracle), or None.
     """
     n = len(ds.x_test)
     idx = np.arange(n)
@@ -63,6 +66,9 @@ def run_search(
     decode_fn, classify_fn = models.search_functions(
         vae, classifier, compute_dtype=search.compute_dtype
     )
+    validity_fn = None
+    if validity is not None:
+        _, validity_fn = models.search_functions(vae, validity, compute_dtype=search.compute_dtype)
     result = latent_search(
         decode_fn,
         classify_fn,
@@ -71,6 +77,7 @@ def run_search(
         key=jax.random.key(search.seed),
         config=search,
         mesh=mesh,
+        validity_fn=validity_fn,
     )
     return result, idx
 

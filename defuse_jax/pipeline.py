@@ -34,8 +34,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from defuse_jax import distributed as dist
 from defuse_jax import (
+    bug_yield,
     evaluation,
     identification,
     label_validity,
@@ -43,6 +43,7 @@ from defuse_jax import (
     region_overlap,
     training_lengths,
 )
+from defuse_jax import distributed as dist
 from defuse_jax import report as report_lib
 from defuse_jax import train_models as tm
 from defuse_jax.correction import CorrectConfig, fine_tune
@@ -55,6 +56,7 @@ from defuse_jax.label_stage import (  # noqa: F401 - the public API of a run dir
     saved_checks,
     set_labels,
     stage_label,
+    train_oracle,
 )
 from defuse_jax.regions import (
     Regions,
@@ -90,6 +92,9 @@ def stage_train(ctx: Context) -> dict[str, Any]:
 
 
 def stage_search(ctx: Context) -> dict[str, Any]:
+    # The validity model is the oracle, trained here before the label stage that also uses it
+    # (in label/oracle/, which the label stage then reuses).
+    validity = train_oracle(ctx) if ctx.config.search.validity == "oracle" else None
     result, idx = identification.run_search(
         ctx.dataset,
         ctx.model("vae"),
@@ -97,6 +102,7 @@ def stage_search(ctx: Context) -> dict[str, Any]:
         search=ctx.config.search,
         max_sources=ctx.config.max_sources,
         seed=ctx.config.data.seed,
+        validity=validity,
     )
     summary = identification.save_search(result, idx, ctx.path("search"))
     ctx.log(
@@ -282,6 +288,7 @@ def build_report(ctx: Context) -> report_lib.Report:
         for ev in (before, after, control)
     )
     oracle = _oracle_agreement(ctx, eval_set, labels) if ctx.config.uses_oracle else None
+    found_yield = _bug_yield(ctx, errors, regions.assignment)
     search = read_json(ctx.path("search", "summary.json"))
     if search["num_errors_found"] == 0:
         ctx.messages.append(
@@ -329,6 +336,7 @@ def build_report(ctx: Context) -> report_lib.Report:
         config=dataclasses.asdict(ctx.config),
         confirmed=confirmed,
         overlap={int(k): v for k, v in correct_summary.get("overlap", {}).items()},
+        bug_yield=found_yield,
     )
     report_lib.write_report(ctx.run_dir, report, codes=errors["z"], assignment=regions.assignment)
     pct = report_lib.pct
@@ -341,6 +349,26 @@ def build_report(ctx: Context) -> report_lib.Report:
         f"{pct(report['region_accuracy_before'])} -> {pct(report['region_accuracy_after'])}"
     )
     return report_lib.read_report(ctx.run_dir)
+
+
+# Error codes the judge reads at most (a seeded subset beyond): its cost stays at seconds.
+JUDGED_CODES = 10_000
+
+
+def _bug_yield(
+    ctx: Context, errors: Mapping[str, np.ndarray], assignment: np.ndarray
+) -> dict[str, Any] | None:
+    """The evaluation-only judge (`bug_yield`) on the kept error codes; None without codes."""
+    z = np.asarray(errors["z"])
+    if len(z) == 0:
+        return None
+    ds, seed = ctx.dataset, ctx.config.data.seed
+    judge = bug_yield.fit_judge(ds.x_train, ds.y_train, ds.x_test, ds.y_test, seed=seed)
+    idx = bug_yield.judged_codes(len(z), most=JUDGED_CODES, seed=seed)
+    return bug_yield.bug_yield(
+        judge, evaluation.decode(ctx.model("vae"), z[idx]), np.asarray(errors["source_label"])[idx],
+        np.asarray(errors["pred_label"])[idx], region=np.asarray(assignment)[idx],
+    )  # fmt: skip
 
 
 def _kept_lam(cfg: CorrectConfig, selection: Mapping[str, Any] | None) -> float:

@@ -65,6 +65,19 @@ class RegionReport(TypedDict):
     oracle_agreement: float | None  # share of them the oracle classifies as `label`
     ambiguous: bool  # oracle_agreement < label_validity.AMBIGUOUS_BELOW (False: not checked)
     grid: str  # the sample grid, relative to the run directory
+    # share of its judged error codes the evaluation-only judge reads as the source class
+    # (`Report.bug_yield`; None: none of its codes judged, or an older run)
+    bug_yield: NotRequired[float | None]
+
+
+class BugYield(TypedDict):
+    """The search's bug yield (`bug_yield`): the evaluation-only judge on the kept error codes."""
+
+    judge: str  # what the judge is (it takes part in nothing else)
+    judge_test_accuracy: float
+    codes_judged: int  # all kept error codes, or a seeded subset of them on large runs
+    bug: float | None  # share it reads as the source class: the image kept its class
+    class_change: float | None  # share it reads as the classifier's prediction
 
 
 class ControlReport(TypedDict):
@@ -138,10 +151,11 @@ class Report(_ReportRequired, total=False):
     """``report.json``: every number of a run. Fractions are in [0, 1]; None is "n/a".
 
     `plots` ({"latent_pca" | "region_accuracy": path relative to the run directory}) is added
-    by `write_report` for the plots it drew.
+    by `write_report` for the plots it drew. `bug_yield` is absent in runs made before it.
     """
 
     plots: dict[str, str]
+    bug_yield: BugYield | None
 
 
 def assemble(
@@ -161,6 +175,7 @@ def assemble(
     config: Mapping[str, Any],
     confirmed: Sequence[int] = (),
     overlap: Mapping[int, Mapping[str, Any]] | None = None,
+    bug_yield: Mapping[str, Any] | None = None,
 ) -> Report:
     """A `Report` from a run's parts.
 
@@ -179,8 +194,10 @@ def assemble(
         (`evaluation.confirmed_error_regions`); `before` and `after` hold region accuracy over
         these, or over every labeled region when there is none.
       overlap: `region_overlap.overlap_summary` of the labeled regions (None: not measured).
+      bug_yield: `bug_yield.bug_yield` of the kept error codes (None: not measured).
     """
     overlap = overlap or {}
+    per_region_yield = (bug_yield or {}).get("per_region", {})
     labels = {k: v for k, v in answers.items() if v is not None}
     regions: list[RegionReport] = []
     for rec in region_records:
@@ -212,6 +229,7 @@ def assemble(
                 oracle_agreement=None if check is None else check["agreement"],
                 ambiguous=check is not None and check["ambiguous"],
                 grid=RunDir.grid(rid),
+                bug_yield=per_region_yield.get(rid),
             )
         )
     not_errors = [r for r in regions if not r["error_region"]]
@@ -256,6 +274,7 @@ def assemble(
         devices=dict(devices),
         messages=list(messages),
         config=dict(config),
+        bug_yield=bug_yield and BugYield(**{k: bug_yield[k] for k in BugYield.__annotations__}),
     )
 
 
@@ -486,6 +505,7 @@ def _summary_lines(report: Mapping[str, Any]) -> list[str]:
             )
         )
     lines = [text]
+    lines += _bug_yield_lines(report)
     if report.get("oracle_agreement") is not None:
         ambiguous = [r["id"] for r in report["regions"] if r.get("ambiguous")]
         lines += [
@@ -505,6 +525,27 @@ def _summary_lines(report: Mapping[str, Any]) -> list[str]:
             ),
         ]
     return lines
+
+
+def _bug_yield_lines(report: Mapping[str, Any]) -> list[str]:
+    found = report.get("bug_yield")
+    if not found or found.get("bug") is None:
+        return []
+    validity = (report.get("search", {}).get("config") or {}).get("validity", "none")
+    steer = (
+        "the search counted every changed prediction (`--search-validity none`, the paper's)"
+        if validity == "none"
+        else f"the search kept only samples the {validity} still reads as the source class "
+        f"(`--search-validity {validity}`)"
+    )
+    return [
+        "",
+        f"Bug yield: of {found['codes_judged']:,} kept error codes, the judge reads "
+        f"**{pct(found['bug'])} as their source class** (bugs: the image kept its class) and "
+        f"{pct(found['class_change'])} as the class the classifier predicts (class changes). "
+        f"The judge, {found['judge']} (test accuracy {pct(found['judge_test_accuracy'])}), "
+        f"takes part in nothing else; {steer}.",
+    ]
 
 
 # What region accuracy averages over (`Report.region_accuracy_scope`), in words.
@@ -577,8 +618,8 @@ def _regions_section(report: Mapping[str, Any]) -> list[str]:
 def _regions_table(regions: Sequence[Mapping[str, Any]], names: Sequence[str]) -> list[str]:
     lines = [
         "| region | codes | weight | top source -> predicted | purity | error rate | label "
-        "| oracle agrees | accuracy before -> after | overlap |",
-        "|---:|---:|---:|---|---:|---:|---|---|---|---|",
+        "| oracle agrees | accuracy before -> after | overlap | bug yield |",
+        "|---:|---:|---:|---|---:|---:|---|---|---|---|---:|",
     ]
     for r in regions:
         src, pred = top_pair(r)  # the pair purity counts
@@ -592,7 +633,7 @@ def _regions_table(regions: Sequence[Mapping[str, Any]], names: Sequence[str]) -
             f"| {r['id']} | {r['num_codes']:,} | {float(r['weight']):.3f} | {_cell(flow)} "
             f"| {pct(r.get('purity'))} | {pct(r.get('error_rate'))} "
             f"| {_cell(_region_label(r, names))} | {_cell(_oracle_cell(r, names))} | {acc} "
-            f"| {_overlap_cell(r)} |"
+            f"| {_overlap_cell(r)} | {pct(r.get('bug_yield'))} |"
         )
     return lines
 

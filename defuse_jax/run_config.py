@@ -73,8 +73,9 @@ class RunConfig:
 
     @property
     def uses_oracle(self) -> bool:
-        """Whether the label stage trains the oracle classifier (and checks labels with it)."""
-        return self.oracle_check or self.labeler == "oracle"
+        """Whether the run trains the oracle classifier (the search's validity model, the
+        labeler or the label check)."""
+        return self.oracle_check or self.labeler == "oracle" or self.search.validity == "oracle"
 
     def __post_init__(self):
         if self.labeler not in ("source", "oracle", "manual"):
@@ -100,7 +101,7 @@ def stage_fingerprints(config: RunConfig, run_dir: str) -> dict[str, str]:
             "classifier": config.classifier and dataclasses.asdict(config.classifier),
             "classifier_train": dataclasses.asdict(config.classifier_train),
         },
-        "search": {"search": dataclasses.asdict(config.search), "max_sources": config.max_sources},
+        "search": {"search": _search_settings(config.search), "max_sources": config.max_sources},
         "distill": dataclasses.asdict(config.distill),
         "label": {"labeler": config.labeler, "grid_samples": config.grid_samples,
                   "oracle_check": config.oracle_check},
@@ -114,6 +115,15 @@ def stage_fingerprints(config: RunConfig, run_dir: str) -> dict[str, str]:
         prev = json_digest({"upstream": prev, "stage": stage, "config": parts[stage]})
         out[stage] = prev
     return out
+
+
+def _search_settings(search: SearchConfig) -> dict[str, Any]:
+    """The search's settings as fingerprinted. A field added later is left out at its
+    paper-behaviour value, so that runs made before it existed are not redone."""
+    settings = dataclasses.asdict(search)
+    if settings["validity"] == "none":
+        del settings["validity"]
+    return settings
 
 
 def _file_hash(path: str) -> str | None:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from defuse_jax import labeling, pipeline
+from defuse_jax import evaluation, labeling, pipeline
 from defuse_jax import report as report_lib
 from defuse_jax.correction import CorrectConfig
 from defuse_jax.data import DataConfig
@@ -80,6 +80,11 @@ def test_full_run_report_and_resume(finished, tmp_path):
     assert all(r["error_rate"] >= 0.5 for r in errors)
     assert all(r["error_rate"] < 0.5 and r["label"] is None for r in others)
     assert all(0.0 < r["purity"] <= 1.0 for r in report["regions"])
+    # The evaluation-only judge read every kept code (few here), and each region's own.
+    found = report["bug_yield"]
+    assert found["codes_judged"] == report["num_errors_found"] and "SVC" in found["judge"]
+    assert 0.0 <= found["bug"] <= 1.0 - found["class_change"]
+    assert all(0.0 <= r["bug_yield"] <= 1.0 for r in report["regions"])
     # The accuracy on the found codes covers the codes of the labeled regions, and says so.
     in_labeled = sum(r["num_codes"] for r in report["regions"] if r["label"] is not None)
     assert report["num_error_codes_labeled"] == in_labeled > 0
@@ -140,6 +145,24 @@ def test_full_run_report_and_resume(finished, tmp_path):
     assert any(s.startswith("distill-") for s in stale) and any(
         s.startswith("label-") for s in stale
     )
+
+
+def test_search_validity_keeps_only_what_the_oracle_reads_as_the_source(trained, tmp_path):
+    run_dir = _copy(trained, tmp_path)
+    config = dataclasses.replace(
+        TINY, search=dataclasses.replace(TINY.search, validity="oracle", num_samples=256)
+    )
+    logs = []
+    report = pipeline.run(run_dir, config, log=logs.append)["evaluate"]
+    # The search stage trained the oracle once; the label stage reused it.
+    assert sum(line.startswith("oracle classifier: test accuracy") for line in logs) == 1
+    errors = np.load(os.path.join(run_dir, "search", "errors.npz"))
+    assert report["num_errors_found"] == len(errors["z"]) > 0
+    ctx = pipeline.Context(run_dir, config, print)
+    read = evaluation.predict(ctx.model("vae"), ctx.model("oracle"), errors["z"])
+    np.testing.assert_array_equal(read, errors["source_label"])
+    assert (errors["pred_label"] != errors["source_label"]).all()
+    assert "`--search-validity oracle`" in open(os.path.join(run_dir, "report.md")).read()
 
 
 def test_interrupted_run_resumes_without_redoing_finished_stages(trained, tmp_path):

@@ -254,6 +254,7 @@ def test_bad_input_is_a_clear_error(z0, y0, config, match):
         ({"max_keep_per_source": 0}, "max_keep_per_source"),
         ({"scale": 0.0}, "scale"),
         ({"radius_min": 2.0, "radius_max": 1.0}, "radius_min"),
+        ({"validity": "svm"}, "validity="),
     ],
 )
 def test_bad_config_is_a_clear_error(kwargs, match):
@@ -300,3 +301,42 @@ def test_auto_chunk_size_is_reported_in_the_result():
     assert res.config.chunk_size == sizing.pick_chunk_size(
         sizing.forward_cost(decode, classify, LATENT, "float32"), backend="cpu", memory_bytes=None
     )
+
+
+def reads_class_0(x):  # a validity model that reads every image as class 0
+    return constant_classify(x)
+
+
+@pytest.mark.parametrize("mode", IDS)
+def test_validity_keeps_only_the_flips_the_validity_model_reads_as_the_source(results, mode):
+    """Same key, same chains: with a validity model that always reads class 0, the search keeps
+    exactly the paper search's flips of the sources labeled 0, and skips every other source."""
+    z0, y0 = _sources()
+    config = dataclasses.replace(MODES[IDS.index(mode)], validity="oracle")
+    res = latent_search(
+        decode, classify, z0, y0, key=jax.random.key(0), config=config, validity_fn=reads_class_0
+    )
+    plain = results[mode]
+    of_class_0 = plain.source_label == 0
+    assert 0 < of_class_0.sum() < len(plain.source_label)  # the test can tell the two apart
+    np.testing.assert_array_equal(res.source_label, 0)
+    np.testing.assert_array_equal(res.source_index, plain.source_index[of_class_0])
+    np.testing.assert_allclose(res.z, plain.z[of_class_0])
+    assert res.num_sources_used == int((y0 == 0).sum())
+
+
+@pytest.mark.parametrize(
+    "validity, validity_fn, match",
+    [
+        ("oracle", None, "needs validity_fn"),
+        ("none", reads_class_0, "was given a validity_fn"),
+        ("oracle", lambda x: classify(x)[:, :2], r"over the classifier's 3 classes"),
+    ],
+)
+def test_validity_mismatch_is_a_clear_error(validity, validity_fn, match):
+    z0, y0 = _sources(4)
+    with pytest.raises(ValueError, match=match):
+        latent_search(
+            decode, classify, z0, y0, key=jax.random.key(0),
+            config=SearchConfig(num_samples=4, validity=validity), validity_fn=validity_fn,
+        )  # fmt: skip

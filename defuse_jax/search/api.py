@@ -29,6 +29,7 @@ def latent_search(
     key: jax.Array | None,
     config: SearchConfig | None = None,
     mesh: Mesh | None = None,
+    validity_fn: Callable[[jax.Array], jax.Array] | None = None,
 ) -> SearchResult:
     """Searches the latent space around each source point for codes the classifier gets wrong.
 
@@ -46,6 +47,11 @@ def latent_search(
       key: root PRNG key (`jax.random.key` or a raw `PRNGKey`); None uses `config.seed`.
       config: search configuration; None means `SearchConfig()`.
       mesh: devices to shard the sources over (every mesh axis is used); default all devices.
+      validity_fn: x [B, ...] -> logits [B, C] of an auxiliary classifier, or None. With one, a
+        decoded sample counts as an error only where the classifier's prediction differs from
+        the source label *and* the auxiliary classifier still reads the source label (a validity
+        constraint in the spirit of Song et al. 2018: the image kept its class), and sources it
+        misreads are skipped. None (the paper's search) counts every changed prediction.
 
     Returns:
       `SearchResult` with every adversarial example kept (up to `max_keep_per_source` per source,
@@ -63,7 +69,7 @@ def latent_search(
     config = SearchConfig() if config is None else config
     return run_scales(
         decode_fn, classify_fn, z0, y0, key=key, config=config, scales=None, mesh=mesh,
-        start=start,
+        start=start, validity_fn=validity_fn,
     )[0]  # fmt: skip
 
 
@@ -77,28 +83,37 @@ class _Plan(NamedTuple):
     latent: int
 
 
-def _plan(decode_fn, classify_fn, z0, y0, *, key, config: SearchConfig, scales, mesh) -> _Plan:
+def _plan(
+    decode_fn, classify_fn, z0, y0, *, key, config: SearchConfig, scales, mesh, validity_fn
+) -> _Plan:
     """Validation, the chunk size, the layout and the program with its inputs."""
-    z, y, _ = check_inputs(decode_fn, classify_fn, z0, y0, config=config)
+    z, y, _ = check_inputs(decode_fn, classify_fn, z0, y0, config=config, validity_fn=validity_fn)
     scales = (config.scale,) if scales is None else scales
     root = key_data_words(key, config.seed)
     mesh = engine.default_mesh() if mesh is None else mesh
     n, latent = z.shape
     check_counter_range(config.chains, config.rounds, latent)
     if config.chunk_size is None:
+        sized = classify_fn if validity_fn is None else _both(classify_fn, validity_fn)
         chunk = auto_chunk_size(
-            decode_fn, classify_fn, latent, compute_dtype=config.compute_dtype,
+            decode_fn, sized, latent, compute_dtype=config.compute_dtype,
             mode=config.mode, devices=mesh.devices,
         )  # fmt: skip
         config = dataclasses.replace(config, chunk_size=chunk)
     configs = [dataclasses.replace(config, scale=s) for s in scales]
     layout = engine.plan_layout(n, mesh.devices.size, config)  # of one replica
     program = engine.get_program(
-        decode_fn, classify_fn, config, engine.replicate(layout, len(configs)), mesh
-    )
+        decode_fn, classify_fn, config, engine.replicate(layout, len(configs)), mesh,
+        validity_fn=validity_fn,
+    )  # fmt: skip
     noise = np.asarray([noise_scale(c, latent) for c in configs], np.float32)
     args = (root, *engine.lay_out_inputs(z, y, noise, layout, mesh))
     return _Plan(program, args, configs, layout, y, n, latent)
+
+
+def _both(classify_fn, validity_fn):
+    """Both classifiers on one batch (what the chunk size is sized for)."""
+    return lambda x: (classify_fn(x), validity_fn(x))
 
 
 def lower_search(
@@ -110,6 +125,7 @@ def lower_search(
     key: jax.Array | None,
     config: SearchConfig | None = None,
     mesh: Mesh | None = None,
+    validity_fn: Callable[[jax.Array], jax.Array] | None = None,
 ) -> jax.stages.Lowered:
     """The search program `latent_search` would run, lowered but not compiled or run.
 
@@ -118,19 +134,35 @@ def lower_search(
     `latent_search`.
     """
     config = SearchConfig() if config is None else config
-    plan = _plan(decode_fn, classify_fn, z0, y0, key=key, config=config, scales=None, mesh=mesh)
+    plan = _plan(
+        decode_fn, classify_fn, z0, y0, key=key, config=config, scales=None, mesh=mesh,
+        validity_fn=validity_fn,
+    )  # fmt: skip
     return plan.program.lower(*plan.args)
 
 
 def run_scales(
-    decode_fn, classify_fn, z0, y0, *, key, config: SearchConfig, scales, mesh, start: float
+    decode_fn,
+    classify_fn,
+    z0,
+    y0,
+    *,
+    key,
+    config: SearchConfig,
+    scales,
+    mesh,
+    start: float,
+    validity_fn=None,
 ) -> list[SearchResult]:
     """The search at each of `scales` (already validated) as one program; see `latent_search`.
 
     `scales=None` means `(config.scale,)`. `start` is the caller's start time: every result's
     `wall_time_s` is the whole call's.
     """
-    plan = _plan(decode_fn, classify_fn, z0, y0, key=key, config=config, scales=scales, mesh=mesh)
+    plan = _plan(
+        decode_fn, classify_fn, z0, y0, key=key, config=config, scales=scales, mesh=mesh,
+        validity_fn=validity_fn,
+    )  # fmt: skip
     floats, ints = engine.fetch(plan.program(*plan.args))
     host = engine.unpack(floats, ints, plan.latent)
     n, y, configs, layout = plan.num_sources, plan.y, plan.configs, plan.layout

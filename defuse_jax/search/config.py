@@ -10,11 +10,13 @@ Mode = Literal["sample", "iterative", "gradient"]
 Distribution = Literal["gaussian", "laplace", "uniform_ball", "beta_offset"]
 ComputeDtype = Literal["float32", "bfloat16"]
 Optimizer = Literal["adam", "sgd"]
+Validity = Literal["none", "oracle"]
 # The Literals are the one source of the choices (`--help` lists them; __post_init__ checks).
 MODES = typing.get_args(Mode)
 DISTRIBUTIONS = typing.get_args(Distribution)
 DTYPES = typing.get_args(ComputeDtype)
 OPTIMIZERS = typing.get_args(Optimizer)
+VALIDITIES = typing.get_args(Validity)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +65,11 @@ class SearchConfig:
         float32 (the search warns). Bind the models with
         `models.search_functions(vae, classifier, compute_dtype=...)` (or cast them with
         `models.cast_params`) so the whole forward pass runs in bfloat16.
+      validity: what must still read the source label for a changed prediction to count as
+        an error. `"none"` (the paper: every changed prediction counts, most of them class
+        changes) or `"oracle"` (the run's oracle classifier, trained before the search, must
+        still read the source class on the decoded image; Song et al. 2018's auxiliary
+        classifier). The library's `latent_search` takes the auxiliary model as `validity_fn`.
       seed: the search's random key: the pipeline searches with `jax.random.key(seed)`, and
         `latent_search` uses it when called with `key=None`.
     """
@@ -85,6 +92,7 @@ class SearchConfig:
     skip_misclassified: bool = True
     chunk_size: int | None = None
     compute_dtype: ComputeDtype = "float32"
+    validity: Validity = "none"
     seed: int = 0
 
     def __post_init__(self):
@@ -99,6 +107,8 @@ class SearchConfig:
             fail(f"compute_dtype={self.compute_dtype!r}; choose one of {DTYPES}.")
         if self.optimizer not in OPTIMIZERS:
             fail(f"optimizer={self.optimizer!r}; choose one of {OPTIMIZERS}.")
+        if self.validity not in VALIDITIES:
+            fail(f"validity={self.validity!r}; choose one of {VALIDITIES}.")
         for name in ("num_samples", "chains_per_source", "num_rounds", "chunk_size"):
             value = getattr(self, name)
             if name == "chunk_size" and value is None:

@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from defuse_jax._plumbing.row_layout import RowLayout, pad_rows, plan_rows
 from defuse_jax.search.config import SearchConfig
-from defuse_jax.search.modes import RUNNERS, Candidates, forward, read_logits
+from defuse_jax.search.modes import RUNNERS, Candidates, classify_and_check, read_logits
 from defuse_jax.search.perturb import ChainRng, words_per_round
 
 
@@ -80,15 +80,22 @@ def _empty(sources: int, k: int, latent: int) -> Candidates:
     )
 
 
-def _search_block(decode_fn, classify_fn, config, layout, root, z0, y0, src, valid, noise):
+def _search_block(
+    decode_fn, classify_fn, validity_fn, config, layout, root, z0, y0, src, valid, noise
+):
     """One block: z0 [S, L], y0/src/valid/noise [S] -> (best [S, k], flips [S], used [S])."""
     s, latent = z0.shape
     if config.skip_misclassified:  # one extra forward per source (1/Q of the search's work)
-        pred0, _ = read_logits(forward(decode_fn, classify_fn, z0, config=config))
-        used = valid & (pred0 == y0)
+        logits0, still0 = classify_and_check(
+            decode_fn, classify_fn, validity_fn, z0, y0, config=config
+        )
+        # A source the validity model misreads could give no valid flip: it is skipped too.
+        used = valid & (read_logits(logits0)[0] == y0) & still0
     else:
         used = valid
-    runner = functools.partial(RUNNERS[config.mode], decode_fn, classify_fn, config=config)
+    runner = functools.partial(
+        RUNNERS[config.mode], decode_fn, classify_fn, config=config, validity_fn=validity_fn
+    )
 
     def sub_chunk(carry, j):
         best, flips = carry
@@ -106,7 +113,9 @@ def _search_block(decode_fn, classify_fn, config, layout, root, z0, y0, src, val
     return best, flips, used
 
 
-def build_program(decode_fn, classify_fn, config: SearchConfig, layout: Layout, mesh: Mesh):
+def build_program(
+    decode_fn, classify_fn, config: SearchConfig, layout: Layout, mesh: Mesh, validity_fn=None
+):
     """The jitted program.
 
     (key data [2] uint32, then rows with leading [D*G, S]: z0 [.., L] float32, y0 int32 with -1
@@ -120,7 +129,7 @@ def build_program(decode_fn, classify_fn, config: SearchConfig, layout: Layout, 
     computes (a constant would let XLA fold it into neighbouring constants and round differently).
     `config.scale` is not read.
     """
-    block = functools.partial(_search_block, decode_fn, classify_fn, config, layout)
+    block = functools.partial(_search_block, decode_fn, classify_fn, validity_fn, config, layout)
 
     def per_device(root, z0, y0, src, noise):  # local leading dim: G blocks
         def body(_, xs):
@@ -169,15 +178,19 @@ _PROGRAMS: dict = {}
 _CANONICAL_SCALE = 1.0  # programs read the scale per row: it is no part of their identity
 
 
-def get_program(decode_fn, classify_fn, config: SearchConfig, layout: Layout, mesh: Mesh):
+def get_program(
+    decode_fn, classify_fn, config: SearchConfig, layout: Layout, mesh: Mesh, validity_fn=None
+):
     """Cached `build_program` (a new jit per distinct functions / config but its scale / layout /
     mesh)."""
     config = dataclasses.replace(config, scale=_CANONICAL_SCALE)
-    cache_key = (decode_fn, classify_fn, config, layout, mesh)
+    cache_key = (decode_fn, classify_fn, validity_fn, config, layout, mesh)
     if cache_key not in _PROGRAMS:
         if len(_PROGRAMS) > 32:  # closures may hold model weights: keep the cache small
             _PROGRAMS.clear()
-        _PROGRAMS[cache_key] = build_program(decode_fn, classify_fn, config, layout, mesh)
+        _PROGRAMS[cache_key] = build_program(
+            decode_fn, classify_fn, config, layout, mesh, validity_fn
+        )
     return _PROGRAMS[cache_key]
 
 

@@ -57,7 +57,7 @@ def _check_compute_dtype(decoded, logits, compute_dtype: str) -> None:
 
 
 def check_inputs(
-    decode_fn, classify_fn, z0, y0, *, config: SearchConfig
+    decode_fn, classify_fn, z0, y0, *, config: SearchConfig, validity_fn=None
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Validates and normalises `z0`, `y0`.
 
@@ -67,6 +67,7 @@ def check_inputs(
       z0: [N, L] latent means of the source points.
       y0: [N] integer labels.
       config: the search configuration (type-checked here).
+      validity_fn: None, or x -> logits [B, C] over the classifier's C classes.
 
     Returns:
       (z0 as float32 numpy [N, L], y0 as int32 numpy [N], number of classes C).
@@ -78,6 +79,14 @@ def check_inputs(
         raise ValueError(f"config must be a SearchConfig, got {type(config).__name__}.")
     if not callable(decode_fn) or not callable(classify_fn):
         raise ValueError("decode_fn and classify_fn must be callables on batches.")
+    if (config.validity == "none") != (validity_fn is None):
+        raise ValueError(
+            f"SearchConfig(validity={config.validity!r}) "
+            + ("needs validity_fn, the auxiliary classifier's x -> logits."
+               if validity_fn is None else
+               "was given a validity_fn: set validity='oracle' to search with it, or drop "
+               "validity_fn.")
+        )  # fmt: skip
     z = np.asarray(z0)
     y = np.asarray(y0)
     if z.ndim != 2:
@@ -114,6 +123,16 @@ def check_inputs(
     if num_classes < 2:
         raise ValueError(f"the classifier has {num_classes} class(es); need at least 2.")
     _check_compute_dtype(decoded, out, config.compute_dtype)
+    if validity_fn is not None:
+        if not callable(validity_fn):
+            raise ValueError("validity_fn must be None or a callable on batches of images.")
+        _, aux = _forward_shapes(decode_fn, validity_fn, z.shape[1], config.compute_dtype)
+        if tuple(aux.shape) != tuple(out.shape):
+            raise ValueError(
+                f"validity_fn(decode_fn(z)) must return logits over the classifier's "
+                f"{num_classes} classes, [batch, {num_classes}]; got shape {tuple(aux.shape)} "
+                "for a batch of 1."
+            )
     y = y.astype(np.int64)
     out_of_range = (y < 0) | (y >= num_classes)
     if out_of_range.any():

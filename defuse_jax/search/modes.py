@@ -21,24 +21,47 @@ from defuse_jax.search.perturb import ChainRng, sample_offset, unit_direction
 
 DecodeFn = Callable[[jax.Array], jax.Array]
 ClassifyFn = Callable[[jax.Array], jax.Array]
+ValidityFn = Callable[[jax.Array], jax.Array] | None
 
 
 class Candidates(NamedTuple):
     """Evaluated latent codes of a block of chains (leading dims `...` = [S, c, R] or [S, k])."""
 
-    found: jax.Array  # [...] bool: prediction != source label
+    found: jax.Array  # [...] bool: prediction != source label (and, with a validity model, it
+    # still reads the source label)
     z: jax.Array  # [..., L] float32
     pred: jax.Array  # [...] int32 predicted label
     prob: jax.Array  # [...] float32 probability of the predicted label
     norm: jax.Array  # [...] float32 ||z - z0||_2
 
 
-def forward(
-    decode_fn: DecodeFn, classify_fn: ClassifyFn, z: jax.Array, *, config: SearchConfig
-) -> jax.Array:
-    """decode + classify in the compute dtype: z [B, L] -> float32 logits [B, C]."""
+def classify_and_check(
+    decode_fn: DecodeFn,
+    classify_fn: ClassifyFn,
+    validity_fn: ValidityFn,
+    z: jax.Array,
+    y: jax.Array,
+    *,
+    config: SearchConfig,
+) -> tuple[jax.Array, jax.Array]:
+    """Decode and classify in the compute dtype, with the validity model's verdict.
+
+    Args:
+      z: [B, L] latent codes; y: [B] their source labels.
+      validity_fn: x -> logits of an auxiliary classifier, or None.
+
+    Returns:
+      (float32 logits [B, C] of the classifier, still [B] bool: the validity model reads the
+      source label on the decoded image; all True without one). The verdict carries no gradient:
+      it filters what the search records, it does not steer the gradient mode's steps.
+    """
     dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
-    return classify_fn(decode_fn(z.astype(dtype))).astype(jnp.float32)
+    x = decode_fn(z.astype(dtype))
+    logits = classify_fn(x).astype(jnp.float32)
+    if validity_fn is None:
+        return logits, jnp.ones(y.shape, bool)
+    aux = validity_fn(jax.lax.stop_gradient(x)).astype(jnp.float32)
+    return logits, jnp.argmax(aux, axis=-1).astype(jnp.int32) == y
 
 
 def read_logits(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -53,16 +76,27 @@ def _flat(x: jax.Array, lead: int) -> jax.Array:
 
 
 def run_sample(
-    decode_fn, classify_fn, z0, y0, rng: ChainRng, *, config: SearchConfig, noise: jax.Array
+    decode_fn,
+    classify_fn,
+    z0,
+    y0,
+    rng: ChainRng,
+    *,
+    config: SearchConfig,
+    noise: jax.Array,
+    validity_fn: ValidityFn = None,
 ) -> Candidates:
     """Paper mode: one i.i.d. perturbation per chain (R = 1)."""
     s, c = z0.shape[0], rng.chain.shape[0]
     latent = z0.shape[-1]
     delta = sample_offset(rng, latent, config=config, noise=noise)  # [S, c, L]
     z = z0[:, None, :] + delta  # [S, c, L]
-    pred, prob = read_logits(forward(decode_fn, classify_fn, _flat(z, 2), config=config))
-    pred, prob = pred.reshape(s, c), prob.reshape(s, c)
-    found = pred != y0[:, None]
+    logits, still = classify_and_check(
+        decode_fn, classify_fn, validity_fn, _flat(z, 2), jnp.repeat(y0, c), config=config
+    )
+    pred, prob = read_logits(logits)
+    pred, prob, still = pred.reshape(s, c), prob.reshape(s, c), still.reshape(s, c)
+    found = (pred != y0[:, None]) & still
     norm = jnp.linalg.norm(delta, axis=-1)
     return Candidates(
         found[..., None], z[:, :, None], pred[..., None], prob[..., None], norm[..., None]
@@ -70,14 +104,23 @@ def run_sample(
 
 
 def run_iterative(
-    decode_fn, classify_fn, z0, y0, rng: ChainRng, *, config: SearchConfig, noise: jax.Array
+    decode_fn,
+    classify_fn,
+    z0,
+    y0,
+    rng: ChainRng,
+    *,
+    config: SearchConfig,
+    noise: jax.Array,
+    validity_fn: ValidityFn = None,
 ) -> Candidates:
     """Zhao-style radius window per chain, one random direction per round.
 
     Until a chain's first flip the window [lo, hi] slides outward by `radius_step` each round
     (iterative stochastic search); after a flip at radius r the window becomes [lo / 2, r] and
     each further miss moves lo halfway toward hi (hybrid shrinking search), so later flips are
-    closer to the source. (No scale: `noise` is not read.)
+    closer to the source. (No scale: `noise` is not read.) The window follows the classifier's
+    flips; a validity model only filters which of them are recorded.
     """
     s, c = z0.shape[0], rng.chain.shape[0]
     latent = z0.shape[-1]
@@ -91,12 +134,15 @@ def run_iterative(
         t = rng.uniform(r, latent + 1)[..., latent].reshape(-1)  # [B]
         radius = lo + t * (hi - lo)
         z = z0_b + radius[:, None] * u
-        pred, prob = read_logits(forward(decode_fn, classify_fn, z, config=config))
+        logits, still = classify_and_check(
+            decode_fn, classify_fn, validity_fn, z, y0_b, config=config
+        )
+        pred, prob = read_logits(logits)
         hit = pred != y0_b
         hit_any = hit_before | hit
         new_lo = jnp.where(hit, 0.5 * lo, jnp.where(hit_before, 0.5 * (lo + hi), hi))
         new_hi = jnp.where(hit, radius, jnp.where(hit_before, hi, hi + step))
-        return (new_lo, new_hi, hit_any), Candidates(hit, z, pred, prob, radius)
+        return (new_lo, new_hi, hit_any), Candidates(hit & still, z, pred, prob, radius)
 
     b = s * c
     init = (jnp.zeros((b,), jnp.float32), jnp.full((b,), step), jnp.zeros((b,), bool))
@@ -116,7 +162,15 @@ def margin(logits: jax.Array, label: jax.Array) -> jax.Array:
 
 
 def run_gradient(
-    decode_fn, classify_fn, z0, y0, rng: ChainRng, *, config: SearchConfig, noise: jax.Array
+    decode_fn,
+    classify_fn,
+    z0,
+    y0,
+    rng: ChainRng,
+    *,
+    config: SearchConfig,
+    noise: jax.Array,
+    validity_fn: ValidityFn = None,
 ) -> Candidates:
     """Gradient-guided search: optax steps on margin(z) + penalty * ||z - z0||^2.
 
@@ -138,20 +192,23 @@ def run_gradient(
     floor = jnp.float32(-config.margin_floor)
 
     def loss_fn(z):
-        logits = forward(decode_fn, classify_fn, z, config=config)
+        logits, still = classify_and_check(
+            decode_fn, classify_fn, validity_fn, z, y0_b, config=config
+        )
         dist2 = jnp.sum(jnp.square(z - z0_b), axis=-1)
         per_chain = jnp.maximum(margin(logits, y0_b), floor) + penalty * dist2
-        return jnp.sum(per_chain), logits  # chains are independent: grad of the sum is per chain
+        # chains are independent: grad of the sum is per chain
+        return jnp.sum(per_chain), (logits, still)
 
     def one_step(state, _):
         z, opt_state = state
-        (_, logits), grad = jax.value_and_grad(loss_fn, has_aux=True)(z)
+        (_, (logits, still)), grad = jax.value_and_grad(loss_fn, has_aux=True)(z)
         pred, prob = read_logits(logits)
         norm = jnp.linalg.norm(z - z0_b, axis=-1)
         with jax.numpy_dtype_promotion("standard"):  # optax's bias correction mixes int/float
             updates, opt_state = opt.update(grad, opt_state, z)
         return (optax.apply_updates(z, updates), opt_state), Candidates(
-            pred != y0_b, z, pred, prob, norm
+            (pred != y0_b) & still, z, pred, prob, norm
         )
 
     _, out = jax.lax.scan(one_step, (z_init, opt.init(z_init)), None, length=config.num_rounds)

@@ -74,6 +74,7 @@ def latent_search_sweep(
     config: SearchConfig | None = None,
     scales: Sequence[float],
     mesh: Mesh | None = None,
+    validity_fn: Callable[[jax.Array], jax.Array] | None = None,
 ) -> list[SearchResult]:
     """`latent_search` at several perturbation scales, as one compiled program.
 
@@ -93,6 +94,7 @@ def latent_search_sweep(
         gaussian or laplace law, or `"gradient"` mode (scale = initial jitter).
       scales: perturbation scales, each finite and > 0.
       mesh: devices to shard over (default: all devices).
+      validity_fn: the auxiliary classifier of `latent_search`, or None.
 
     Returns:
       One `SearchResult` per scale, in the order of `scales`. Each result's `wall_time_s` is the
@@ -113,5 +115,5 @@ def latent_search_sweep(
     scales = check_sweep(config, scales)
     return run_scales(
         decode_fn, classify_fn, z0, y0, key=key, config=config, scales=scales, mesh=mesh,
-        start=start,
+        start=start, validity_fn=validity_fn,
     )  # fmt: skip

@@ -1,0 +1,57 @@
+"""The evaluation-only judge of the search's error codes (defuse_jax.bug_yield)."""
+
+import numpy as np
+import pytest
+
+from defuse_jax import bug_yield
+
+
+def _images(labels, rng):
+    """4x4 images whose class is where the bright quadrant is (easy for any judge)."""
+    x = rng.uniform(0.0, 0.2, size=(len(labels), 4, 4, 1)).astype(np.float32)
+    for i, c in enumerate(labels):
+        r, col = divmod(int(c), 2)
+        x[i, 2 * r : 2 * r + 2, 2 * col : 2 * col + 2, 0] += 0.8
+    return x
+
+
+@pytest.fixture(scope="module")
+def judge():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 200)
+    return bug_yield.fit_judge(_images(y, rng), y, _images(y[:50], rng), y[:50])
+
+
+def test_judge_is_named_and_measured(judge):
+    assert judge.test_accuracy == 1.0
+    assert "200 training images" in judge.name
+
+
+@pytest.mark.parametrize(
+    "shows, source, pred, region, bug, change, per_region",
+    [
+        # images showing the source class are bugs; those showing the prediction, class changes
+        ([0, 1, 2, 3], [0, 1, 0, 0], [1, 2, 2, 3], [0, 0, 1, -1], 0.5, 0.5, {0: 1.0, 1: 0.0}),
+        ([2, 2, 2], [0, 1, 3], [1, 0, 0], None, 0.0, 0.0, {}),
+    ],
+)
+def test_shares_are_the_judges_readings(
+    judge, shows, source, pred, region, bug, change, per_region
+):  # noqa: E501
+    images = _images(shows, np.random.default_rng(1))
+    region = None if region is None else np.asarray(region)
+    out = bug_yield.bug_yield(judge, images, np.asarray(source), np.asarray(pred), region=region)
+    assert (out["bug"], out["class_change"], out["per_region"]) == (bug, change, per_region)
+    assert out["codes_judged"] == len(shows) and out["judge"] == judge.name
+
+
+def test_nothing_to_judge(judge):
+    out = bug_yield.bug_yield(judge, np.zeros((0, 4, 4, 1)), np.zeros(0), np.zeros(0))
+    assert out["bug"] is None and out["codes_judged"] == 0
+
+
+def test_large_runs_judge_a_seeded_subset():
+    a = bug_yield.judged_codes(50_000, most=1000, seed=3)
+    assert len(a) == 1000 and (np.diff(a) > 0).all()
+    np.testing.assert_array_equal(a, bug_yield.judged_codes(50_000, most=1000, seed=3))
+    np.testing.assert_array_equal(bug_yield.judged_codes(7, most=1000, seed=3), np.arange(7))
