@@ -24,6 +24,8 @@ from sklearn.svm import SVC
 # seconds on Fashion-MNIST's 51,000 images (all 1,145 of digits are used).
 JUDGE_MAX_TRAIN = 5000
 JUDGE_MAX_TEST = 2000
+# Error codes the judge reads at most per run or setting (a seeded subset beyond).
+MAX_JUDGED_CODES = 10_000
 JUDGE_NAME = "SVC (RBF kernel, C=10) on {n:,} training images' pixels"
 
 

@@ -351,10 +351,6 @@ def build_report(ctx: Context) -> report_lib.Report:
     return report_lib.read_report(ctx.run_dir)
 
 
-# Error codes the judge reads at most (a seeded subset beyond): its cost stays at seconds.
-JUDGED_CODES = 10_000
-
-
 def _bug_yield(
     ctx: Context, errors: Mapping[str, np.ndarray], assignment: np.ndarray
 ) -> dict[str, Any] | None:
@@ -364,7 +360,7 @@ def _bug_yield(
         return None
     ds, seed = ctx.dataset, ctx.config.data.seed
     judge = bug_yield.fit_judge(ds.x_train, ds.y_train, ds.x_test, ds.y_test, seed=seed)
-    idx = bug_yield.judged_codes(len(z), most=JUDGED_CODES, seed=seed)
+    idx = bug_yield.judged_codes(len(z), most=bug_yield.MAX_JUDGED_CODES, seed=seed)
     return bug_yield.bug_yield(
         judge, evaluation.decode(ctx.model("vae"), z[idx]), np.asarray(errors["source_label"])[idx],
         np.asarray(errors["pred_label"])[idx], region=np.asarray(assignment)[idx],

@@ -1,9 +1,11 @@
 """`defuse-jax sweep`: a grid over latent-search settings on a trained run, as one table.
 
-For every setting (perturbation distribution, scale, samples per source, mode) it records the
-errors found (flips, and the codes kept), the distinct regions a fast mixture finds in the kept
-codes, errors per million evaluated samples, throughput and timings. Settings that differ only in
-scale run as one compiled program (`latent_search_sweep`); every other axis is a separate call.
+For every setting (perturbation distribution, scale, samples per source, mode, validity model)
+it records the errors found (flips, and the codes kept), the distinct regions a fast mixture finds
+in the kept codes, the bug yield (the share of kept codes an evaluation-only judge still reads as
+their source class, `bug_yield`), errors per million evaluated samples, throughput and timings.
+Settings that differ only in scale run as one compiled program (`latent_search_sweep`); every
+other axis is a separate call.
 Writes `sweep.csv`, `sweep.json` and `sweep.png` (errors per million and regions against scale).
 
     defuse-jax sweep --out runs/digits --scales 0.25 0.5 1 2 --modes sample gradient
@@ -29,13 +31,14 @@ from defuse_jax import flags
 from defuse_jax.regions import DistillConfig, distill
 from defuse_jax.results_table import cell, write_results
 from defuse_jax.search import SearchConfig, SearchResult, latent_search, latent_search_sweep
-from defuse_jax.search.config import DISTRIBUTIONS, MODES
+from defuse_jax.search.config import DISTRIBUTIONS, MODES, VALIDITIES
 from defuse_jax.search.perturb import SCALED_DISTRIBUTIONS
 
 FAST_DISTILL = DistillConfig(n_components=20, max_iter=200)
 COLUMNS = (
-    "mode", "distribution", "scale", "samples_per_source", "sources_used", "samples_evaluated",
-    "flips", "errors_kept", "regions", "errors_per_million", "throughput_samples_per_s",
+    "mode", "distribution", "scale", "samples_per_source", "validity", "sources_used",
+    "samples_evaluated", "flips", "errors_kept", "regions", "bug_yield", "errors_per_million",
+    "throughput_samples_per_s",
     "run_s", "first_call_s", "compile_s", "settings_in_program", "distill_s",
 )  # fmt: skip
 
@@ -51,15 +54,19 @@ class SweepGrid:
       samples: latent codes evaluated per source; "iterative" / "gradient" run
         ceil(samples / num_rounds) chains of num_rounds rounds.
       modes: search modes.
+      validities: `SearchConfig.validity` values ("oracle" needs the run's oracle).
     """
 
     distributions: tuple[str, ...] = ("gaussian", "laplace", "beta_offset")
     scales: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
     samples: tuple[int, ...] = (32, 100)
     modes: tuple[str, ...] = ("sample", "gradient")
+    validities: tuple[str, ...] = ("none",)
 
     def __post_init__(self):
-        for name, known in (("distributions", DISTRIBUTIONS), ("modes", MODES)):
+        for name, known in (
+            ("distributions", DISTRIBUTIONS), ("modes", MODES), ("validities", VALIDITIES)
+        ):  # fmt: skip
             values = getattr(self, name)
             if not values:
                 raise ValueError(f"sweep: {name} is empty; give at least one.")
@@ -84,16 +91,21 @@ QUICK_GRID = SweepGrid(
 def plan(grid: SweepGrid, base: SearchConfig) -> list[tuple[SearchConfig, tuple[float, ...]]]:
     """The programs to run: (config, scales); an empty scales tuple means "no scale axis"."""
     groups = []
-    for mode in grid.modes:
-        for q in grid.samples:
-            if mode == "sample":
-                for dist in grid.distributions:
-                    cfg = dataclasses.replace(base, mode=mode, distribution=dist, num_samples=q)
-                    groups.append((cfg, grid.scales if dist in SCALED_DISTRIBUTIONS else ()))
-            else:
-                chains = math.ceil(q / base.num_rounds)
-                cfg = dataclasses.replace(base, mode=mode, chains_per_source=chains)
-                groups.append((cfg, grid.scales if mode == "gradient" else ()))
+    for validity in grid.validities:
+        for mode in grid.modes:
+            for q in grid.samples:
+                if mode == "sample":
+                    for dist in grid.distributions:
+                        cfg = dataclasses.replace(
+                            base, mode=mode, distribution=dist, num_samples=q, validity=validity
+                        )
+                        groups.append((cfg, grid.scales if dist in SCALED_DISTRIBUTIONS else ()))
+                else:
+                    chains = math.ceil(q / base.num_rounds)
+                    cfg = dataclasses.replace(
+                        base, mode=mode, chains_per_source=chains, validity=validity
+                    )
+                    groups.append((cfg, grid.scales if mode == "gradient" else ()))
     return groups
 
 
@@ -124,6 +136,8 @@ def run_sweep(
     distill_config: DistillConfig | None = FAST_DISTILL,
     mesh: jax.sharding.Mesh | None = None,
     log: Callable[[str], None] = print,
+    validity_fn: Callable[[jax.Array], jax.Array] | None = None,
+    judge: Callable[[SearchResult], float | None] | None = None,
 ) -> list[dict[str, Any]]:
     """Runs every setting of `grid` around the sources; returns one table row per setting.
 
@@ -140,6 +154,8 @@ def run_sweep(
         region count, `regions` is None).
       mesh: devices (default: all).
       log: progress lines.
+      validity_fn: the validity model of the settings with validity "oracle" (x -> logits).
+      judge: a result's bug yield (`bug_yield`; None: the column is None).
 
     Returns:
       Rows with the keys of `COLUMNS` (`distribution` / `scale` None where not used).
@@ -154,14 +170,21 @@ def run_sweep(
             lambda z: classify_fn(decode_fn(z)), jax.ShapeDtypeStruct((1, z0.shape[1]), jnp.float32)
         ).shape[-1]
     )
+    groups = plan(grid, base)
+    if validity_fn is None and any(c.validity != "none" for c, _ in groups):
+        raise ValueError(
+            "sweep: validity 'oracle' needs the oracle's classify function (validity_fn); "
+            "the CLI loads it from the run's label/oracle/."
+        )
     rows = []
-    for config, scales in plan(grid, base):
+    for config, scales in groups:
         if scales:
             call = functools.partial(latent_search_sweep, config=config, scales=scales)
         else:
             call = functools.partial(lambda **kw: [latent_search(**kw)], config=config)
         kwargs = dict(decode_fn=decode_fn, classify_fn=classify_fn, z0=z0, y0=y0, key=key,
-                      mesh=mesh)  # fmt: skip
+                      mesh=mesh,
+                      validity_fn=None if config.validity == "none" else validity_fn)  # fmt: skip
         t0 = time.perf_counter()
         call(**kwargs)
         first = time.perf_counter() - t0
@@ -178,11 +201,13 @@ def run_sweep(
                 "distribution": config.distribution if config.mode == "sample" else None,
                 "scale": scale,
                 "samples_per_source": config.samples_per_source,
+                "validity": config.validity,
                 "sources_used": res.num_sources_used,
                 "samples_evaluated": n,
                 "flips": res.num_flips,
                 "errors_kept": res.num_found,
                 "regions": regions,
+                "bug_yield": None if judge is None else judge(res),
                 "errors_per_million": res.num_flips / n * 1e6 if n else 0.0,
                 "throughput_samples_per_s": total / run_s,
                 "run_s": run_s,
@@ -252,7 +277,7 @@ def plot(rows: Sequence[dict[str, Any]], path: str) -> None:
 # Command line
 
 
-GRID_AXES = ("distributions", "scales", "samples", "modes")
+GRID_AXES = ("distributions", "scales", "samples", "modes", "validities")
 
 
 def grid_from_args(args: argparse.Namespace) -> SweepGrid:
@@ -272,6 +297,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "scales": (float, "perturbation scales"),
         "samples": (int, "samples per source"),
         "modes": (str, f"search modes, of {MODES}"),
+        "validities": (str, f"validity models, of {VALIDITIES} ('oracle': the run's oracle)"),
     }
     for name, (elem, help_) in lists.items():
         parser.add_argument(f"--{name}", nargs="+", type=flags.list_of(elem), default=None,
@@ -292,9 +318,10 @@ def run(args: argparse.Namespace) -> int:
     )
     if max_sources is not None and max_sources < 1:
         raise ValueError(f"sweep: --max-sources must be >= 1, got {max_sources}.")
-    from defuse_jax import identification, models
+    from defuse_jax import bug_yield, identification, models
     from defuse_jax import train_models as tm
     from defuse_jax.data import load_dataset
+    from defuse_jax.evaluation import decode as models_decode
     from defuse_jax.run_config import load_run_config
 
     config = load_run_config(args.out)
@@ -312,9 +339,27 @@ def run(args: argparse.Namespace) -> int:
     z0 = identification.encode_sources(vae, ds.x_test[idx])
     y0 = ds.y_test[idx].astype(np.int32)
     print(f"sweep on {args.out}: {len(idx)} sources, devices {jax.devices()}")
-    decode_fn, classify_fn = models.search_functions(
-        vae, clf, compute_dtype=config.search.compute_dtype
-    )
+    dtype = config.search.compute_dtype
+    decode_fn, classify_fn = models.search_functions(vae, clf, compute_dtype=dtype)
+    validity_fn = None
+    if "oracle" in grid.validities:
+        oracle_dir = os.path.join(args.out, "label", "oracle")
+        if not os.path.isdir(oracle_dir):
+            raise FileNotFoundError(
+                f"sweep: --validities oracle needs the run's oracle ({oracle_dir}); run "
+                f"`defuse-jax run --out {args.out}` with the oracle labeler or check first."
+            )
+        oracle, _ = tm.load_trained(oracle_dir)
+        _, validity_fn = models.search_functions(vae, oracle, compute_dtype=dtype)
+    judge = bug_yield.fit_judge(ds.x_train, ds.y_train, ds.x_test, ds.y_test, seed=config.data.seed)
+
+    def judged(res: SearchResult) -> float | None:
+        idx = bug_yield.judged_codes(res.num_found, most=bug_yield.MAX_JUDGED_CODES, seed=args.seed)
+        images = models_decode(vae, np.asarray(res.z)[idx])
+        return bug_yield.bug_yield(
+            judge, images, np.asarray(res.source_label)[idx], np.asarray(res.pred_label)[idx]
+        )["bug"]
+
     rows = run_sweep(
         decode_fn,
         classify_fn,
@@ -324,8 +369,12 @@ def run(args: argparse.Namespace) -> int:
         base=config.search,
         key=jax.random.key(args.seed),
         log=lambda s: print(s, flush=True),
+        validity_fn=validity_fn,
+        judge=judged,
     )
     meta = {
+        "judge": judge.name,
+        "judge_test_accuracy": judge.test_accuracy,
         "run": args.out,
         "num_sources": int(len(idx)),
         "grid": dataclasses.asdict(grid),

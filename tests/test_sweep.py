@@ -29,6 +29,10 @@ def classify(x):  # [B, 4, 4, 1] -> [B, C]
     return x.reshape(x.shape[0], -1) @ jnp.asarray(_V, x.dtype)
 
 
+def constant_classify(x):  # a validity model that reads every image as class 0
+    return jnp.zeros((x.shape[0], CLASSES), x.dtype) + jnp.asarray([1.0, 0.0, 0.0], x.dtype)
+
+
 def _sources(n=24, seed=0):
     z0 = np.random.default_rng(seed).normal(size=(n, LATENT)).astype(np.float32)
     y0 = np.asarray(jnp.argmax(classify(decode(jnp.asarray(z0))), -1), np.int32)
@@ -212,6 +216,33 @@ def test_table_rows_match_the_searches(tmp_path):
     assert "errors_per_million" in sweep_lib.format_table(rows).splitlines()[0]
 
 
+def test_validity_axis_and_bug_yield_column():
+    """Each validity runs the grid again; "oracle" searches with the validity model, and the
+    judge's figure lands in the bug_yield column."""
+    z0, y0 = _sources(16)
+    grid = sweep_lib.SweepGrid(distributions=("gaussian",), scales=(1.5,), samples=(16,),
+                               modes=("sample",), validities=("none", "oracle"))  # fmt: skip
+    base = SearchConfig(chunk_size=64)
+    assert [c.validity for c, _ in sweep_lib.plan(grid, base)] == ["none", "oracle"]
+    with pytest.raises(ValueError, match="validity 'oracle' needs the oracle"):
+        sweep_lib.run_sweep(
+            decode, classify, z0, y0, grid=grid, base=base, key=jax.random.key(0),
+            distill_config=None, log=lambda s: None,
+        )  # fmt: skip
+    rows = sweep_lib.run_sweep(
+        decode, classify, z0, y0, grid=grid, base=base, key=jax.random.key(0),
+        distill_config=None, log=lambda s: None, validity_fn=constant_classify,
+        judge=lambda res: res.num_found / 1000,
+    )  # fmt: skip
+    plain, valid = rows
+    assert (plain["validity"], valid["validity"]) == ("none", "oracle")
+    cfg = SearchConfig(chunk_size=64, num_samples=16, scale=1.5, validity="oracle")
+    ref = latent_search(decode, classify, z0, y0, key=jax.random.key(0), config=cfg,
+                        validity_fn=constant_classify)  # fmt: skip
+    assert valid["errors_kept"] == ref.num_found < plain["errors_kept"]
+    assert [r["bug_yield"] for r in rows] == [r["errors_kept"] / 1000 for r in rows]
+
+
 def test_regions_are_counted_with_the_mixture():
     z0, y0 = _sources(16)
     grid = sweep_lib.SweepGrid(distributions=("gaussian",), scales=(1.5,), samples=(32,),
@@ -227,7 +258,8 @@ def test_regions_are_counted_with_the_mixture():
 
 
 def _args(**kw):
-    base = dict(quick=False, distributions=None, scales=None, samples=None, modes=None)
+    base = dict(quick=False, distributions=None, scales=None, samples=None, modes=None,
+                validities=None)  # fmt: skip
     return argparse.Namespace(**{**base, **kw})
 
 

@@ -184,24 +184,37 @@ def forward_ceiling(decode_fn, classify_fn, batches, repeats: int, dtype: str = 
     }
 
 
-def _config(q: int, chunk: int | None, dtype: str) -> SearchConfig:
+def _config(q: int, chunk: int | None, dtype: str, validity: str = "none") -> SearchConfig:
     return SearchConfig(
-        mode="sample", num_samples=q, chunk_size=chunk, max_keep_per_source=5, compute_dtype=dtype
-    )
+        mode="sample", num_samples=q, chunk_size=chunk, max_keep_per_source=5, compute_dtype=dtype,
+        validity=validity,
+    )  # fmt: skip
 
 
 def engine_throughput(
-    decode_fn, classify_fn, chains: int, q: int, chunk: int | None, repeats: int, dtype="float32"
+    decode_fn,
+    classify_fn,
+    chains: int,
+    q: int,
+    chunk: int | None,
+    repeats: int,
+    dtype="float32",
+    validity_fn=None,
 ) -> dict:
-    """The engine on `chains` samples; `chunk=None` lets the search pick the chunk size."""
+    """The engine on `chains` samples; `chunk=None` lets the search pick the chunk size;
+    `validity_fn`: search with that validity model (`SearchConfig.validity`)."""
     n = max(1, chains // q)
     z0, y0 = _sources(decode_fn, classify_fn, n, dtype=dtype)
-    cfg = _config(q, chunk, dtype)
+    cfg = _config(q, chunk, dtype, "none" if validity_fn is None else "oracle")
     key = jax.random.key(0)
-    res = latent_search(decode_fn, classify_fn, z0, y0, key=key, config=cfg)
-    t = roofline.best_time(
-        lambda: latent_search(decode_fn, classify_fn, z0, y0, key=key, config=cfg), repeats
-    )
+
+    def search():
+        return latent_search(
+            decode_fn, classify_fn, z0, y0, key=key, config=cfg, validity_fn=validity_fn
+        )
+
+    res = search()
+    t = roofline.best_time(search, repeats)
     return {
         "chains": n * q,
         "sources": n,
@@ -214,6 +227,37 @@ def engine_throughput(
         "flips": res.num_flips,
         "sources_used": res.num_sources_used,
     }
+
+
+def validity_cost(
+    decode_fn,
+    classify_fn,
+    kind: str,
+    dtype: str,
+    chains: int,
+    q: int,
+    chunk: int,
+    repeats: int,
+    *,
+    plain: dict,
+) -> dict:
+    """What `--search-validity oracle` costs: the engine with a validity model the size of the
+    oracle (random weights; the cost does not depend on them) against `plain`, the same
+    engine's best row without one."""
+    from flax import nnx
+
+    from defuse_jax import models, train_models
+
+    shape = MODEL_SHAPES[kind]
+    oracle = models.Classifier(
+        dataclasses.replace(train_models.oracle_classifier_config(shape), kind=kind),
+        image_shape=shape, num_classes=NUM_CLASSES, rngs=nnx.Rngs(2),
+    )  # fmt: skip
+    _, validity_fn = models.search_functions(
+        models.params_of(oracle), models.params_of(oracle), compute_dtype=dtype
+    )
+    row = engine_throughput(decode_fn, classify_fn, chains, q, chunk, repeats, dtype, validity_fn)
+    return {**row, "time_ratio": plain["samples_per_s"] / row["samples_per_s"]}
 
 
 def paired_fraction(
@@ -644,6 +688,15 @@ def bench_model(kind: str, dtype: str, args, *, references: bool) -> dict:
         print(f"[{kind} {dtype}] device scaling: " + ", ".join(
             f"{r['devices']}: {r['samples_per_s']:,.0f}/s ({r['efficiency']:.0%})"
             for r in out["device_scaling"]))  # fmt: skip
+    out["validity"] = validity = validity_cost(
+        decode_fn, classify_fn, kind, dtype, tune_chains, q, best_chunk, repeats,
+        plain=max(_measured(tuning), key=lambda r: r["samples_per_s"]),
+    )  # fmt: skip
+    print(
+        f"[{kind} {dtype}] with the oracle-size validity model: "
+        f"{validity['samples_per_s']:,.0f} samples/s, {validity['time_ratio']:.2f}x the time of "
+        "the plain search"
+    )
     out["forward_gflops_per_s"] = fwd["best_samples_per_s"] * fwd["flops_per_sample"] / 1e9
     batch = min(fwd["best_batch"], tune_chains)  # both sides evaluate the same samples
     out["paired"] = pf = paired_fraction(

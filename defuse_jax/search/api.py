@@ -84,7 +84,7 @@ class _Plan(NamedTuple):
 
 
 def _plan(
-    decode_fn, classify_fn, z0, y0, *, key, config: SearchConfig, scales, mesh, validity_fn
+    decode_fn, classify_fn, z0, y0, *, key, config: SearchConfig, scales, mesh, validity_fn=None
 ) -> _Plan:
     """Validation, the chunk size, the layout and the program with its inputs."""
     z, y, _ = check_inputs(decode_fn, classify_fn, z0, y0, config=config, validity_fn=validity_fn)
