@@ -26,7 +26,13 @@ from jax.sharding import PartitionSpec as P
 
 from defuse_jax._plumbing.row_layout import RowLayout, pad_rows, plan_rows
 from defuse_jax.search.config import SearchConfig
-from defuse_jax.search.modes import RUNNERS, Candidates, classify_and_check, read_logits
+from defuse_jax.search.modes import (
+    RUNNERS,
+    Candidates,
+    decode_and_classify,
+    read_logits,
+    validity_verdict,
+)
 from defuse_jax.search.perturb import ChainRng, words_per_round
 
 
@@ -86,11 +92,10 @@ def _search_block(
     """One block: z0 [S, L], y0/src/valid/noise [S] -> (best [S, k], flips [S], used [S])."""
     s, latent = z0.shape
     if config.skip_misclassified:  # one extra forward per source (1/Q of the search's work)
-        logits0, still0 = classify_and_check(
-            decode_fn, classify_fn, validity_fn, z0, y0, config=config
-        )
+        x0, logits0 = decode_and_classify(decode_fn, classify_fn, z0, config=config)
+        right = valid & (read_logits(logits0)[0] == y0)
         # A source the validity model misreads could give no valid flip: it is skipped too.
-        used = valid & (read_logits(logits0)[0] == y0) & still0
+        used = right & validity_verdict(validity_fn, x0, y0, right)
     else:
         used = valid
     runner = functools.partial(
