@@ -47,6 +47,10 @@ class CorrectConfig:
         lams: the region weights the choice fine-tunes with, one run each.
         max_val_drop: the most validation accuracy a kept epoch may lose (0.005 = 0.5 pt).
         max_region_drop: the most accuracy any labeled region may lose in a kept epoch.
+        max_given_up: the share of the labeled regions the choice may give up when every epoch
+            that fixes the watched regions breaks some labeled region (`choose`): those regions
+            are named in the report, the rest kept within `max_region_drop`; 0 keeps the
+            original classifier then.
         region_tolerance: epochs this close to the best accuracy on the watched regions count
             as fixing them as well; the one that breaks the fewest shifted training images
             (then the gentlest) is kept.
@@ -82,6 +86,7 @@ class CorrectConfig:
     lams: tuple[float, ...] = (0.001, 0.003, 0.01)
     max_val_drop: float = 0.005
     max_region_drop: float = 0.02
+    max_given_up: float = 0.25
     region_tolerance: float = 0.01
     select_samples: int = 256
     control: bool = True
@@ -102,7 +107,7 @@ class CorrectConfig:
     def __post_init__(self):
         if not self.lams or any(not lam > 0 for lam in self.lams):
             raise ValueError(f"lams must be one or more positive weights, got {self.lams!r}.")
-        for name in ("max_val_drop", "max_region_drop", "region_tolerance"):
+        for name in ("max_val_drop", "max_region_drop", "max_given_up", "region_tolerance"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(
                     f"{name} is a fraction of accuracy in [0, 1] (0.005 = 0.5 pt), got "
@@ -139,13 +144,13 @@ def resolved(config: CorrectConfig, n_train: int) -> CorrectConfig:
 # run (`fine_tune`'s `runs_dir`; a run asked for more epochs resumes, one asked for fewer is read
 # up to them, since an epoch's batches do not depend on the number of epochs).
 CHOICE_ONLY: tuple[str, ...] = ("select", "lams", "max_val_drop", "max_region_drop",
-                                "region_tolerance", "control", "lam", "epochs",
+                                "max_given_up", "region_tolerance", "control", "lam", "epochs",
                                 "checkpoint_every")  # fmt: skip
 
 
 # Part of every region weight's run key: bump it when the objective or the per-epoch scores
 # change, so that runs trained by older code are not reused.
-WEIGHT_RUN_VERSION = 2  # 2: the epochs' scores include select_shifted_broken
+WEIGHT_RUN_VERSION = 3  # 2: the epochs' scores include select_shifted_broken; 3: per region
 
 
 def weight_run_fingerprint(
@@ -383,12 +388,14 @@ def fine_tune(
             desc=f"correct (lambda={lam:g})", progress=progress, epoch_steps=config.epoch_steps,
         )  # fmt: skip
         histories[lam] = history[: config.epochs]  # a reused longer run: its first epochs
-    chosen = sel.choose(
+    chosen, given_up = sel.choose(
         original,
         [c for lam, hist in histories.items() for c in sel.scores_of(hist, lam=lam)],
         max_val_drop=config.max_val_drop,
         max_region_drop=config.max_region_drop,
         region_tolerance=config.region_tolerance,
+        watched=held_out.watched,
+        max_given_up=int(config.max_given_up * len(held_out.region_ids)),
     )
     kept_dir = os.path.join(out_dir, "ckpt")  # where `load_trained` reads the kept model
     if chosen.epoch == 0:
@@ -411,15 +418,25 @@ def fine_tune(
     save_finished(params, train, kept_dir, fingerprint=kept_fingerprint)
     _describe(out_dir, classifier, train)
     selection = {
-        "chosen": chosen._asdict(),
-        "original": original._asdict(),
+        "chosen": sel.score_as_dict(chosen),
+        "original": sel.score_as_dict(original),
         "kept_original": chosen.epoch == 0,
         "region_tolerance": config.region_tolerance,
         "region_ids": held_out.region_ids,
         "watched_regions": np.asarray(held_out.region_ids)[held_out.watched].tolist(),
+        # labeled regions that broke in every epoch that fixed the rest (`choose`): region id,
+        # its accuracy on the choice's samples before and after
+        "given_up": [
+            {
+                "region": int(held_out.region_ids[i]),
+                "before": original.per_region[i],
+                "after": chosen.per_region[i],
+            }
+            for i in given_up
+        ],  # fmt: skip
         "num_val": int(len(y_val)),
         "per_lam": {
-            f"{lam:g}": [c._asdict() for c in sel.scores_of(hist, lam=lam)]
+            f"{lam:g}": [sel.score_as_dict(c) for c in sel.scores_of(hist, lam=lam)]
             for lam, hist in histories.items()
         },
     }

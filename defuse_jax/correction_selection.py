@@ -40,7 +40,7 @@ usually at hand; when it is not (runs reused from the correction cache), it is t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -66,6 +66,8 @@ class Score(NamedTuple):
     region_accuracy: float  # mean over the watched regions' samples
     worst_region_drop: float  # the most accuracy any labeled region lost against the original
     shifted_broken: int = 0  # shifted training images the original gets right and this wrong
+    per_region: tuple[float, ...] = ()  # [R] accuracy on each labeled region's samples, in
+    # `SelectionData.region_ids` order (empty: scored by older code)
 
 
 class SelectionData(NamedTuple):
@@ -191,6 +193,7 @@ def score(params: Params, data: SelectionData, *, lam: float, epoch: int) -> Sco
         float(per_region[data.watched].mean()),
         float(max(0.0, (data.before - per_region).max())),
         int((data.right_shifted & ~_right(params, data.x_shifted, data.y_shifted)).sum()),
+        tuple(float(a) for a in per_region),
     )
 
 
@@ -218,13 +221,61 @@ def choose(
     max_val_drop: float,
     max_region_drop: float,
     region_tolerance: float,
-) -> Score:
-    """The kept model among the original and the fine-tuned candidates (module docstring)."""
+    watched: Sequence[bool] = (),
+    max_given_up: int = 0,
+) -> tuple[Score, tuple[int, ...]]:
+    """The kept model among the original and the fine-tuned candidates (module docstring), and
+    the labeled regions given up to keep it (indices into the regions, usually none).
+
+    When the original is kept because every epoch that fixes the watched regions breaks some
+    labeled region, and `max_given_up` > 0, the regions that cannot be held with the rest are
+    given up instead of the whole correction: among the epochs within the validation bound that
+    break at most `max_given_up` regions and fix the other watched regions (`watched`: [R] bool)
+    by more than the tolerance, the fewest broken regions win, then the usual rule applies on the
+    regions that remain. The given-up regions are reported; no other region loses more than
+    `max_region_drop`.
+    """
     bounds = dict(max_val_drop=max_val_drop, max_region_drop=max_region_drop)
     within = [original] + [c for c in candidates if _within_bounds(original, c, **bounds)]
     best = max(c.region_accuracy for c in within)
     good = [c for c in within if c.region_accuracy >= best - region_tolerance - _EPS]
-    return min(good, key=_order)
+    chosen = min(good, key=_order)
+    if chosen.epoch != 0 or max_given_up < 1 or not original.per_region:
+        return chosen, ()
+    relaxed = _give_up(original, candidates, watched=np.asarray(watched, bool), most=max_given_up,
+                       max_val_drop=max_val_drop, max_region_drop=max_region_drop,
+                       region_tolerance=region_tolerance)  # fmt: skip
+    return relaxed or (chosen, ())
+
+
+def _give_up(
+    original: Score, candidates: list[Score], *, watched: np.ndarray, most: int,
+    max_val_drop: float, max_region_drop: float, region_tolerance: float,
+) -> tuple[Score, tuple[int, ...]] | None:  # fmt: skip
+    """`choose`'s fallback: (candidate, regions it gives up), or None when none qualifies."""
+    before = np.asarray(original.per_region)
+    options = []  # (given up, fix on the rest, candidate)
+    for c in candidates:
+        if len(c.per_region) != len(before):
+            continue
+        if c.val_accuracy < original.val_accuracy - max_val_drop - _EPS:
+            continue
+        after = np.asarray(c.per_region)
+        broken = before - after > max_region_drop + _EPS
+        rest = watched & ~broken
+        if not 0 < broken.sum() <= most or not rest.any():
+            continue
+        fix = float(after[rest].mean())
+        if fix > float(before[rest].mean()) + region_tolerance + _EPS:
+            options.append((tuple(np.flatnonzero(broken).tolist()), fix, c))
+    if not options:
+        return None
+    fewest = min(len(g) for g, _, _ in options)
+    options = [o for o in options if len(o[0]) == fewest]
+    best = max(fix for _, fix, _ in options)
+    good = [o for o in options if o[1] >= best - region_tolerance - _EPS]
+    given_up, _, chosen = min(good, key=lambda o: _order(o[2]))
+    return chosen, given_up
 
 
 class KeptWeights:
@@ -261,7 +312,8 @@ class KeptWeights:
 class EpochScores:
     """`fit`'s `on_epoch` callback: scores every epoch into its history record
     (`select_val_accuracy`, `select_region_accuracy`, `select_worst_region_drop`,
-    `select_shifted_broken`), and offers the epoch's weights to `keep` if given."""
+    `select_shifted_broken`, `select_per_region`), and offers the epoch's weights to `keep` if
+    given."""
 
     def __init__(self, data: SelectionData, *, lam: float = 0.0, keep: KeptWeights | None = None):
         self.data, self.lam, self.keep = data, lam, keep
@@ -273,9 +325,20 @@ class EpochScores:
             select_region_accuracy=s.region_accuracy,
             select_worst_region_drop=s.worst_region_drop,
             select_shifted_broken=s.shifted_broken,
+            select_per_region=list(s.per_region),
         )
         if self.keep is not None:
             self.keep.offer(s, params)
+
+
+def score_as_dict(s: Score) -> dict[str, Any]:
+    """A `Score` as JSON-ready data (`score_from_dict` reverses it)."""
+    return {**s._asdict(), "per_region": list(s.per_region)}
+
+
+def score_from_dict(d: Mapping[str, Any]) -> Score:
+    """A `Score` from its `_asdict()` as read back from JSON (lists back to tuples)."""
+    return Score(**{**d, "per_region": tuple(d.get("per_region", ()))})
 
 
 def scores_of(history: list[dict[str, float]], *, lam: float) -> list[Score]:
@@ -283,6 +346,6 @@ def scores_of(history: list[dict[str, float]], *, lam: float) -> list[Score]:
     return [
         Score(float(lam), int(h["epoch"]), h["select_val_accuracy"],
               h["select_region_accuracy"], h["select_worst_region_drop"],
-              int(h["select_shifted_broken"]))
+              int(h["select_shifted_broken"]), tuple(h.get("select_per_region", ())))
         for h in history
     ]  # fmt: skip

@@ -729,8 +729,24 @@ def _correction_lines(corr: Mapping[str, Any]) -> list[str]:
         f"breaks the fewest shifted training images{_churn(chosen)} (then the gentlest: "
         "smallest lambda, earliest epoch), chosen on held-out data, never on the test "
         f"split ({scores}){took}. The paper's reference is lambda = 0.01, last epoch "
-        "(`--no-correct-select`)."
+        "(`--no-correct-select`)." + _given_up(sel.get("given_up") or [])
     ]
+
+
+def _given_up(given_up: Sequence[Mapping[str, Any]]) -> str:
+    if not given_up:
+        return ""
+    many = len(given_up) > 1
+    which = ", ".join(f"{g['region']} ({pct(g['before'])} -> {pct(g['after'])})" for g in given_up)
+    return (
+        f" **{len(given_up)} labeled region{'s' * (len(given_up) != 1)} could not be held** "
+        f"with the rest: every epoch that fixed the watched regions broke "
+        f"{'them' if many else 'it'} (accuracy on the choice's samples before -> after: "
+        f"{which}), so {'they were' if many else 'it was'} given up rather than the whole "
+        "correction (`--correct-max-given-up`, a share of the labeled regions; 0 keeps the "
+        "original instead). Look at their grids: a region the classifier's own training keeps "
+        "moving, or one pulled both ways by another region, cannot be held."
+    )
 
 
 def _churn(chosen: Mapping[str, Any]) -> str:

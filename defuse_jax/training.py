@@ -524,7 +524,13 @@ def fit(
             history.append(record)
             if on_epoch is not None:
                 on_epoch(current, record)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k != "epoch"})
+            bar.set_postfix(
+                {
+                    k: f"{v:.4g}"
+                    for k, v in record.items()
+                    if k != "epoch" and not isinstance(v, list)
+                }
+            )
             sums, ran = {}, 0
         ckpt.save(step, state, meta={"history": history}, force=step == total_steps)
     bar.close()

@@ -104,7 +104,7 @@ def main() -> None:
                 s = sel.score(params, held_out, lam=lam, epoch=int(record["epoch"]))
                 right = sel._right(params, ds.x_test, ds.y_test)
                 broken = test_before & ~right
-                row = {**s._asdict(), "alpha": alpha, "test_accuracy": float(right.mean()),
+                row = {**sel.score_as_dict(s), "alpha": alpha, "test_accuracy": float(right.mean()),
                        "test_broken": int(broken.sum()),
                        "test_fixed": int((~test_before & right).sum()),
                        "test_broken_ids": np.flatnonzero(broken).tolist()}  # fmt: skip
@@ -125,7 +125,8 @@ def main() -> None:
             )  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"original": original._asdict(), "test_accuracy": float(test_before.mean()),
+            json.dump({"original": sel.score_as_dict(original),
+                       "test_accuracy": float(test_before.mean()),
                        "records": records}, f, indent=1)  # fmt: skip
 
 

@@ -46,8 +46,49 @@ def _s(lam, epoch, val, region, drop=0.0, churn=0):
     ],
 )
 def test_choose_keeps_the_least_churn_of_the_best_within_bounds(candidates, kept):
-    chosen = sel.choose(_ORIGINAL, candidates, **_BOUNDS)
-    assert chosen == (_ORIGINAL if kept is None else candidates[kept])
+    chosen, given_up = sel.choose(_ORIGINAL, candidates, **_BOUNDS)
+    assert chosen == (_ORIGINAL if kept is None else candidates[kept]) and given_up == ()
+
+
+# Four labeled regions; regions 0 and 1 are watched (errors before), 2 and 3 are not.
+_BEFORE = sel.Score(0.0, 0, 0.90, 0.15, 0.0, 0, (0.1, 0.2, 1.0, 1.0))
+_WATCHED = (True, True, False, False)
+
+
+def _r(epoch, per_region, val=0.90, churn=0):
+    """A candidate scored per region (watched accuracy and worst drop derived from them)."""
+    after = np.asarray(per_region)
+    drop = float(max(0.0, (np.asarray(_BEFORE.per_region) - after).max()))
+    return sel.Score(0.01, epoch, val, float(after[:2].mean()), drop, churn, tuple(per_region))
+
+
+@pytest.mark.parametrize(
+    "candidates, most, kept, given_up",
+    [
+        # Every fixing epoch breaks an unwatched region: with nothing to give up, the original.
+        ([_r(1, (0.9, 0.9, 0.5, 1.0)), _r(2, (0.9, 0.9, 1.0, 0.4))], 0, None, ()),
+        # Allowed one, the epoch that breaks one region and fixes the rest is kept, and the
+        # region is named; of two such epochs, the better fix (then least churn) wins.
+        ([_r(1, (0.9, 0.9, 0.5, 1.0)), _r(2, (0.95, 0.95, 1.0, 0.4))], 1, 2, (3,)),
+        ([_r(1, (0.9, 0.9, 0.5, 1.0), churn=3), _r(2, (0.9, 0.9, 1.0, 0.4))], 1, 2, (3,)),
+        # Fewer broken regions first, whatever the fix.
+        ([_r(1, (1.0, 1.0, 0.5, 0.5)), _r(2, (0.6, 0.6, 1.0, 0.4))], 2, 2, (3,)),
+        # More broken regions than allowed, a validation loss, or no real fix on the rest: the
+        # original, as before.
+        ([_r(1, (0.9, 0.9, 0.5, 0.5))], 1, None, ()),
+        ([_r(1, (0.9, 0.9, 1.0, 0.5), val=0.80)], 1, None, ()),
+        ([_r(1, (0.1, 0.9, 1.0, 0.5))], 1, 1, (3,)),
+        ([_r(1, (0.1, 0.2, 1.0, 0.5))], 1, None, ()),
+        # An epoch within the bounds is kept as before: nothing is given up.
+        ([_r(1, (0.9, 0.9, 1.0, 0.5)), _r(2, (0.5, 0.5, 1.0, 1.0))], 1, 2, ()),
+    ],
+)
+def test_regions_that_cannot_be_held_are_given_up_not_the_whole_correction(
+    candidates, most, kept, given_up
+):
+    chosen, out = sel.choose(_BEFORE, candidates, **_BOUNDS, watched=_WATCHED, max_given_up=most)
+    assert chosen == (_BEFORE if kept is None else candidates[kept - 1])  # kept: 1-based
+    assert out == given_up
 
 
 def test_shifted_images_move_every_image_one_step_each_way():
@@ -105,14 +146,14 @@ def test_fine_tune_keeps_the_chosen_epoch(tmp_path):
                                   x_train=x[:64], y_train=y[:64], samples=16, tau=config.tau,
                                   seed=config.seed, min_error_rate=0.5)  # fmt: skip
     original = sel.score(clf, held_out, lam=0.0, epoch=0)
-    assert selection["original"] == original._asdict()
+    assert selection["original"] == sel.score_as_dict(original)
     # Every epoch of every lambda was scored, and the kept one is `choose`'s pick of them...
-    candidates = [sel.Score(**c) for rows in selection["per_lam"].values() for c in rows]
+    candidates = [sel.score_from_dict(c) for rows in selection["per_lam"].values() for c in rows]
     assert len(candidates) == 2 * 3
-    chosen = sel.Score(**selection["chosen"])
+    chosen = sel.score_from_dict(selection["chosen"])
     assert chosen.epoch > 0
-    assert chosen == sel.choose(original, candidates, max_val_drop=1.0, max_region_drop=1.0,
-                                region_tolerance=config.region_tolerance)  # fmt: skip
+    assert (chosen, ()) == sel.choose(original, candidates, max_val_drop=1.0, max_region_drop=1.0,
+                                      region_tolerance=config.region_tolerance)  # fmt: skip
     # ... and training it again gave back that model: it scores exactly the same, returned and
     # saved where the report loads it from.
     assert sel.score(out.params, held_out, lam=chosen.lam, epoch=chosen.epoch) == chosen
@@ -190,8 +231,8 @@ def test_kept_weights_hold_every_epoch_the_choice_may_keep_and_no_other():
     # (0.1, 1) and (0.1, 2) are beaten by (0.1, 3) on accuracy and churn; (1.0, 2) is not.
     assert set(keep.front) == {candidates[2], candidates[4], candidates[5]}
     for tolerance in (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 1.0):
-        chosen = sel.choose(original, candidates, max_val_drop=0.01, max_region_drop=0.05,
-                            region_tolerance=tolerance)  # fmt: skip
+        chosen, _ = sel.choose(original, candidates, max_val_drop=0.01, max_region_drop=0.05,
+                               region_tolerance=tolerance)  # fmt: skip
         if chosen == original:  # the classifier itself: no weights to hold
             assert tolerance >= 0.97 - 0.2
             continue

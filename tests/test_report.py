@@ -518,6 +518,15 @@ _SELECTION = {
             {**_SELECTION, "kept_original": True},
             ["no epoch both stayed within the", "**the original classifier is kept**"],
         ),
+        (
+            {**_SELECTION, "given_up": [{"region": 6, "before": 1.0, "after": 0.42}]},
+            [
+                "**1 labeled region could not be held**",
+                "broke it",
+                "6 (100.0% -> 42.0%)",
+                "it was given up rather than the whole correction",
+            ],
+        ),  # fmt: skip
     ],
 )
 def test_the_report_says_how_the_corrected_model_was_chosen(selection, needles):
