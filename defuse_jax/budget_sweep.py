@@ -29,7 +29,6 @@ import argparse
 import dataclasses
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -37,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from defuse_jax import flags
-from defuse_jax.files import read_json
+from defuse_jax.files import copy_tree, read_json
 from defuse_jax.results_table import cell, write_results
 from defuse_jax.run_config import STAGES
 from defuse_jax.run_dir import RunDir
@@ -107,16 +106,6 @@ def _check_dirs(source: str, out: str) -> None:
         )
 
 
-def _copy_dir(src: str, dest: str) -> None:
-    """Copy a directory tree so that `dest` appears whole or not at all."""
-    if os.path.exists(dest) or not os.path.isdir(src):
-        return
-    tmp = f"{dest}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    os.replace(tmp, dest)
-
-
 def run_budget_sweep(
     source: str,
     out: str,
@@ -170,9 +159,9 @@ def run_budget_sweep(
             progress=False,
         )
         os.makedirs(run_dir, exist_ok=True)
-        _copy_dir(RunDir(source).path("train"), RunDir(run_dir).path("train"))
+        copy_tree(RunDir(source).path("train"), RunDir(run_dir).path("train"))
         if config.uses_oracle and oracle_from is not None:
-            _copy_dir(oracle_from, RunDir(run_dir).path("label", "oracle"))
+            copy_tree(oracle_from, RunDir(run_dir).path("label", "oracle"))
         log(f"[budget {q} per source] {run_dir}")
         t0 = time.perf_counter()
         report = pipeline.run(run_dir, config, log=lambda s: log(f"  {s}"), dataset=dataset)

@@ -116,6 +116,20 @@ def _fsync_directory(directory: str) -> None:
         os.close(fd)
 
 
+def copy_tree(src: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Copy the directory `src` to `dest` so that `dest` appears whole or not at all (a copy
+    under `<dest>.partial`, then one rename; process 0 only). An existing `dest` is kept."""
+    src, dest = os.fspath(src), os.fspath(dest)
+    with _process_zero(f"copying {src}") as writes:
+        if not writes or os.path.exists(dest) or not os.path.isdir(src):
+            return
+        tmp = f"{dest}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        os.replace(tmp, dest)
+        _fsync_directory(os.path.dirname(os.path.abspath(dest)))
+
+
 def make_dirs(path: str | os.PathLike) -> None:
     """`os.makedirs(path, exist_ok=True)` (process 0 only, see the module docstring)."""
     with _process_zero(f"creating {os.fspath(path)}") as writes:

@@ -91,3 +91,18 @@ def test_rejects_modes_that_do_not_write_a_whole_file(tmp_path):
     with pytest.raises(ValueError, match="whole files"):
         with files.atomic_write(tmp_path / "a", "a"):
             pass
+
+
+def test_copy_tree_appears_whole_and_keeps_an_existing_copy(tmp_path):
+    src = tmp_path / "src"
+    (src / "ckpt" / "3").mkdir(parents=True)
+    (src / "config.json").write_text("{}")
+    (src / "ckpt" / "3" / "w").write_bytes(b"1234")
+    dest = tmp_path / "out" / "copy"
+    dest.parent.mkdir()
+    files.copy_tree(src, dest)
+    assert (dest / "ckpt" / "3" / "w").read_bytes() == b"1234"
+    assert sorted(os.listdir(dest.parent)) == ["copy"]  # no .partial left behind
+    (src / "config.json").write_text('{"changed": 1}')
+    files.copy_tree(src, dest)  # an existing copy is kept as it is
+    assert (dest / "config.json").read_text() == "{}"

@@ -99,3 +99,14 @@ def test_only_the_orchestration_imports_the_pipeline():
         and "defuse_jax.pipeline" in imported_modules(path)
     }
     assert not bad, sorted(bad)
+
+
+def test_only_the_files_module_renames_files():
+    """Atomic writes have one home (`files`): no other module renames files itself."""
+    renames = ("os.replace(", "os.rename(")
+    offenders = [
+        str(path.relative_to(PACKAGE))
+        for path in PACKAGE.rglob("*.py")
+        if path.name != "files.py" and any(r in path.read_text() for r in renames)
+    ]
+    assert offenders == []
