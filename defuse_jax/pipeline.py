@@ -34,20 +34,18 @@ from typing import Any
 import jax
 import numpy as np
 
+from defuse_jax import distributed as dist
 from defuse_jax import (
-    bug_yield,
     evaluation,
     identification,
-    label_validity,
     labeling,
     region_overlap,
     training_lengths,
 )
-from defuse_jax import distributed as dist
-from defuse_jax import report as report_lib
 from defuse_jax import train_models as tm
-from defuse_jax.correction import CorrectConfig, fine_tune
+from defuse_jax.correction import fine_tune
 from defuse_jax.data import Dataset, check_available, train_size
+from defuse_jax.evaluate_stage import build_report, stage_evaluate  # noqa: F401 - public
 from defuse_jax.files import move, prune_dirs, read_json, sha256, write_json
 from defuse_jax.label_stage import (  # noqa: F401 - the public API of a run directory
     labels_damage,
@@ -214,10 +212,6 @@ def stage_correct(ctx: Context) -> dict[str, Any]:
             "overlap": {str(k): v for k, v in overlap.items()}}  # fmt: skip
 
 
-def stage_evaluate(ctx: Context) -> report_lib.Report:
-    return build_report(ctx)
-
-
 STAGE_FNS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "train": stage_train,
     "search": stage_search,
@@ -250,142 +244,6 @@ _CHECKPOINT_STEP = re.compile(r"^(.*/ckpt/\d+)/")
 
 
 # --------------------------------------------------------------------------------------------
-
-
-def build_report(ctx: Context) -> report_lib.Report:
-    """Evaluate before/after, write report.json, report.md and the plots; returns the report
-    as written."""
-    ds = ctx.dataset
-    regions = load_regions(ctx.path("distill"))
-    errors = identification.load_errors(ctx.path("search"))
-    answers = read_answers(ctx) if regions.num_regions else {}
-    labels = {k: v for k, v in answers.items() if v is not None}
-    correct_summary = read_json(ctx.dir.record("correct"))["summary"]
-    # Decoded once for every classifier evaluated here (and the oracle's check).
-    eval_set = evaluation.eval_set(
-        ctx.model("vae"), x_test=ds.x_test, y_test=ds.y_test, regions=regions, labels=labels,
-        errors=errors, config=ctx.config.eval,
-    )  # fmt: skip
-    before = evaluation.evaluate_on(ctx.model("classifier"), eval_set)
-    after = (
-        before if correct_summary["skipped"]
-        else evaluation.evaluate_on(ctx.model("corrected"), eval_set)
-    )  # fmt: skip
-    control = (
-        evaluation.evaluate_on(ctx.model("control"), eval_set)
-        if correct_summary.get("control") else None
-    )  # fmt: skip
-    # Region accuracy counts the regions that are errors under their label (not those where
-    # the labeler sided with the classifier).
-    confirmed = evaluation.confirmed_error_regions(
-        before["per_region"], min_error_rate=ctx.config.distill.min_error_rate
-    )
-    # With no confirmed error (the labeler sided with the classifier everywhere) it covers every
-    # labeled region, which the correction must then keep right (`Report.region_accuracy_scope`).
-    scope = confirmed or sorted(labels)
-    before, after, control = (
-        ev and {**ev, "region_accuracy": evaluation.region_accuracy(ev["per_region"], scope)}
-        for ev in (before, after, control)
-    )
-    oracle = _oracle_agreement(ctx, eval_set, labels) if ctx.config.uses_oracle else None
-    found_yield = _bug_yield(ctx, errors, regions.assignment)
-    search = read_json(ctx.path("search", "summary.json"))
-    if search["num_errors_found"] == 0:
-        ctx.messages.append(
-            "The search found no errors: the classifier was never fooled within the search "
-            "radius. Widen the search (--search-scale, --search-num-samples) to probe further."
-        )
-    if not regions.converged:
-        note = not_converged_note(ctx.config.distill.max_iter)
-        ctx.messages.append(f"{note[0].upper()}{note[1:]}.")
-    if correct_summary["skipped"]:
-        ctx.messages.append(correct_summary["reason"])
-    kept_epochs = _kept_epochs(ctx.config.correct, correct_summary.get("selection"))
-    stage_seconds = {
-        stage: read_json(ctx.dir.record(stage))["seconds"]
-        for stage in STAGES[:-1]
-        if os.path.exists(ctx.dir.record(stage))
-    }
-    report = report_lib.assemble(
-        dataset=ds.name,
-        class_names=ds.class_names,
-        search=search,
-        region_records=regions.records,
-        answers=answers,
-        before=before,
-        after=after,
-        oracle=oracle,
-        correction=report_lib.CorrectionReport(
-            skipped=correct_summary["skipped"],
-            reason=correct_summary.get("reason"),
-            lam=_kept_lam(ctx.config.correct, correct_summary.get("selection")),
-            epochs=kept_epochs,
-            selection=correct_summary.get("selection"),
-            control=control
-            and report_lib.ControlReport(
-                epochs=kept_epochs,
-                test_accuracy=control["test_accuracy"],
-                region_accuracy=control["region_accuracy"],
-            ),
-            resolve_overlap=ctx.config.correct.resolve_overlap,
-            seconds=correct_summary.get("seconds"),
-        ),
-        stage_seconds=stage_seconds,
-        devices={"backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()]},
-        messages=ctx.messages,
-        config=dataclasses.asdict(ctx.config),
-        confirmed=confirmed,
-        overlap={int(k): v for k, v in correct_summary.get("overlap", {}).items()},
-        bug_yield=found_yield,
-    )
-    report_lib.write_report(ctx.run_dir, report, codes=errors["z"], assignment=regions.assignment)
-    pct = report_lib.pct
-    ctl = report["correction"].get("control")
-    ctx.log(
-        f"evaluate: test accuracy {pct(report['test_accuracy_before'])} -> "
-        f"{pct(report['test_accuracy_after'])}"
-        + (f" (control without regions: {pct(ctl['test_accuracy'])})" if ctl else "")
-        + ", region accuracy "
-        f"{pct(report['region_accuracy_before'])} -> {pct(report['region_accuracy_after'])}"
-    )
-    return report_lib.read_report(ctx.run_dir)
-
-
-def _bug_yield(
-    ctx: Context, errors: Mapping[str, np.ndarray], assignment: np.ndarray
-) -> dict[str, Any] | None:
-    """The evaluation-only judge (`bug_yield`) on the kept error codes; None without codes."""
-    z = np.asarray(errors["z"])
-    if len(z) == 0:
-        return None
-    ds, seed = ctx.dataset, ctx.config.data.seed
-    judge = bug_yield.fit_judge(ds.x_train, ds.y_train, ds.x_test, ds.y_test, seed=seed)
-    idx = bug_yield.judged_codes(len(z), most=bug_yield.MAX_JUDGED_CODES, seed=seed)
-    return bug_yield.bug_yield(
-        judge, evaluation.decode(ctx.model("vae"), z[idx]), np.asarray(errors["source_label"])[idx],
-        np.asarray(errors["pred_label"])[idx], region=np.asarray(assignment)[idx],
-    )  # fmt: skip
-
-
-def _kept_lam(cfg: CorrectConfig, selection: Mapping[str, Any] | None) -> float:
-    """The region weight of the kept model (0.0: the original classifier was kept)."""
-    return cfg.lam if selection is None else float(selection["chosen"]["lam"])
-
-
-def _kept_epochs(cfg: CorrectConfig, selection: Mapping[str, Any] | None) -> int:
-    return cfg.epochs if selection is None else int(selection["chosen"]["epoch"])
-
-
-def _oracle_agreement(
-    ctx: Context, eval_set: evaluation.EvalSet, labels: Mapping[int, int]
-) -> label_validity.AgreementCheck:
-    """The oracle (trained by the label stage) against the final labels, on the held-out region
-    samples region accuracy is measured on. With no labeled region (the label stage then
-    trains no oracle when there is no region at all) nothing is checked."""
-    history = ctx.path("label", "oracle", "history.json")
-    test = read_json(history)["test"]["accuracy"] if os.path.exists(history) else None
-    votes = evaluation.heldout_votes(ctx.model("oracle"), eval_set) if labels else {}
-    return label_validity.agreement_check(votes, labels, oracle_test_accuracy=test)
 
 
 def run(
