@@ -501,6 +501,24 @@ _SELECTION = {
 
 
 @pytest.mark.parametrize(
+    "validity, needle",
+    [("none", "(`--search-validity none`, the paper's)"),
+     ("oracle", "only samples the oracle still reads as the source class")],
+)  # fmt: skip
+def test_the_report_gives_the_bug_yield_and_says_what_steered_the_search(validity, needle):
+    found = {"judge": "SVC (RBF kernel, C=10) on 1,145 training images' pixels",
+             "judge_test_accuracy": 0.991, "codes_judged": 3291, "bug": 0.112,
+             "class_change": 0.814}  # fmt: skip
+    lines = report_lib.markdown._bug_yield_lines(
+        {"bug_yield": found, "search": {"config": {"validity": validity}}}
+    )
+    text = " ".join(lines)
+    assert "of 3,291 kept error codes, the judge reads **11.2% as their source class**" in text
+    assert "81.4% as the class the classifier predicts" in text and "(test accuracy 99.1%)" in text
+    assert needle in text
+
+
+@pytest.mark.parametrize(
     "selection, needles",
     [
         (None, ["for 20 epochs with lambda = 0.01", "keeping the last epoch"]),
