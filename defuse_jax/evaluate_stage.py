@@ -68,6 +68,9 @@ def build_report(ctx: Context) -> report_lib.Report:
             "The search found no errors: the classifier was never fooled within the search "
             "radius. Widen the search (--search-scale, --search-num-samples) to probe further."
         )
+    thin = identification.thin_search_note(search, ctx.config.search)
+    if thin:
+        ctx.messages.append(thin)
     if not regions.converged:
         note = not_converged_note(ctx.config.distill.max_iter)
         ctx.messages.append(f"{note[0].upper()}{note[1:]}.")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -80,6 +81,20 @@ def run_search(
         validity_fn=validity_fn,
     )
     return result, idx
+
+
+def thin_search_note(summary: Mapping[str, Any], search: SearchConfig) -> str | None:
+    """What to do when a search with a validity model kept fewer codes than it searched
+    sources (its regions are then thin, or there are none); None otherwise."""
+    kept, used = summary["num_errors_found"], summary["num_sources_used"]
+    if search.validity == "none" or kept >= used:
+        return None
+    return (
+        f"The validity constraint ({search.validity}) kept {kept:,} error codes from {used:,} "
+        f"searched sources, fewer than one each at {search.samples_per_source:,} samples per "
+        "source, so the regions are thin (on digits at 100 samples per source a seed found no "
+        "region). Raise --search-num-samples: 1,000 keeps about five codes per source on digits."
+    )
 
 
 def save_search(result: SearchResult, test_index: np.ndarray, directory: str) -> dict[str, Any]:

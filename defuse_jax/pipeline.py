@@ -108,6 +108,9 @@ def stage_search(ctx: Context) -> dict[str, Any]:
         f"{summary['num_samples_evaluated']} samples around {summary['num_sources_used']} sources "
         f"in {summary['wall_time_s']:.1f}s"
     )
+    note = identification.thin_search_note(summary, ctx.config.search)
+    if note:
+        ctx.log(f"search: {note}")
     return summary
 
 

@@ -362,3 +362,15 @@ def test_validity_verdict_reads_only_the_needed_rows_and_matches_reading_all(sha
     dense = (jnp.argmax(classify(x), -1) == y) & need
     np.testing.assert_array_equal(got, dense)
     assert reads == [5]  # traced once, on slices of ceil(37 / 8) rows
+
+
+@pytest.mark.parametrize(
+    "validity, kept, used, says",
+    [("none", 10, 400, None), ("oracle", 2000, 400, None), ("oracle", 291, 418, "291 error codes")],
+)
+def test_a_thin_constrained_search_says_to_raise_the_samples(validity, kept, used, says):
+    from defuse_jax.identification import thin_search_note
+
+    summary = {"num_errors_found": kept, "num_sources_used": used}
+    note = thin_search_note(summary, SearchConfig(validity=validity))
+    assert note is None if says is None else (says in note and "--search-num-samples" in note)
