@@ -20,6 +20,9 @@ from typing import Any, NamedTuple
 import numpy as np
 from sklearn.svm import SVC
 
+from defuse_jax import evaluation
+from defuse_jax.models import Params
+
 # The SVC's fit grows quadratically with its training set: a seeded subset keeps the judge at
 # seconds on Fashion-MNIST's 51,000 images (all 1,145 of digits are used).
 JUDGE_MAX_TRAIN = 5000
@@ -108,3 +111,26 @@ def judged_codes(n: int, *, most: int, seed: int) -> np.ndarray:
     """The indices of the error codes to judge: all of them up to `most`, else a seeded subset
     (sorted), so that the judge's cost stays bounded on large runs."""
     return _subset(n, most, seed)
+
+
+def judge_codes(
+    judge: Judge,
+    vae: Params,
+    z: np.ndarray,
+    source: np.ndarray,
+    pred: np.ndarray,
+    *,
+    region: np.ndarray | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """`bug_yield` of error codes z [M, L], decoded by the run's VAE: all of them up to
+    `MAX_JUDGED_CODES`, else a seeded subset (`judged_codes`); source, pred, region: [M]."""
+    idx = judged_codes(len(z), most=MAX_JUDGED_CODES, seed=seed)
+
+    def pick(a):
+        return None if a is None else np.asarray(a)[idx]
+
+    return bug_yield(
+        judge, evaluation.decode(vae, np.asarray(z)[idx]), pick(source), pick(pred),
+        region=pick(region),
+    )  # fmt: skip

@@ -237,9 +237,8 @@ def choose(
     """
     bounds = dict(max_val_drop=max_val_drop, max_region_drop=max_region_drop)
     within = [original] + [c for c in candidates if _within_bounds(original, c, **bounds)]
-    best = max(c.region_accuracy for c in within)
-    good = [c for c in within if c.region_accuracy >= best - region_tolerance - _EPS]
-    chosen = min(good, key=_order)
+    chosen = _least_churn_of_the_best(within, lambda c: c.region_accuracy, lambda c: c,
+                                      tolerance=region_tolerance)  # fmt: skip
     if chosen.epoch != 0 or max_given_up < 1 or not original.per_region:
         return chosen, ()
     relaxed = _give_up(original, candidates, watched=np.asarray(watched, bool), most=max_given_up,
@@ -272,10 +271,18 @@ def _give_up(
         return None
     fewest = min(len(g) for g, _, _ in options)
     options = [o for o in options if len(o[0]) == fewest]
-    best = max(fix for _, fix, _ in options)
-    good = [o for o in options if o[1] >= best - region_tolerance - _EPS]
-    given_up, _, chosen = min(good, key=lambda o: _order(o[2]))
+    given_up, _, chosen = _least_churn_of_the_best(options, lambda o: o[1], lambda o: o[2],
+                                                   tolerance=region_tolerance)  # fmt: skip
     return chosen, given_up
+
+
+def _least_churn_of_the_best(items, fix, score, *, tolerance: float):
+    """The choice's rule: of the items whose `fix` is within `tolerance` of the best, the one
+    whose `score` comes first in `_order` (least churn, then the gentlest)."""
+    best = max(fix(i) for i in items)
+    return min(
+        (i for i in items if fix(i) >= best - tolerance - _EPS), key=lambda i: _order(score(i))
+    )
 
 
 class KeptWeights:

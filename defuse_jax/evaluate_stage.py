@@ -136,10 +136,9 @@ def _bug_yield(
         return None
     ds, seed = ctx.dataset, ctx.config.data.seed
     judge = bug_yield.fit_judge(ds.x_train, ds.y_train, ds.x_test, ds.y_test, seed=seed)
-    idx = bug_yield.judged_codes(len(z), most=bug_yield.MAX_JUDGED_CODES, seed=seed)
-    return bug_yield.bug_yield(
-        judge, evaluation.decode(ctx.model("vae"), z[idx]), np.asarray(errors["source_label"])[idx],
-        np.asarray(errors["pred_label"])[idx], region=np.asarray(assignment)[idx],
+    return bug_yield.judge_codes(
+        judge, ctx.model("vae"), z, errors["source_label"], errors["pred_label"],
+        region=assignment, seed=seed,
     )  # fmt: skip
 
 

@@ -321,7 +321,6 @@ def run(args: argparse.Namespace) -> int:
     from defuse_jax import bug_yield, identification, models
     from defuse_jax import train_models as tm
     from defuse_jax.data import load_dataset
-    from defuse_jax.evaluation import decode as models_decode
     from defuse_jax.run_config import load_run_config
 
     config = load_run_config(args.out)
@@ -354,10 +353,8 @@ def run(args: argparse.Namespace) -> int:
     judge = bug_yield.fit_judge(ds.x_train, ds.y_train, ds.x_test, ds.y_test, seed=config.data.seed)
 
     def judged(res: SearchResult) -> float | None:
-        idx = bug_yield.judged_codes(res.num_found, most=bug_yield.MAX_JUDGED_CODES, seed=args.seed)
-        images = models_decode(vae, np.asarray(res.z)[idx])
-        return bug_yield.bug_yield(
-            judge, images, np.asarray(res.source_label)[idx], np.asarray(res.pred_label)[idx]
+        return bug_yield.judge_codes(
+            judge, vae, res.z, res.source_label, res.pred_label, seed=args.seed
         )["bug"]
 
     rows = run_sweep(
