@@ -22,6 +22,7 @@ from defuse_jax.correction import CorrectConfig
 from defuse_jax.data import DataConfig
 from defuse_jax.evaluation import EvalConfig
 from defuse_jax.models import ClassifierConfig, VAEConfig
+from defuse_jax.own_model import OwnModel
 from defuse_jax.regions import DistillConfig
 from defuse_jax.run_config import DEFAULT_SEARCH, STAGES, RunConfig, load_run_config
 from defuse_jax.run_dir import check_not_a_file
@@ -29,8 +30,8 @@ from defuse_jax.search import SearchConfig
 from defuse_jax.training import TrainConfig
 
 _DATA_RENAME = {"name": "dataset", "seed": "data_seed"}
-_NESTED = ("data", "vae", "vae_train", "classifier", "classifier_train", "search", "distill",
-           "correct", "eval")  # fmt: skip
+_NESTED = ("data", "vae", "vae_train", "classifier", "classifier_train", "own_classifier",
+           "own_vae", "search", "distill", "correct", "eval")  # fmt: skip
 EXIT_LABELS_PENDING = 3
 
 
@@ -55,6 +56,46 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     flags.add_flags(p, DistillConfig, prefix="distill-", suppress=True)
     flags.add_flags(p, CorrectConfig, prefix="correct-", suppress=True)
     flags.add_flags(p, EvalConfig, prefix="eval-", suppress=True)
+    _add_own_model_flags(p)
+
+
+_OWN_FIELDS = {
+    "classifier": ("fn", "ckpt", "frozen", "preprocess"),
+    "vae": ("fn", "ckpt"),
+}
+_OWN_HELP = {
+    "fn": "package.module:function returning your {role} (docs/own_classifier.md); 'none': "
+    "back to the project's own",
+    "ckpt": "Orbax checkpoint of its weights, restored into what --{role}-fn returns",
+    "frozen": "regular expression of the weight paths the correction keeps fixed",
+    "preprocess": "package.module:function mapping images [B, H, W, C] in [0, 1] to its input",
+}
+
+
+def _add_own_model_flags(p: argparse.ArgumentParser) -> None:
+    """--classifier-fn/-ckpt/-frozen/-preprocess and --vae-fn/-ckpt (`own_model.OwnModel`)."""
+    g = p.add_argument_group("your own models (own_model.OwnModel; saved with the run)")
+    for role, fields in _OWN_FIELDS.items():
+        for field in fields:
+            g.add_argument(f"--{role}-{field}", default=argparse.SUPPRESS,
+                           help=_OWN_HELP[field].format(role=role))  # fmt: skip
+
+
+def _own_model(args: argparse.Namespace, role: str, base: OwnModel | None) -> OwnModel | None:
+    """The run's `OwnModel` for `role`: the saved one with the typed flags on top."""
+    given = {
+        f: getattr(args, f"{role}_{f}") for f in _OWN_FIELDS[role] if hasattr(args, f"{role}_{f}")
+    }
+    if not given:
+        return base
+    if given.get("fn", "").lower() == "none":
+        return None
+    if "fn" not in given and base is None:
+        raise ValueError(
+            f"--{role}-{next(iter(given))} goes with --{role}-fn package.module:function, the "
+            f"entry point that builds your {role}."
+        )
+    return OwnModel(**{**(dataclasses.asdict(base) if base else {}), **given})
 
 
 def resolve(args: argparse.Namespace) -> tuple[str, RunConfig]:
@@ -94,6 +135,8 @@ def resolve(args: argparse.Namespace) -> tuple[str, RunConfig]:
         distill=flags.from_flags(args, DistillConfig, prefix="distill-", base=base.distill),
         correct=flags.from_flags(args, CorrectConfig, prefix="correct-", base=base.correct),
         eval=flags.from_flags(args, EvalConfig, prefix="eval-", base=base.eval),
+        own_classifier=_own_model(args, "classifier", base.own_classifier),
+        own_vae=_own_model(args, "vae", base.own_vae),
     )
     if getattr(args, "correct_lams", None) is not None and not config.correct.select:
         raise ValueError(

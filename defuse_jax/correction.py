@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from defuse_jax import correction_selection as sel
-from defuse_jax import models, region_overlap, training_lengths
+from defuse_jax import models, own_model, region_overlap, training_lengths
 from defuse_jax.config_checks import (
     NON_NEGATIVE,
     OPTIONAL_POSITIVE_INT,
@@ -446,12 +446,12 @@ def fine_tune(
 
 def _describe(out_dir: str, classifier: Params, train: TrainConfig) -> None:
     """config.json next to the checkpoints, so `train_models.load_trained` can reload them."""
-    module = classifier.module()
-    meta: dict[str, Any] = {
-        "kind": "classifier",
-        "data": {"image_shape": list(module.image_shape), "num_classes": module.num_classes},
-        "model": dataclasses.asdict(module.config),
-        "train": dataclasses.asdict(train),
-        "fine_tuned": True,
-    }
+    meta: dict[str, Any] = {"kind": "classifier"}
+    if own_model.is_external(classifier):  # restored into the user's model (`own_model`)
+        meta["own"] = own_model.describe(classifier)
+    else:
+        module = classifier.module()
+        meta["data"] = {"image_shape": list(module.image_shape), "num_classes": module.num_classes}
+        meta["model"] = dataclasses.asdict(module.config)
+    meta.update(train=dataclasses.asdict(train), fine_tuned=True)
     write_json(os.path.join(out_dir, "config.json"), meta)

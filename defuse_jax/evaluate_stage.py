@@ -113,6 +113,7 @@ def build_report(ctx: Context) -> report_lib.Report:
         confirmed=confirmed,
         overlap={int(k): v for k, v in correct_summary.get("overlap", {}).items()},
         bug_yield=found_yield,
+        own_models=ctx.own,
     )
     report_lib.write_report(ctx.run_dir, report, codes=errors["z"], assignment=regions.assignment)
     pct = report_lib.pct

@@ -28,7 +28,7 @@ from defuse_jax import train_models as tm
 from defuse_jax.files import make_dirs, read_json, write_json
 from defuse_jax.models import Params
 from defuse_jax.regions import Regions, is_error_region, load_regions, sample_regions, top_pair
-from defuse_jax.run_config import RunConfig, stage_fingerprints
+from defuse_jax.run_config import RunConfig
 from defuse_jax.run_dir import RunDir
 from defuse_jax.stage_context import Context, LabelsPending
 
@@ -227,9 +227,7 @@ def _label_stage_current(ctx: Context) -> bool:
     path = ctx.dir.record("label")
     if not os.path.exists(path):
         return False
-    return (
-        read_json(path).get("fingerprint") == stage_fingerprints(ctx.config, ctx.run_dir)["label"]
-    )
+    return read_json(path).get("fingerprint") == ctx.fingerprints()["label"]
 
 
 def set_labels(

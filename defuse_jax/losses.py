@@ -42,6 +42,15 @@ def vae_eval(params: Params, batch: dict[str, jax.Array]) -> dict[str, jax.Array
     return {"recon": recon, "kl": kl}
 
 
+def reconstruction_mse(params: Params, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Per-example mean squared error of the reconstruction from the mean code; [B]. Any model
+    with `encode` and `decode` (a user's own, `own_model.ExternalVAE`)."""
+    vae = params.module()
+    x = batch["x"]
+    recon = vae.decode(vae.encode(x)[0])
+    return {"recon_mse": ((recon - x) ** 2).mean(axis=(1, 2, 3))}
+
+
 def classifier_loss(
     params: Params, batch: dict[str, jax.Array], key: jax.Array, step: jax.Array
 ) -> tuple[jax.Array, dict[str, jax.Array]]:

@@ -314,6 +314,17 @@ class Params:
         return nnx.merge(self.graphdef, self.state)
 
 
+class Frozen(nnx.Variable):
+    """A weight that training keeps fixed (a user's classifier's frozen layers, `own_model`)."""
+
+
+def split_trainable(state: Any) -> tuple[Any, Any]:
+    """(the weights training updates: the `nnx.Param` variables; the rest, which it keeps
+    fixed: `Frozen` weights and collections such as batch statistics). `nnx.merge_state`
+    joins them back; every weight of the project's own models is trainable."""
+    return nnx.split_state(state, nnx.Param, ...)
+
+
 def params_of(model: nnx.Module) -> Params:
     """Split an NNX model into a pure `Params` pytree."""
     graphdef, state = nnx.split(model)

@@ -39,6 +39,7 @@ from defuse_jax import (
     evaluation,
     identification,
     labeling,
+    own_model,
     region_overlap,
     training_lengths,
 )
@@ -56,6 +57,7 @@ from defuse_jax.label_stage import (  # noqa: F401 - the public API of a run dir
     stage_label,
     train_oracle,
 )
+from defuse_jax.models import Params
 from defuse_jax.regions import (
     Regions,
     codes_fitted,
@@ -65,7 +67,7 @@ from defuse_jax.regions import (
     resolved_max_codes,
     save_regions,
 )
-from defuse_jax.run_config import STAGES, RunConfig, load_run_config, stage_fingerprints
+from defuse_jax.run_config import STAGES, RunConfig, load_run_config
 from defuse_jax.run_dir import RunDir, check_not_a_file
 from defuse_jax.stage_context import Context, LabelsPending  # noqa: F401 - re-exported
 
@@ -75,18 +77,33 @@ from defuse_jax.stage_context import Context, LabelsPending  # noqa: F401 - re-e
 
 def stage_train(ctx: Context) -> dict[str, Any]:
     cfg, ds = ctx.config, ctx.dataset
-    clf = tm.train_classifier(
-        ds, out_dir=ctx.path("train", "classifier"), config=cfg.classifier,
-        train=cfg.classifier_train, progress=cfg.progress,
-    )  # fmt: skip
-    ctx.log(f"classifier: test accuracy {clf.metrics['accuracy']:.4f}")
-    vae = tm.train_vae(ds, out_dir=ctx.path("train", "vae"), config=cfg.vae, train=cfg.vae_train,
-                       progress=cfg.progress)  # fmt: skip
-    ctx.log(
-        f"VAE: test reconstruction error {vae.metrics['recon']:.3f}, KL {vae.metrics['kl']:.3f}"
-    )
-    ctx._models.update(vae=vae.params, classifier=clf.params)
-    return {"classifier_test": clf.metrics, "vae_test": vae.metrics}
+    summary: dict[str, Any] = {}
+    if ctx.own_classifier is None:
+        clf = tm.train_classifier(
+            ds, out_dir=ctx.path("train", "classifier"), config=cfg.classifier,
+            train=cfg.classifier_train, progress=cfg.progress,
+        )  # fmt: skip
+        ctx._models["classifier"] = clf.params
+        summary["classifier_test"] = clf.metrics
+    else:  # the user's: nothing to train
+        summary["classifier_test"] = tm.record_own_classifier(
+            ctx.own_classifier, ds, out_dir=ctx.path("train", "classifier")
+        )
+        summary["own_classifier"] = ctx.own["classifier"]
+    name = f" ({ctx.own['classifier']['name']})" if ctx.own_classifier is not None else ""
+    ctx.log(f"classifier{name}: test accuracy {summary['classifier_test']['accuracy']:.4f}")
+    if "vae" not in ctx.own_models:
+        vae = tm.train_vae(ds, out_dir=ctx.path("train", "vae"), config=cfg.vae,
+                           train=cfg.vae_train, progress=cfg.progress)  # fmt: skip
+        ctx._models["vae"] = vae.params
+        summary["vae_test"] = vae.metrics
+    else:  # the user's
+        summary["vae_test"] = tm.record_own_vae(
+            ctx.own_models["vae"], ds, out_dir=ctx.path("train", "vae")
+        )
+        summary["own_vae"] = ctx.own["vae"]
+    ctx.log("VAE: test " + ", ".join(f"{k} {v:.3f}" for k, v in summary["vae_test"].items()))
+    return summary
 
 
 def stage_search(ctx: Context) -> dict[str, Any]:
@@ -196,6 +213,8 @@ def stage_correct(ctx: Context) -> dict[str, Any]:
         progress=ctx.config.progress,
     )
     ctx._models["corrected"] = result.params
+    if ctx.own_classifier is not None:  # also in the user's own structure, to load back
+        own_model.save_user_params(result.params, ctx.path("correct", "classifier", "own_params"))
     chosen = result.selection and result.selection["chosen"]
     if chosen is None:
         ctx.log(f"correct: fine-tuned on {len(labels)} labeled regions (lambda={cfg.lam})")
@@ -238,6 +257,7 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "label": ("label/region_*.png", "label/oracle/config.json", "label/oracle/history.json",
               "label/oracle/ckpt/**", "label/oracle_check.json"),
     "correct": ("correct/classifier/config.json", "correct/classifier/ckpt/**",
+                "correct/classifier/own_params/**",
                 "correct/classifier/control/config.json", "correct/classifier/control/ckpt/**"),
     "evaluate": ("report.json", "report.md", "plots/*.png"),
 }  # fmt: skip
@@ -256,6 +276,8 @@ def run(
     until: str = "evaluate",
     log: Callable[[str], None] = print,
     dataset: Dataset | None = None,
+    classifier: Any = None,
+    vae: Any = None,
     distributed: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) the stages up to and including `until`.
@@ -267,6 +289,15 @@ def run(
         log: where progress lines go (prefixed with "[process i of n] " on every process but
             process 0 of a distributed run).
         dataset: the dataset, if already loaded (default: loaded from `config.data`).
+        classifier: the user's own classifier to debug instead of training the project's
+            (`own_model.as_classifier`: an NNX module, `(linen_module, variables)` or
+            `(apply_fn, params)`, or what `as_classifier` made of one, with its `preprocess`
+            and `frozen` weights). Pass it on every call for this run directory: its identity
+            is in every stage's fingerprint. Its corrected weights go to
+            correct/classifier/own_params/ in its own structure (`own_model.save_user_params`).
+        vae: the generative model to search with instead of training one
+            (`own_model.as_vae`: the project's VAE params, or `(encode_fn, decode_fn, params)`);
+            pass it on every call too.
         distributed: join the processes of a multi-host run first
             (`distributed.initialize()`, which detects the cluster; call it yourself with the
             coordinator's address for an explicit launch). Every process must call `run` with
@@ -304,13 +335,15 @@ def run(
         if not dist.is_main():
             log = _prefixed(log, f"[{dist.describe()}] ")
         log(f"[distributed] {dist.describe()}, {jax.device_count()} devices in all")
+    own = _own_models(config, classifier, vae)
     config = resolve_lengths(run_dir, config, dataset)
-    ctx = Context(os.path.abspath(run_dir), config, log, _dataset=dataset)
+    ctx = Context(os.path.abspath(run_dir), config, log, _dataset=dataset, own_models=own)
+    _check_own_models(ctx)
     summaries: dict[str, Any] = {}
     upstream: str | None = None  # id of the completion of the stage before (None: first stage)
     for stage in STAGES[: STAGES.index(until) + 1]:
         # Recomputed per stage: the correction's fingerprint covers the labels file's content.
-        fp = stage_fingerprints(config, ctx.run_dir)[stage]
+        fp = ctx.fingerprints()[stage]
         record = _completed(ctx, stage, fp, upstream)
         if record is not None:
             summaries[stage] = record["summary"]
@@ -330,6 +363,51 @@ def run(
         )  # fmt: skip
         summaries[stage], upstream = summary, completion
     return summaries
+
+
+def _own_models(config: RunConfig, classifier: Any, vae: Any) -> dict[str, Params]:
+    """The user's models, given as objects or by entry point (`config.own_classifier`,
+    `config.own_vae`)."""
+    own = {}
+    if classifier is not None and config.own_classifier is not None:
+        raise ValueError(
+            "Both classifier= and config.own_classifier name the classifier to debug; give one."
+        )
+    if classifier is not None:
+        own["classifier"] = own_model.as_classifier(classifier)
+    elif config.own_classifier is not None:
+        own["classifier"] = own_model.from_entry_point(config.own_classifier)
+    if vae is not None and config.own_vae is not None:
+        raise ValueError("Both vae= and config.own_vae name the VAE to search with; give one.")
+    if vae is not None:
+        own["vae"] = own_model.as_vae(vae)
+    elif config.own_vae is not None:
+        own["vae"] = own_model.from_entry_point(config.own_vae, role="vae")
+    return own
+
+
+def _check_own_models(ctx: Context) -> None:
+    """Before any stage: the user's models serve on the dataset's images, and a run directory
+    that debugged a user's model is not silently given the project's instead."""
+    if ctx.own_models:
+        ds = ctx.dataset
+        if "classifier" in ctx.own_models:
+            own_model.check_classifier(ctx.own_classifier, ds.x_test[:8], ds.num_classes)
+        if "vae" in ctx.own_models:
+            own_model.check_vae(ctx.own_models["vae"], ds.x_test[:8])
+    try:
+        record = _read_record(ctx.dir.record("train"))
+    except _UnreadableRecord:
+        return
+    summary = (record or {}).get("summary") or {}
+    for name in ("classifier", "vae"):
+        own = summary.get(f"own_{name}")
+        if own and name not in ctx.own_models:
+            raise ValueError(
+                f"{ctx.run_dir} debugs with your {name} {own['name']} (weights sha256 "
+                f"{own['sha256'][:12]}), but none was given: pass it again ({name}=, or "
+                f"--{name}-fn), or start a new run directory for the project's own {name}."
+            )
 
 
 def _prefixed(log: Callable[[str], None], prefix: str) -> Callable[[str], None]:
@@ -487,8 +565,11 @@ def label_interactively(
     *,
     input_fn: Callable[[str], str] = input,
     print_fn: Callable[..., None] = print,
+    classifier: Any = None,
+    vae: Any = None,
 ) -> dict[int, int | None]:
-    """Walk a person through the unlabeled regions (runs the stages up to distill first).
+    """Walk a person through the unlabeled regions (runs the stages up to distill first;
+    `classifier` and `vae`: the user's own models, as `run` takes them).
 
     Raises:
         ValueError: the run labels its regions automatically (`config.labeler` is not
@@ -505,10 +586,11 @@ def label_interactively(
     # Through the label stage itself: an outdated one (e.g. an automatic labeler's) is set aside
     # first, and the stage writes the grids, the oracle's check and the labels file to answer in.
     try:
-        run(run_dir, config, until="label", log=print_fn)
+        run(run_dir, config, until="label", log=print_fn, classifier=classifier, vae=vae)
     except LabelsPending:
         pass  # the regions this session asks
-    ctx = Context(os.path.abspath(run_dir), config, print_fn)
+    own = _own_models(config, classifier, vae)
+    ctx = Context(os.path.abspath(run_dir), config, print_fn, own_models=own)
     regions = load_regions(ctx.path("distill"))
     if regions.num_regions == 0:
         print_fn("No regions to label: the search found too few errors.")

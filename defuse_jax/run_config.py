@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import typing
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from defuse_jax import train_models as tm
@@ -15,6 +16,7 @@ from defuse_jax.data import DataConfig
 from defuse_jax.evaluation import EvalConfig
 from defuse_jax.files import json_digest, sha256
 from defuse_jax.models import ClassifierConfig, VAEConfig
+from defuse_jax.own_model import OwnModel
 from defuse_jax.regions import DistillConfig
 from defuse_jax.run_dir import RunDir
 from defuse_jax.search import SearchConfig
@@ -34,6 +36,13 @@ class RunConfig:
         vae_train: VAE optimisation.
         classifier: classifier architecture (None: chosen from the image shape).
         classifier_train: classifier optimisation.
+        own_classifier: debug the user's own classifier, named by its entry point
+            (`own_model.OwnModel`, the command line's --classifier-fn and --classifier-ckpt),
+            instead of training the project's (then `classifier` and `classifier_train` are
+            unused). From Python, `pipeline.run(..., classifier=...)` takes the model itself.
+        own_vae: search with the user's own generative model (--vae-fn, --vae-ckpt) instead of
+            training the project's VAE (`vae` and `vae_train` unused; `pipeline.run(...,
+            vae=...)` from Python).
         max_sources: search from at most this many test points (None: all of them).
         search: the latent search.
         distill: the mixture and region cutoffs.
@@ -61,6 +70,8 @@ class RunConfig:
     vae_train: TrainConfig = tm.VAE_TRAIN_DEFAULT
     classifier: ClassifierConfig | None = None
     classifier_train: TrainConfig = tm.CLASSIFIER_TRAIN_DEFAULT
+    own_classifier: OwnModel | None = None
+    own_vae: OwnModel | None = None
     max_sources: int | None = None
     search: SearchConfig = DEFAULT_SEARCH
     distill: DistillConfig = DistillConfig()
@@ -91,16 +102,33 @@ class RunConfig:
         check_fields(self, {"grid_samples": POSITIVE_INT, "max_sources": OPTIONAL_POSITIVE_INT})
 
 
-def stage_fingerprints(config: RunConfig, run_dir: str) -> dict[str, str]:
-    """Fingerprint of every stage: its own settings plus the fingerprint of the stage before."""
+def stage_fingerprints(
+    config: RunConfig, run_dir: str, *, own: Mapping[str, Mapping[str, Any]] | None = None
+) -> dict[str, str]:
+    """Fingerprint of every stage: its own settings plus the fingerprint of the stage before.
+
+    Args:
+        config: the run's configuration.
+        run_dir: the run directory (the correction's covers its labels file).
+        own: the identities of the user's own models ({"classifier"/"vae":
+            `own_model.describe`}: the digest of the weights and the name), which take the
+            place of the settings of the project's model they replace; other weights redo
+            every stage.
+    """
+    own = own or {}
+    train: dict[str, Any] = {"data": dataclasses.asdict(config.data)}
+    project = {
+        "vae": (config.vae, config.vae_train),
+        "classifier": (config.classifier, config.classifier_train),
+    }
+    for name, (model, settings) in project.items():
+        if name in own:  # an entry point's name is in its identity, its checkpoint's path not
+            train[f"own_{name}"] = dict(own[name])
+        else:
+            train[name] = model and dataclasses.asdict(model)
+            train[f"{name}_train"] = dataclasses.asdict(settings)
     parts: dict[str, Any] = {
-        "train": {
-            "data": dataclasses.asdict(config.data),
-            "vae": config.vae and dataclasses.asdict(config.vae),
-            "vae_train": dataclasses.asdict(config.vae_train),
-            "classifier": config.classifier and dataclasses.asdict(config.classifier),
-            "classifier_train": dataclasses.asdict(config.classifier_train),
-        },
+        "train": train,
         "search": {"search": _search_settings(config.search), "max_sources": config.max_sources},
         "distill": dataclasses.asdict(config.distill),
         "label": {"labeler": config.labeler, "grid_samples": config.grid_samples,

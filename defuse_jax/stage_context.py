@@ -6,10 +6,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+from defuse_jax import own_model
 from defuse_jax import train_models as tm
 from defuse_jax.data import Dataset, load_dataset
 from defuse_jax.models import Params
-from defuse_jax.run_config import RunConfig
+from defuse_jax.run_config import RunConfig, stage_fingerprints
 from defuse_jax.run_dir import RunDir
 
 
@@ -27,6 +28,23 @@ class Context:
     messages: list[str] = dataclasses.field(default_factory=list)
     _dataset: Dataset | None = None
     _models: dict[str, Params] = dataclasses.field(default_factory=dict)
+    # The user's own models ("classifier", "vae"; `own_model`), used instead of training the
+    # project's.
+    own_models: dict[str, Params] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        # Their identities (`own_model.describe`), in every stage's fingerprint.
+        self.own = {name: own_model.describe(m) for name, m in self.own_models.items()}
+        self._models.update(self.own_models)
+
+    @property
+    def own_classifier(self) -> Params | None:
+        return self.own_models.get("classifier")
+
+    def fingerprints(self) -> dict[str, str]:
+        """Every stage's fingerprint (`run_config.stage_fingerprints`), the user's models'
+        identities included."""
+        return stage_fingerprints(self.config, self.run_dir, own=self.own)
 
     @property
     def dir(self) -> RunDir:
@@ -52,5 +70,9 @@ class Context:
                 "control": ("correct", "classifier", "control"),
                 "oracle": ("label", "oracle"),
             }[name]
-            self._models[name] = tm.load_trained(self.path(*where))[0]
+            if self.own_classifier is not None and name in ("corrected", "control"):
+                # the user's model: its fine-tuned weights restored into its own structure
+                self._models[name] = tm.restore_weights(self.path(*where), self.own_classifier)
+            else:
+                self._models[name] = tm.load_trained(self.path(*where))[0]
         return self._models[name]

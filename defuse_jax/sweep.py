@@ -318,7 +318,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if max_sources is not None and max_sources < 1:
         raise ValueError(f"sweep: --max-sources must be >= 1, got {max_sources}.")
-    from defuse_jax import bug_yield, identification, models
+    from defuse_jax import bug_yield, identification, models, own_model
     from defuse_jax import train_models as tm
     from defuse_jax.data import load_dataset
     from defuse_jax.run_config import load_run_config
@@ -328,8 +328,12 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(
             f"{args.out} holds no run (no config.json); run `defuse-jax run --out {args.out}`."
         )
-    vae, _ = tm.load_trained(os.path.join(args.out, "train", "vae"))
-    clf, _ = tm.load_trained(os.path.join(args.out, "train", "classifier"))
+    vae, clf = (
+        own_model.from_entry_point(own, role=role)
+        if own is not None  # the user's own model (--vae-fn, --classifier-fn)
+        else tm.load_trained(os.path.join(args.out, "train", role))[0]
+        for role, own in (("vae", config.own_vae), ("classifier", config.own_classifier))
+    )
     ds = load_dataset(config.data)
     idx = np.arange(len(ds.x_test))
     if max_sources is not None and max_sources < len(idx):

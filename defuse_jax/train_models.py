@@ -28,7 +28,7 @@ from defuse_jax.checkpoint import Checkpointer
 from defuse_jax.data import Dataset
 from defuse_jax.files import read_json, write_json
 from defuse_jax.models import VAE, Classifier, ClassifierConfig, Params, VAEConfig, params_of
-from defuse_jax.training import TrainConfig, TrainState, evaluate, fit, make_optimizer
+from defuse_jax.training import TrainConfig, evaluate, fit, initial_state, make_optimizer
 
 # Epochs from the data size (`training_lengths`): 120 and 40 on the 1,145 digits.
 VAE_TRAIN_DEFAULT = TrainConfig(epochs=None, batch_size=64, learning_rate=1e-3)
@@ -164,6 +164,40 @@ def train_classifier(
     )
 
 
+def record_own_classifier(classifier: Params, ds: Dataset, *, out_dir: str) -> dict[str, float]:
+    """The train stage for the user's own classifier (`own_model`): nothing to train; its
+    identity (`own_model.describe`) and test metrics go to `out_dir` (config.json,
+    history.json), and the test metrics are returned."""
+    from defuse_jax import own_model
+
+    test = {"x": ds.x_test, "y": ds.y_test.astype(np.int32)}
+    metrics = evaluate(losses.classifier_eval, classifier, test)
+    write_json(
+        os.path.join(out_dir, "config.json"),
+        {"kind": "classifier", "data": _dataset_meta(ds), "own": own_model.describe(classifier)},
+    )
+    write_json(os.path.join(out_dir, "history.json"), {"history": [], "test": metrics})
+    return metrics
+
+
+def record_own_vae(vae: Params, ds: Dataset, *, out_dir: str) -> dict[str, float]:
+    """The train stage for the user's own generative model: its identity to `out_dir`, and its
+    test metrics returned (the project's VAE: `losses.vae_eval`; another: the mean squared
+    error of the reconstructions from the mean code, "recon_mse")."""
+    from defuse_jax import own_model
+
+    if own_model.is_external(vae):
+        metrics = evaluate(losses.reconstruction_mse, vae, {"x": ds.x_test})
+    else:
+        metrics = evaluate(losses.vae_eval, vae, {"x": ds.x_test})
+    write_json(
+        os.path.join(out_dir, "config.json"),
+        {"kind": "vae", "data": _dataset_meta(ds), "own": own_model.describe(vae)},
+    )
+    write_json(os.path.join(out_dir, "history.json"), {"history": [], "test": metrics})
+    return metrics
+
+
 def default_vae_config(image_shape: tuple[int, int, int]) -> VAEConfig:
     """MLP for tiny grayscale images, conv for 28x28 and larger or colour images."""
     small = image_shape[0] * image_shape[1] <= 16 * 16
@@ -213,6 +247,12 @@ def load_trained(out_dir: str) -> tuple[Params, Any]:
             f"No trained model in {out_dir} (missing config.json); train it first."
         )
     saved = read_json(cfg_path)
+    if "own" in saved:
+        raise FileNotFoundError(
+            f"{out_dir} records your own {saved['kind']} {saved['own']['name']}, not a model "
+            "the project trained: build it as the run did (`own_model.from_entry_point` or "
+            "`own_model.as_classifier`)."
+        )
     model_cfg, meta = saved["model"], saved["data"]
     shape = tuple(meta["image_shape"])
     if saved["kind"] == "vae":
@@ -223,15 +263,25 @@ def load_trained(out_dir: str) -> tuple[Params, Any]:
         model = Classifier(
             config, image_shape=shape, num_classes=meta["num_classes"], rngs=nnx.Rngs(0)
         )
-    params = params_of(model)
+    return restore_weights(out_dir, params_of(model)), config
+
+
+def restore_weights(out_dir: str, template: Params) -> Params:
+    """The latest checkpoint in `out_dir`/ckpt restored into `template`'s structure (the
+    optimiser state it holds is read with the training settings of `out_dir`/config.json).
+
+    Raises:
+        FileNotFoundError: no checkpoint there.
+        CheckpointError: it cannot be read, or does not fit `template`.
+    """
+    saved = read_json(os.path.join(out_dir, "config.json"))
     # Configs saved before `progress` left TrainConfig carry it: keep only the current fields.
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     train = TrainConfig(**{k: v for k, v in saved["train"].items() if k in names})
-    opt = make_optimizer(train)
-    target = TrainState(jnp.zeros((), jnp.int32), params.state, opt.init(params.state))
+    target = initial_state(make_optimizer(train), template.state)
     ckpt = Checkpointer(os.path.join(out_dir, "ckpt"), fingerprint=None)
     restored = ckpt.restore_latest(target)
     ckpt.close()
     if restored is None:
         raise FileNotFoundError(f"No checkpoint in {out_dir}/ckpt; train the model first.")
-    return Params(params.graphdef, restored[0].params), config
+    return Params(template.graphdef, restored[0].params)

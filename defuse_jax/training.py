@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
@@ -44,7 +45,7 @@ from defuse_jax.config_checks import (
     POSITIVE_INT,
     check_fields,
 )
-from defuse_jax.models import Params
+from defuse_jax.models import Params, split_trainable
 
 Batch = Mapping[str, jax.Array]
 # loss_fn(params, batch, key, step) -> (scalar loss, {metric name: scalar})
@@ -95,7 +96,15 @@ class TrainConfig:
 class TrainState(NamedTuple):
     step: jax.Array  # [] int32, number of completed steps
     params: Any  # nnx.State of the model weights
-    opt_state: Any  # optax state
+    opt_state: Any  # optax state of the trainable weights (`models.split_trainable`)
+
+
+def initial_state(optimizer: optax.GradientTransformation, weights: Any) -> TrainState:
+    """Step 0 of a run from `weights` (an nnx.State): the optimiser sees only the trainable
+    ones (`models.split_trainable`), so frozen weights and batch statistics carry no state."""
+    return TrainState(
+        jnp.zeros((), jnp.int32), weights, optimizer.init(split_trainable(weights)[0])
+    )
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
@@ -113,14 +122,18 @@ def _step_fn(loss_fn: LossFn, graphdef: Any, optimizer: optax.GradientTransforma
     def train_step(state: TrainState, batch: Batch, step_key: jax.Array):
         key = jax.random.fold_in(step_key, state.step)
 
-        def objective(p):
-            return loss_fn(Params(graphdef, p), batch, key, state.step)
+        # Only the trainable weights are differentiated and updated; the rest (frozen weights,
+        # batch statistics) go through unchanged. The project's models are all trainable.
+        trainable, fixed = split_trainable(state.params)
 
-        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        def objective(t):
+            return loss_fn(Params(graphdef, nnx.merge_state(t, fixed)), batch, key, state.step)
+
+        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
         # optax mixes Python floats with int32 step counts internally.
         with jax.numpy_dtype_promotion("standard"):
-            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+            updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
+        params = nnx.merge_state(optax.apply_updates(trainable, updates), fixed)
         return TrainState(state.step + 1, params, opt_state), {"loss": loss, **metrics}
 
     return train_step
@@ -306,8 +319,8 @@ def save_finished(
     """Save a finished model where `train_models.load_trained` reads it: a one-step checkpoint
     with a fresh optimiser state (a model to use, not a run to resume). Call it on every process
     of a distributed run (Orbax writes the replicated arrays once)."""
-    state: Any = TrainState(
-        jnp.ones((), jnp.int32), params.state, make_optimizer(config).init(params.state)
+    state: Any = initial_state(make_optimizer(config), params.state)._replace(
+        step=jnp.ones((), jnp.int32)
     )
     if distributed.is_distributed():
         state = _replicated(state, NamedSharding(Mesh(np.asarray(jax.devices()), ("data",)), P()))
@@ -430,7 +443,7 @@ def fit(
     optimizer = make_optimizer(config)
     # Copy: the train step donates its state, and the caller keeps its `params`.
     init = jax.tree.map(jnp.copy, params.state)
-    state = TrainState(jnp.zeros((), jnp.int32), init, optimizer.init(init))
+    state = initial_state(optimizer, init)
     # Epochs and checkpoint cadence may change between resumes (e.g. to train longer).
     resumable = dataclasses.asdict(config)
     for k in ("epochs", "checkpoint_every", "keep_checkpoints"):

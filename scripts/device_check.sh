@@ -59,7 +59,7 @@ if [ -n "$QUICK" ]; then  # seconds on a CPU: every step runs, on toy sizes
   CONV=(--vae-channels 4 8 --clf-channels 4 8 --vae-hidden 32 --clf-hidden 32)
   MIX=(--k 5 --iters 10 --repeats 1 --models gmm)
   MIX_N=(2000 4000)
-  ILL_N=20000
+  ILL_N=5000
   SEARCH=(--quick --no-torch --no-modes --models mlp --chains 256 --chunk-sizes 64 128
     --scaling-devices 1)
   TRAIN=(--quick --kinds mlp --roles classifier --train-size 256)

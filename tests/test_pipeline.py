@@ -669,3 +669,209 @@ def test_the_mixture_takes_every_code_up_to_max_codes():
     assert codes_fitted(pred, DistillConfig()) == 10_000
     assert codes_fitted(pred, DistillConfig(max_codes=None, per_label=True, min_codes=5)) == 10_005
     assert codes_fitted(pred, DistillConfig(max_codes=200_000)) == 30_006
+
+
+# --------------------------------------------------------------------------------------------
+# The user's own classifier (`own_model`) through every stage.
+
+
+# The own-model runs label by source class, without the oracle (whose training is a third of a
+# tiny run; it has its own tests).
+OWN = dataclasses.replace(TINY, labeler="source", oracle_check=False)
+
+
+def _trained_models(run_dir):
+    from defuse_jax.train_models import load_trained
+
+    return tuple(load_trained(os.path.join(run_dir, "train", m))[0] for m in ("vae", "classifier"))
+
+
+# What may differ between two runs of the same models: timings, where they ran, the config
+# (which records how the models were given) and the models' identities.
+_RUN_SPECIFIC = {"stage_seconds", "devices", "config", "own_models"}
+_SEARCH_TIMES = {"wall_time_s", "compile_time_s", "search_time_s", "seconds"}
+
+
+def test_the_projects_classifier_as_a_generic_pair_gives_the_same_report(finished, tmp_path):
+    """Defuse through `(apply_fn, params)` is the built-in path: same errors, regions, labels,
+    correction and report."""
+    from defuse_jax import models
+
+    vae, clf = _trained_models(finished[0])
+    run_dir = str(tmp_path / "pair")
+    pipeline.run(run_dir, TINY, classifier=(models.logits, clf), vae=vae, log=lambda s: None)
+    builtin, pair = _report(finished[0]), _report(run_dir)
+    assert pair["own_models"]["classifier"]["kind"] == "function"
+    for key in set(builtin) - _RUN_SPECIFIC:
+        if key == "search":
+            drop = lambda d: {k: v for k, v in d.items() if k not in _SEARCH_TIMES}  # noqa: E731
+            assert drop(pair[key]) == drop(builtin[key])
+        elif key == "correction":
+            assert {**pair[key], "seconds": None} == {**builtin[key], "seconds": None}
+        else:
+            assert pair[key] == builtin[key], key
+    np.testing.assert_array_equal(
+        np.load(os.path.join(run_dir, "search", "errors.npz"))["z"],
+        np.load(os.path.join(finished[0], "search", "errors.npz"))["z"],
+    )
+
+
+def _train_linen_mlp(ds):
+    """A linen MLP trained here, as a user would, outside the project."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import linen
+
+    class MLP(linen.Module):
+        @linen.compact
+        def __call__(self, x):
+            x = linen.relu(linen.Dense(32)(x.reshape(x.shape[0], -1)))
+            return linen.Dense(10)(x)
+
+    model = MLP()
+    variables = model.init(jax.random.key(0), jnp.zeros((1, *ds.image_shape)))
+    opt = optax.adam(3e-3)
+
+    @jax.jit
+    def step(v, s, x, y):
+        loss = lambda v: optax.softmax_cross_entropy_with_integer_labels(model.apply(v, x), y)  # noqa: E731
+        with jax.numpy_dtype_promotion("standard"):  # optax's step counts (the suite: strict)
+            updates, s = opt.update(jax.grad(lambda v: loss(v).mean())(v), s)
+        return optax.apply_updates(v, updates), s
+
+    state, rng = opt.init(variables), np.random.default_rng(0)
+    for _ in range(300):
+        idx = rng.integers(0, len(ds.x_train), 32)
+        variables, state = step(variables, state, ds.x_train[idx], ds.y_train[idx].astype(np.int32))
+    return model, variables
+
+
+def test_a_linen_classifier_goes_through_every_stage(trained, tmp_path):
+    import jax
+    import orbax.checkpoint as ocp
+
+    from defuse_jax import own_model
+    from defuse_jax.data import load_dataset
+
+    ds = load_dataset(TINY.data)
+    model, variables = _train_linen_mlp(ds)
+    original = jax.tree.map(np.array, variables)
+    vae, _ = _trained_models(trained)
+    own = own_model.as_classifier((model, variables), frozen="Dense_0")
+    run_dir, logs = str(tmp_path / "linen"), []
+    report = pipeline.run(run_dir, OWN, dataset=ds, classifier=own, vae=vae, log=logs.append)
+    report = report["evaluate"]
+    accuracy = float((model.apply(variables, ds.x_test).argmax(-1) == ds.y_test).mean())
+    assert report["test_accuracy_before"] == pytest.approx(accuracy, abs=1e-6)
+    assert report["num_regions_labeled"] >= 1 and not report["correction"]["skipped"]
+    assert report["own_models"]["classifier"]["frozen"] == [
+        "params/Dense_0/bias", "params/Dense_0/kernel"
+    ]  # fmt: skip
+    assert "your classifier" in open(os.path.join(run_dir, "report.md")).read()
+    # The corrected weights, in the model's own structure: the frozen layer as it was, the user's
+    # variables untouched, and the evaluate stage's corrected accuracy reproduced.
+    corrected = ocp.StandardCheckpointer().restore(
+        os.path.join(run_dir, "correct", "classifier", "own_params"), variables
+    )
+    jax.tree.map(np.testing.assert_array_equal, variables, original)
+    np.testing.assert_array_equal(
+        corrected["params"]["Dense_0"]["kernel"], original["params"]["Dense_0"]["kernel"]
+    )
+    after = float((model.apply(corrected, ds.x_test).argmax(-1) == ds.y_test).mean())
+    assert report["test_accuracy_after"] == pytest.approx(after, abs=1e-6)
+    # A rerun with the same model redoes nothing; one without it is refused; other weights
+    # redo every stage.
+    logs.clear()
+    pipeline.run(run_dir, OWN, dataset=ds, classifier=own, vae=vae, log=logs.append)
+    assert all(f"[{s}] done earlier, skipped" in logs for s in STAGES)
+    with pytest.raises(ValueError, match="debugs with your classifier .* none was given"):
+        pipeline.run(run_dir, OWN, dataset=ds, vae=vae, log=logs.append)
+    other = jax.tree.map(lambda a: a * 1.01, variables)
+    logs.clear()
+    pipeline.run(run_dir, OWN, dataset=ds, classifier=(model, other), vae=vae, until="search",
+                 log=logs.append)  # fmt: skip
+    assert "[search] running" in logs and any("configuration changed" in s for s in logs)
+
+
+NNX_MODELS = """
+from flax import nnx
+
+
+class Net(nnx.Module):
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(1, 8, (3, 3), rngs=rngs)
+        self.bn = nnx.BatchNorm(8, rngs=rngs)
+        self.out = nnx.Linear(8 * 16, 10, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.max_pool(nnx.relu(self.bn(self.conv(x))), (2, 2), (2, 2))
+        return self.out(x.reshape(x.shape[0], -1))
+
+
+def make():
+    return Net(nnx.Rngs(0))
+"""
+
+
+def test_an_nnx_classifier_goes_through_every_stage_from_the_command_line(
+    trained, tmp_path, monkeypatch
+):
+    """`defuse-jax run --classifier-fn mymodels:make --classifier-ckpt PATH` on an NNX conv
+    net with batch norm, trained here and saved with Orbax."""
+    import jax
+    import optax
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    from defuse_jax import cli
+    from defuse_jax.data import load_dataset
+
+    (tmp_path / "mymodels.py").write_text(NNX_MODELS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(__import__("sys").modules, "mymodels", raising=False)
+    import mymodels
+
+    ds = load_dataset(TINY.data)
+    net = mymodels.make()
+    opt = nnx.Optimizer(net, optax.adam(3e-3), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(net, opt, x, y):
+        def loss(net):
+            return optax.softmax_cross_entropy_with_integer_labels(net(x), y).mean()
+
+        with jax.numpy_dtype_promotion("standard"):  # optax's step counts (the suite: strict)
+            opt.update(net, nnx.grad(loss)(net))
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        idx = rng.integers(0, len(ds.x_train), 32)
+        step(net, opt, ds.x_train[idx], ds.y_train[idx].astype(np.int32))
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(str(tmp_path / "ckpt"), nnx.state(net))
+    net.eval()
+    accuracy = float((net(ds.x_test).argmax(-1) == ds.y_test).mean())
+
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(os.path.join(trained, "train", "vae"), os.path.join(run_dir, "train", "vae"))
+    pipeline.save_run_config(run_dir, OWN)  # the tiny settings, as the CLI's defaults
+    code = cli.main(["run", "--out", run_dir, "--classifier-fn", "mymodels:make",
+                     "--classifier-ckpt", str(tmp_path / "ckpt")])  # fmt: skip
+    assert code == 0
+    report = _report(run_dir)
+    assert report["own_models"]["classifier"]["name"] == "mymodels:make"
+    assert set(report["own_models"]["classifier"]["frozen"]) == {"bn/mean", "bn/var"}
+    assert report["test_accuracy_before"] == pytest.approx(accuracy, abs=1e-6)
+    assert report["num_regions_labeled"] >= 1 and not report["correction"]["skipped"]
+    # The README's two lines load the corrected weights back into the model.
+    fresh = mymodels.make()
+    path = os.path.join(run_dir, "correct", "classifier", "own_params")
+    nnx.update(fresh, ocp.StandardCheckpointer().restore(path, nnx.state(fresh)))
+    fresh.eval()
+    after = float((fresh(ds.x_test).argmax(-1) == ds.y_test).mean())
+    assert report["test_accuracy_after"] == pytest.approx(after, abs=1e-6)
+    # Batch statistics are kept as they were.
+    np.testing.assert_array_equal(np.asarray(fresh.bn.mean[...]), np.asarray(net.bn.mean[...]))
+    # The entry point is remembered: a plain rerun finds every stage done.
+    assert cli.main(["run", "--out", run_dir]) == 0

@@ -76,6 +76,9 @@ TINY_CONV = RunConfig(
     grid_samples=4,
     # Two epochs are few: the larger region weights move these tiny regions within them.
     correct=CorrectConfig(epochs=2, batch_size=32, lams=(0.3, 1.0)),
+    # No oracle (its training was a third of this test's time); the oracle has its own tests.
+    labeler="source",
+    oracle_check=False,
     progress=False,
 )
 

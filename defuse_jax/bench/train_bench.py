@@ -88,7 +88,7 @@ def time_bare_step(params, loss_fn, data, config: training.TrainConfig, steps: i
     optimizer = training.make_optimizer(config)
     step = jax.jit(training._step_fn(loss_fn, params.graphdef, optimizer), donate_argnums=0)
     init = jax.tree.map(jnp.copy, params.state)
-    state = training.TrainState(jnp.zeros((), jnp.int32), init, optimizer.init(init))
+    state = training.initial_state(optimizer, init)
     b = config.batch_size
     per_epoch = len(data["x"]) // b
     batches = [{k: jnp.asarray(v[i * b : (i + 1) * b]) for k, v in data.items()}

@@ -34,6 +34,7 @@ def assemble(
     confirmed: Sequence[int] = (),
     overlap: Mapping[int, Mapping[str, Any]] | None = None,
     bug_yield: Mapping[str, Any] | None = None,
+    own_models: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Report:
     """A `Report` from a run's parts.
 
@@ -53,6 +54,8 @@ def assemble(
         these, or over every labeled region when there is none.
       overlap: `region_overlap.overlap_summary` of the labeled regions (None: not measured).
       bug_yield: `bug_yield.bug_yield` of the kept error codes (None: not measured).
+      own_models: the identities of the user's own models the run used
+        ({"classifier"/"vae": `own_model.describe`}; empty: the project's own).
     """
     overlap = overlap or {}
     per_region_yield = (bug_yield or {}).get("per_region", {})
@@ -133,4 +136,5 @@ def assemble(
         messages=list(messages),
         config=dict(config),
         bug_yield=bug_yield and BugYield(**{k: bug_yield[k] for k in BugYield.__annotations__}),
+        own_models={k: dict(v) for k, v in (own_models or {}).items()},
     )

@@ -20,9 +20,22 @@ from defuse_jax.run_config import STAGES
 from defuse_jax.run_dir import LABELS_FILE
 
 
+def _own_models_line(own: Mapping[str, Mapping[str, Any]]) -> str:
+    """Which of the user's own models the run used, by name and weights' digest."""
+    parts = []
+    for role, d in sorted(own.items(), reverse=True):  # the classifier first
+        frozen = f", {len(d['frozen'])} frozen" if d.get("frozen") else ""
+        parts.append(
+            f"your {role} `{d['name']}` ({d['kind']}, {d['num_weights']:,} weights{frozen}, "
+            f"sha256 {d['sha256'][:12]})"
+        )
+    return "Models: " + " and ".join(parts) + "."
+
+
 def _summary_lines(report: Mapping[str, Any]) -> list[str]:
     n_err = report["num_errors_found"]
-    text = (
+    text = _own_models_line(report["own_models"]) + " " if report.get("own_models") else ""
+    text += (
         f"The search started from {report['num_sources_used']:,} of {report['num_sources']:,} "
         f"source points ({report['num_sources_skipped']:,} skipped because the classifier "
         f"already got them wrong), decoded and classified "

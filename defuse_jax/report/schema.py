@@ -124,8 +124,12 @@ class Report(_ReportRequired, total=False):
     """``report.json``: every number of a run. Fractions are in [0, 1]; None is "n/a".
 
     `plots` ({"latent_pca" | "region_accuracy": path relative to the run directory}) is added
-    by `write_report` for the plots it drew. `bug_yield` is absent in runs made before it.
+    by `write_report` for the plots it drew. `bug_yield` and `own_models` are absent in runs
+    made before them.
     """
 
     plots: dict[str, str]
     bug_yield: BugYield | None
+    # The user's own models the run debugged or searched with ({"classifier" | "vae":
+    # `own_model.describe`: name, kind, number of weights, frozen ones, sha256}); {}: none.
+    own_models: dict[str, dict[str, Any]]
