@@ -97,6 +97,10 @@ class _Weights(nnx.Module):
     by the correction) or a `models.Frozen` (kept fixed); `params()` rebuilds the pytree, so the
     module is pure and jits like the project's own models."""
 
+    # Its convolutions, if any, are not the project's loop-friendly ones (`conv_layers`): `fit`
+    # dispatches its steps one by one on a CPU (`training.default_loop`).
+    scan_friendly_gradients = False
+
     def __init__(self, params: Any, *, fixed: Callable[[str, Any], bool], name: str, kind: str):
         flat, self.treedef = jax.tree_util.tree_flatten_with_path(params)
         self.name, self.kind = name, kind
@@ -202,12 +206,9 @@ def _matcher(frozen: FrozenSpec) -> Callable[[str], bool]:
 
 
 def _qualname(obj: Any) -> str:
-    target = (
-        obj
-        if isinstance(obj, type) or callable(obj) and hasattr(obj, "__qualname__")
-        else type(obj)
-    )
-    return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', repr(target))}"
+    """ "module.Name" of a class or function (of an instance: of its class)."""
+    target = obj if hasattr(obj, "__qualname__") else type(obj)
+    return f"{getattr(target, '__module__', '?')}.{target.__qualname__}"
 
 
 def as_classifier(

@@ -336,6 +336,12 @@ def run(
             log = _prefixed(log, f"[{dist.describe()}] ")
         log(f"[distributed] {dist.describe()}, {jax.device_count()} devices in all")
     own = _own_models(config, classifier, vae)
+    if own and dist.is_distributed():
+        raise ValueError(
+            "Your own classifier or VAE is not supported over several processes yet (its "
+            "corrected weights are saved by one process). Run on one host: every local device "
+            "is used."
+        )
     config = resolve_lengths(run_dir, config, dataset)
     ctx = Context(os.path.abspath(run_dir), config, log, _dataset=dataset, own_models=own)
     _check_own_models(ctx)

@@ -366,3 +366,15 @@ def test_optax_sees_only_the_trainable_weights():
     trainable, _ = split_trainable(clf.state)
     state = optax.adam(1e-3).init(trainable)
     assert len(jax.tree.leaves(state[0].mu)) == len(jax.tree.leaves(trainable))
+
+
+def test_a_users_model_trains_one_dispatch_per_step_on_a_cpu():
+    """Inside a scan XLA:CPU runs autodiff's convolution gradients on a slow path; the project's
+    conv layers avoid it, a user's may not (`training.default_loop`)."""
+    from defuse_jax.models import Classifier, ClassifierConfig, params_of
+    from defuse_jax.training import default_loop
+
+    ours = params_of(Classifier(ClassifierConfig(kind="conv"), image_shape=(8, 8, 1),
+                                num_classes=CLASSES, rngs=nnx.Rngs(0)))  # fmt: skip
+    assert default_loop(own_model.as_classifier(_linen())) == "steps"
+    assert default_loop(ours) == default_loop() == "scan"
