@@ -160,8 +160,9 @@ def default_loop(params: Params | None = None) -> str:
 
     A model whose module says `scan_friendly_gradients = False` (a user's own, `own_model`,
     whose convolutions are not the project's `conv_layers`) gets "steps" on a CPU: inside a scan
-    XLA:CPU runs autodiff's convolution gradients on a slow path (a linen CNN: 1,280 ms per step
-    against 220 ms as a top-level jitted step, 28x28, batch 64, 2-core CPU).
+    XLA:CPU runs autodiff's convolution gradients on a slow path (a linen CNN, 28x28, batch 64,
+    2-core CPU: 731 ms per step against 175 ms as a top-level jitted step,
+    `scripts/own_model_loop.py`).
     """
     backend = jax.default_backend()
     if backend == "cpu" and params is not None:

@@ -43,7 +43,7 @@ def main() -> None:
             fit(clf, losses.classifier_loss, data, config=config, checkpoint_dir=tmp,
                 fingerprint={}, progress=False, loop=loop)  # fmt: skip
             ms = (time.perf_counter() - t0) / args.steps * 1000
-        print(f"{loop:>5}: {ms:.0f} ms/step over {args.steps} steps (compile included)")
+        print(f"{loop:>5}: {ms:.0f} ms/step over {args.steps} steps (a whole fit call)")
 
 
 if __name__ == "__main__":

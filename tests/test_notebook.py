@@ -52,6 +52,8 @@ def test_notebook_executes_on_digits(tmp_path):
     assert "Test accuracy" in outputs  # the before/after table
     assert "samples/s" in outputs  # the benchmark cell ran
     assert (tmp_path / "run" / "report.json").exists()
+    mine = json.loads((tmp_path / "run_mine" / "report.json").read_text())  # your own classifier
+    assert mine["own_models"]["classifier"]["kind"] == "linen" and mine["num_samples_evaluated"]
     labels = (tmp_path / "run" / "label" / "labels.csv").read_text()
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     first = next(r["id"] for r in report["regions"] if r["error_region"])
