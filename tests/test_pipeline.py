@@ -165,14 +165,19 @@ def test_search_validity_keeps_only_what_the_oracle_reads_as_the_source(trained,
     assert (errors["pred_label"] != errors["source_label"]).all()
 
 
-def test_interrupted_run_resumes_without_redoing_finished_stages(trained, tmp_path):
-    run_dir = _copy(trained, tmp_path)
-    pipeline.run(run_dir, TINY, until="search", log=lambda s: None)
+def test_interrupted_run_resumes_without_redoing_finished_stages(finished, tmp_path):
+    run_dir = _copy(finished[0], tmp_path)
+    # As a run stopped before its correction leaves it: every stage before it done.
+    shutil.rmtree(os.path.join(run_dir, "correct"))
     errors_mtime = os.path.getmtime(os.path.join(run_dir, "search", "errors.npz"))
     logs = []
     pipeline.run(run_dir, TINY, log=logs.append)
-    assert "[search] done earlier, skipped" in logs and "[evaluate] running" in logs
+    done = [f"[{s}] done earlier, skipped" for s in ("train", "search", "distill", "label")]
+    assert logs[:4] == done and "[correct] running" in logs and "[evaluate] running" in logs
     assert os.path.getmtime(os.path.join(run_dir, "search", "errors.npz")) == errors_mtime
+    assert _report(run_dir)["correction"] == _report(finished[0])["correction"] | {
+        "seconds": _report(run_dir)["correction"]["seconds"]
+    }
 
 
 def test_no_errors_found_gives_a_clear_report(trained, tmp_path):
@@ -675,9 +680,14 @@ def test_the_mixture_takes_every_code_up_to_max_codes():
 # The user's own classifier (`own_model`) through every stage.
 
 
-# The own-model runs label by source class, without the oracle (whose training is a third of a
-# tiny run; it has its own tests).
-OWN = dataclasses.replace(TINY, labeler="source", oracle_check=False)
+# The own-model runs label by source class, without the oracle and the correction's control
+# (they have their own tests), to keep them short.
+OWN = dataclasses.replace(
+    TINY,
+    labeler="source",
+    oracle_check=False,
+    correct=dataclasses.replace(TINY.correct, control=False),
+)
 
 
 def _trained_models(run_dir):
