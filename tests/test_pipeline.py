@@ -703,15 +703,19 @@ _SEARCH_TIMES = {"wall_time_s", "compile_time_s", "search_time_s", "seconds"}
 
 
 def test_the_projects_classifier_as_a_generic_pair_gives_the_same_report(finished, tmp_path):
-    """Defuse through `(apply_fn, params)` is the built-in path: same errors, regions, labels,
-    correction and report."""
+    """Defuse through `(apply_fn, params)`, with the VAE as `(encode_fn, decode_fn, params)`,
+    is the built-in path: same errors, regions, labels, correction and report."""
     from defuse_jax import models
 
     vae, clf = _trained_models(finished[0])
     run_dir = str(tmp_path / "pair")
-    pipeline.run(run_dir, TINY, classifier=(models.logits, clf), vae=vae, log=lambda s: None)
+    pipeline.run(
+        run_dir, TINY, classifier=(models.logits, clf),
+        vae=(models.encode, models.decode, vae), log=lambda s: None,
+    )  # fmt: skip
     builtin, pair = _report(finished[0]), _report(run_dir)
     assert pair["own_models"]["classifier"]["kind"] == "function"
+    assert pair["own_models"]["vae"]["kind"] == "function"
     for key in set(builtin) - _RUN_SPECIFIC:
         if key == "search":
             drop = lambda d: {k: v for k, v in d.items() if k not in _SEARCH_TIMES}  # noqa: E731
