@@ -60,7 +60,7 @@ if [ -n "$QUICK" ]; then  # seconds on a CPU: every step runs, on toy sizes
   MIX=(--k 5 --iters 10 --repeats 1 --models gmm)
   MIX_N=(2000 4000)
   ILL_N=5000
-  SEARCH=(--quick --no-torch --no-modes --models mlp --chains 256 --chunk-sizes 64 128
+  SEARCH=(--quick --no-torch --no-modes --models mlp --chains 256 --chunk-sizes 128
     --scaling-devices 1)
   TRAIN=(--quick --kinds mlp --roles classifier --train-size 256)
 else
