@@ -24,23 +24,3 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 import jax  # noqa: E402
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
-
-
-# The longest files first. `pytest -n 2 --dist loadfile` hands whole files to the workers in
-# collection order, so a long file collected late finishes alone: 785 s of wall time for 1,383 s
-# of work on 2 workers, with tests/test_pipeline.py (300 s) handed out last. Longest first
-# balances the two workers. Seconds of work per file, 2-core CPU, 2026-12-03.
-SLOW_FIRST = (
-    "test_pipeline.py",  # 304
-    "test_multihost_pipeline.py",  # 184 (two more processes)
-    "test_notebook.py",  # 122
-    "test_mixture_properties.py",  # 110
-    "test_device_check.py",  # 104
-    "test_sweep.py",  # 71
-    "test_training.py",  # 69
-)
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
