@@ -27,7 +27,7 @@ class CheckpointError(RuntimeError):
 
 
 @contextlib.contextmanager
-def _quiet_restore() -> Iterator[None]:
+def quiet_restore() -> Iterator[None]:
     """Keeps Orbax's own reports of a failed restore off the terminal: its absl warnings and
     the "Exception ignored in <coroutine>" tracebacks of the reads it abandons (each about 60
     lines of TensorStore spec). The failure itself is raised as one CheckpointError.
@@ -47,7 +47,7 @@ def _quiet_restore() -> Iterator[None]:
         absl_logger.setLevel(level)
 
 
-def _first_line(e: Exception) -> str:
+def error_line(e: Exception) -> str:
     """The error's type and first line, without the TensorStore spec Orbax appends."""
     text = str(e).split(" See full TensorStore")[0].strip()
     return f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
@@ -119,7 +119,7 @@ class Checkpointer:
         # Check the fingerprint first, so a config change is reported as such (not as a shape
         # mismatch deep inside Orbax).
         try:
-            with _quiet_restore():
+            with quiet_restore():
                 meta = self._manager.restore(
                     step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
                 )
@@ -135,7 +135,7 @@ class Checkpointer:
             )
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         try:
-            with _quiet_restore():
+            with quiet_restore():
                 restored = self._manager.restore(
                     step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
                 )
@@ -146,7 +146,7 @@ class Checkpointer:
     def _unreadable(self, step: int, e: Exception) -> CheckpointError:
         return CheckpointError(
             f"The checkpoint at step {step} in {self.directory} cannot be restored "
-            f"({_first_line(e)}). It is corrupt or was written by an "
+            f"({error_line(e)}). It is corrupt or was written by an "
             "incompatible model. Nothing was overwritten: move the directory away (or pass "
             "a new output directory) to start fresh, or fix the configuration to match it."
         )

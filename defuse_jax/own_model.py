@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen, nnx
 
+from defuse_jax.checkpoint import error_line, quiet_restore
 from defuse_jax.models import Frozen, Params
 
 Preprocess = Callable[[jax.Array], jax.Array]
@@ -416,15 +417,14 @@ def restore(made: Any, ckpt: str, *, what: str) -> Any:
             f"{what}: the entry point returned {type(made).__name__}; it returns an NNX module, "
             "(linen_module, variables), (apply_fn, params) or (encode_fn, decode_fn, params)."
         )
-    abstract = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(np.shape(a), getattr(a, "dtype", np.float32)), template
-    )
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
     try:
-        restored = ocp.StandardCheckpointer().restore(path, abstract)
+        with quiet_restore():  # Orbax's reports of a failed restore stay off the terminal
+            restored = ocp.StandardCheckpointer().restore(path, abstract)
     except Exception as e:  # orbax raises several types for a tree or shape mismatch
         raise ValueError(
             f"{what}: the checkpoint does not fit the weights the entry point builds "
-            f"({_first_line(e)}). Check that it was saved from the same model."
+            f"({error_line(e)}). Check that it was saved from the same model."
         ) from None
     if isinstance(made, nnx.Module):
         nnx.update(made, restored)
@@ -446,11 +446,6 @@ def from_entry_point(own: OwnModel, *, role: str = "classifier") -> Params:
         return as_vae(made, name=own.fn)
     preprocess = own.preprocess and load_entry_point(own.preprocess, flag="--classifier-preprocess")
     return as_classifier(made, preprocess=preprocess, frozen=own.frozen, name=own.fn)
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:300]
 
 
 def save_user_params(classifier: Params, path: str) -> None:
@@ -484,7 +479,7 @@ def check_classifier(classifier: Params, x: np.ndarray, num_classes: int) -> Non
         out = jax.eval_shape(lambda p, x: p.module()(x), classifier, x)
     except Exception as e:
         raise ValueError(
-            f"The classifier rejects {where}: {type(e).__name__}: {_first_line(e)}. Pass "
+            f"The classifier rejects {where}: {error_line(e)}. Pass "
             "preprocess= (a function of those images) to map them to the input it expects."
         ) from None
     if not hasattr(out, "shape") or tuple(out.shape) != (len(x), num_classes):
@@ -522,7 +517,7 @@ def check_vae(vae: Params, x: np.ndarray) -> None:
     except Exception as e:
         raise ValueError(
             f"The VAE cannot encode and decode images of shape {list(x.shape)} float32 in "
-            f"[0, 1] (the dataset's layout): {type(e).__name__}: {_first_line(e)}."
+            f"[0, 1] (the dataset's layout): {error_line(e)}."
         ) from None
     if len(mean.shape) != 2 or mean.shape[0] != len(x) or tuple(logvar.shape) != mean.shape:
         raise ValueError(

@@ -142,7 +142,7 @@ def test_a_failed_restore_keeps_orbax_reports_off_the_terminal(monkeypatch, verb
             raise RuntimeError("abandoned read")
 
     try:
-        with checkpoint._quiet_restore():
+        with checkpoint.quiet_restore():
             absl.logging.warning("Item 'state' could not be restored")
             Abandoned()
     finally:
