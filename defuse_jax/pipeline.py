@@ -86,9 +86,10 @@ def stage_train(ctx: Context) -> dict[str, Any]:
         ctx._models["classifier"] = clf.params
         summary["classifier_test"] = clf.metrics
     else:  # the user's: nothing to train
-        summary["classifier_test"] = tm.record_own_classifier(
-            ctx.own_classifier, ds, out_dir=ctx.path("train", "classifier")
-        )
+        summary["classifier_test"] = tm.record_own_model(
+            "classifier", ctx.own_classifier, ctx.own["classifier"], ds,
+            out_dir=ctx.path("train", "classifier"),
+        )  # fmt: skip
         summary["own_classifier"] = ctx.own["classifier"]
     name = f" ({ctx.own['classifier']['name']})" if ctx.own_classifier is not None else ""
     ctx.log(f"classifier{name}: test accuracy {summary['classifier_test']['accuracy']:.4f}")
@@ -98,8 +99,8 @@ def stage_train(ctx: Context) -> dict[str, Any]:
         ctx._models["vae"] = vae.params
         summary["vae_test"] = vae.metrics
     else:  # the user's
-        summary["vae_test"] = tm.record_own_vae(
-            ctx.own_models["vae"], ds, out_dir=ctx.path("train", "vae")
+        summary["vae_test"] = tm.record_own_model(
+            "vae", ctx.own_models["vae"], ctx.own["vae"], ds, out_dir=ctx.path("train", "vae")
         )
         summary["own_vae"] = ctx.own["vae"]
     ctx.log("VAE: test " + ", ".join(f"{k} {v:.3f}" for k, v in summary["vae_test"].items()))

@@ -164,35 +164,30 @@ def train_classifier(
     )
 
 
-def record_own_classifier(classifier: Params, ds: Dataset, *, out_dir: str) -> dict[str, float]:
-    """The train stage for the user's own classifier (`own_model`): nothing to train; its
-    identity (`own_model.describe`) and test metrics go to `out_dir` (config.json,
-    history.json), and the test metrics are returned."""
+def record_own_model(
+    kind: str, model: Params, identity: dict[str, Any], ds: Dataset, *, out_dir: str
+) -> dict[str, float]:
+    """The train stage for a user's own model (`own_model`): nothing to train. Its identity
+    (`own_model.describe`) and test metrics go to `out_dir` (config.json, history.json), and
+    the metrics are returned.
+
+    Args:
+        kind: "classifier" (accuracy and loss) or "vae" (the project's VAE: `losses.vae_eval`;
+            another: the reconstruction's mean squared error, "recon_mse").
+        model: the model; identity: its `own_model.describe`.
+    """
     from defuse_jax import own_model
 
-    test = {"x": ds.x_test, "y": ds.y_test.astype(np.int32)}
-    metrics = evaluate(losses.classifier_eval, classifier, test)
-    write_json(
-        os.path.join(out_dir, "config.json"),
-        {"kind": "classifier", "data": _dataset_meta(ds), "own": own_model.describe(classifier)},
-    )
-    write_json(os.path.join(out_dir, "history.json"), {"history": [], "test": metrics})
-    return metrics
-
-
-def record_own_vae(vae: Params, ds: Dataset, *, out_dir: str) -> dict[str, float]:
-    """The train stage for the user's own generative model: its identity to `out_dir`, and its
-    test metrics returned (the project's VAE: `losses.vae_eval`; another: the mean squared
-    error of the reconstructions from the mean code, "recon_mse")."""
-    from defuse_jax import own_model
-
-    if own_model.is_external(vae):
-        metrics = evaluate(losses.reconstruction_mse, vae, {"x": ds.x_test})
+    if kind == "classifier":
+        eval_fn, test = losses.classifier_eval, {"x": ds.x_test, "y": ds.y_test.astype(np.int32)}
     else:
-        metrics = evaluate(losses.vae_eval, vae, {"x": ds.x_test})
+        external = own_model.is_external(model)
+        eval_fn = losses.reconstruction_mse if external else losses.vae_eval
+        test = {"x": ds.x_test}
+    metrics = evaluate(eval_fn, model, test)
     write_json(
         os.path.join(out_dir, "config.json"),
-        {"kind": "vae", "data": _dataset_meta(ds), "own": own_model.describe(vae)},
+        {"kind": kind, "data": _dataset_meta(ds), "own": identity},
     )
     write_json(os.path.join(out_dir, "history.json"), {"history": [], "test": metrics})
     return metrics
