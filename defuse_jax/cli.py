@@ -56,6 +56,12 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     flags.add_flags(p, DistillConfig, prefix="distill-", suppress=True)
     flags.add_flags(p, CorrectConfig, prefix="correct-", suppress=True)
     flags.add_flags(p, EvalConfig, prefix="eval-", suppress=True)
+    p.add_argument(
+        "--reduction-shards", type=int, default=argparse.SUPPRESS, metavar="S",
+        help="set --vae-, --clf- and --correct-reduction-shards at once: every training sums its "
+        "gradients over S shards of each batch in a fixed order, the same bits on every "
+        "topology whose device count divides S (0: the backend's order, the default)",
+    )  # fmt: skip
     _add_own_model_flags(p)
 
 
@@ -138,6 +144,16 @@ def resolve(args: argparse.Namespace) -> tuple[str, RunConfig]:
         own_classifier=_own_model(args, "classifier", base.own_classifier),
         own_vae=_own_model(args, "vae", base.own_vae),
     )
+    shards = getattr(args, "reduction_shards", None)
+    if shards is not None:  # the per-model flags, when typed too, win
+        config = dataclasses.replace(
+            config,
+            vae_train=_unless_typed(args, "vae_reduction_shards", config.vae_train, shards),
+            classifier_train=_unless_typed(
+                args, "clf_reduction_shards", config.classifier_train, shards
+            ),
+            correct=_unless_typed(args, "correct_reduction_shards", config.correct, shards),
+        )
     if getattr(args, "correct_lams", None) is not None and not config.correct.select:
         raise ValueError(
             "--correct-lams lists the region weights the correction chooses among, but the "
@@ -145,6 +161,12 @@ def resolve(args: argparse.Namespace) -> tuple[str, RunConfig]:
             "--correct-lam instead, or drop --no-correct-select."
         )
     return out, config
+
+
+def _unless_typed(args: argparse.Namespace, dest: str, config, shards: int):
+    if hasattr(args, dest):
+        return config
+    return dataclasses.replace(config, reduction_shards=shards)
 
 
 # ---------------------------------------------------------------------------------------------

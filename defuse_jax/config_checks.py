@@ -8,6 +8,7 @@ output aside or saves the config into the run directory.
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -29,6 +30,7 @@ def _is_real(v: Any) -> bool:
 POSITIVE_INT = Rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1")
 POSITIVE = Rule(lambda v: _is_real(v) and v > 0, "a number > 0")
 NON_NEGATIVE = Rule(lambda v: _is_real(v) and v >= 0, "a number >= 0")
+NON_NEGATIVE_INT = Rule(lambda v: _is_int(v) and v >= 0, "an integer >= 0")
 OPTIONAL_POSITIVE_INT = Rule(lambda v: v is None or POSITIVE_INT.ok(v), "an integer >= 1 or None")
 
 
@@ -45,3 +47,14 @@ def check_fields(config: Any, rules: Mapping[str, Rule]) -> None:
             raise ValueError(
                 f"{type(config).__name__}: {name}={value!r}; it must be {rule.must_be}."
             )
+
+
+def fingerprint_fields(config: Any) -> dict[str, Any]:
+    """`dataclasses.asdict(config)` as fingerprints record it: a field listed in the class's
+    `LATER_DEFAULTS` ({name: value}, fields added after runs were made) is left out while it
+    holds that value, so that runs made before the field existed keep their fingerprints."""
+    settings = dataclasses.asdict(config)
+    for name, value in getattr(type(config), "LATER_DEFAULTS", {}).items():
+        if settings[name] == value:
+            del settings[name]
+    return settings

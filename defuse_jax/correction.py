@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Mapping
-from typing import Any, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,10 +25,12 @@ from defuse_jax import correction_selection as sel
 from defuse_jax import models, own_model, region_overlap, training_lengths
 from defuse_jax.config_checks import (
     NON_NEGATIVE,
+    NON_NEGATIVE_INT,
     OPTIONAL_POSITIVE_INT,
     POSITIVE,
     POSITIVE_INT,
     check_fields,
+    fingerprint_fields,
 )
 from defuse_jax.files import json_digest, write_json
 from defuse_jax.models import Params
@@ -80,6 +82,8 @@ class CorrectConfig:
             label, as in the reference).
         seed: seed of the batch order and of the region samples.
         checkpoint_every: save every this many steps.
+        reduction_shards: gradients summed in a fixed order over this many shards of every
+            batch, the same on every topology (`TrainConfig.reduction_shards`; 0: off).
     """
 
     select: bool = True
@@ -103,6 +107,9 @@ class CorrectConfig:
     resolve_overlap: bool = True
     seed: int = 0
     checkpoint_every: int = 500
+    reduction_shards: int = 0
+
+    LATER_DEFAULTS: ClassVar[dict[str, Any]] = {"reduction_shards": 0}
 
     def __post_init__(self):
         if not self.lams or any(not lam > 0 for lam in self.lams):
@@ -118,8 +125,9 @@ class CorrectConfig:
             "tau": POSITIVE, "epochs": POSITIVE_INT, "epoch_steps": OPTIONAL_POSITIVE_INT,
             "batch_size": POSITIVE_INT,
             "learning_rate": POSITIVE, "momentum": NON_NEGATIVE, "anchor": NON_NEGATIVE,
-            "checkpoint_every": POSITIVE_INT,
+            "checkpoint_every": POSITIVE_INT, "reduction_shards": NON_NEGATIVE_INT,
         })  # fmt: skip
+        self.train_config()  # reduction_shards must divide batch_size
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(
@@ -130,6 +138,7 @@ class CorrectConfig:
             momentum=self.momentum,
             seed=self.seed,
             checkpoint_every=self.checkpoint_every,
+            reduction_shards=self.reduction_shards,
         )
 
 
@@ -159,7 +168,7 @@ def weight_run_fingerprint(
     """What one region weight's run and its per-epoch scores depend on, besides the models,
     regions and data: everything of `config` except `CHOICE_ONLY`, the labels, the weight, the
     watched regions' threshold, and the code's `WEIGHT_RUN_VERSION`."""
-    kept = {k: v for k, v in dataclasses.asdict(config).items() if k not in CHOICE_ONLY}
+    kept = {k: v for k, v in fingerprint_fields(config).items() if k not in CHOICE_ONLY}
     return {
         "version": WEIGHT_RUN_VERSION,
         "correct": kept,
@@ -341,7 +350,7 @@ def fine_tune(
     train = config.train_config()
     data = {"x": x_train, "y": np.asarray(y_train, np.int32)}
     fingerprint = {
-        "correct": dataclasses.asdict(config),
+        "correct": fingerprint_fields(config),
         "labels": {str(k): int(v) for k, v in labels.items()},
     }
 

@@ -10,7 +10,12 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from defuse_jax import train_models as tm
-from defuse_jax.config_checks import OPTIONAL_POSITIVE_INT, POSITIVE_INT, check_fields
+from defuse_jax.config_checks import (
+    OPTIONAL_POSITIVE_INT,
+    POSITIVE_INT,
+    check_fields,
+    fingerprint_fields,
+)
 from defuse_jax.correction import CorrectConfig
 from defuse_jax.data import DataConfig
 from defuse_jax.evaluation import EvalConfig
@@ -126,15 +131,15 @@ def stage_fingerprints(
             train[f"own_{name}"] = dict(own[name])
         else:
             train[name] = model and dataclasses.asdict(model)
-            train[f"{name}_train"] = dataclasses.asdict(settings)
+            train[f"{name}_train"] = fingerprint_fields(settings)
     parts: dict[str, Any] = {
         "train": train,
-        "search": {"search": _search_settings(config.search), "max_sources": config.max_sources},
+        "search": {"search": fingerprint_fields(config.search), "max_sources": config.max_sources},
         "distill": dataclasses.asdict(config.distill),
         "label": {"labeler": config.labeler, "grid_samples": config.grid_samples,
                   "oracle_check": config.oracle_check},
         # Hand edits of the labels file redo the correction.
-        "correct": {"correct": dataclasses.asdict(config.correct), "labels": _file_hash(
+        "correct": {"correct": fingerprint_fields(config.correct), "labels": _file_hash(
             RunDir(run_dir).labels)},
         "evaluate": dataclasses.asdict(config.eval),
     }  # fmt: skip
@@ -143,15 +148,6 @@ def stage_fingerprints(
         prev = json_digest({"upstream": prev, "stage": stage, "config": parts[stage]})
         out[stage] = prev
     return out
-
-
-def _search_settings(search: SearchConfig) -> dict[str, Any]:
-    """The search's settings as fingerprinted. A field added later is left out at its
-    paper-behaviour value, so that runs made before it existed are not redone."""
-    settings = dataclasses.asdict(search)
-    if settings["validity"] == "none":
-        del settings["validity"]
-    return settings
 
 
 def _file_hash(path: str) -> str | None:

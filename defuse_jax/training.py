@@ -24,7 +24,7 @@ import dataclasses
 import functools
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,15 +35,17 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from defuse_jax import distributed
+from defuse_jax import distributed, fixed_order_grads
 from defuse_jax.batching import map_batches
 from defuse_jax.checkpoint import Checkpointer
 from defuse_jax.config_checks import (
     NON_NEGATIVE,
+    NON_NEGATIVE_INT,
     OPTIONAL_POSITIVE_INT,
     POSITIVE,
     POSITIVE_INT,
     check_fields,
+    fingerprint_fields,
 )
 from defuse_jax.models import Params, split_trainable
 
@@ -70,6 +72,12 @@ class TrainConfig:
         seed: seed of this model's initialisation and batch order.
         checkpoint_every: save a checkpoint every this many steps (and at the end).
         keep_checkpoints: how many recent checkpoints to keep.
+        reduction_shards: 0: each step's gradient is summed over the batch and the devices in
+            the backend's order, which differs between topologies (1 device, 4 devices, 2
+            processes x 2 devices train slightly different weights). S > 0: the batch is cut
+            into S shards whose gradients are added in a fixed order, so that every topology
+            whose device count divides S trains the same bits (`fixed_order_grads`; S divides
+            batch_size).
 
     Display settings (the progress bar) are not here: they change no result, so they are
     arguments of `fit` and stay out of every fingerprint.
@@ -84,13 +92,22 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
+    reduction_shards: int = 0
+
+    LATER_DEFAULTS: ClassVar[dict[str, Any]] = {"reduction_shards": 0}
 
     def __post_init__(self):
         check_fields(self, {
             "epochs": OPTIONAL_POSITIVE_INT, "batch_size": POSITIVE_INT, "learning_rate": POSITIVE,
             "momentum": NON_NEGATIVE, "weight_decay": NON_NEGATIVE,
             "checkpoint_every": POSITIVE_INT, "keep_checkpoints": POSITIVE_INT,
+            "reduction_shards": NON_NEGATIVE_INT,
         })  # fmt: skip
+        if self.reduction_shards and self.batch_size % self.reduction_shards:
+            raise ValueError(
+                f"reduction_shards {self.reduction_shards} does not divide batch_size "
+                f"{self.batch_size}: every shard must hold as many examples; use a divisor."
+            )
 
 
 class TrainState(NamedTuple):
@@ -118,7 +135,14 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     raise ValueError(f"Unknown optimizer {config.optimizer!r}; use 'adam', 'adamw' or 'sgd'.")
 
 
-def _step_fn(loss_fn: LossFn, graphdef: Any, optimizer: optax.GradientTransformation):
+def _step_fn(
+    loss_fn: LossFn,
+    graphdef: Any,
+    optimizer: optax.GradientTransformation,
+    *,
+    reduction_shards: int = 0,
+    mesh: Mesh | None = None,
+):
     def train_step(state: TrainState, batch: Batch, step_key: jax.Array):
         key = jax.random.fold_in(step_key, state.step)
 
@@ -126,10 +150,14 @@ def _step_fn(loss_fn: LossFn, graphdef: Any, optimizer: optax.GradientTransforma
         # batch statistics) go through unchanged. The project's models are all trainable.
         trainable, fixed = split_trainable(state.params)
 
-        def objective(t):
-            return loss_fn(Params(graphdef, nnx.merge_state(t, fixed)), batch, key, state.step)
+        def objective(t, b, k):
+            return loss_fn(Params(graphdef, nnx.merge_state(t, fixed)), b, k, state.step)
 
-        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
+        if reduction_shards:
+            vg = fixed_order_grads.value_and_grad(objective, shards=reduction_shards, mesh=mesh)
+        else:
+            vg = jax.value_and_grad(objective, has_aux=True)
+        (loss, metrics), grads = vg(trainable, batch, key)
         # optax mixes Python floats with int32 step counts internally.
         with jax.numpy_dtype_promotion("standard"):
             updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
@@ -137,6 +165,11 @@ def _step_fn(loss_fn: LossFn, graphdef: Any, optimizer: optax.GradientTransforma
         return TrainState(state.step + 1, params, opt_state), {"loss": loss, **metrics}
 
     return train_step
+
+
+def _reduction(shards: int, batch_sharding: NamedSharding | None) -> dict[str, Any]:
+    mesh = batch_sharding.mesh if batch_sharding is not None else None
+    return {"reduction_shards": shards, "mesh": mesh}
 
 
 def _step_if(step, ok: jax.Array, state: TrainState, batch: Batch, step_key: jax.Array):
@@ -184,6 +217,7 @@ def make_train_segment(
     optimizer: optax.GradientTransformation,
     *,
     batch_sharding: NamedSharding | None = None,
+    reduction_shards: int = 0,
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
     """A jitted `segment(state, data, idx, valid, step_key) -> (state, metrics)`.
 
@@ -200,8 +234,11 @@ def make_train_segment(
 
     Returns:
         (state, metrics) with metrics {name: [L]} (zeros where not valid).
+
+    `reduction_shards` > 0 sums each step's gradient in a fixed order (`fixed_order_grads`),
+    over the devices of `batch_sharding`'s mesh.
     """
-    step = _step_fn(loss_fn, graphdef, optimizer)
+    step = _step_fn(loss_fn, graphdef, optimizer, **_reduction(reduction_shards, batch_sharding))
 
     def segment(state, data, idx, valid, step_key):
         def body(st, inputs):
@@ -219,6 +256,7 @@ def make_train_steps(
     optimizer: optax.GradientTransformation,
     *,
     batch_sharding: NamedSharding | None = None,
+    reduction_shards: int = 0,
 ) -> Callable[..., tuple[TrainState, dict[str, np.ndarray]]]:
     """`make_train_segment`'s segment as one dispatch per step ("steps" loop form).
 
@@ -226,7 +264,7 @@ def make_train_steps(
     step once, with the state donated, gathering the batch on the device. Its metrics come back
     as host arrays.
     """
-    step = _step_fn(loss_fn, graphdef, optimizer)
+    step = _step_fn(loss_fn, graphdef, optimizer, **_reduction(reduction_shards, batch_sharding))
 
     def step_at(state, data, idx, j, step_key):
         return step(state, _gather(data, idx[j], batch_sharding), step_key)
@@ -264,6 +302,8 @@ def make_fed_segment(
     optimizer: optax.GradientTransformation,
     *,
     loop: str = "scan",
+    reduction_shards: int = 0,
+    mesh: Mesh | None = None,
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
     """`make_train_segment` for a mesh over several processes: the batches come in as inputs.
 
@@ -271,9 +311,10 @@ def make_fed_segment(
     {name: [L, B, ...]} (global arrays sharded over B, each process holding its devices' rows),
     valid [L] bool and key_data the [2] uint32 data of the step key (a host value, the same on
     every process). The steps compute what `make_train_segment`'s compute on the same batches,
-    as one scan or (`loop="steps"`) one dispatch per step.
+    as one scan or (`loop="steps"`) one dispatch per step. `reduction_shards` > 0: gradients
+    summed in a fixed order over the devices of `mesh` (`fixed_order_grads`).
     """
-    step = _step_fn(loss_fn, graphdef, optimizer)
+    step = _step_fn(loss_fn, graphdef, optimizer, reduction_shards=reduction_shards, mesh=mesh)
     if loop == "steps":
 
         def step_at(state, batches, j, key_data):
@@ -452,12 +493,17 @@ def fit(
         raise ValueError(f"eval_every must be >= 1, got {eval_every}.")
     total_steps = config.epochs * steps_per_epoch
     mesh = _data_mesh(config.batch_size)  # raises early when a distributed batch cannot split
+    if config.reduction_shards:
+        fixed_order_grads.check_shards(
+            config.reduction_shards, batch_size=config.batch_size,
+            devices=mesh.devices.size if mesh is not None else 1,
+        )  # fmt: skip
     optimizer = make_optimizer(config)
     # Copy: the train step donates its state, and the caller keeps its `params`.
     init = jax.tree.map(jnp.copy, params.state)
     state = initial_state(optimizer, init)
     # Epochs and checkpoint cadence may change between resumes (e.g. to train longer).
-    resumable = dataclasses.asdict(config)
+    resumable = fingerprint_fields(config)
     for k in ("epochs", "checkpoint_every", "keep_checkpoints"):
         resumable.pop(k)
     ckpt = Checkpointer(
@@ -489,7 +535,8 @@ def fit(
     data_key, step_key = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
     seg_len = _segment_length(config.checkpoint_every, steps_per_epoch)
     if fed:
-        run_fed = make_fed_segment(loss_fn, params.graphdef, optimizer, loop=loop)
+        run_fed = make_fed_segment(loss_fn, params.graphdef, optimizer, loop=loop,
+                                   reduction_shards=config.reduction_shards, mesh=mesh)  # fmt: skip
         key_data = np.asarray(jax.random.key_data(step_key))
         steps_sharding = NamedSharding(mesh, P(None, "data"))
 
@@ -499,7 +546,8 @@ def fit(
 
     else:
         make = make_train_segment if loop == "scan" else make_train_steps
-        run_segment = make(loss_fn, params.graphdef, optimizer, batch_sharding=sharded)
+        run_segment = make(loss_fn, params.graphdef, optimizer, batch_sharding=sharded,
+                           reduction_shards=config.reduction_shards)  # fmt: skip
 
     def batch_indices(step: int) -> np.ndarray:
         epoch, pos = divmod(step, steps_per_epoch)

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from defuse_jax import cli, data, losses, train_models, training
+from defuse_jax import cli, data, fixed_order_grads, losses, train_models, training
 from defuse_jax.checkpoint import CheckpointError
-from defuse_jax.models import Classifier, ClassifierConfig, params_of
+from defuse_jax.models import VAE, Classifier, ClassifierConfig, Params, VAEConfig, params_of
 from defuse_jax.training import TrainConfig
 
 SMALL = ClassifierConfig(kind="mlp", hidden=32)
@@ -254,6 +254,77 @@ def test_every_loop_form_gives_the_reference_loops_weights(fed, tmp_path, monkey
                     np.testing.assert_array_equal(g, w, err_msg=loop)
                 else:
                     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6, err_msg=loop)
+
+
+def _fit_vae(digits, tmp_path, name, train, *, loop="scan"):
+    vae = VAE(VAEConfig(kind="mlp", latent_dim=4, hidden=32), image_shape=(8, 8, 1),
+              rngs=nnx.Rngs(0))  # fmt: skip
+    got, _ = training.fit(
+        params_of(vae), losses.vae_loss, {"x": digits.x_train}, config=train, progress=False,
+        checkpoint_dir=str(tmp_path / name), fingerprint={}, loop=loop,
+    )  # fmt: skip
+    return _leaves(got)
+
+
+def test_fixed_order_sums_train_the_same_bits_on_every_device_count(digits, tmp_path, monkeypatch):
+    """`reduction_shards`: the VAE (its noise drawn per shard) trained on the 4 forced devices,
+    through the several-process path (`fed`, each process handing in its rows) and on one
+    device is the same to the bit, in each loop form (the two forms compile the step apart and
+    differ from each other in rounding, as without the option). The default reduction on 1 and
+    4 devices differs by float32 rounding after these 32 steps (checked, as the premise)."""
+    train = TrainConfig(epochs=2, batch_size=32, checkpoint_every=16, reduction_shards=4)
+    default = dataclasses.replace(train, reduction_shards=0)
+    four = {loop: _fit_vae(digits, tmp_path, f"4{loop}", train, loop=loop)
+            for loop in training.LOOP_FORMS}  # fmt: skip
+    four_default = _fit_vae(digits, tmp_path, "4default", default)
+    with monkeypatch.context() as m:
+        m.setattr(training.distributed, "is_distributed", lambda: True)
+        fed = _fit_vae(digits, tmp_path, "fed", train)
+    monkeypatch.setattr(training, "_data_mesh", lambda batch_size: None)
+    one = {loop: _fit_vae(digits, tmp_path, f"1{loop}", train, loop=loop)
+           for loop in training.LOOP_FORMS}  # fmt: skip
+    one_default = _fit_vae(digits, tmp_path, "1default", default)
+    assert any(np.any(a != b) for a, b in zip(four_default, one_default, strict=True))
+    for got, want in (
+        (fed, four["scan"]),
+        (one["scan"], four["scan"]),
+        (one["steps"], four["steps"]),
+    ):
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("mesh", [False, True])
+def test_fixed_order_gradient_is_the_batch_gradient(digits, mesh):
+    """Without noise in the loss, the ordered mean over 4 shards is the whole batch's loss and
+    gradient, to float32 rounding (on one device and over the 4 forced devices)."""
+    params = params_of(Classifier(SMALL, image_shape=(8, 8, 1), num_classes=10, rngs=nnx.Rngs(0)))
+    batch = {"x": jnp.asarray(digits.x_train[:64]), "y": jnp.asarray(digits.y_train[:64])}
+
+    def objective(state, b, key):
+        return losses.classifier_loss(Params(params.graphdef, state), b, key, jnp.int32(0))
+
+    grid = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",)) if mesh else None
+    fixed = jax.jit(fixed_order_grads.value_and_grad(objective, shards=4, mesh=grid))
+    (loss, metrics), grads = fixed(params.state, batch, jax.random.key(0))
+    (want_loss, want_metrics), want = jax.value_and_grad(objective, has_aux=True)(
+        params.state, batch, jax.random.key(0)
+    )
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+    np.testing.assert_allclose(metrics["accuracy"], want_metrics["accuracy"], rtol=1e-6)
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "shards, batch_size, match",
+    [(3, 32, "does not divide batch_size 32"), (2, 32, "cannot be spread over 4 devices"),
+     (-1, 32, "reduction_shards=-1; it must be an integer >= 0")],
+)  # fmt: skip
+def test_reduction_shards_that_do_not_fit_are_clear_errors(shards, batch_size, match, tmp_path):
+    with pytest.raises(ValueError, match=match):
+        train = TrainConfig(epochs=1, batch_size=batch_size, reduction_shards=shards)
+        _fit_vae(data.load_dataset(data.DataConfig(max_train=64, max_test=8)), tmp_path, "x", train)
 
 
 def test_unknown_loop_form_is_a_clear_error(digits, tmp_path):

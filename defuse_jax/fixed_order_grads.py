@@ -1,0 +1,131 @@
+"""Gradients summed in a fixed order, so that training is bit-identical on every topology.
+
+With the default reduction (`TrainConfig.reduction_shards = 0`) a step's gradient is one
+`value_and_grad` over the whole batch, and XLA sums it over the devices in whatever order the
+topology gives: one device sums inside its matmuls, four devices sum partial gradients with an
+all-reduce, and two processes of two devices with a cross-process all-reduce. The float32
+rounding differs in each case, and over a long training the differences grow into different
+models (different regions downstream).
+
+With `reduction_shards = S` every batch is cut into S equal shards in batch order. Each shard's
+gradient is computed on its own (a sequential `lax.map` over the shards a device holds, so each
+one is the same program with the same shapes wherever it runs), the S gradients are gathered to
+every device in shard order (`all_gather` copies, it does not add), and they are added one after
+the other: `((g_0 + g_1) + g_2) + ...`, divided by S. Nothing in that depends on how many devices
+or processes hold the shards, so 1 device, 1 process x 4 devices and 2 processes x 2 devices
+train the same bits, as long as the device count divides S.
+
+What changes against the default: the loss is the mean of the S shards' losses (the same mean
+for per-example losses), and shard j draws its noise from `fold_in(step_key, j)` (the VAE's
+reparameterisation, the correction's region samples: each shard draws its own, so a correction
+shard draws `region_batch_size` samples for `batch_size / S` training examples).
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+# objective(trainable, batch, key) -> (loss, {metric: scalar})
+Objective = Callable[[Any, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def check_shards(shards: int, *, batch_size: int, devices: int) -> None:
+    """Raise a one-line error when `batch_size` or the device count does not fit `shards`."""
+    if batch_size % shards:
+        raise ValueError(
+            f"reduction_shards {shards} does not divide batch_size {batch_size}: every shard "
+            f"must hold the same number of examples; use a divisor of {batch_size}."
+        )
+    if shards % devices:
+        raise ValueError(
+            f"reduction_shards {shards} cannot be spread over {devices} devices: each device "
+            f"computes whole shards, so the device count must divide it. Use a multiple of "
+            f"{devices}, or 0 for the default (topology-dependent) reduction."
+        )
+
+
+def ordered_mean(stacked: Any) -> Any:
+    """`stacked`'s leaves [S, ...] summed over S strictly in order (((x0 + x1) + x2) ...), / S."""
+
+    def one(a: jax.Array) -> jax.Array:
+        total = functools.reduce(operator.add, [a[j] for j in range(a.shape[0])])
+        return total / a.dtype.type(a.shape[0])
+
+    return jax.tree.map(one, stacked)
+
+
+def value_and_grad(
+    objective: Objective, *, shards: int, mesh: Mesh | None
+) -> Callable[[Any, Any, jax.Array], tuple[tuple[jax.Array, dict[str, jax.Array]], Any]]:
+    """`jax.value_and_grad(objective, has_aux=True)` with the gradient summed in shard order.
+
+    Args:
+        objective: `(trainable, batch, key) -> (loss, metrics)`, the mean over `batch`.
+        shards: S, the shards every batch is cut into (it divides the batch size).
+        mesh: a 1-D mesh over which the batch is split (its size divides S), or None (one
+            device computes every shard).
+
+    Returns:
+        `(trainable, batch, key) -> ((loss, metrics), grads)`, each the ordered mean over the
+        shards; batch: {name: [B, ...]}.
+    """
+    vg = jax.value_and_grad(objective, has_aux=True)
+
+    def shard_results(trainable, split, key, first):
+        # split: {name: [S_local, B / S, ...]}; first: global index of this device's first shard.
+        def one_at(t, inputs):
+            j, batch = inputs
+            (loss, metrics), grads = vg(t, batch, jax.random.fold_in(key, j))
+            return {"loss": loss, **metrics}, grads
+
+        one = functools.partial(one_at, trainable)
+
+        local = next(iter(split.values())).shape[0]
+        at = lambda j: (first + j, jax.tree.map(lambda v: v[j], split))  # noqa: E731
+        out = jax.tree.map(
+            lambda s: jnp.zeros((local,) + s.shape, s.dtype), jax.eval_shape(one, at(0))
+        )
+
+        def body(j, out):
+            inputs = lax.optimization_barrier((trainable, at(j)))
+            return jax.tree.map(lambda o, r: o.at[j].set(r), out, one_at(*inputs))
+
+        # A loop XLA cannot count: with a known trip count of 1 (one shard per device) it would
+        # inline the body and fuse it differently from the loop that computes several shards
+        # per device elsewhere, and the gradients would differ in the last bits.
+        trips = lax.optimization_barrier(jnp.int32(local))
+        return lax.fori_loop(0, trips, body, out)
+
+    def run(trainable, batch, key):
+        split = {
+            k: v.reshape((shards, v.shape[0] // shards) + v.shape[1:]) for k, v in batch.items()
+        }
+        if mesh is None:
+            metrics, grads = shard_results(trainable, split, key, jnp.int32(0))
+        else:
+            axis = mesh.axis_names[0]
+            per_device = shards // mesh.devices.size
+
+            def local(t, s, k):
+                first = lax.axis_index(axis).astype(jnp.int32) * per_device
+                out = shard_results(t, s, k, first)
+                # Copies in device order, which is shard order: no addition happens here.
+                return jax.tree.map(lambda a: lax.all_gather(a, axis, tiled=True), out)
+
+            metrics, grads = jax.shard_map(
+                local, mesh=mesh, in_specs=(P(), P(axis), P()), out_specs=P(), check_vma=False
+            )(trainable, split, key)
+        metrics = ordered_mean(metrics)
+        loss = metrics.pop("loss")
+        return (loss, metrics), ordered_mean(grads)
+
+    return run
