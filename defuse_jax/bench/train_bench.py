@@ -58,6 +58,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-size", type=int, default=4096, help="training images")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=3, help="epochs per timed fit (>= 2)")
+    parser.add_argument(
+        "--reduction-shards", type=int, default=0, metavar="S",
+        help="fixed-order gradient sums over S shards (TrainConfig.reduction_shards); run it "
+        "with 0 and S to see what the option costs",
+    )  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3, help="best of this many matmul timings")
     parser.add_argument("--quick", action="store_true", help="smoke run: 8x8 only, few steps")
     parser.add_argument("--json", default="bench_results/train.json", help="JSON output path")
@@ -86,7 +91,10 @@ def _data(role: str, n: int, size: int) -> dict[str, np.ndarray]:
 def time_bare_step(params, loss_fn, data, config: training.TrainConfig, steps: int) -> dict:
     """The jitted, donated step called once per step on batches gathered beforehand."""
     optimizer = training.make_optimizer(config)
-    step = jax.jit(training._step_fn(loss_fn, params.graphdef, optimizer), donate_argnums=0)
+    step = training._step_fn(
+        loss_fn, params.graphdef, optimizer, reduction_shards=config.reduction_shards
+    )
+    step = jax.jit(step, donate_argnums=0)
     init = jax.tree.map(jnp.copy, params.state)
     state = training.initial_state(optimizer, init)
     b = config.batch_size
@@ -132,8 +140,9 @@ def bench_row(role: str, kind: str, size: int, args, matmul: float) -> dict:
     params, loss_fn, model_config = model_for(role, kind, size)
     data = _data(role, args.train_size, size)
     config = training.TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, checkpoint_every=10**9
-    )
+        epochs=args.epochs, batch_size=args.batch_size, checkpoint_every=10**9,
+        reduction_shards=args.reduction_shards,
+    )  # fmt: skip
     steps = args.epochs * (args.train_size // args.batch_size)
     row: dict[str, Any] = {
         "role": role, "kind": kind, "size": size, "steps": steps,
@@ -185,6 +194,7 @@ def _check(args) -> None:
         raise ValueError("--epochs must be >= 2: the steady rate is timed after the first epoch.")
     if args.train_size < args.batch_size:
         raise ValueError(f"--train-size {args.train_size} is below --batch-size {args.batch_size}.")
+    training.TrainConfig(batch_size=args.batch_size, reduction_shards=args.reduction_shards)
     for size in args.sizes:
         if size < 1 or ("conv" in args.kinds and size % 4):
             raise ValueError(f"--sizes {size}: conv models need a positive multiple of 4.")
@@ -210,7 +220,8 @@ def run(args: argparse.Namespace) -> dict:
     print(
         f"train bench: {info['backend']} ({info['device_kind']}, {info['cpu_count']} CPUs), "
         f"jax {info['jax']}; batch {args.batch_size}, {args.train_size} images, "
-        f"{args.epochs} epochs; float32 2048^2 matmul {matmul:.0f} GFLOP/s; "
+        f"{args.epochs} epochs, reduction_shards {args.reduction_shards}, "
+        f"{len(jax.devices())} devices; float32 2048^2 matmul {matmul:.0f} GFLOP/s; "
         f"* = this backend's loop form"
     )
     print(_header(args.loops))
