@@ -1,7 +1,7 @@
 """Label validity: does a stronger, separately trained classifier (the oracle) agree with a
 region's label on fresh samples from the region?
 
-The oracle (`label_stage.train_oracle`: the default classifier for the image shape, twice as
+The oracle (`stages.label.train_oracle`: the default classifier for the image shape, twice as
 wide, trained twice as long with another seed) stands in for a careful person. For every region
 it classifies fresh codes drawn from the region; its *agreement* with a label is the share of
 those samples it puts in that class. A region on whose samples the oracle disagrees with the

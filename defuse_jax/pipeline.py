@@ -32,23 +32,26 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-import numpy as np
 
 from defuse_jax import distributed as dist
 from defuse_jax import (
-    evaluation,
-    identification,
     labeling,
     own_model,
-    region_overlap,
     training_lengths,
 )
-from defuse_jax import train_models as tm
-from defuse_jax.correction import fine_tune
 from defuse_jax.data import Dataset, check_available, train_size
-from defuse_jax.evaluate_stage import build_report, stage_evaluate  # noqa: F401 - public
-from defuse_jax.files import move, prune_dirs, read_json, sha256, write_json
-from defuse_jax.label_stage import (  # noqa: F401 - the public API of a run directory
+from defuse_jax.files import move, read_json, sha256, write_json
+from defuse_jax.models import Params
+from defuse_jax.regions import (
+    load_regions,
+)
+from defuse_jax.run_config import STAGES, RunConfig, load_run_config
+from defuse_jax.run_dir import RunDir, check_not_a_file
+from defuse_jax.stage_context import Context, LabelsPending  # noqa: F401 - re-exported
+from defuse_jax.stages.correct import stage_correct
+from defuse_jax.stages.distill import stage_distill
+from defuse_jax.stages.evaluate import build_report, stage_evaluate  # noqa: F401 - public
+from defuse_jax.stages.label import (  # noqa: F401 - the public API of a run directory
     labels_damage,
     read_answers,
     region_rows,
@@ -57,183 +60,12 @@ from defuse_jax.label_stage import (  # noqa: F401 - the public API of a run dir
     stage_label,
     train_oracle,
 )
-from defuse_jax.models import Params
-from defuse_jax.regions import (
-    Regions,
-    codes_fitted,
-    distill,
-    load_regions,
-    not_converged_note,
-    resolved_max_codes,
-    save_regions,
-)
-from defuse_jax.run_config import STAGES, RunConfig, load_run_config
-from defuse_jax.run_dir import RunDir, check_not_a_file
-from defuse_jax.stage_context import Context, LabelsPending  # noqa: F401 - re-exported
+from defuse_jax.stages.search import stage_search
+from defuse_jax.stages.train import stage_train
 
 # --------------------------------------------------------------------------------------------
-# Stages. Each returns a JSON-able summary stored in <stage>/stage.json.
-
-
-def stage_train(ctx: Context) -> dict[str, Any]:
-    cfg, ds = ctx.config, ctx.dataset
-    summary: dict[str, Any] = {}
-    if ctx.own_classifier is None:
-        clf = tm.train_classifier(
-            ds, out_dir=ctx.path("train", "classifier"), config=cfg.classifier,
-            train=cfg.classifier_train, progress=cfg.progress,
-        )  # fmt: skip
-        ctx._models["classifier"] = clf.params
-        summary["classifier_test"] = clf.metrics
-    else:  # the user's: nothing to train
-        summary["classifier_test"] = tm.record_own_model(
-            "classifier", ctx.own_classifier, ctx.own["classifier"], ds,
-            out_dir=ctx.path("train", "classifier"),
-        )  # fmt: skip
-        summary["own_classifier"] = ctx.own["classifier"]
-    name = f" ({ctx.own['classifier']['name']})" if ctx.own_classifier is not None else ""
-    ctx.log(f"classifier{name}: test accuracy {summary['classifier_test']['accuracy']:.4f}")
-    if "vae" not in ctx.own_models:
-        vae = tm.train_vae(ds, out_dir=ctx.path("train", "vae"), config=cfg.vae,
-                           train=cfg.vae_train, progress=cfg.progress)  # fmt: skip
-        ctx._models["vae"] = vae.params
-        summary["vae_test"] = vae.metrics
-    else:  # the user's
-        summary["vae_test"] = tm.record_own_model(
-            "vae", ctx.own_models["vae"], ctx.own["vae"], ds, out_dir=ctx.path("train", "vae")
-        )
-        summary["own_vae"] = ctx.own["vae"]
-    ctx.log("VAE: test " + ", ".join(f"{k} {v:.3f}" for k, v in summary["vae_test"].items()))
-    return summary
-
-
-def stage_search(ctx: Context) -> dict[str, Any]:
-    # The validity model is the oracle, trained here before the label stage that also uses it
-    # (in label/oracle/, which the label stage then reuses).
-    validity = train_oracle(ctx) if ctx.config.search.validity == "oracle" else None
-    result, idx = identification.run_search(
-        ctx.dataset,
-        ctx.model("vae"),
-        ctx.model("classifier"),
-        search=ctx.config.search,
-        max_sources=ctx.config.max_sources,
-        seed=ctx.config.data.seed,
-        validity=validity,
-    )
-    summary = identification.save_search(result, idx, ctx.path("search"))
-    ctx.log(
-        f"search: {summary['num_errors_found']} errors kept ({summary['num_flips']} flips) from "
-        f"{summary['num_samples_evaluated']} samples around {summary['num_sources_used']} sources "
-        f"in {summary['wall_time_s']:.1f}s"
-    )
-    note = identification.thin_search_note(summary, ctx.config.search)
-    if note:
-        ctx.log(f"search: {note}")
-    return summary
-
-
-def stage_distill(ctx: Context) -> dict[str, Any]:
-    errors = identification.load_errors(ctx.path("search"))
-    cfg = ctx.config.distill
-    n = len(errors["z"])
-    if n < max(cfg.min_codes, 2):
-        msg = (
-            f"The search found {n} errors, too few to distill regions (min_codes={cfg.min_codes}). "
-            "Widen the search (--search-scale, --search-num-samples, --max-sources) and rerun."
-        )
-        ctx.log(msg)
-        L = errors["z"].shape[1] if errors["z"].ndim == 2 else 0
-        regions = Regions(
-            np.zeros((0, L), np.float32), np.zeros((0, L, L), np.float32),
-            np.zeros((0,), np.float32), np.full(n, -1, np.int32), [],
-        )  # fmt: skip
-        save_regions(regions, ctx.path("distill"))
-        return {"num_regions": 0, "message": msg}
-    vae, clf = ctx.model("vae"), ctx.model("classifier")
-    regions = distill(
-        errors["z"],
-        errors["source_label"],
-        errors["pred_label"],
-        num_classes=ctx.dataset.num_classes,
-        config=cfg,
-        predict_fn=lambda z: evaluation.predict(vae, clf, np.asarray(z)),
-    )
-    save_regions(regions, ctx.path("distill"))
-    covered = int((regions.assignment >= 0).sum())
-    # With max_codes=None an accelerator fits every code up to 200,000 (a CPU: 10,000).
-    fitted, cap = codes_fitted(errors["pred_label"], cfg), resolved_max_codes(cfg)
-    ctx.log(
-        f"distill: {regions.num_regions} regions explain {covered} of {n} errors (mixture "
-        f"fitted on {fitted} codes, max_codes {cap})"
-    )
-    if not regions.converged:
-        ctx.log(f"distill: {not_converged_note(cfg.max_iter)}")
-    return {"num_regions": regions.num_regions, "codes_in_regions": covered,
-            "codes_fitted": fitted, "max_codes": cap,
-            "mixture_converged": regions.converged}  # fmt: skip
-
-
-def _correction_runs(ctx: Context) -> str | None:
-    """The correction's runs directory for the label stage as it stands (`RunDir.correction_runs`:
-    keyed by its completion, so the runs are reused while it and everything upstream stand, and
-    a redo upstream starts afresh); the runs of earlier completions can never be reused and are
-    removed. None (runs inside correct/, not reused) for a label record without an id."""
-    label_id = read_json(ctx.dir.record("label")).get("id")
-    if not label_id:
-        return None
-    prune_dirs(ctx.dir.correction_runs(), keep=label_id)
-    return ctx.dir.correction_runs(label_id)
-
-
-def stage_correct(ctx: Context) -> dict[str, Any]:
-    cfg = ctx.config.correct
-    labels = {k: v for k, v in read_answers(ctx).items() if v is not None}
-    if not labels:
-        msg = "No region is labeled (all skipped, or no regions): correction skipped."
-        ctx.log(msg)
-        return {"skipped": True, "reason": msg}
-    ds = ctx.dataset
-    t0 = time.perf_counter()
-    regions = load_regions(ctx.path("distill"))
-    overlap = region_overlap.overlap_summary(
-        regions, labels, tau=cfg.tau, key=jax.random.fold_in(jax.random.key(cfg.seed), 2)
-    )
-    result = fine_tune(
-        ctx.model("classifier"),
-        ctx.model("vae"),
-        regions,
-        labels,
-        x_train=ds.x_train,
-        y_train=ds.y_train,
-        x_val=ds.x_val,
-        y_val=ds.y_val,
-        config=cfg,
-        out_dir=ctx.path("correct", "classifier"),
-        min_error_rate=ctx.config.distill.min_error_rate,
-        runs_dir=_correction_runs(ctx),
-        progress=ctx.config.progress,
-    )
-    ctx._models["corrected"] = result.params
-    if ctx.own_classifier is not None:  # also in the user's own structure, to load back
-        own_model.save_user_params(result.params, ctx.path("correct", "classifier", "own_params"))
-    chosen = result.selection and result.selection["chosen"]
-    if chosen is None:
-        ctx.log(f"correct: fine-tuned on {len(labels)} labeled regions (lambda={cfg.lam})")
-    elif result.selection["kept_original"]:
-        ctx.log(
-            f"correct: no epoch of lambda in {list(cfg.lams)} fixed the watched regions "
-            "within the bounds on held-out data: the original classifier is kept"
-        )
-    else:
-        ctx.log(
-            f"correct: fine-tuned on {len(labels)} labeled regions; chose lambda="
-            f"{chosen['lam']:g}, epoch {chosen['epoch']} of {cfg.epochs} on validation data"
-        )
-    return {"skipped": False, "reason": None, "num_regions": len(labels),
-            "seconds": time.perf_counter() - t0, "history": result.history,
-            "selection": result.selection, "control": result.control is not None,
-            "overlap": {str(k): v for k, v in overlap.items()}}  # fmt: skip
-
+# Stages (`defuse_jax.stages`, one module each). Each returns a JSON-able summary stored in
+# <stage>/stage.json.
 
 STAGE_FNS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "train": stage_train,
@@ -248,7 +80,7 @@ STAGE_FNS: dict[str, Callable[[Context], dict[str, Any]]] = {
 # into the Orbax checkpoints' step directories). Its record keeps their SHA-256 digests, and a
 # rerun trusts the stage only while every one is still there with those bytes: a damaged model
 # is found before anything restores it. Not listed: the labels file, which a person may edit:
-# it is checked by reading it (`label_stage.labels_damage`).
+# it is checked by reading it (`stages.label.labels_damage`).
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "train": ("train/vae/config.json", "train/vae/history.json", "train/vae/reconstructions.png",
               "train/vae/ckpt/**", "train/classifier/config.json",

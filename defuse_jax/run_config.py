@@ -56,7 +56,7 @@ class RunConfig:
             `defuse-jax label`).
         grid_samples: decoded samples per region shown in its grid.
         oracle_check: check every region's label with the oracle classifier (a stronger,
-            separately trained one, `label_stage.train_oracle`, kept in label/oracle/ and
+            separately trained one, `stages.label.train_oracle`, kept in label/oracle/ and
             trained in the label stage whatever the labeler): the labels file and the terminal
             labeler flag regions whose suggested label (the oracle labeler: its own vote) it
             disputes on most fresh samples as ambiguous, and the report gives its agreement

@@ -35,10 +35,10 @@ import numpy as np
 from defuse_jax import correction
 from defuse_jax import correction_selection as sel
 from defuse_jax.correction import correction_losses
-from defuse_jax.label_stage import read_answers
 from defuse_jax.regions import load_regions
 from defuse_jax.run_config import load_run_config
 from defuse_jax.stage_context import Context
+from defuse_jax.stages.label import read_answers
 from defuse_jax.training import fit
 
 

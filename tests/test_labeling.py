@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from test_correction_selection import _problem, _tiny_models
 
-from defuse_jax import evaluation, label_stage, plots
+from defuse_jax import evaluation, plots
 from defuse_jax.labeling import (
     HEADER,
     SKIP,
@@ -26,6 +26,7 @@ from defuse_jax.labeling import (
     write_labels_file,
 )
 from defuse_jax.regions import sample_regions
+from defuse_jax.stages import label as label_stage
 
 DIGITS = tuple(str(i) for i in range(10))
 SMILE = ("not_smiling", "smiling")

@@ -30,13 +30,15 @@ def _under(module: str, prefix: str) -> bool:
 
 
 FORBIDDEN = {
-    "search": ("defuse_jax.mixture", "defuse_jax.models", "defuse_jax.pipeline"),
-    "mixture": ("defuse_jax.search", "defuse_jax.models", "defuse_jax.pipeline"),
-}
+    "search": ("defuse_jax.mixture", "defuse_jax.models", "defuse_jax.pipeline",
+               "defuse_jax.stages"),
+    "mixture": ("defuse_jax.search", "defuse_jax.models", "defuse_jax.pipeline",
+                "defuse_jax.stages"),
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("engine", sorted(FORBIDDEN))
-def test_engines_import_neither_each_other_nor_models_nor_pipeline(engine):
+def test_engines_import_neither_each_other_nor_models_nor_stages_nor_pipeline(engine):
     bad = {
         f"{path.relative_to(PACKAGE)}: {module}"
         for path in sorted((PACKAGE / engine).rglob("*.py"))
@@ -110,3 +112,16 @@ def test_only_the_files_module_renames_files():
         if path.name != "files.py" and any(r in path.read_text() for r in renames)
     ]
     assert offenders == []
+
+
+def test_each_stage_is_one_module_of_the_stages_package():
+    """A newcomer finds the six stages from the file list: `stages/<name>.py` per run stage, in
+    the run's order, each defining `stage_<name>`, and none importing the orchestration."""
+    from defuse_jax.run_config import STAGES
+
+    modules = {path.stem for path in (PACKAGE / "stages").glob("*.py")} - {"__init__"}
+    assert modules == set(STAGES)
+    for name in STAGES:
+        path = PACKAGE / "stages" / f"{name}.py"
+        assert f"def stage_{name}(" in path.read_text(), name
+        assert not {"defuse_jax.pipeline", "defuse_jax.cli"} & imported_modules(path), name

@@ -16,6 +16,7 @@ from defuse_jax.correction import CorrectConfig
 from defuse_jax.data import DataConfig
 from defuse_jax.regions import DistillConfig
 from defuse_jax.run_config import DEFAULT_SEARCH, STAGES, RunConfig
+from defuse_jax.stages import distill as distill_stage
 from defuse_jax.training import TrainConfig
 
 TINY = RunConfig(
@@ -195,7 +196,7 @@ def test_no_errors_found_gives_a_clear_report(trained, tmp_path):
 
 def test_every_region_below_the_error_threshold_still_evaluates(trained, tmp_path, monkeypatch):
     """Regions exist but none is an error region: nothing to label, test accuracy still measured."""
-    real = pipeline.distill
+    real = distill_stage.distill
 
     def quiet_distill(*args, **kwargs):
         regions = real(*args, **kwargs)
@@ -203,7 +204,7 @@ def test_every_region_below_the_error_threshold_still_evaluates(trained, tmp_pat
             rec.update(error_rate=0.0, error_region=False)
         return regions
 
-    monkeypatch.setattr(pipeline, "distill", quiet_distill)
+    monkeypatch.setattr(distill_stage, "distill", quiet_distill)
     run_dir = _copy(trained, tmp_path)
     pipeline.run(run_dir, dataclasses.replace(TINY, labeler="source"), log=lambda s: None)
     report = _report(run_dir)
@@ -463,7 +464,8 @@ def test_oracle_agreement_in_report_labels_file_and_with_a_disagreeing_oracle(fi
     flags the regions ambiguous while the source labels stay as they were."""
     import csv
 
-    from defuse_jax import label_stage, label_validity
+    from defuse_jax import label_validity
+    from defuse_jax.stages import label as label_stage
 
     run_dir = _copy(finished[0], tmp_path)
     report = _report(run_dir)

@@ -15,10 +15,10 @@ from defuse_jax import bug_yield, evaluation, identification, label_validity
 from defuse_jax import report as report_lib
 from defuse_jax.correction import CorrectConfig
 from defuse_jax.files import read_json
-from defuse_jax.label_stage import read_answers
 from defuse_jax.regions import load_regions, not_converged_note
 from defuse_jax.run_config import STAGES
 from defuse_jax.stage_context import Context
+from defuse_jax.stages.label import read_answers
 
 
 def stage_evaluate(ctx: Context) -> report_lib.Report:
