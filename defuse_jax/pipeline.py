@@ -37,7 +37,6 @@ from defuse_jax import distributed as dist
 from defuse_jax import (
     labeling,
     own_model,
-    training_lengths,
 )
 from defuse_jax.data import Dataset, check_available, train_size
 from defuse_jax.files import move, read_json, sha256, write_json
@@ -45,7 +44,13 @@ from defuse_jax.models import Params
 from defuse_jax.regions import (
     load_regions,
 )
-from defuse_jax.run_config import STAGES, RunConfig, load_run_config
+from defuse_jax.run_config import (
+    STAGES,
+    RunConfig,
+    lengths_of,
+    load_run_config,
+    resolved_lengths,
+)
 from defuse_jax.run_dir import RunDir, check_not_a_file
 from defuse_jax.stage_context import Context, LabelsPending  # noqa: F401 - re-exported
 from defuse_jax.stages.correct import stage_correct
@@ -338,7 +343,7 @@ def save_run_config(
     run_dir: str, config: RunConfig, *, lengths: Mapping[str, Any] | None = None
 ) -> None:
     """Remember the run's configuration in <run>/config.json (the CLI's defaults next time),
-    with the training lengths it resolved to (`training_lengths.lengths`) under "lengths"."""
+    with the training lengths it resolved to (`run_config.lengths_of`) under "lengths"."""
     record = dataclasses.asdict(config)
     if lengths is not None:
         record["lengths"] = dict(lengths)
@@ -360,8 +365,8 @@ def resolve_lengths(run_dir: str, config: RunConfig, dataset: Dataset | None = N
         if "num_train" not in recorded:
             raise
         n_train = recorded["num_train"]
-    resolved = training_lengths.resolve(config, n_train)
-    save_run_config(run_dir, config, lengths=training_lengths.lengths(resolved, n_train))
+    resolved = resolved_lengths(config, n_train)
+    save_run_config(run_dir, config, lengths=lengths_of(resolved, n_train))
     return resolved
 
 

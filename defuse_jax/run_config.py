@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from defuse_jax import train_models as tm
+from defuse_jax import training_lengths as tl
 from defuse_jax.config_checks import (
     OPTIONAL_POSITIVE_INT,
     POSITIVE_INT,
@@ -148,6 +149,33 @@ def stage_fingerprints(
         prev = json_digest({"upstream": prev, "stage": stage, "config": parts[stage]})
         out[stage] = prev
     return out
+
+
+def resolved_lengths(config: RunConfig, n_train: int) -> RunConfig:
+    """`config` with every unset training length derived from the training split's size
+    `n_train` (the rules of `training_lengths`)."""
+    correct = config.correct
+    steps = tl.correction_round_steps(correct.epoch_steps, n_train, correct.batch_size)
+    correct = dataclasses.replace(correct, epoch_steps=steps)  # what runs: at most an epoch
+    return dataclasses.replace(
+        config,
+        vae_train=tl.train_epochs(config.vae_train, tl.VAE_BUDGET, n_train),
+        classifier_train=tl.train_epochs(config.classifier_train, tl.CLASSIFIER_BUDGET, n_train),
+        correct=correct,
+    )
+
+
+def lengths_of(config: RunConfig, n_train: int) -> dict[str, Any]:
+    """What a resolved `config` trains for, as recorded in config.json."""
+    return {
+        "num_train": n_train,
+        "vae_epochs": config.vae_train.epochs,
+        "classifier_epochs": config.classifier_train.epochs,
+        "oracle_epochs": tl.oracle_epochs(config.classifier_train),
+        "correction_rounds": config.correct.epochs,
+        "correction_round_steps": config.correct.epoch_steps,
+        "churn_images": min(n_train, tl.CHURN_IMAGES),
+    }
 
 
 def _file_hash(path: str) -> str | None:

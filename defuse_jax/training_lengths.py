@@ -15,18 +15,15 @@ training split's size `n` at batch size `b` (`n // b` steps per epoch):
 
 The budgets are the digits defaults the README's tables were measured with, so digits runs are
 unchanged. A value set explicitly (a flag such as `--vae-epochs 50`, or in the config) is kept
-as it is. `pipeline.run` records the values it used in config.json (`"lengths"`).
+as it is. `run_config.resolved_lengths` applies the rules to a whole run's configuration, and
+`pipeline.run` records the values it used in config.json (`"lengths"`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
 
 from defuse_jax.training import TrainConfig
-
-if TYPE_CHECKING:
-    from defuse_jax.run_config import RunConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,32 +57,6 @@ def correction_round_steps(epoch_steps: int | None, n_train: int, batch_size: in
     `CORRECTION_ROUND_STEPS` steps."""
     per_epoch = max(1, n_train // batch_size)
     return min(per_epoch, epoch_steps if epoch_steps is not None else CORRECTION_ROUND_STEPS)
-
-
-def resolve(config: RunConfig, n_train: int) -> RunConfig:
-    """`config` with every unset training length derived from `n_train` (module docstring)."""
-    correct = config.correct
-    steps = correction_round_steps(correct.epoch_steps, n_train, correct.batch_size)
-    correct = dataclasses.replace(correct, epoch_steps=steps)  # what runs: at most an epoch
-    return dataclasses.replace(
-        config,
-        vae_train=train_epochs(config.vae_train, VAE_BUDGET, n_train),
-        classifier_train=train_epochs(config.classifier_train, CLASSIFIER_BUDGET, n_train),
-        correct=correct,
-    )
-
-
-def lengths(config: RunConfig, n_train: int) -> dict[str, Any]:
-    """What a resolved `config` trains for, as recorded in config.json."""
-    return {
-        "num_train": n_train,
-        "vae_epochs": config.vae_train.epochs,
-        "classifier_epochs": config.classifier_train.epochs,
-        "oracle_epochs": oracle_epochs(config.classifier_train),
-        "correction_rounds": config.correct.epochs,
-        "correction_round_steps": config.correct.epoch_steps,
-        "churn_images": min(n_train, CHURN_IMAGES),
-    }
 
 
 def oracle_epochs(classifier_train: TrainConfig) -> int | None:

@@ -125,3 +125,59 @@ def test_each_stage_is_one_module_of_the_stages_package():
         path = PACKAGE / "stages" / f"{name}.py"
         assert f"def stage_{name}(" in path.read_text(), name
         assert not {"defuse_jax.pipeline", "defuse_jax.cli"} & imported_modules(path), name
+
+
+def _module_names() -> dict[str, pathlib.Path]:
+    """{dotted module name: its file} for every module of the package."""
+    names = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        names[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return names
+
+
+def _edges(path: pathlib.Path, modules) -> set[str]:
+    """The package's modules `path` imports: `from pkg import sub` is an import of `pkg.sub`
+    alone when that is a module (its package's __init__ has run by then anyway, as with any
+    submodule), else of `pkg`."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            subs = {f"{node.module}.{alias.name}" for alias in node.names} & set(modules)
+            found.update(subs)
+            if len(subs) < len(node.names):  # names that are not modules come from the package
+                found.add(node.module)
+    return {m for m in found if m in modules and m != "defuse_jax"}
+
+
+def test_no_module_imports_another_that_imports_it_back():
+    """No import circle, lazy and type-checking imports included: every strongly connected
+    component of the import graph is a single module."""
+    modules = _module_names()
+    graph = {m: _edges(path, modules) - {m} for m, path in modules.items()}
+    order, low, stack, on_stack, circles = {}, {}, [], set(), []
+
+    def visit(v):  # Tarjan's strongly connected components
+        order[v] = low[v] = len(order)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in order:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], order[w])
+        if low[v] == order[v]:
+            component = []
+            while not component or component[-1] != v:
+                component.append(stack.pop())
+                on_stack.discard(component[-1])
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in order:
+            visit(v)
+    assert not circles, circles

@@ -14,7 +14,7 @@ from test_training import _reference_fit
 from defuse_jax import data, losses, pipeline, training, training_lengths
 from defuse_jax.correction import CorrectConfig
 from defuse_jax.models import Classifier, ClassifierConfig, params_of
-from defuse_jax.run_config import RunConfig
+from defuse_jax.run_config import RunConfig, lengths_of, resolved_lengths
 from defuse_jax.training import TrainConfig
 
 
@@ -28,8 +28,8 @@ from defuse_jax.training import TrainConfig
     ],
 )
 def test_lengths_follow_the_training_split(n_train, vae, clf, oracle, round_steps):
-    resolved = training_lengths.resolve(RunConfig(), n_train)
-    got = training_lengths.lengths(resolved, n_train)
+    resolved = resolved_lengths(RunConfig(), n_train)
+    got = lengths_of(resolved, n_train)
     assert (got["vae_epochs"], got["classifier_epochs"], got["oracle_epochs"]) == (vae, clf, oracle)
     assert got["correction_round_steps"] == round_steps and got["correction_rounds"] == 20
     assert got["churn_images"] == min(n_train, training_lengths.CHURN_IMAGES)
@@ -40,11 +40,11 @@ def test_explicit_lengths_are_kept():
         vae_train=TrainConfig(epochs=7), classifier_train=TrainConfig(epochs=3, batch_size=32),
         correct=CorrectConfig(epoch_steps=100),
     )  # fmt: skip
-    resolved = training_lengths.resolve(config, 51000)
+    resolved = resolved_lengths(config, 51000)
     assert (resolved.vae_train.epochs, resolved.classifier_train.epochs) == (7, 3)
     assert resolved.correct.epoch_steps == 100
     # A round is never longer than an epoch.
-    assert training_lengths.resolve(config, 1145).correct.epoch_steps == 1145 // 64
+    assert resolved_lengths(config, 1145).correct.epoch_steps == 1145 // 64
 
 
 @pytest.mark.parametrize(
@@ -70,7 +70,7 @@ def test_config_json_records_the_lengths_and_keeps_them_when_the_data_is_gone(tm
     resolved = pipeline.resolve_lengths(run, config)
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["vae_train"]["epochs"] is None  # as given: a new data size resolves anew
-    assert saved["lengths"] == training_lengths.lengths(resolved, 34)  # 40 less 15% held out
+    assert saved["lengths"] == lengths_of(resolved, 34)  # 40 less 15% held out
     assert resolved.vae_train.epochs == 2040 and resolved.correct.epoch_steps == 1
     for f in folder.iterdir():
         f.unlink()
@@ -102,7 +102,7 @@ def test_rounds_train_the_first_batches_of_each_epochs_shuffle(tmp_path):
 
 def test_resolving_changes_no_field_it_does_not_own():
     config = RunConfig()
-    resolved = training_lengths.resolve(config, 51000)
+    resolved = resolved_lengths(config, 51000)
     for f in dataclasses.fields(RunConfig):
         if f.name not in ("vae_train", "classifier_train", "correct"):
             assert getattr(resolved, f.name) == getattr(config, f.name), f.name
