@@ -17,7 +17,7 @@ from defuse_jax.config_checks import (
     check_fields,
     fingerprint_fields,
 )
-from defuse_jax.correction import CorrectConfig
+from defuse_jax.correction import LAMS, VALID_SEARCH_LAMS, CorrectConfig
 from defuse_jax.data import DataConfig
 from defuse_jax.evaluation import EvalConfig
 from defuse_jax.files import json_digest, sha256
@@ -153,10 +153,12 @@ def stage_fingerprints(
 
 def resolved_lengths(config: RunConfig, n_train: int) -> RunConfig:
     """`config` with every unset training length derived from the training split's size
-    `n_train` (the rules of `training_lengths`)."""
+    `n_train` (the rules of `training_lengths`), and the correction's region weights from the
+    search (`CorrectConfig.lams`)."""
     correct = config.correct
     steps = tl.correction_round_steps(correct.epoch_steps, n_train, correct.batch_size)
-    correct = dataclasses.replace(correct, epoch_steps=steps)  # what runs: at most an epoch
+    lams = correct.lams or (VALID_SEARCH_LAMS if config.search.validity != "none" else LAMS)
+    correct = dataclasses.replace(correct, epoch_steps=steps, lams=lams)  # steps: at most an epoch
     return dataclasses.replace(
         config,
         vae_train=tl.train_epochs(config.vae_train, tl.VAE_BUDGET, n_train),
@@ -174,6 +176,7 @@ def lengths_of(config: RunConfig, n_train: int) -> dict[str, Any]:
         "oracle_epochs": tl.oracle_epochs(config.classifier_train),
         "correction_rounds": config.correct.epochs,
         "correction_round_steps": config.correct.epoch_steps,
+        "correction_lams": list(config.correct.lams or LAMS),
         "churn_images": min(n_train, tl.CHURN_IMAGES),
     }
 

@@ -36,7 +36,7 @@ from defuse_jax import correction
 from defuse_jax import correction_selection as sel
 from defuse_jax.correction import correction_losses
 from defuse_jax.regions import load_regions
-from defuse_jax.run_config import load_run_config
+from defuse_jax.run_config import load_run_config, resolved_lengths
 from defuse_jax.stage_context import Context
 from defuse_jax.stages.label import read_answers
 from defuse_jax.training import fit
@@ -69,7 +69,8 @@ def main() -> None:
         raise SystemExit(f"{args.run} has no config.json: run the pipeline there first.")
     ctx = Context(os.path.abspath(args.run), config, print)
     ds = ctx.dataset
-    cc = correction.resolved(config.correct, len(ds.x_train))  # its round length, as it ran
+    # Its round length and region weights, as it ran.
+    cc = correction.resolved(resolved_lengths(config, len(ds.x_train)).correct, len(ds.x_train))
     train = dataclasses.replace(
         cc.train_config(),
         epochs=args.epochs or cc.epochs,

@@ -11,11 +11,29 @@ from flax import nnx
 from test_idx_files import write_dataset
 from test_training import _reference_fit
 
-from defuse_jax import data, losses, pipeline, training, training_lengths
+from defuse_jax import correction, data, losses, pipeline, training, training_lengths
 from defuse_jax.correction import CorrectConfig
 from defuse_jax.models import Classifier, ClassifierConfig, params_of
 from defuse_jax.run_config import RunConfig, lengths_of, resolved_lengths
 from defuse_jax.training import TrainConfig
+
+
+@pytest.mark.parametrize(
+    "validity, lams, want",
+    [("none", None, correction.LAMS), ("oracle", None, correction.VALID_SEARCH_LAMS),
+     ("oracle", (0.2,), (0.2,)), ("none", (0.05, 0.5), (0.05, 0.5))],
+)  # fmt: skip
+def test_region_weights_follow_the_search_unless_set(validity, lams, want):
+    """Unset region weights are stronger behind a search that keeps only valid samples; set ones
+    are kept; config.json's lengths record the ones used."""
+    config = RunConfig(
+        search=dataclasses.replace(RunConfig().search, validity=validity),
+        correct=CorrectConfig(lams=lams),
+    )  # fmt: skip
+    resolved = resolved_lengths(config, 1145)
+    assert resolved.correct.lams == want
+    assert lengths_of(resolved, 1145)["correction_lams"] == list(want)
+    assert correction.resolved(CorrectConfig(), 1145).lams == correction.LAMS  # the library's
 
 
 @pytest.mark.parametrize(
@@ -106,4 +124,4 @@ def test_resolving_changes_no_field_it_does_not_own():
     for f in dataclasses.fields(RunConfig):
         if f.name not in ("vae_train", "classifier_train", "correct"):
             assert getattr(resolved, f.name) == getattr(config, f.name), f.name
-    assert dataclasses.replace(resolved.correct, epoch_steps=None) == config.correct
+    assert dataclasses.replace(resolved.correct, epoch_steps=None, lams=None) == config.correct
