@@ -204,6 +204,7 @@ def make_correction_loss(
     *,
     lam: float,
     region_batch_size: int,
+    batch_size: int | None = None,
     anchor: Params | None = None,
     anchor_weight: float = 0.0,
     resolve_overlap: bool = False,
@@ -218,6 +219,9 @@ def make_correction_loss(
         lam: weight of the region term (0: the training data alone, no region sample drawn;
             the control of `CorrectConfig.control`).
         region_batch_size: region samples per step.
+        batch_size: the step's training batch size. When the loss sees a shard of it
+            (`TrainConfig.reduction_shards`), the shard draws its share of
+            `region_batch_size`, so that a step draws as many region samples either way.
         anchor: the original classifier, for the L2-SP term.
         anchor_weight: weight of sum ||w - w_original||^2 (0: off).
         resolve_overlap: targets are responsibility-weighted label mixes
@@ -229,11 +233,11 @@ def make_correction_loss(
     num_regions, latent = means_j.shape
     density = region_overlap.region_density(means, chol) if resolve_overlap else None
 
-    def region_term(model, key):
-        """(cross-entropy, accuracy) on a fresh batch of decoded region samples."""
+    def region_term(model, key, rows):
+        """(cross-entropy, accuracy) on a fresh batch of `rows` decoded region samples."""
         k_region, k_eps = jax.random.split(key)
-        r = jax.random.randint(k_region, (region_batch_size,), 0, num_regions)
-        eps = jax.random.normal(k_eps, (region_batch_size, latent), jnp.float32)
+        r = jax.random.randint(k_region, (rows,), 0, num_regions)
+        eps = jax.random.normal(k_eps, (rows, latent), jnp.float32)
         z = means_j[r] + jnp.einsum("bij,bj->bi", chol_j[r], eps, precision="highest")
         x_region = jax.lax.stop_gradient(models.decode(vae, z))
         region_logits = model(x_region)
@@ -253,7 +257,11 @@ def make_correction_loss(
         ce_train = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
         loss, metrics = ce_train, {"ce_train": ce_train}
         if lam != 0:  # lam 0 draws no region sample (the batches do not depend on the keys)
-            ce_region, acc_region = region_term(model, key)
+            shard = batch["y"].shape[0]  # static: the whole batch, or a shard of it
+            rows = region_batch_size
+            if batch_size is not None and shard != batch_size:
+                rows = max(1, region_batch_size * shard // batch_size)
+            ce_region, acc_region = region_term(model, key, rows)
             loss = loss + jnp.float32(lam) * ce_region
             metrics.update(ce_region=ce_region, region_accuracy=acc_region)
         if anchor_state is not None:
@@ -297,6 +305,7 @@ def correction_losses(
             *region_args,
             lam=lam,
             region_batch_size=config.region_batch_size,
+            batch_size=config.batch_size,
             anchor=classifier,
             anchor_weight=config.anchor,
             resolve_overlap=config.resolve_overlap,

@@ -17,8 +17,8 @@ train the same bits, as long as the device count divides S.
 
 What changes against the default: the loss is the mean of the S shards' losses (the same mean
 for per-example losses), and shard j draws its noise from `fold_in(step_key, j)` (the VAE's
-reparameterisation, the correction's region samples: each shard draws its own, so a correction
-shard draws `region_batch_size` samples for `batch_size / S` training examples).
+reparameterisation, the correction's region samples; a correction shard draws its share,
+`region_batch_size / S`, of them).
 """
 
 from __future__ import annotations

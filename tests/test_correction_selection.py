@@ -329,3 +329,27 @@ def test_churn_images_are_a_seeded_subset_of_a_large_training_split(monkeypatch)
     small = sel.selection_data(clf, vae, regions, {0: 1}, x_train=x[:8], y_train=y[:8],
                                seed=0, **kw)  # fmt: skip
     np.testing.assert_array_equal(small.x_shifted, sel.shifted_images(x[:8]))  # all of them
+
+
+@pytest.mark.parametrize("rows, region_rows", [(32, 16), (8, 4)])
+def test_a_shard_of_the_batch_draws_its_share_of_the_region_samples(rows, region_rows, monkeypatch):
+    """With fixed-order sums (`reduction_shards`) the loss sees shards of the batch: each draws
+    its share of `region_batch_size`, so a step decodes as many region samples as without."""
+    from defuse_jax import correction
+
+    vae, clf, regions, x, y = _problem()
+    decoded = []
+    real = correction.models.decode
+
+    def counting(params, z):
+        decoded.append(z.shape[0])
+        return real(params, z)
+
+    monkeypatch.setattr(correction.models, "decode", counting)
+    loss = correction.make_correction_loss(
+        vae, regions.means, np.linalg.cholesky(regions.covariances), np.asarray([1, 2]),
+        lam=0.1, region_batch_size=16, batch_size=32,
+    )  # fmt: skip
+    batch = {"x": x[:rows], "y": y[:rows]}
+    loss(clf, batch, jax.random.key(0), np.int32(0))
+    assert decoded == [region_rows]
