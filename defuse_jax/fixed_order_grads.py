@@ -82,28 +82,15 @@ def value_and_grad(
 
     def shard_results(trainable, split, key, first):
         # split: {name: [S_local, B / S, ...]}; first: global index of this device's first shard.
-        def one_at(t, inputs):
+        def one(inputs):
             j, batch = inputs
-            (loss, metrics), grads = vg(t, batch, jax.random.fold_in(key, j))
+            (loss, metrics), grads = vg(trainable, batch, jax.random.fold_in(key, j))
             return {"loss": loss, **metrics}, grads
 
-        one = functools.partial(one_at, trainable)
-
         local = next(iter(split.values())).shape[0]
-        at = lambda j: (first + j, jax.tree.map(lambda v: v[j], split))  # noqa: E731
-        out = jax.tree.map(
-            lambda s: jnp.zeros((local,) + s.shape, s.dtype), jax.eval_shape(one, at(0))
-        )
-
-        def body(j, out):
-            inputs = lax.optimization_barrier((trainable, at(j)))
-            return jax.tree.map(lambda o, r: o.at[j].set(r), out, one_at(*inputs))
-
-        # A loop XLA cannot count: with a known trip count of 1 (one shard per device) it would
-        # inline the body and fuse it differently from the loop that computes several shards
-        # per device elsewhere, and the gradients would differ in the last bits.
-        trips = lax.optimization_barrier(jnp.int32(local))
-        return lax.fori_loop(0, trips, body, out)
+        # Sequential, so that every shard is the same program with the same shapes wherever
+        # it runs (a vmap over the local shards would batch them into other kernels).
+        return lax.map(one, (first + jnp.arange(local, dtype=jnp.int32), split))
 
     def run(trainable, batch, key):
         split = {
