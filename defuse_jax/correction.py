@@ -56,8 +56,7 @@ class CorrectConfig:
             epochs, last epoch kept.
         lams: the region weights the choice fine-tunes with, one run each. None: 0.001 0.003
             0.01 (`LAMS`), or 0.01 0.03 0.1 (`VALID_SEARCH_LAMS`) when the search keeps only
-            samples that still show their source class (--search-validity oracle; resolved by
-            `run_config.resolved_lengths`, `LAMS` where nothing resolves it).
+            samples that still show their source class (--search-validity oracle; `resolved`).
         max_val_drop: the most validation accuracy a kept epoch may lose (0.005 = 0.5 pt).
         max_region_drop: the most accuracy any labeled region may lose in a kept epoch.
         max_given_up: the share of the labeled regions the choice may give up when every epoch
@@ -153,11 +152,13 @@ class CorrectConfig:
         )
 
 
-def resolved(config: CorrectConfig, n_train: int) -> CorrectConfig:
-    """`config` with the round length that runs (`training_lengths.correction_round_steps`),
-    and `LAMS` if no region weights are set."""
+def resolved(config: CorrectConfig, n_train: int, *, valid_search: bool = False) -> CorrectConfig:
+    """`config` with the round length that runs (`training_lengths.correction_round_steps`)
+    and, if none are set, the region weights: `VALID_SEARCH_LAMS` behind a search that keeps
+    only valid samples (`valid_search`), else `LAMS`."""
     steps = training_lengths.correction_round_steps(config.epoch_steps, n_train, config.batch_size)
-    return dataclasses.replace(config, epoch_steps=steps, lams=config.lams or LAMS)
+    lams = config.lams or (VALID_SEARCH_LAMS if valid_search else LAMS)
+    return dataclasses.replace(config, epoch_steps=steps, lams=lams)
 
 
 # Settings that only decide which epoch of which region weight is kept, whether a control is

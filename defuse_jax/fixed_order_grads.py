@@ -38,13 +38,9 @@ from jax.sharding import PartitionSpec as P
 Objective = Callable[[Any, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
 
-def check_shards(shards: int, *, batch_size: int, devices: int) -> None:
-    """Raise a one-line error when `batch_size` or the device count does not fit `shards`."""
-    if batch_size % shards:
-        raise ValueError(
-            f"reduction_shards {shards} does not divide batch_size {batch_size}: every shard "
-            f"must hold the same number of examples; use a divisor of {batch_size}."
-        )
+def check_devices(shards: int, devices: int) -> None:
+    """Raise a one-line error when `devices` does not divide `shards` (`TrainConfig` already
+    checks that `shards` divides the batch size)."""
     if shards % devices:
         raise ValueError(
             f"reduction_shards {shards} cannot be spread over {devices} devices: each device "

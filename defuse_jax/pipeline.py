@@ -41,9 +41,7 @@ from defuse_jax import (
 from defuse_jax.data import Dataset, check_available, train_size
 from defuse_jax.files import move, read_json, sha256, write_json
 from defuse_jax.models import Params
-from defuse_jax.regions import (
-    load_regions,
-)
+from defuse_jax.regions import load_regions
 from defuse_jax.run_config import (
     STAGES,
     RunConfig,

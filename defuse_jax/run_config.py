@@ -9,6 +9,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from defuse_jax import correction
 from defuse_jax import train_models as tm
 from defuse_jax import training_lengths as tl
 from defuse_jax.config_checks import (
@@ -17,7 +18,7 @@ from defuse_jax.config_checks import (
     check_fields,
     fingerprint_fields,
 )
-from defuse_jax.correction import LAMS, VALID_SEARCH_LAMS, CorrectConfig
+from defuse_jax.correction import CorrectConfig
 from defuse_jax.data import DataConfig
 from defuse_jax.evaluation import EvalConfig
 from defuse_jax.files import json_digest, sha256
@@ -155,15 +156,12 @@ def resolved_lengths(config: RunConfig, n_train: int) -> RunConfig:
     """`config` with every unset training length derived from the training split's size
     `n_train` (the rules of `training_lengths`), and the correction's region weights from the
     search (`CorrectConfig.lams`)."""
-    correct = config.correct
-    steps = tl.correction_round_steps(correct.epoch_steps, n_train, correct.batch_size)
-    lams = correct.lams or (VALID_SEARCH_LAMS if config.search.validity != "none" else LAMS)
-    correct = dataclasses.replace(correct, epoch_steps=steps, lams=lams)  # steps: at most an epoch
+    valid_search = config.search.validity != "none"
     return dataclasses.replace(
         config,
         vae_train=tl.train_epochs(config.vae_train, tl.VAE_BUDGET, n_train),
         classifier_train=tl.train_epochs(config.classifier_train, tl.CLASSIFIER_BUDGET, n_train),
-        correct=correct,
+        correct=correction.resolved(config.correct, n_train, valid_search=valid_search),
     )
 
 
@@ -176,7 +174,7 @@ def lengths_of(config: RunConfig, n_train: int) -> dict[str, Any]:
         "oracle_epochs": tl.oracle_epochs(config.classifier_train),
         "correction_rounds": config.correct.epochs,
         "correction_round_steps": config.correct.epoch_steps,
-        "correction_lams": list(config.correct.lams or LAMS),
+        "correction_lams": list(config.correct.lams),
         "churn_images": min(n_train, tl.CHURN_IMAGES),
     }
 

@@ -260,8 +260,8 @@ def fit(
         desc: progress-bar label.
         progress: show a progress bar.
         loop: "scan" or "steps" (`LOOP_FORMS`); None: this backend's for this model
-            (`default_loop`). Both
-            run the same steps on the same batches; the scan dispatches once per segment.
+            (`default_loop`). Both run the same steps on the same batches; the scan dispatches
+            once per segment.
         epoch_steps: at most this many steps per epoch (None: a full pass). Epoch e then
             trains on the first `epoch_steps` batches of its own shuffle of the data: the
             correction's rounds on a large training split (`training_lengths`).
@@ -294,10 +294,9 @@ def fit(
     total_steps = config.epochs * steps_per_epoch
     mesh = _data_mesh(config.batch_size)  # raises early when a distributed batch cannot split
     if config.reduction_shards:
-        fixed_order_grads.check_shards(
-            config.reduction_shards, batch_size=config.batch_size,
-            devices=mesh.devices.size if mesh is not None else 1,
-        )  # fmt: skip
+        fixed_order_grads.check_devices(
+            config.reduction_shards, mesh.devices.size if mesh is not None else 1
+        )
     optimizer = make_optimizer(config)
     # Copy: the train step donates its state, and the caller keeps its `params`.
     init = jax.tree.map(jnp.copy, params.state)

@@ -32,7 +32,6 @@ import tempfile
 import jax
 import numpy as np
 
-from defuse_jax import correction
 from defuse_jax import correction_selection as sel
 from defuse_jax.correction import correction_losses
 from defuse_jax.regions import load_regions
@@ -70,7 +69,7 @@ def main() -> None:
     ctx = Context(os.path.abspath(args.run), config, print)
     ds = ctx.dataset
     # Its round length and region weights, as it ran.
-    cc = correction.resolved(resolved_lengths(config, len(ds.x_train)).correct, len(ds.x_train))
+    cc = resolved_lengths(config, len(ds.x_train)).correct
     train = dataclasses.replace(
         cc.train_config(),
         epochs=args.epochs or cc.epochs,

@@ -93,11 +93,11 @@ class SearchConfig:
     chunk_size: int | None = None
     compute_dtype: ComputeDtype = "float32"
     validity: Validity = "none"
+    seed: int = 0
 
     # Fingerprints leave a field out at this value (`config_checks.fingerprint_fields`), so that
     # runs made before it existed are not redone.
     LATER_DEFAULTS: typing.ClassVar[dict[str, str]] = {"validity": "none"}
-    seed: int = 0
 
     def __post_init__(self):
         def fail(msg):
