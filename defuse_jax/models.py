@@ -302,6 +302,34 @@ class Classifier(nnx.Module):
         return self.head(x.reshape(x.shape[0], -1))
 
 
+class Ensemble(nnx.Module):
+    """Classifiers that vote by their mean probability (the oracle, `stages.label.train_oracle`).
+
+    Called like a classifier: x [B, H, W, C] -> [B, num_classes], the log of the members' mean
+    softmax (float32), so that its argmax is the ensemble's prediction and its softmax the mean
+    probability.
+    """
+
+    def __init__(self, members: list[nnx.Module]):
+        if not members:
+            raise ValueError("An ensemble needs at least one member classifier.")
+        self.members = nnx.List(members)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        log_probs = jnp.stack(
+            [jax.nn.log_softmax(m(x).astype(jnp.float32), axis=-1) for m in self.members]
+        )
+        return jax.nn.logsumexp(log_probs, axis=0) - np.float32(np.log(len(self.members)))
+
+
+def ensemble_of(members: list[Params]) -> Params:
+    """One classifier `Params` from several: the member itself when there is one, else their
+    `Ensemble`."""
+    if len(members) == 1:
+        return members[0]
+    return params_of(Ensemble([m.module() for m in members]))
+
+
 @struct.dataclass
 class Params:
     """A model as a pure pytree: the NNX graph definition (static) and its weights (leaves)."""

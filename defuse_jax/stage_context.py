@@ -73,6 +73,8 @@ class Context:
             if self.own_classifier is not None and name in ("corrected", "control"):
                 # the user's model: its fine-tuned weights restored into its own structure
                 self._models[name] = tm.restore_weights(self.path(*where), self.own_classifier)
+            elif name == "oracle":  # one classifier, or an ensemble (`stages.label`)
+                self._models[name] = tm.load_ensemble(self.path(*where))
             else:
                 self._models[name] = tm.load_trained(self.path(*where))[0]
         return self._models[name]

@@ -27,7 +27,15 @@ from defuse_jax import losses, plots, training_lengths
 from defuse_jax.checkpoint import Checkpointer
 from defuse_jax.data import Dataset
 from defuse_jax.files import read_json, write_json
-from defuse_jax.models import VAE, Classifier, ClassifierConfig, Params, VAEConfig, params_of
+from defuse_jax.models import (
+    VAE,
+    Classifier,
+    ClassifierConfig,
+    Params,
+    VAEConfig,
+    ensemble_of,
+    params_of,
+)
 from defuse_jax.training import TrainConfig, evaluate, fit, initial_state, make_optimizer
 
 # Epochs from the data size (`training_lengths`): 120 and 40 on the 1,145 digits.
@@ -162,6 +170,64 @@ def train_classifier(
     return _train(
         "classifier", clf, ds, train_data, test, out_dir=out_dir, train=train, progress=progress
     )
+
+
+ENSEMBLE_FILE = "ensemble.json"  # an ensemble's member count and test accuracies
+
+
+def member_dir(out_dir: str, k: int) -> str:
+    """Where member `k` of an ensemble in `out_dir` lives: member 0 in `out_dir` itself (so a
+    one-member ensemble is laid out as a plain trained classifier), member k in member<k>/."""
+    return out_dir if k == 0 else os.path.join(out_dir, f"member{k}")
+
+
+def train_ensemble(
+    ds: Dataset,
+    *,
+    out_dir: str,
+    members: int,
+    config: ClassifierConfig,
+    train: TrainConfig,
+    progress: bool = True,
+) -> TrainedModel:
+    """`members` classifiers of `config`, member k trained (or resumed, or reloaded) with seed
+    `train.seed + k`, and their `models.Ensemble`, whose test metrics go to ensemble.json
+    (with each member's). Returns the ensemble (one member: that classifier itself)."""
+    trained = [
+        train_classifier(
+            ds,
+            out_dir=member_dir(out_dir, k),
+            config=config,
+            train=dataclasses.replace(train, seed=train.seed + k),
+            progress=progress,
+        )  # fmt: skip
+        for k in range(members)
+    ]
+    params = ensemble_of([t.params for t in trained])
+    test = {"x": ds.x_test, "y": ds.y_test.astype(np.int32)}
+    metrics = trained[0].metrics if members == 1 else evaluate(losses.classifier_eval, params, test)
+    write_json(
+        os.path.join(out_dir, ENSEMBLE_FILE),
+        {"members": members, "test": metrics, "member_test": [t.metrics for t in trained]},
+    )
+    return TrainedModel(params, config, trained[0].history, metrics, out_dir)
+
+
+def ensemble_record(out_dir: str) -> dict[str, Any]:
+    """`train_ensemble`'s record in `out_dir` ({"members": K, "test": metrics, ...}); a
+    directory without one holds a plain classifier: one member, its test metrics (None when
+    it has none)."""
+    path = os.path.join(out_dir, ENSEMBLE_FILE)
+    if os.path.exists(path):
+        return read_json(path)
+    history = os.path.join(out_dir, "history.json")
+    return {"members": 1, "test": read_json(history)["test"] if os.path.exists(history) else None}
+
+
+def load_ensemble(out_dir: str) -> Params:
+    """Reload `train_ensemble`'s ensemble (read-only, no training)."""
+    members = ensemble_record(out_dir)["members"]
+    return ensemble_of([load_trained(member_dir(out_dir, k))[0] for k in range(members)])
 
 
 def record_own_model(

@@ -156,8 +156,8 @@ def test_search_validity_keeps_only_what_the_oracle_reads_as_the_source(trained,
     logs = []
     summary = pipeline.run(run_dir, config, until="search", log=logs.append)["search"]
     # The search stage trained the oracle (where the label stage will find it) before searching.
-    assert sum(line.startswith("oracle classifier: test accuracy") for line in logs) == 1
-    assert os.path.exists(os.path.join(run_dir, "label", "oracle", "config.json"))
+    assert sum(line.startswith("oracle (3 classifiers): test accuracy") for line in logs) == 1
+    assert os.path.exists(os.path.join(run_dir, "label", "oracle", "ensemble.json"))
     errors = np.load(os.path.join(run_dir, "search", "errors.npz"))
     assert summary["num_errors_found"] == len(errors["z"]) > 0
     ctx = pipeline.Context(run_dir, config, print)
@@ -308,6 +308,7 @@ DAMAGE = (
     ("train/vae/ckpt", "train"),
     ("train/classifier/ckpt", "train"),
     ("label/oracle/ckpt", "label"),
+    ("label/oracle/member2/ckpt", "label"),  # the oracle is an ensemble of 3 (`oracle_members`)
     ("correct/classifier/ckpt", "correct"),
 )
 

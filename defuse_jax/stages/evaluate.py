@@ -13,6 +13,7 @@ import numpy as np
 
 from defuse_jax import bug_yield, evaluation, identification, label_validity
 from defuse_jax import report as report_lib
+from defuse_jax import train_models as tm
 from defuse_jax.correction import CorrectConfig
 from defuse_jax.files import read_json
 from defuse_jax.regions import load_regions, not_converged_note
@@ -158,7 +159,8 @@ def _oracle_agreement(
     """The oracle (trained by the label stage) against the final labels, on the held-out region
     samples region accuracy is measured on. With no labeled region (the label stage then
     trains no oracle when there is no region at all) nothing is checked."""
-    history = ctx.path("label", "oracle", "history.json")
-    test = read_json(history)["test"]["accuracy"] if os.path.exists(history) else None
+    oracle_dir = ctx.path("label", "oracle")
+    record = tm.ensemble_record(oracle_dir) if os.path.isdir(oracle_dir) else {}
+    test = (record.get("test") or {}).get("accuracy")
     votes = evaluation.heldout_votes(ctx.model("oracle"), eval_set) if labels else {}
     return label_validity.agreement_check(votes, labels, oracle_test_accuracy=test)

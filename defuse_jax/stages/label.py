@@ -34,6 +34,8 @@ from defuse_jax.stage_context import Context, LabelsPending
 
 # Fresh samples per region the oracle votes on in the label stage.
 ORACLE_SAMPLES = 64
+# Classifiers in the oracle when it is of the classifier's own kind (`oracle_members`).
+DEFAULT_ORACLE_MEMBERS = 3
 ORACLE_CHECK_FILE = "label/oracle_check.json"
 
 
@@ -160,8 +162,9 @@ def saved_checks(ctx: Context) -> dict[int, validity.RegionCheck]:
 
 
 def train_oracle(ctx: Context) -> Params:
-    """The oracle: a wider classifier trained longer with another seed, in label/oracle/
-    (reloaded from its checkpoint when it is trained already)."""
+    """The oracle: `oracle_members(ctx)` classifiers wider than the run's and trained longer,
+    with other seeds, averaged (`models.Ensemble`), in label/oracle/ (reloaded from their
+    checkpoints when they are trained already)."""
     if "oracle" in ctx._models:
         return ctx._models["oracle"]
     clf_train = training_lengths.train_epochs(
@@ -170,14 +173,28 @@ def train_oracle(ctx: Context) -> Params:
     train = dataclasses.replace(
         clf_train, epochs=training_lengths.oracle_epochs(clf_train), seed=clf_train.seed + 1
     )
-    config = tm.oracle_classifier_config(ctx.dataset.image_shape)
-    oracle = tm.train_classifier(
-        ctx.dataset, out_dir=ctx.path("label", "oracle"), config=config, train=train,
+    members = oracle_members(ctx)
+    oracle = tm.train_ensemble(
+        ctx.dataset, out_dir=ctx.path("label", "oracle"), members=members,
+        config=tm.oracle_classifier_config(ctx.dataset.image_shape), train=train,
         progress=ctx.config.progress,
     )  # fmt: skip
-    ctx.log(f"oracle classifier: test accuracy {oracle.metrics['accuracy']:.4f}")
+    what = "oracle classifier" if members == 1 else f"oracle ({members} classifiers)"
+    ctx.log(f"{what}: test accuracy {oracle.metrics['accuracy']:.4f}")
     ctx._models["oracle"] = oracle.params
     return oracle.params
+
+
+def oracle_members(ctx: Context) -> int:
+    """`RunConfig.oracle_members`, or when unset: 1 when the oracle is a conv model and the
+    run's classifier an MLP of ours (a stronger kind already), else 3."""
+    if ctx.config.oracle_members is not None:
+        return ctx.config.oracle_members
+    shape = ctx.dataset.image_shape
+    oracle_kind = tm.oracle_classifier_config(shape).kind
+    classifier = ctx.config.classifier or tm.default_classifier_config(shape)
+    stronger = ctx.own_classifier is None and (oracle_kind, classifier.kind) == ("conv", "mlp")
+    return 1 if stronger else DEFAULT_ORACLE_MEMBERS
 
 
 def read_answers(ctx: Context) -> dict[int, int | None]:

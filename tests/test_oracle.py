@@ -1,0 +1,109 @@
+"""The oracle as an ensemble: the members' mean probability, its files, and how many members a
+run trains (`RunConfig.oracle_members`)."""
+
+import json
+import os
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from defuse_jax import data, models
+from defuse_jax import train_models as tm
+from defuse_jax.models import Classifier, ClassifierConfig, params_of
+from defuse_jax.run_config import RunConfig, stage_fingerprints
+from defuse_jax.search.config import SearchConfig
+from defuse_jax.stages import label as label_stage
+from defuse_jax.training import TrainConfig
+
+
+def _classifiers(n, shape=(8, 8, 1)):
+    return [
+        params_of(
+            Classifier(ClassifierConfig(), image_shape=shape, num_classes=10, rngs=nnx.Rngs(i))
+        )  # fmt: skip
+        for i in range(n)
+    ]
+
+
+def test_ensemble_returns_the_log_of_the_members_mean_probability():
+    members = _classifiers(3)
+    x = jax.random.uniform(jax.random.key(0), (5, 8, 8, 1))
+    out = jax.jit(models.logits)(models.ensemble_of(members), x)
+    probs = np.mean([np.asarray(jax.nn.softmax(models.logits(m, x))) for m in members], 0)
+    np.testing.assert_allclose(np.exp(np.asarray(out)), probs, rtol=1e-5, atol=1e-7)
+    # Its weights cast like any classifier's (the search's bfloat16 forward pass).
+    low = models.cast_params(models.ensemble_of(members), "bfloat16")
+    assert models.logits(low, x.astype(jnp.bfloat16)).shape == (5, 10)
+
+
+def test_one_member_is_that_classifier_and_none_is_an_error():
+    (member,) = _classifiers(1)
+    assert models.ensemble_of([member]) is member
+    with pytest.raises(ValueError, match="at least one member"):
+        models.Ensemble([])
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.load_dataset(data.DataConfig(max_train=128, max_test=64))
+
+
+@pytest.mark.parametrize("members", [1, 2])
+def test_train_ensemble_lays_out_reloads_and_records_its_members(digits, members, tmp_path):
+    out = str(tmp_path / "oracle")
+    train = TrainConfig(epochs=1, batch_size=32, seed=5)
+    trained = tm.train_ensemble(digits, out_dir=out, members=members, config=ClassifierConfig(),
+                                train=train, progress=False)  # fmt: skip
+    # Member 0 where a single classifier would be, member k in member<k>/ with seed + k.
+    for k in range(members):
+        saved = json.load(open(os.path.join(tm.member_dir(out, k), "config.json")))
+        assert saved["train"]["seed"] == 5 + k
+    assert not os.path.exists(os.path.join(out, f"member{members}"))
+    record = tm.ensemble_record(out)
+    assert record["members"] == members and len(record["member_test"]) == members
+    reloaded = tm.load_ensemble(out)
+    x = digits.x_test
+    np.testing.assert_array_equal(models.logits(reloaded, x), models.logits(trained.params, x))
+    accuracy = float((np.asarray(models.logits(reloaded, x)).argmax(-1) == digits.y_test).mean())
+    assert record["test"]["accuracy"] == pytest.approx(accuracy)
+    # A directory from before ensembles (no ensemble.json) is one member.
+    os.remove(os.path.join(out, tm.ENSEMBLE_FILE))
+    old = tm.ensemble_record(out)
+    assert old["members"] == 1 and old["test"] == pytest.approx(record["member_test"][0])
+
+
+def _ctx(shape, *, classifier=None, members=None, own=None):
+    config = RunConfig(classifier=classifier, oracle_members=members)
+    return types.SimpleNamespace(config=config, dataset=types.SimpleNamespace(image_shape=shape),
+                                 own_classifier=own)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "shape, classifier, members, own, expected",
+    [
+        ((8, 8, 1), None, None, None, 3),  # MLP classifier, MLP oracle
+        ((28, 28, 1), None, None, None, 3),  # conv and conv
+        ((28, 28, 1), ClassifierConfig(kind="mlp"), None, None, 1),  # a conv oracle is stronger
+        ((28, 28, 1), ClassifierConfig(kind="mlp"), None, object(), 3),  # the user's own model
+        ((28, 28, 1), None, 5, None, 5),  # asked for
+    ],
+)
+def test_how_many_members_the_oracle_has(shape, classifier, members, own, expected):
+    ctx = _ctx(shape, classifier=classifier, members=members, own=own)
+    assert label_stage.oracle_members(ctx) == expected
+
+
+def test_the_member_count_redoes_the_stages_that_train_the_oracle(tmp_path):
+    fp = {m: stage_fingerprints(RunConfig(oracle_members=m), str(tmp_path)) for m in (None, 1, 3)}
+    assert fp[None]["search"] == fp[3]["search"]  # the paper's search uses no oracle
+    assert len({fp[m]["label"] for m in fp}) == 3
+    valid = SearchConfig(validity="oracle")
+    search = {m: stage_fingerprints(RunConfig(search=valid, oracle_members=m), str(tmp_path))
+              for m in (None, 3)}  # fmt: skip
+    assert search[None]["search"] != search[3]["search"]  # its validity model changed
+    with pytest.raises(ValueError, match="oracle_members"):
+        RunConfig(oracle_members=0)
