@@ -272,7 +272,8 @@ def default_classifier_config(image_shape: tuple[int, int, int]) -> ClassifierCo
 
 def oracle_classifier_config(image_shape: tuple[int, int, int]) -> ClassifierConfig:
     """The "oracle" labeler's classifier: the default kind for the shape, twice as wide (512)
-    in its dense layers; `pipeline.train_oracle` also trains it twice as long with another seed.
+    in its dense layers; `stages.label.train_oracle` trains it twice as long with other seeds, as
+    an ensemble (`train_ensemble`).
     """
     return dataclasses.replace(default_classifier_config(image_shape), hidden=512)
 

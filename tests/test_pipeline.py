@@ -194,6 +194,19 @@ def test_no_errors_found_gives_a_clear_report(trained, tmp_path):
     assert any("too few to distill" in line for line in logs)
 
 
+def test_a_mixture_that_keeps_no_region_says_what_to_change(trained, tmp_path):
+    run_dir = _copy(trained, tmp_path)
+    # One mixture per predicted class, each spread over 8 components: none holds 60% of codes.
+    distill = dataclasses.replace(TINY.distill, per_label=True, weight_cutoff=0.6)
+    logs = []
+    pipeline.run(run_dir, dataclasses.replace(TINY, distill=distill), log=logs.append)
+    report = _report(run_dir)
+    assert report["num_errors_found"] > 0 and report["num_regions"] == 0
+    (note,) = [m for m in report["messages"] if "kept no region" in m]
+    assert "--distill-weight-cutoff" in note and "n_components=8" in note
+    assert any(line.startswith("distill: the mixture kept no region") for line in logs)
+
+
 def test_every_region_below_the_error_threshold_still_evaluates(trained, tmp_path, monkeypatch):
     """Regions exist but none is an error region: nothing to label, test accuracy still measured."""
     real = distill_stage.distill

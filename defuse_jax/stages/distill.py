@@ -12,6 +12,7 @@ from defuse_jax.regions import (
     Regions,
     codes_fitted,
     distill,
+    no_region_note,
     not_converged_note,
     resolved_max_codes,
     save_regions,
@@ -55,6 +56,8 @@ def stage_distill(ctx: Context) -> dict[str, Any]:
     )
     if not regions.converged:
         ctx.log(f"distill: {not_converged_note(cfg.max_iter)}")
+    if regions.num_regions == 0:
+        ctx.log(f"distill: {no_region_note(n, cfg)}")
     return {"num_regions": regions.num_regions, "codes_in_regions": covered,
             "codes_fitted": fitted, "max_codes": cap,
             "mixture_converged": regions.converged}  # fmt: skip

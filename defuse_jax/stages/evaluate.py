@@ -16,7 +16,7 @@ from defuse_jax import report as report_lib
 from defuse_jax import train_models as tm
 from defuse_jax.correction import CorrectConfig
 from defuse_jax.files import read_json
-from defuse_jax.regions import load_regions, not_converged_note
+from defuse_jax.regions import load_regions, no_region_note, not_converged_note
 from defuse_jax.run_config import STAGES
 from defuse_jax.stage_context import Context
 from defuse_jax.stages.label import read_answers
@@ -72,9 +72,11 @@ def build_report(ctx: Context) -> report_lib.Report:
     thin = identification.thin_search_note(search, ctx.config.search)
     if thin:
         ctx.messages.append(thin)
-    if not regions.converged:
-        note = not_converged_note(ctx.config.distill.max_iter)
-        ctx.messages.append(f"{note[0].upper()}{note[1:]}.")
+    notes = [not_converged_note(ctx.config.distill.max_iter)] if not regions.converged else []
+    n_codes = search["num_errors_found"]
+    if regions.num_regions == 0 and n_codes >= max(ctx.config.distill.min_codes, 2):
+        notes.append(no_region_note(n_codes, ctx.config.distill))
+    ctx.messages.extend(f"{note[0].upper()}{note[1:]}." for note in notes)
     if correct_summary["skipped"]:
         ctx.messages.append(correct_summary["reason"])
     kept_epochs = _kept_epochs(ctx.config.correct, correct_summary.get("selection"))
