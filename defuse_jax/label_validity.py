@@ -3,13 +3,13 @@ region's label on fresh samples from the region?
 
 The oracle (`stages.label.train_oracle`: the default classifier for the image shape, twice as
 wide, trained twice as long with another seed; by default an ensemble of three) stands in for a
-careful person. For every region it classifies fresh codes drawn from the region; its *agreement* with a label is the share of
-those samples it puts in that class. A region on whose samples the oracle disagrees with the
-label most of the time (agreement below `AMBIGUOUS_BELOW`, i.e. on more than half the samples)
-is flagged *ambiguous*: its samples may not show the labeled class at all (they sit between
-classes, or the search drifted into another class), so correcting the classifier towards that
-label is questionable. The flag is information only: no labeler changes or drops a label
-because of it.
+careful person. For every region it classifies fresh codes drawn from the region; its
+*agreement* with a label is the share of those samples it puts in that class. A region on whose
+samples the oracle disagrees with the label most of the time (agreement below `AMBIGUOUS_BELOW`,
+i.e. on more than half the samples) is flagged *ambiguous*: its samples may not show the labeled
+class at all (they sit between classes, or the search drifted into another class), so correcting
+the classifier towards that label is questionable. The flag is information only: no labeler
+changes or drops a label because of it.
 
 Two checks use it:
 
