@@ -37,13 +37,15 @@ from defuse_jax.models import Params
 from defuse_jax.regions import Regions, region_cholesky
 from defuse_jax.training import LossFn, TrainConfig, fit, save_finished
 
-# The region weights the choice tries when none are set. A search that keeps only samples that
-# still show their source class (`SearchConfig.validity`) leaves regions that are all bugs the
-# classifier holds firmly: on Fashion-MNIST (10k/2k, MLP models, seeds 0 and 1) LAMS fixed only
-# 83% and 80% of their samples within the bounds, VALID_SEARCH_LAMS 99.7% and 100% (lambda 0.1
-# chosen in both), test accuracy +1.4 and +0.7 pt (docs/results.md).
+# The region weights the choice tries when none are set. Narrow regions, each one bug the
+# classifier holds firmly, need stronger ones: behind a search that keeps only samples that still
+# show their source class (`SearchConfig.validity`) on Fashion-MNIST (10k/2k, MLP models, seeds 0
+# and 1) LAMS fixed only 83% and 80% of their samples within the bounds, STRONG_LAMS 99.7% and
+# 100% (lambda 0.1 chosen in both), test accuracy +1.4 and +0.7 pt; behind one mixture per
+# predicted class (`DistillConfig.per_label`, 3 components each) LAMS 28% and 53%, STRONG_LAMS
+# 98.8% and 99.9% (0.1 again), +2.4 and +1.3 pt (docs/results.md).
 LAMS: tuple[float, ...] = (0.001, 0.003, 0.01)
-VALID_SEARCH_LAMS: tuple[float, ...] = (0.01, 0.03, 0.1)
+STRONG_LAMS: tuple[float, ...] = (0.01, 0.03, 0.1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,8 +57,9 @@ class CorrectConfig:
             (`correction_selection`); False: the reference schedule, `lam` for `epochs`
             epochs, last epoch kept.
         lams: the region weights the choice fine-tunes with, one run each. None: 0.001 0.003
-            0.01 (`LAMS`), or 0.01 0.03 0.1 (`VALID_SEARCH_LAMS`) when the search keeps only
-            samples that still show their source class (--search-validity oracle; `resolved`).
+            0.01 (`LAMS`), or 0.01 0.03 0.1 (`STRONG_LAMS`) for narrow regions: when the search
+            keeps only samples that still show their source class (--search-validity oracle)
+            or the mixture is fitted per predicted class (--distill-per-label; `resolved`).
         max_val_drop: the most validation accuracy a kept epoch may lose (0.005 = 0.5 pt).
         max_region_drop: the most accuracy any labeled region may lose in a kept epoch.
         max_given_up: the share of the labeled regions the choice may give up when every epoch
@@ -152,12 +155,12 @@ class CorrectConfig:
         )
 
 
-def resolved(config: CorrectConfig, n_train: int, *, valid_search: bool = False) -> CorrectConfig:
+def resolved(config: CorrectConfig, n_train: int, *, narrow_regions: bool = False) -> CorrectConfig:
     """`config` with the round length that runs (`training_lengths.correction_round_steps`)
-    and, if none are set, the region weights: `VALID_SEARCH_LAMS` behind a search that keeps
-    only valid samples (`valid_search`), else `LAMS`."""
+    and, if none are set, the region weights: `STRONG_LAMS` for `narrow_regions` (a search that
+    keeps only valid samples, or one mixture per predicted class), else `LAMS`."""
     steps = training_lengths.correction_round_steps(config.epoch_steps, n_train, config.batch_size)
-    lams = config.lams or (VALID_SEARCH_LAMS if valid_search else LAMS)
+    lams = config.lams or (STRONG_LAMS if narrow_regions else LAMS)
     return dataclasses.replace(config, epoch_steps=steps, lams=lams)
 
 

@@ -49,7 +49,11 @@ class DistillConfig:
             tables converged in 61-676 iterations (two of them needed more than 500).
         weight_cutoff: keep components whose weight exceeds this (the reference uses 0.01).
         min_codes: keep regions that hold at least this many error codes.
-        per_label: fit one mixture per predicted label instead of one on all codes.
+        per_label: fit one mixture per predicted label instead of one on all codes, each with
+            up to `n_components` (give it a few: 100 spread a label's codes too thin for any
+            to pass `weight_cutoff`). Its regions are purer: on Fashion-MNIST 10k (MLP models),
+            3 per label gave a median purity of 63% and 60% against 42% and 44%, fixed to 98.8%
+            and 99.9% by the stronger region weights it implies (`correction.STRONG_LAMS`).
         max_codes: fit on at most this many codes (a seeded subsample); every code is still
             assigned to a region afterwards. None (the default) picks by backend
             (`default_max_codes`): the reference's 10,000 on a CPU, where the fit's time grows

@@ -168,12 +168,12 @@ def resolved_lengths(config: RunConfig, n_train: int) -> RunConfig:
     """`config` with every unset training length derived from the training split's size
     `n_train` (the rules of `training_lengths`), and the correction's region weights from the
     search (`CorrectConfig.lams`)."""
-    valid_search = config.search.validity != "none"
+    narrow = config.search.validity != "none" or config.distill.per_label
     return dataclasses.replace(
         config,
         vae_train=tl.train_epochs(config.vae_train, tl.VAE_BUDGET, n_train),
         classifier_train=tl.train_epochs(config.classifier_train, tl.CLASSIFIER_BUDGET, n_train),
-        correct=correction.resolved(config.correct, n_train, valid_search=valid_search),
+        correct=correction.resolved(config.correct, n_train, narrow_regions=narrow),
     )
 
 

@@ -19,15 +19,18 @@ from defuse_jax.training import TrainConfig
 
 
 @pytest.mark.parametrize(
-    "validity, lams, want",
-    [("none", None, correction.LAMS), ("oracle", None, correction.VALID_SEARCH_LAMS),
-     ("oracle", (0.2,), (0.2,)), ("none", (0.05, 0.5), (0.05, 0.5))],
+    "validity, per_label, lams, want",
+    [("none", False, None, correction.LAMS), ("oracle", False, None, correction.STRONG_LAMS),
+     ("none", True, None, correction.STRONG_LAMS), ("oracle", False, (0.2,), (0.2,)),
+     ("none", True, (0.05, 0.5), (0.05, 0.5))],
 )  # fmt: skip
-def test_region_weights_follow_the_search_unless_set(validity, lams, want):
-    """Unset region weights are stronger behind a search that keeps only valid samples; set ones
-    are kept; config.json's lengths record the ones used."""
+def test_region_weights_follow_the_regions_unless_set(validity, per_label, lams, want):
+    """Unset region weights are stronger for narrow regions (behind a search that keeps only
+    valid samples, or one mixture per predicted class); set ones are kept; config.json's lengths
+    record the ones used."""
     config = RunConfig(
         search=dataclasses.replace(RunConfig().search, validity=validity),
+        distill=dataclasses.replace(RunConfig().distill, per_label=per_label),
         correct=CorrectConfig(lams=lams),
     )  # fmt: skip
     resolved = resolved_lengths(config, 1145)
