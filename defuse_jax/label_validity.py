@@ -49,6 +49,7 @@ class AgreementCheck(TypedDict):
     agreement: float | None  # mean agreement over the labeled regions (None: none labeled)
     num_ambiguous: int
     oracle_test_accuracy: float | None  # the oracle's accuracy on the test split
+    oracle_members: int | None  # classifiers the oracle averages (`RunConfig.oracle_members`)
 
 
 def is_ambiguous(agreement: float) -> bool:
@@ -105,6 +106,7 @@ def agreement_check(
     labels: Mapping[int, int],
     *,
     oracle_test_accuracy: float | None = None,
+    oracle_members: int | None = None,
 ) -> AgreementCheck:
     """The evaluation's check: the oracle against each labeled region's label.
 
@@ -112,7 +114,8 @@ def agreement_check(
         votes: {region id: [S] oracle predictions on held-out samples} for (at least) every
             labeled region.
         labels: {region id: class} of the labeled regions (skipped regions left out).
-        oracle_test_accuracy: the oracle's test accuracy, carried into the result.
+        oracle_test_accuracy, oracle_members: the oracle's test accuracy and its number of
+            classifiers, carried into the result.
 
     Returns:
         `AgreementCheck`: per labeled region, the mean agreement and the number flagged.
@@ -130,6 +133,7 @@ def agreement_check(
         agreement=float(np.mean(agreements)) if agreements else None,
         num_ambiguous=sum(c["ambiguous"] for c in per_region.values()),
         oracle_test_accuracy=oracle_test_accuracy,
+        oracle_members=oracle_members,
     )
 
 

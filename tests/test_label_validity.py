@@ -18,13 +18,15 @@ def test_agreement_and_ambiguous_flag():
         1: np.array([7, 7, 7, 1]),  # labeled 1, the oracle mostly says 7: ambiguous
         2: np.array([2, 4, 2, 4]),  # exactly half: not "most samples", not ambiguous
     }
-    check = label_validity.agreement_check(votes, {0: 3, 1: 1, 2: 2}, oracle_test_accuracy=0.9)
+    check = label_validity.agreement_check(
+        votes, {0: 3, 1: 1, 2: 2}, oracle_test_accuracy=0.9, oracle_members=3
+    )
     per = check["per_region"]
     assert [per[i]["agreement"] for i in (0, 1, 2)] == [0.75, 0.25, 0.5]
     assert [per[i]["ambiguous"] for i in (0, 1, 2)] == [False, True, False]
     assert per[1]["oracle_label"] == 7 and per[2]["oracle_label"] == 2  # ties: smallest class
     assert check["agreement"] == pytest.approx(0.5) and check["num_ambiguous"] == 1
-    assert check["oracle_test_accuracy"] == 0.9
+    assert check["oracle_test_accuracy"] == 0.9 and check["oracle_members"] == 3
     empty = label_validity.agreement_check(votes, {})
     assert empty["agreement"] is None and empty["num_ambiguous"] == 0
     with pytest.raises(ValueError, match=r"No oracle votes for the labeled regions \[9\]"):

@@ -99,6 +99,7 @@ def _report(**overrides):
         "num_error_codes_labeled": 1234,
         "oracle_agreement": 0.5625,
         "oracle_test_accuracy": 0.98,
+        "oracle_members": 3,
         "num_ambiguous_regions": 1,
         "regions": regions,
         "correction": {"skipped": False, "reason": None, "lam": 0.01, "epochs": 3, "seconds": 4.5},
@@ -196,7 +197,10 @@ def test_full_report(tmp_path):
         "| n/a -> n/a |" in md
     )
     # Label validity: the oracle's mean agreement, its test accuracy and the ambiguous regions.
-    assert "test accuracy 98.0%) agrees with the region labels on 56.2%" in md
+    assert (
+        "the oracle (3 classifiers, trained separately, test accuracy 98.0%) agrees with the "
+        "region labels on 56.2%" in md
+    )
     assert "**1 ambiguous labeled region** (it disagrees on most of their samples): region 7." in md
     assert md.index("| 3 | 120") < md.index("| 0 | 50") < md.index("| 7 | 30")
     for rid in (3, 0, 7):

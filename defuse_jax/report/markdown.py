@@ -97,9 +97,12 @@ def _summary_lines(report: Mapping[str, Any]) -> list[str]:
     lines += _bug_yield_lines(report)
     if report.get("oracle_agreement") is not None:
         ambiguous = [r["id"] for r in report["regions"] if r.get("ambiguous")]
+        members = report.get("oracle_members") or 1
+        oracle = "the oracle classifier" if members == 1 else f"the oracle ({members} classifiers"
+        oracle += " (" if members == 1 else ", "
         lines += [
             "",
-            f"Label validity: the oracle classifier (trained separately, test accuracy "
+            f"Label validity: {oracle}trained separately, test accuracy "
             f"{pct(report.get('oracle_test_accuracy'))}) agrees with the region labels on "
             f"{pct(report['oracle_agreement'])} of fresh region samples (mean over the labeled "
             "regions). "

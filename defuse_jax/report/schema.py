@@ -110,6 +110,8 @@ class _ReportRequired(TypedDict):
     oracle_agreement: float | None  # mean over labeled regions of the oracle's agreement with
     # the label on held-out region samples (None: no oracle, or nothing labeled)
     oracle_test_accuracy: float | None  # the oracle's own test accuracy (None: no oracle)
+    oracle_members: NotRequired[int | None]  # classifiers it averages (later field; None: no
+    # oracle)
     num_ambiguous_regions: int  # labeled regions where the oracle disagrees on most samples
     regions: list[RegionReport]
     correction: CorrectionReport

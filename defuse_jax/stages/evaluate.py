@@ -165,4 +165,6 @@ def _oracle_agreement(
     record = tm.ensemble_record(oracle_dir) if os.path.isdir(oracle_dir) else {}
     test = (record.get("test") or {}).get("accuracy")
     votes = evaluation.heldout_votes(ctx.model("oracle"), eval_set) if labels else {}
-    return label_validity.agreement_check(votes, labels, oracle_test_accuracy=test)
+    return label_validity.agreement_check(
+        votes, labels, oracle_test_accuracy=test, oracle_members=record.get("members")
+    )
