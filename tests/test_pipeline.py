@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from defuse_jax import evaluation, labeling, pipeline
+from defuse_jax import regions as regions_lib
 from defuse_jax import report as report_lib
 from defuse_jax.correction import CorrectConfig
 from defuse_jax.data import DataConfig
@@ -196,15 +197,18 @@ def test_no_errors_found_gives_a_clear_report(trained, tmp_path):
 
 def test_a_mixture_that_keeps_no_region_says_what_to_change(trained, tmp_path):
     run_dir = _copy(trained, tmp_path)
-    # One mixture per predicted class, each spread over 8 components: none holds 60% of codes.
-    distill = dataclasses.replace(TINY.distill, per_label=True, weight_cutoff=0.6)
+    # No component of the mixture holds 99% of the codes.
+    distill = dataclasses.replace(TINY.distill, weight_cutoff=0.99)
     logs = []
     pipeline.run(run_dir, dataclasses.replace(TINY, distill=distill), log=logs.append)
     report = _report(run_dir)
     assert report["num_errors_found"] > 0 and report["num_regions"] == 0
     (note,) = [m for m in report["messages"] if "kept no region" in m]
-    assert "--distill-weight-cutoff" in note and "n_components=8" in note
+    assert "--distill-weight-cutoff" in note and "per_label" not in note
     assert any(line.startswith("distill: the mixture kept no region") for line in logs)
+    # Per predicted class, the note also names the component count to lower.
+    per_label = regions_lib.no_region_note(500, dataclasses.replace(distill, per_label=True))
+    assert "n_components=8" in per_label and "try 3" in per_label
 
 
 def test_every_region_below_the_error_threshold_still_evaluates(trained, tmp_path, monkeypatch):
