@@ -213,6 +213,7 @@ def quick(config: RunConfig) -> RunConfig:
             config.distill, n_components=8, max_iter=100, min_codes=5, error_samples=32
         ),
         grid_samples=8,
+        oracle_members=1,
         correct=dataclasses.replace(
             config.correct, epochs=2, batch_size=32, lams=(0.01,), select_samples=64
         ),

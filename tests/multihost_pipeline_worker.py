@@ -42,6 +42,7 @@ MICRO = RunConfig(
         select_samples=64,
         reduction_shards=4,
     ),  # fmt: skip
+    oracle_members=1,
     progress=False,
 )
 
