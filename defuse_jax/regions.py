@@ -298,8 +298,11 @@ def top_pair(record: Mapping[str, Any]) -> tuple[int | None, int | None]:
     return record.get("majority_source_label"), record.get("majority_pred_label")
 
 
-def no_region_note(num_codes: int, config: DistillConfig) -> str:
-    """What a run says when the mixture kept no region of `num_codes` >= min_codes codes."""
+def no_region_note(num_codes: int, num_regions: int, config: DistillConfig) -> str | None:
+    """What a run says when the mixture kept none (`num_regions` 0) of `num_codes` error codes,
+    enough to fit it (at least min_codes and 2); None otherwise."""
+    if num_regions or num_codes < max(config.min_codes, 2):
+        return None
     note = (
         f"the mixture kept no region of the {num_codes} error codes: no component holds more "
         f"than weight_cutoff={config.weight_cutoff} of them and min_codes={config.min_codes}. "

@@ -210,8 +210,10 @@ def test_a_mixture_that_keeps_no_region_says_what_to_change(trained, tmp_path):
     assert "--distill-weight-cutoff" in note and "per_label" not in note
     assert any(line.startswith("distill: the mixture kept no region") for line in logs)
     # Per predicted class, the note also names the component count to lower.
-    per_label = regions_lib.no_region_note(500, dataclasses.replace(distill, per_label=True))
+    per_label = regions_lib.no_region_note(500, 0, dataclasses.replace(distill, per_label=True))
     assert "n_components=8" in per_label and "try 3" in per_label
+    assert regions_lib.no_region_note(500, 1, distill) is None  # a region was kept
+    assert regions_lib.no_region_note(1, 0, distill) is None  # too few codes to fit: said apart
 
 
 def test_every_region_below_the_error_threshold_still_evaluates(trained, tmp_path, monkeypatch):

@@ -98,11 +98,10 @@ def _summary_lines(report: Mapping[str, Any]) -> list[str]:
     if report.get("oracle_agreement") is not None:
         ambiguous = [r["id"] for r in report["regions"] if r.get("ambiguous")]
         members = report.get("oracle_members") or 1
-        oracle = "the oracle classifier" if members == 1 else f"the oracle ({members} classifiers"
-        oracle += " (" if members == 1 else ", "
+        size = "classifier (" if members == 1 else f"({members} classifiers, "
         lines += [
             "",
-            f"Label validity: {oracle}trained separately, test accuracy "
+            f"Label validity: the oracle {size}trained separately, test accuracy "
             f"{pct(report.get('oracle_test_accuracy'))}) agrees with the region labels on "
             f"{pct(report['oracle_agreement'])} of fresh region samples (mean over the labeled "
             "regions). "

@@ -56,8 +56,9 @@ def stage_distill(ctx: Context) -> dict[str, Any]:
     )
     if not regions.converged:
         ctx.log(f"distill: {not_converged_note(cfg.max_iter)}")
-    if regions.num_regions == 0:
-        ctx.log(f"distill: {no_region_note(n, cfg)}")
+    empty = no_region_note(n, regions.num_regions, cfg)
+    if empty:
+        ctx.log(f"distill: {empty}")
     return {"num_regions": regions.num_regions, "codes_in_regions": covered,
             "codes_fitted": fitted, "max_codes": cap,
             "mixture_converged": regions.converged}  # fmt: skip

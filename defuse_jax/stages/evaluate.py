@@ -72,11 +72,11 @@ def build_report(ctx: Context) -> report_lib.Report:
     thin = identification.thin_search_note(search, ctx.config.search)
     if thin:
         ctx.messages.append(thin)
-    notes = [not_converged_note(ctx.config.distill.max_iter)] if not regions.converged else []
-    n_codes = search["num_errors_found"]
-    if regions.num_regions == 0 and n_codes >= max(ctx.config.distill.min_codes, 2):
-        notes.append(no_region_note(n_codes, ctx.config.distill))
-    ctx.messages.extend(f"{note[0].upper()}{note[1:]}." for note in notes)
+    notes = [
+        not_converged_note(ctx.config.distill.max_iter) if not regions.converged else None,
+        no_region_note(search["num_errors_found"], regions.num_regions, ctx.config.distill),
+    ]
+    ctx.messages.extend(f"{note[0].upper()}{note[1:]}." for note in notes if note)
     if correct_summary["skipped"]:
         ctx.messages.append(correct_summary["reason"])
     kept_epochs = _kept_epochs(ctx.config.correct, correct_summary.get("selection"))
