@@ -76,8 +76,8 @@ fi
 MIX_COMMON=(--no-parity --no-pipeline --scaling-n --scaling-k --sklearn-full-max 0
   --sklearn-short-iters 2)
 
-step info 60 $PY -m defuse_jax.cli info --json
-$PY -m defuse_jax.cli info --json >"$WORK/info.json" 2>/dev/null
+# One process (a JAX start costs seconds): the JSON goes to info.json and, through `cat`, the log.
+step info 60 sh -c '"$1" -m defuse_jax.cli info --json >"$2" && cat "$2"' sh "$PY" "$WORK/info.json"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.max.sm \
   --format=csv >>"$LOG" 2>&1
 
@@ -145,7 +145,8 @@ json.dump(mixture, open(sys.argv[4], "w"), indent=1)
 rows = [line.rstrip("\n").split("\t") for line in open(sys.argv[1]) if line.strip()]
 steps = [{"step": s, "exit_code": int(rc), "seconds": int(t)} for s, rc, t in rows]
 info_path = os.path.join(sys.argv[3], "info.json")
-info = json.load(open(info_path)) if os.path.getsize(info_path) else None
+ok_info = os.path.isfile(info_path) and os.path.getsize(info_path)
+info = json.load(open(info_path)) if ok_info else None
 json.dump({"info": info, "steps": steps, "ok": all(s["exit_code"] == 0 for s in steps)},
           open(sys.argv[2], "w"), indent=1)
 print("\n".join(f"{s['step']:<14} exit {s['exit_code']:>3} {s['seconds']:>5}s" for s in steps))
