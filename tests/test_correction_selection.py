@@ -353,3 +353,31 @@ def test_a_shard_of_the_batch_draws_its_share_of_the_region_samples(rows, region
     batch = {"x": x[:rows], "y": y[:rows]}
     loss(clf, batch, jax.random.key(0), np.int32(0))
     assert decoded == [region_rows]
+
+
+def test_a_weight_given_as_data_is_the_weight_given_as_a_number_in_one_compiled_program():
+    """`lam=None` reads the weight from the batch (`with_region_weight`): the same loss and
+    gradients as the weight written into the program, and every weight one compiled program."""
+    from defuse_jax import correction
+
+    vae, clf, regions, x, y = _problem()
+
+    def make(lam):
+        return correction.make_correction_loss(
+            vae, regions.means, np.linalg.cholesky(regions.covariances), np.asarray([1, 2]),
+            lam=lam, region_batch_size=16, batch_size=32,
+        )  # fmt: skip
+
+    def value_and_grad(loss_fn):
+        def total(state, batch, key):
+            return loss_fn(models.Params(clf.graphdef, state), batch, key, np.int32(0))[0]
+
+        return jax.jit(jax.value_and_grad(total))
+
+    data, key = {"x": x[:32], "y": y[:32]}, jax.random.key(0)
+    from_data = value_and_grad(make(None))
+    for lam in (0.003, 0.1):
+        want = value_and_grad(make(lam))(clf.state, data, key)
+        got = from_data(clf.state, correction.with_region_weight(data, lam), key)
+        jax.tree.map(np.testing.assert_array_equal, got, want)
+    assert from_data._cache_size() == 1
