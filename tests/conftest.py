@@ -5,8 +5,10 @@ import os
 import shutil
 import tempfile
 
+from xla_flags import xla_flags  # tests/ is on the path (pytest puts conftest.py's folder there)
+
 # Must be set before JAX initialises its backends.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ.setdefault("XLA_FLAGS", xla_flags(4))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("MPLBACKEND", "Agg")
 # In-process CLI tests must not write the user's compilation cache (test_xla_cache.py tests it).

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from xla_flags import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ("info", "digits", "conv", "mixture_100k", "mixture_1m", "ill_cond", "search", "train")
@@ -15,7 +16,7 @@ STEPS = ("info", "digits", "conv", "mixture_100k", "mixture_1m", "ill_cond", "se
 @pytest.mark.slow
 def test_device_check_quick_mode_runs_every_step(tmp_path):
     out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as on a GPU
+    env = {**os.environ, "XLA_FLAGS": xla_flags()}  # one device, as on a GPU
     env.update(QUICK="1", OUT=str(out), WORK=str(tmp_path / "work"), PYTHON=sys.executable)
     proc = subprocess.run(
         ["bash", os.path.join(ROOT, "scripts", "device_check.sh")],

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 from test_search import IDS, MODES, _sources, classify, decode
+from xla_flags import xla_flags
 
 from defuse_jax.search import latent_search
 
@@ -32,7 +33,7 @@ def start_workers(script: str, args: list[list[str]], logs: list[pathlib.Path]) 
     """One process per entry of `args` (`python script *args[i]`), each with 2 CPU devices,
     its output in logs[i] (files: a full pipe cannot block)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", DEFUSE_JAX_CACHE_DIR="off", MPLBACKEND="Agg")
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    env["XLA_FLAGS"] = xla_flags(2)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     procs = []

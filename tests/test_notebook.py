@@ -6,6 +6,7 @@ import pathlib
 
 import nbformat
 import pytest
+from xla_flags import xla_flags
 
 NOTEBOOK = pathlib.Path(__file__).resolve().parents[1] / "colab" / "defuse_jax.ipynb"
 
@@ -39,7 +40,7 @@ def test_notebook_executes_on_digits(tmp_path):
             cell.source = cell.source.replace(
                 "MY_LABELS = {}", f'MY_LABELS = dict(zip({first_two}, ["skip", "1"]))', 1
             )
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(1)}
     client = nbclient.NotebookClient(
         nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
     )
