@@ -26,3 +26,27 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 import jax  # noqa: E402
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+
+# pytest-xdist hands out whole files (`--dist loadfile`), most tests first: these few-test,
+# long files (seconds in the suite, `--durations`) then started last and one worker finished
+# them alone. They go first instead, in this order, the rest as pytest-xdist orders them.
+FIRST = (
+    "test_multihost_pipeline.py",  # 115
+    "test_notebook.py",  # 90
+    "test_device_check.py",  # 80
+)
+
+
+def pytest_configure(config):
+    if getattr(config.option, "loadscopereorder", False):
+        config.option.loadscopereorder = False  # the order is set here instead
+
+
+def pytest_collection_modifyitems(config, items):
+    # pytest-xdist's own order (files with more tests first), then FIRST ahead of them.
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item.path.name] = counts.get(item.path.name, 0) + 1
+    rank = {name: i for i, name in enumerate(FIRST)}
+    items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), -counts[item.path.name]))
