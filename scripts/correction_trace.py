@@ -33,7 +33,7 @@ import jax
 import numpy as np
 
 from defuse_jax import correction_selection as sel
-from defuse_jax.correction import correction_losses
+from defuse_jax.correction import correction_losses, with_region_weight
 from defuse_jax.regions import load_regions
 from defuse_jax.run_config import load_run_config, resolved_lengths
 from defuse_jax.stage_context import Context
@@ -88,7 +88,9 @@ def main() -> None:
     )  # fmt: skip
     test_before = sel._right(clf, ds.x_test, ds.y_test)
     original = sel.score(clf, held_out, lam=0.0, epoch=0)
-    loss = correction_losses(clf, vae, regions, labels, config=cc)
+    # As `fine_tune` trains them: one program, the weight given with the data.
+    weighted = correction_losses(clf, vae, regions, labels, config=cc)(None)
+    data = {"x": ds.x_train, "y": np.asarray(ds.y_train, np.int32)}
     print(
         f"original: val {original.val_accuracy:.4f}, watched regions "
         f"{original.region_accuracy:.4f}, test {test_before.mean():.4f}; lr "
@@ -118,10 +120,9 @@ def main() -> None:
 
         with tempfile.TemporaryDirectory() as tmp:
             fit(
-                clf, loss(lam), {"x": ds.x_train, "y": np.asarray(ds.y_train, np.int32)},
-                config=train, checkpoint_dir=os.path.join(tmp, "ckpt"),
-                fingerprint={"trace": lam}, on_epoch=on_epoch, progress=False,
-                epoch_steps=cc.epoch_steps,
+                clf, weighted, with_region_weight(data, lam), config=train,
+                checkpoint_dir=os.path.join(tmp, "ckpt"), fingerprint={"trace": lam},
+                on_epoch=on_epoch, progress=False, epoch_steps=cc.epoch_steps,
             )  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:

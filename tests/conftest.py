@@ -1,6 +1,7 @@
 """Test setup: several forced CPU devices (sharding paths run everywhere) and strict promotion."""
 
 import atexit
+import collections
 import os
 import shutil
 import tempfile
@@ -45,8 +46,6 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     # pytest-xdist's own order (files with more tests first), then FIRST ahead of them.
-    counts: dict[str, int] = {}
-    for item in items:
-        counts[item.path.name] = counts.get(item.path.name, 0) + 1
+    counts = collections.Counter(item.path.name for item in items)
     rank = {name: i for i, name in enumerate(FIRST)}
     items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), -counts[item.path.name]))
