@@ -371,9 +371,19 @@ def resolve_lengths(run_dir: str, config: RunConfig, dataset: Dataset | None = N
 
 
 def _move_aside(ctx: Context, stage: str, reason: str) -> None:
-    """Keep the outputs of an outdated stage (configuration changed, ...) under <run>/stale/."""
+    """Keep the outputs of an outdated stage (configuration changed, ...) under <run>/stale/.
+
+    A validity search trains the oracle into label/oracle/ before the label stage runs: that
+    oracle belongs to the (current) search stage, so it stays when the label stage is set aside.
+    """
     dest = ctx.dir.new_stale(stage)
-    move(ctx.path(stage), dest)
+    keep = {"oracle"} if stage == "label" and ctx.config.search.validity != "none" else set()
+    if not keep:
+        move(ctx.path(stage), dest)
+    else:
+        for name in sorted(os.listdir(ctx.path(stage))):
+            if name not in keep:
+                move(ctx.path(stage, name), os.path.join(dest, name))
     ctx.log(f"[{stage}] {reason}: previous outputs moved to {dest}")
 
 

@@ -170,6 +170,31 @@ def test_search_validity_keeps_only_what_the_oracle_reads_as_the_source(trained,
     assert (errors["pred_label"] != errors["source_label"]).all()
 
 
+def test_a_redone_validity_search_keeps_its_oracle_when_the_label_stage_is_set_aside(
+    finished, tmp_path
+):
+    # A finished run of the paper's search, switched to the validity search: the search stage
+    # trains (here: reloads) the oracle into label/oracle/, and the outdated label stage that is
+    # then set aside must not take that oracle with it.
+    run_dir = _copy(finished[0], tmp_path)
+    config = dataclasses.replace(TINY, search=dataclasses.replace(TINY.search, validity="none"))
+    pipeline.run(run_dir, config, until="label", log=lambda s: None)
+    config = dataclasses.replace(config, search=dataclasses.replace(config.search,
+                                                                    validity="oracle"))  # fmt: skip
+    logs = []
+    pipeline.run(run_dir, config, log=logs.append)
+    assert any(line.startswith("[label] ") and "moved to" in line for line in logs)
+    assert os.path.exists(os.path.join(run_dir, "label", "oracle", "ensemble.json"))
+    stale = sorted(d for d in os.listdir(os.path.join(run_dir, "stale")) if d.startswith("label-"))
+    assert os.path.exists(os.path.join(run_dir, "stale", stale[-1], "labels.csv"))
+    assert not os.path.exists(os.path.join(run_dir, "stale", stale[-1], "oracle"))
+    assert _report(run_dir)["oracle_test_accuracy"] is not None
+    # Resumed, nothing is redone: the oracle the stages recorded is where they left it.
+    logs = []
+    pipeline.run(run_dir, config, log=logs.append)
+    assert all(f"[{s}] done earlier, skipped" in logs for s in STAGES)
+
+
 def test_interrupted_run_resumes_without_redoing_finished_stages(finished, tmp_path):
     run_dir = _copy(finished[0], tmp_path)
     # As a run stopped before its correction leaves it: every stage before it done.
