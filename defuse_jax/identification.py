@@ -84,14 +84,26 @@ def run_search(
 
 
 def thin_search_note(summary: Mapping[str, Any], search: SearchConfig) -> str | None:
-    """What to do when a search with a validity model kept fewer codes than it searched
-    sources (its regions are then thin, or there are none); None otherwise."""
+    """What to do when the search skipped every source, or when a search with a validity model
+    kept fewer codes than it searched sources (its regions are then thin, or there are none);
+    None otherwise."""
     kept, used = summary["num_errors_found"], summary["num_sources_used"]
+    if used == 0 and summary.get("num_sources", 0) > 0:
+        who = "the classifier" + (" or the oracle (the validity model)"
+                                  if search.validity != "none" else "")  # fmt: skip
+        return (
+            f"Every source was skipped: {who} misreads each one's decoded latent code, so the "
+            "search evaluated nothing. The VAE's reconstructions may be too poor to classify "
+            "(train it longer: --vae-epochs)"
+            + (", or search without the constraint: --search-validity none."
+               if search.validity != "none" else ".")
+        )  # fmt: skip
     if search.validity == "none" or kept >= used:
         return None
+    per_source = summary["num_samples_evaluated"] // max(1, used)
     return (
         f"The validity constraint ({search.validity}) kept {kept:,} error codes from {used:,} "
-        f"searched sources, fewer than one each at {search.samples_per_source:,} samples per "
+        f"searched sources, fewer than one each at {per_source:,} samples per "
         "source, so the regions are thin (on digits at 100 samples per source a seed found no "
         "region). Raise --search-num-samples: 1,000 keeps about five codes per source on digits."
     )

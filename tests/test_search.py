@@ -366,11 +366,33 @@ def test_validity_verdict_reads_only_the_needed_rows_and_matches_reading_all(sha
 
 @pytest.mark.parametrize(
     "validity, kept, used, says",
-    [("none", 10, 400, None), ("oracle", 2000, 400, None), ("oracle", 291, 418, "291 error codes")],
-)
+    [("none", 10, 400, None), ("oracle", 2000, 400, None), ("oracle", 291, 418, "291 error codes"),
+     ("oracle", 0, 0, "--search-validity none"), ("none", 0, 0, "--vae-epochs")],
+)  # fmt: skip
 def test_a_thin_constrained_search_says_to_raise_the_samples(validity, kept, used, says):
     from defuse_jax.identification import thin_search_note
 
-    summary = {"num_errors_found": kept, "num_sources_used": used}
+    summary = {"num_errors_found": kept, "num_sources_used": used, "num_sources": 450,
+               "num_samples_evaluated": 100 * used}  # fmt: skip
     note = thin_search_note(summary, SearchConfig(validity=validity))
-    assert note is None if says is None else (says in note and "--search-num-samples" in note)
+    assert note is None if says is None else says in note
+    if used:  # too few codes: raise the samples
+        assert note is None or ("at 100 samples per source" in note
+                                and "--search-num-samples" in note)  # fmt: skip
+    else:
+        assert note.startswith("Every source was skipped")
+
+
+@pytest.mark.parametrize(
+    "sources, per_source", [(1, 1000), (450, 1000), (500, 1000), (2000, 250), (10_000, 100)]
+)
+def test_unset_samples_spread_the_budget_over_the_sources(sources, per_source):
+    from defuse_jax.search.sizing import SAMPLE_BUDGET, samples_per_source, with_samples
+
+    assert samples_per_source(sources) == per_source
+    assert per_source * sources <= max(SAMPLE_BUDGET, 100 * sources)
+    resolved = with_samples(SearchConfig(num_samples=None), sources)
+    assert resolved.num_samples == per_source == resolved.samples_per_source
+    assert with_samples(SearchConfig(num_samples=7), sources).num_samples == 7
+    with pytest.raises(ValueError, match="sized from the number of sources"):
+        _ = SearchConfig(num_samples=None).samples_per_source

@@ -17,7 +17,7 @@ from defuse_jax.search.config import SearchConfig
 from defuse_jax.search.input_checks import check_inputs
 from defuse_jax.search.perturb import check_counter_range, noise_scale
 from defuse_jax.search.result import SearchResult, compact
-from defuse_jax.search.sizing import auto_chunk_size
+from defuse_jax.search.sizing import auto_chunk_size, with_samples
 
 
 def latent_search(
@@ -92,6 +92,7 @@ def _plan(
     root = key_data_words(key, config.seed)
     mesh = engine.default_mesh() if mesh is None else mesh
     n, latent = z.shape
+    config = with_samples(config, n)
     check_counter_range(config.chains, config.rounds, latent)
     if config.chunk_size is None:
         sized = classify_fn if validity_fn is None else _both(classify_fn, validity_fn)

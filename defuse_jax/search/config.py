@@ -33,7 +33,9 @@ class SearchConfig:
       mode: `"sample"` (the paper: Q i.i.d. perturbations per source), `"iterative"` (Zhao et al.
         radius window that widens until a flip and then shrinks toward the source), or
         `"gradient"` (optax descent on the source-label margin plus a distance penalty).
-      num_samples: Q, perturbations per source in `"sample"` mode.
+      num_samples: Q, perturbations per source in `"sample"` mode; None spreads a budget of
+        samples over the sources (`sizing.samples_per_source`: 500,000 in all, 100 to 1,000
+        per source), resolved by `latent_search` once it knows how many sources there are.
       chains_per_source: chains per source in `"iterative"` / `"gradient"` mode.
       num_rounds: rounds (radius updates or optimiser steps) per chain in those modes.
       distribution: perturbation law in `"sample"` mode: `"gaussian"` (N(0, scale^2) per
@@ -75,7 +77,7 @@ class SearchConfig:
     """
 
     mode: Mode = "sample"
-    num_samples: int = 100
+    num_samples: int | None = 100
     chains_per_source: int = 8
     num_rounds: int = 16
     distribution: Distribution = "gaussian"
@@ -113,14 +115,16 @@ class SearchConfig:
             fail(f"optimizer={self.optimizer!r}; choose one of {OPTIMIZERS}.")
         if self.validity not in VALIDITIES:
             fail(f"validity={self.validity!r}; choose one of {VALIDITIES}.")
+        sized = {"chunk_size": "; or None to pick it by backend.",
+                 "num_samples": "; or None to size it from the number of sources."}  # fmt: skip
         for name in ("num_samples", "chains_per_source", "num_rounds", "chunk_size"):
             value = getattr(self, name)
-            if name == "chunk_size" and value is None:
+            if name in sized and value is None:
                 continue
             if not isinstance(value, int) or value < 1:
                 fail(
                     f"{name}={value!r}; it must be a positive int (zero samples search nothing)"
-                    + ("; or None to pick it by backend." if name == "chunk_size" else ".")
+                    + sized.get(name, ".")
                 )
         k = self.max_keep_per_source
         if k is not None and (not isinstance(k, int) or k < 1):
@@ -136,7 +140,14 @@ class SearchConfig:
     @property
     def chains(self) -> int:
         """Chains per source point."""
-        return self.num_samples if self.mode == "sample" else self.chains_per_source
+        if self.mode != "sample":
+            return self.chains_per_source
+        if self.num_samples is None:
+            raise ValueError(
+                "SearchConfig(num_samples=None) is sized from the number of sources: resolve it "
+                "with search.sizing.with_samples(config, num_sources) (latent_search does)."
+            )
+        return self.num_samples
 
     @property
     def rounds(self) -> int:

@@ -1,4 +1,13 @@
-"""`chunk_size=None`: how many chains a device evaluates per step, chosen by backend and model.
+"""The sizes a search leaves to None: its chunk (by backend and model) and its samples per source
+(by the number of sources).
+
+`num_samples=None` spreads `SAMPLE_BUDGET` samples over the sources, 100 to 1,000 per source:
+1,000 for the 450 digits test points, 250 for 2,000 Fashion-MNIST ones, 100 for 10,000. A
+validity search (`SearchConfig.validity`) keeps few of its samples (on digits about five codes
+per source at 1,000 samples, under one at 100), so small test sets need many per source, while
+on a large one the budget, not the sources, bounds the search's time.
+
+`chunk_size=None`: how many chains a device evaluates per step, chosen by backend and model.
 
 The chunk size changes speed only (every chain's randomness is its own, so results do not
 depend on it). What is fast differs by orders of magnitude between machines:
@@ -17,6 +26,7 @@ safe bound) times the chunk must fit in the device's memory.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import NamedTuple
@@ -24,6 +34,23 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+SAMPLE_BUDGET = 500_000  # samples evaluated in all, when num_samples is None
+SAMPLES_PER_SOURCE = (100, 1000)  # [min, max] per source
+
+
+def samples_per_source(num_sources: int) -> int:
+    """Samples per source for `num_samples=None`: `SAMPLE_BUDGET` over the sources, clamped."""
+    lo, hi = SAMPLES_PER_SOURCE
+    return int(min(hi, max(lo, SAMPLE_BUDGET // max(1, num_sources))))
+
+
+def with_samples(config, num_sources: int):
+    """`config` (a `SearchConfig`) with `num_samples=None` resolved for `num_sources` sources."""
+    if config.num_samples is not None:
+        return config
+    return dataclasses.replace(config, num_samples=samples_per_source(num_sources))
+
 
 # Rows of the sizing table: a FLOP budget per device step and the [min, max] chunk.
 _PROFILES = {
