@@ -94,7 +94,8 @@ def test_flags_override_the_saved_run_config(tmp_path):
     assert config.vae.channels == (8, 16) and config.vae.kind == "conv"
     assert config.classifier is None  # untouched: still chosen from the image shape
     assert config.data.max_train is None and config.data.seed == 4
-    assert config.search.scale == 0.7 and config.search.num_samples == 100
+    assert config.search.scale == 0.7 and config.search.num_samples is None  # sized per run
+    assert config.search.validity == "oracle"
     assert config.correct.lam == 0.5 and config.labeler == "manual"
     # The run directory remembers it: a later command with only --out gets the same config,
     # and a new flag changes only its own field.

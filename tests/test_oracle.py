@@ -98,12 +98,13 @@ def test_how_many_members_the_oracle_has(shape, classifier, members, own, expect
 
 
 def test_the_member_count_redoes_the_stages_that_train_the_oracle(tmp_path):
-    fp = {m: stage_fingerprints(RunConfig(oracle_members=m), str(tmp_path)) for m in (None, 1, 3)}
+    paper = SearchConfig(validity="none")
+    fp = {m: stage_fingerprints(RunConfig(search=paper, oracle_members=m), str(tmp_path))
+          for m in (None, 1, 3)}  # fmt: skip
     assert fp[None]["search"] == fp[3]["search"]  # the paper's search uses no oracle
     assert len({fp[m]["label"] for m in fp}) == 3
-    valid = SearchConfig(validity="oracle")
-    search = {m: stage_fingerprints(RunConfig(search=valid, oracle_members=m), str(tmp_path))
-              for m in (None, 3)}  # fmt: skip
-    assert search[None]["search"] != search[3]["search"]  # its validity model changed
+    # The default search's validity model is the oracle: its member count redoes the search.
+    search = {m: stage_fingerprints(RunConfig(oracle_members=m), str(tmp_path)) for m in (None, 3)}
+    assert search[None]["search"] != search[3]["search"]
     with pytest.raises(ValueError, match="oracle_members"):
         RunConfig(oracle_members=0)

@@ -35,9 +35,12 @@ def _own_models_line(own: Mapping[str, Mapping[str, Any]]) -> str:
 def _summary_lines(report: Mapping[str, Any]) -> list[str]:
     n_err = report["num_errors_found"]
     text = _own_models_line(report["own_models"]) + " " if report.get("own_models") else ""
+    search = (report.get("search") or {}).get("config") or {}
+    # a validity search also skips the sources its validity model (the oracle) misreads
+    who = "the classifier" + (" or the oracle" if search.get("validity", "none") != "none" else "")
     text += (
         f"The search started from {report['num_sources_used']:,} of {report['num_sources']:,} "
-        f"source points ({report['num_sources_skipped']:,} skipped because the classifier "
+        f"source points ({report['num_sources_skipped']:,} skipped because {who} "
         f"already got them wrong), decoded and classified "
         f"{report['num_samples_evaluated']:,} samples and found {report['num_flips']:,} "
         f"misclassified ones, of which {n_err:,} error codes were kept."
