@@ -149,6 +149,7 @@ def run_budget_sweep(
     oracle_from = RunDir(source).path("label", "oracle")
     if not os.path.exists(os.path.join(oracle_from, "config.json")):
         oracle_from = None  # trained in the first point that needs it, then copied
+    judge_from = RunDir(source).path("cache", "judge")  # the bug yield's judge (conv: trained)
     rows = []
     for q in samples:
         run_dir = point_dir(out, q)
@@ -162,6 +163,8 @@ def run_budget_sweep(
         copy_tree(RunDir(source).path("train"), RunDir(run_dir).path("train"))
         if config.uses_oracle and oracle_from is not None:
             copy_tree(oracle_from, RunDir(run_dir).path("label", "oracle"))
+        if os.path.isdir(judge_from):
+            copy_tree(judge_from, RunDir(run_dir).path("cache", "judge"))
         log(f"[budget {q} per source] {run_dir}")
         t0 = time.perf_counter()
         report = pipeline.run(run_dir, config, log=lambda s: log(f"  {s}"), dataset=dataset)
@@ -169,6 +172,7 @@ def run_budget_sweep(
         log(f"  {time.perf_counter() - t0:.1f} s: " + _row_line(rows[-1]))
         if config.uses_oracle and oracle_from is None:
             oracle_from = RunDir(run_dir).path("label", "oracle")
+        judge_from = RunDir(run_dir).path("cache", "judge")
     return rows
 
 

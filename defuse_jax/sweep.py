@@ -352,9 +352,10 @@ def run(args: argparse.Namespace) -> int:
                 f"sweep: --validities oracle needs the run's oracle ({oracle_dir}); run "
                 f"`defuse-jax run --out {args.out}` with the oracle labeler or check first."
             )
-        oracle, _ = tm.load_trained(oracle_dir)
+        oracle = tm.load_ensemble(oracle_dir)  # every member, as the run's search reads it
         _, validity_fn = models.search_functions(vae, oracle, compute_dtype=dtype)
-    judge = bug_yield.fit_judge(ds.x_train, ds.y_train, ds.x_test, ds.y_test, seed=config.data.seed)
+    judge = bug_yield.judge_for(ds, cache_dir=os.path.join(args.out, "cache", "judge"),
+                                seed=config.data.seed, train=config.classifier_train)  # fmt: skip
 
     def judged(res: SearchResult) -> float | None:
         return bug_yield.judge_codes(

@@ -1,5 +1,7 @@
 """The evaluation-only judge of the search's error codes (defuse_jax.bug_yield)."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -55,3 +57,42 @@ def test_large_runs_judge_a_seeded_subset():
     assert len(a) == 1000 and (np.diff(a) > 0).all()
     np.testing.assert_array_equal(a, bug_yield.judged_codes(50_000, most=1000, seed=3))
     np.testing.assert_array_equal(bug_yield.judged_codes(7, most=1000, seed=3), np.arange(7))
+
+
+def _dataset(size, n, rng):
+    """A Dataset of `size`x`size` bright-quadrant images (4 classes)."""
+    from defuse_jax.data import Dataset
+
+    def images(labels):
+        small = _images(labels, rng)  # 4x4, upsampled
+        return np.kron(small, np.ones((1, size // 4, size // 4, 1), np.float32))
+
+    y_train, y_test = (
+        rng.integers(0, 4, n).astype(np.int32),
+        rng.integers(0, 4, 40).astype(np.int32),
+    )
+    return Dataset(
+        name="quadrants", x_train=images(y_train), y_train=y_train, x_test=images(y_test),
+        y_test=y_test, num_classes=4, image_shape=(size, size, 1),
+        class_names=("a", "b", "c", "d"), x_val=images(y_test[:0]), y_val=y_test[:0],
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("size, kind", [(8, "SVC"), (20, "conv classifier")])
+def test_small_images_get_the_svc_and_larger_ones_a_conv_judge_trained_once(size, kind, tmp_path):
+    from defuse_jax.training import TrainConfig
+
+    ds = _dataset(size, 96, np.random.default_rng(0))
+    short = TrainConfig(epochs=4, batch_size=32, learning_rate=3e-3)
+    judge = bug_yield.judge_for(ds, cache_dir=str(tmp_path), seed=1, train=short)
+    assert judge.name.startswith(kind) and judge.test_accuracy >= 0.9
+    np.testing.assert_array_equal(judge.predict(ds.x_test[:8]), ds.y_test[:8])
+    trained = sorted(os.listdir(tmp_path))
+    assert len(trained) == (1 if kind.startswith("conv") else 0)
+    if trained:  # the same data and seed reload it; other data train another
+        again = bug_yield.judge_for(ds, cache_dir=str(tmp_path), seed=1, train=short)
+        assert again.name == judge.name and again.test_accuracy == judge.test_accuracy
+        assert sorted(os.listdir(tmp_path)) == trained
+        other = _dataset(size, 96, np.random.default_rng(1))
+        bug_yield.judge_for(other, cache_dir=str(tmp_path), seed=1, train=short)
+        assert len(os.listdir(tmp_path)) == 2

@@ -139,7 +139,10 @@ def _bug_yield(
     if len(z) == 0:
         return None
     ds, seed = ctx.dataset, ctx.config.data.seed
-    judge = bug_yield.fit_judge(ds.x_train, ds.y_train, ds.x_test, ds.y_test, seed=seed)
+    # A conv judge (larger images) trains like the run's classifier, with its own seed.
+    judge = bug_yield.judge_for(ds, cache_dir=ctx.path("cache", "judge"), seed=seed,
+                                train=ctx.config.classifier_train,
+                                progress=ctx.config.progress)  # fmt: skip
     return bug_yield.judge_codes(
         judge, ctx.model("vae"), z, errors["source_label"], errors["pred_label"],
         region=assignment, seed=seed,
