@@ -193,11 +193,18 @@ def from_flags(
     rename = rename or {}
     # Shallow: nested dataclass fields of `base` stay dataclasses.
     kwargs = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)} if base else {}
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         dest = _dest(prefix, rename.get(f.name, f.name))
         if hasattr(args, dest):
             value = getattr(args, dest)
-            if base is not None and value is None:
+            # None is "unset" for a field that cannot hold it; one that can (e.g.
+            # --search-num-samples none: sized from the data) takes it over `base`'s value.
+            if (
+                base is not None
+                and value is None
+                and type(None) not in typing.get_args(hints[f.name])
+            ):
                 continue
             kwargs[f.name] = tuple(value) if isinstance(value, list) else value
     kwargs.update(overrides)

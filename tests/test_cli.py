@@ -105,6 +105,10 @@ def test_flags_override_the_saved_run_config(tmp_path):
     _, changed = cli.resolve(parser.parse_args(["run", "--out", out, "--search-num-samples", "7"]))
     assert changed.search.num_samples == 7 and changed.search.scale == 0.7
     assert changed.vae == config.vae
+    # "none" sets a field that can hold it back to None (here: samples sized from the data).
+    save_run_config(out, changed)
+    _, sized = cli.resolve(parser.parse_args(["run", "--out", out, "--search-num-samples", "none"]))
+    assert sized.search.num_samples is None and sized.search.scale == 0.7
 
 
 def test_unknown_choice_is_rejected_by_argparse(capsys):
