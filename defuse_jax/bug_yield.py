@@ -110,7 +110,7 @@ def train_judge(
         data.update(np.ascontiguousarray(a).tobytes())
     meta = {"model": dataclasses.asdict(config), "train": dataclasses.asdict(train),
             "data": data.hexdigest()}  # fmt: skip
-    out_dir = os.path.join(cache_dir, json_digest(meta)[:16])
+    out_dir = os.path.join(cache_dir, json_digest(meta))
     trained = tm.train_classifier(ds, out_dir=out_dir, config=config, train=train,
                                   progress=progress)  # fmt: skip
     params = trained.params

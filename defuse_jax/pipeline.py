@@ -377,13 +377,12 @@ def _move_aside(ctx: Context, stage: str, reason: str) -> None:
     oracle belongs to the (current) search stage, so it stays when the label stage is set aside.
     """
     dest = ctx.dir.new_stale(stage)
-    keep = {"oracle"} if stage == "label" and ctx.config.search.validity != "none" else set()
-    if not keep:
-        move(ctx.path(stage), dest)
-    else:
+    if stage == "label" and ctx.config.search.validity != "none":
         for name in sorted(os.listdir(ctx.path(stage))):
-            if name not in keep:
+            if name != "oracle":
                 move(ctx.path(stage, name), os.path.join(dest, name))
+    else:
+        move(ctx.path(stage), dest)
     ctx.log(f"[{stage}] {reason}: previous outputs moved to {dest}")
 
 

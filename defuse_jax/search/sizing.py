@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from defuse_jax.search.config import SearchConfig
+
 SAMPLE_BUDGET = 500_000  # samples evaluated in all, when num_samples is None
 SAMPLES_PER_SOURCE = (100, 1000)  # [min, max] per source
 
@@ -45,8 +47,8 @@ def samples_per_source(num_sources: int) -> int:
     return int(min(hi, max(lo, SAMPLE_BUDGET // max(1, num_sources))))
 
 
-def with_samples(config, num_sources: int):
-    """`config` (a `SearchConfig`) with `num_samples=None` resolved for `num_sources` sources."""
+def with_samples(config: SearchConfig, num_sources: int) -> SearchConfig:
+    """`config` with `num_samples=None` resolved for `num_sources` sources."""
     if config.num_samples is not None:
         return config
     return dataclasses.replace(config, num_samples=samples_per_source(num_sources))
