@@ -25,7 +25,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -35,7 +34,7 @@ from sklearn.svm import SVC
 
 from defuse_jax import evaluation
 from defuse_jax import train_models as tm
-from defuse_jax.data import Dataset
+from defuse_jax.data import Dataset, dataset_sha256
 from defuse_jax.files import json_digest, read_json
 from defuse_jax.models import ClassifierConfig, Params
 from defuse_jax.training import TrainConfig
@@ -105,11 +104,8 @@ def train_judge(
     """
     config = ClassifierConfig(kind="conv")
     train = dataclasses.replace(train, seed=seed + JUDGE_SEED_OFFSET)
-    data = hashlib.sha256()
-    for a in (ds.x_train, ds.y_train, ds.x_test, ds.y_test):
-        data.update(np.ascontiguousarray(a).tobytes())
     meta = {"model": dataclasses.asdict(config), "train": dataclasses.asdict(train),
-            "data": data.hexdigest()}  # fmt: skip
+            "data": dataset_sha256(ds)}  # fmt: skip
     out_dir = os.path.join(cache_dir, json_digest(meta))
     trained = tm.train_classifier(ds, out_dir=out_dir, config=config, train=train,
                                   progress=progress)  # fmt: skip

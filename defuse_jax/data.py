@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from defuse_jax import idx_files
+from defuse_jax.files import arrays_sha256
 
 __all__ = [
     "SUPPORTED_DATASETS",
@@ -117,6 +118,13 @@ class Dataset:
     class_names: tuple[str, ...]
     x_val: np.ndarray
     y_val: np.ndarray
+
+
+def dataset_sha256(ds: Dataset) -> str:
+    """Hex SHA-256 of the training and test splits' images and labels: what a model trained
+    outside the train stage (the oracle, the bug-yield judge) depends on, whatever the
+    `DataConfig` or arrays it came from. About half a second on Fashion-MNIST's 60,000 images."""
+    return arrays_sha256((ds.x_train, ds.y_train, ds.x_test, ds.y_test))
 
 
 class DatasetNotFoundError(ValueError):

@@ -25,7 +25,7 @@ import json
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import IO, Any, Literal
 
 import numpy as np
@@ -197,6 +197,19 @@ def sha256(path: str | os.PathLike) -> str:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
+    return digest.hexdigest()
+
+
+def arrays_sha256(arrays: Iterable[Any], *, names: Sequence[str] | None = None) -> str:
+    """Hex SHA-256 of arrays' bytes (C order), one after the other: the identity of data or
+    weights. With `names` (one per array), each array's name, dtype and shape go before its
+    bytes, so that a renamed, cast or reshaped array changes the digest too."""
+    digest = hashlib.sha256()
+    for i, a in enumerate(arrays):
+        a = np.asarray(a)
+        if names is not None:
+            digest.update(f"{names[i]}|{a.dtype}|{a.shape}|".encode())
+        digest.update(np.ascontiguousarray(a).tobytes())
     return digest.hexdigest()
 
 

@@ -31,7 +31,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
 import os
 import re
@@ -44,6 +43,7 @@ import numpy as np
 from flax import linen, nnx
 
 from defuse_jax.checkpoint import error_line, quiet_restore
+from defuse_jax.files import arrays_sha256
 from defuse_jax.models import Frozen, Params
 
 Preprocess = Callable[[jax.Array], jax.Array]
@@ -347,11 +347,6 @@ def describe(model: Params) -> dict[str, Any]:
             (_path(p), leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(model.state)[0]
         ]
         frozen, name, kind = [], _qualname(type(module)), "project"
-    digest = hashlib.sha256()
-    for path, leaf in named:
-        a = np.asarray(leaf)
-        digest.update(f"{path}|{a.dtype}|{a.shape}|".encode())
-        digest.update(np.ascontiguousarray(a).tobytes())
     preprocess = getattr(module, "preprocess", None)
     return {
         "name": name,
@@ -359,7 +354,7 @@ def describe(model: Params) -> dict[str, Any]:
         "num_weights": int(sum(np.size(leaf) for _, leaf in named)),
         "frozen": frozen,
         "preprocess": None if preprocess is None else _qualname(preprocess),
-        "sha256": digest.hexdigest(),
+        "sha256": arrays_sha256([leaf for _, leaf in named], names=[p for p, _ in named]),
     }
 
 

@@ -56,6 +56,7 @@ from defuse_jax.stages.distill import stage_distill
 from defuse_jax.stages.evaluate import build_report, stage_evaluate  # noqa: F401 - public
 from defuse_jax.stages.label import (  # noqa: F401 - the public API of a run directory
     labels_damage,
+    oracle_is_current,
     read_answers,
     region_rows,
     saved_checks,
@@ -91,7 +92,7 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "search": ("search/errors.npz", "search/summary.json"),
     "distill": ("distill/regions.npz", "distill/regions.json"),
     "label": ("label/region_*.png", "label/oracle/config.json", "label/oracle/history.json",
-              "label/oracle/ckpt/**", "label/oracle/ensemble.json",
+              "label/oracle/ckpt/**", "label/oracle/ensemble.json", "label/oracle/identity.json",
               "label/oracle/member*/config.json", "label/oracle/member*/history.json",
               "label/oracle/member*/ckpt/**", "label/oracle_check.json"),
     "correct": ("correct/classifier/config.json", "correct/classifier/ckpt/**",
@@ -373,11 +374,12 @@ def resolve_lengths(run_dir: str, config: RunConfig, dataset: Dataset | None = N
 def _move_aside(ctx: Context, stage: str, reason: str) -> None:
     """Keep the outputs of an outdated stage (configuration changed, ...) under <run>/stale/.
 
-    A validity search trains the oracle into label/oracle/ before the label stage runs: that
-    oracle belongs to the (current) search stage, so it stays when the label stage is set aside.
+    The oracle in label/oracle/ stays while it is current (`stages.label.oracle_is_current`):
+    it depends on the data and its own settings only, not on the search, the regions or the
+    labels, and a validity search has just used it.
     """
     dest = ctx.dir.new_stale(stage)
-    if stage == "label" and ctx.config.search.validity != "none":
+    if stage == "label" and oracle_is_current(ctx):
         for name in sorted(os.listdir(ctx.path(stage))):
             if name != "oracle":
                 move(ctx.path(stage, name), os.path.join(dest, name))

@@ -54,7 +54,8 @@ class TrainedModel:
     out_dir: str
 
 
-def _dataset_meta(ds: Dataset) -> dict[str, Any]:
+def dataset_meta(ds: Dataset) -> dict[str, Any]:
+    """What a trained model's config.json and checkpoint fingerprint record of its data."""
     return {
         "name": ds.name,
         "image_shape": list(ds.image_shape),
@@ -78,7 +79,7 @@ def check_labels(y: np.ndarray, num_classes: int, *, what: str) -> None:
 
 
 def _fingerprint(ds: Dataset, model_config: Any) -> dict[str, Any]:
-    return {"data": _dataset_meta(ds), "model": dataclasses.asdict(model_config)}
+    return {"data": dataset_meta(ds), "model": dataclasses.asdict(model_config)}
 
 
 def _train(
@@ -100,7 +101,7 @@ def _train(
     config = model.config
     write_json(
         os.path.join(out_dir, "config.json"),
-        {"kind": kind, "data": _dataset_meta(ds), "model": dataclasses.asdict(config),
+        {"kind": kind, "data": dataset_meta(ds), "model": dataclasses.asdict(config),
          "train": dataclasses.asdict(train)},
     )  # fmt: skip
     params, history = fit(
@@ -253,7 +254,7 @@ def record_own_model(
     metrics = evaluate(eval_fn, model, test)
     write_json(
         os.path.join(out_dir, "config.json"),
-        {"kind": kind, "data": _dataset_meta(ds), "own": identity},
+        {"kind": kind, "data": dataset_meta(ds), "own": identity},
     )
     write_json(os.path.join(out_dir, "history.json"), {"history": [], "test": metrics})
     return metrics

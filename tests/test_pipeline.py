@@ -170,29 +170,63 @@ def test_search_validity_keeps_only_what_the_oracle_reads_as_the_source(trained,
     assert (errors["pred_label"] != errors["source_label"]).all()
 
 
-def test_a_redone_validity_search_keeps_its_oracle_when_the_label_stage_is_set_aside(
-    finished, tmp_path
-):
-    # A finished run of the paper's search, switched to the validity search: the search stage
-    # trains (here: reloads) the oracle into label/oracle/, and the outdated label stage that is
-    # then set aside must not take that oracle with it.
+def _oracle_checkpoints(run_dir):
+    """{file under label/oracle/ckpt: mtime}: changes when the oracle is trained again."""
+    ckpt = os.path.join(run_dir, "label", "oracle", "ckpt")
+    return {
+        os.path.relpath(os.path.join(d, f), ckpt): os.path.getmtime(os.path.join(d, f))
+        for d, _, files in os.walk(ckpt)
+        for f in files
+    }
+
+
+def test_the_oracle_outlives_redone_search_and_label_stages(finished, tmp_path):
+    # A finished run of the validity search switched to the paper's search and back: each
+    # switch redoes the search and sets the outdated label stage aside, but the oracle depends
+    # on neither, so it stays in label/oracle/ and is reloaded, never trained again.
     run_dir = _copy(finished[0], tmp_path)
-    config = dataclasses.replace(TINY, search=dataclasses.replace(TINY.search, validity="none"))
-    pipeline.run(run_dir, config, until="label", log=lambda s: None)
-    config = dataclasses.replace(config, search=dataclasses.replace(config.search,
-                                                                    validity="oracle"))  # fmt: skip
-    logs = []
-    pipeline.run(run_dir, config, until="label", log=logs.append)
-    assert any(line.startswith("[label] ") and "moved to" in line for line in logs)
-    # (the report's oracle accuracy comes from this file)
-    assert os.path.exists(os.path.join(run_dir, "label", "oracle", "ensemble.json"))
+    before = _oracle_checkpoints(run_dir)
+    assert before
+    for validity in ("none", "oracle"):
+        search = dataclasses.replace(TINY.search, validity=validity)
+        config = dataclasses.replace(TINY, search=search)
+        logs = []
+        pipeline.run(run_dir, config, until="label", log=logs.append)
+        assert any(line.startswith("[label] ") and "moved to" in line for line in logs)
+        assert not any(line.startswith("oracle: trained on other") for line in logs)
+        # (the report's oracle accuracy comes from ensemble.json)
+        assert os.path.exists(os.path.join(run_dir, "label", "oracle", "ensemble.json"))
+        assert _oracle_checkpoints(run_dir) == before
     stale = sorted(d for d in os.listdir(os.path.join(run_dir, "stale")) if d.startswith("label-"))
-    assert os.path.exists(os.path.join(run_dir, "stale", stale[-1], "labels.csv"))
-    assert not os.path.exists(os.path.join(run_dir, "stale", stale[-1], "oracle"))
+    assert len(stale) == 2
+    for d in stale:
+        assert os.path.exists(os.path.join(run_dir, "stale", d, "labels.csv"))
+        assert not os.path.exists(os.path.join(run_dir, "stale", d, "oracle"))
     # Resumed, nothing is redone: the oracle the stages recorded is where they left it.
     logs = []
     pipeline.run(run_dir, config, until="label", log=logs.append)
     assert all(f"[{s}] done earlier, skipped" in logs for s in STAGES[:4])
+
+
+def test_an_oracle_of_other_data_is_set_aside_and_trained_again(finished, tmp_path):
+    # label/oracle/identity.json records what the oracle was trained on: here, as if the
+    # training data had changed since. The search that needs it must not reuse it.
+    run_dir = _copy(finished[0], tmp_path)
+    identity = os.path.join(run_dir, "label", "oracle", "identity.json")
+    with open(identity) as f:
+        recorded = json.load(f)
+    with open(identity, "w") as f:
+        json.dump({**recorded, "data": "0" * 64}, f)
+    config = dataclasses.replace(TINY, search=dataclasses.replace(TINY.search, scale=0.6))
+    logs = []
+    pipeline.run(run_dir, config, until="search", log=logs.append)
+    moved = [line for line in logs if line.startswith("oracle: trained on other data")]
+    assert len(moved) == 1
+    stale = [d for d in os.listdir(os.path.join(run_dir, "stale")) if d.startswith("oracle-")]
+    assert len(stale) == 1 and os.path.exists(os.path.join(run_dir, "stale", stale[0], "ckpt"))
+    with open(identity) as f:
+        assert json.load(f) == recorded
+    assert _oracle_checkpoints(run_dir)
 
 
 def test_interrupted_run_resumes_without_redoing_finished_stages(finished, tmp_path):

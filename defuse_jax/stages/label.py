@@ -15,6 +15,7 @@ to measure its agreement with the final labels.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -25,12 +26,14 @@ import numpy as np
 from defuse_jax import evaluation, labeling, models, plots, training_lengths
 from defuse_jax import label_validity as validity
 from defuse_jax import train_models as tm
-from defuse_jax.files import make_dirs, read_json, write_json
-from defuse_jax.models import Params
+from defuse_jax.data import dataset_sha256
+from defuse_jax.files import make_dirs, move, read_json, write_json
+from defuse_jax.models import ClassifierConfig, Params
 from defuse_jax.regions import Regions, is_error_region, load_regions, sample_regions, top_pair
 from defuse_jax.run_config import RunConfig
 from defuse_jax.run_dir import RunDir
 from defuse_jax.stage_context import Context, LabelsPending
+from defuse_jax.training import TrainConfig
 
 # Fresh samples per region the oracle votes on in the label stage.
 ORACLE_SAMPLES = 64
@@ -161,22 +164,72 @@ def saved_checks(ctx: Context) -> dict[int, validity.RegionCheck]:
     return validity.from_json(read_json(path)) if os.path.exists(path) else {}
 
 
-def train_oracle(ctx: Context) -> Params:
-    """The oracle: `oracle_members(ctx)` classifiers wider than the run's and trained longer,
-    with other seeds, averaged (`models.Ensemble`), in label/oracle/ (reloaded from their
-    checkpoints when they are trained already)."""
-    if "oracle" in ctx._models:
-        return ctx._models["oracle"]
+ORACLE_IDENTITY = "identity.json"  # in label/oracle/: what its models were trained on, and how
+
+
+def _oracle_settings(ctx: Context) -> tuple[ClassifierConfig, TrainConfig]:
+    """The oracle members' model and training settings: wider than the classifier, trained
+    longer, with the classifier's seed + 1 (member k: + 1 + k)."""
     clf_train = training_lengths.train_epochs(
         ctx.config.classifier_train, training_lengths.CLASSIFIER_BUDGET, len(ctx.dataset.x_train)
     )
     train = dataclasses.replace(
         clf_train, epochs=training_lengths.oracle_epochs(clf_train), seed=clf_train.seed + 1
     )
+    return tm.oracle_classifier_config(ctx.dataset.image_shape), train
+
+
+def oracle_identity(ctx: Context) -> dict[str, Any]:
+    """What the oracle's models depend on: the data (by content), their model and training
+    settings. Not the search, regions or labels, so a redone search or label stage keeps
+    them; not the member count, since `tm.train_ensemble` reuses the members it has."""
+    config, train = _oracle_settings(ctx)
+    return {"data": dataset_sha256(ctx.dataset), "model": dataclasses.asdict(config),
+            "train": dataclasses.asdict(train)}  # fmt: skip
+
+
+def oracle_is_current(ctx: Context, identity: Mapping[str, Any] | None = None) -> bool:
+    """Whether label/oracle/ holds models of this run's `oracle_identity` (False when it holds
+    none).
+
+    An oracle from before identity.json is taken as current when its first member's
+    config.json records the same model, training settings and data sizes (all an earlier
+    version recorded), so that upgrading does not retrain it.
+    """
+    identity = json.loads(json.dumps(identity or oracle_identity(ctx)))
+    path = ctx.path("label", "oracle", ORACLE_IDENTITY)
+    if os.path.exists(path):
+        return read_json(path) == identity
+    legacy = ctx.path("label", "oracle", "config.json")
+    if not os.path.exists(legacy):
+        return False
+    recorded = read_json(legacy)
+    now = {**identity, "data": tm.dataset_meta(ctx.dataset)}
+    return all(recorded.get(k) == v for k, v in now.items())
+
+
+def train_oracle(ctx: Context) -> Params:
+    """The oracle: `oracle_members(ctx)` classifiers wider than the run's and trained longer,
+    with other seeds, averaged (`models.Ensemble`), in label/oracle/ (reloaded from their
+    checkpoints when they are trained already).
+
+    The oracle is trained once per data and settings (`oracle_identity`, recorded in
+    label/oracle/identity.json): redoing the search or the label stage keeps it. Models of
+    other data or settings are moved under <run>/stale/ first.
+    """
+    if "oracle" in ctx._models:
+        return ctx._models["oracle"]
+    out_dir = ctx.path("label", "oracle")
+    identity = oracle_identity(ctx)
+    if os.path.exists(out_dir) and not oracle_is_current(ctx, identity):
+        dest = ctx.dir.new_stale("oracle")
+        move(out_dir, dest)
+        ctx.log(f"oracle: trained on other data or settings: moved to {dest}")
+    write_json(os.path.join(out_dir, ORACLE_IDENTITY), identity)
+    config, train = _oracle_settings(ctx)
     members = oracle_members(ctx)
     oracle = tm.train_ensemble(
-        ctx.dataset, out_dir=ctx.path("label", "oracle"), members=members,
-        config=tm.oracle_classifier_config(ctx.dataset.image_shape), train=train,
+        ctx.dataset, out_dir=out_dir, members=members, config=config, train=train,
         progress=ctx.config.progress,
     )  # fmt: skip
     what = "oracle classifier" if members == 1 else f"oracle ({members} classifiers)"
