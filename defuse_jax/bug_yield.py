@@ -34,6 +34,7 @@ from sklearn.svm import SVC
 
 from defuse_jax import evaluation
 from defuse_jax import train_models as tm
+from defuse_jax import training_lengths as tl
 from defuse_jax.data import Dataset, dataset_sha256
 from defuse_jax.files import json_digest, read_json
 from defuse_jax.models import ClassifierConfig, Params
@@ -103,6 +104,10 @@ def train_judge(
     (Orbax checkpoints, resumed or reloaded like every model of a run).
     """
     config = ClassifierConfig(kind="conv")
+    # Its length resolved before the cache key: epochs left to the step budget (as config.json
+    # saves them) and the epochs they resolve to (as the evaluate stage passes them) are the
+    # same judge, in the same directory.
+    train = tl.train_epochs(train, tl.CLASSIFIER_BUDGET, len(ds.x_train))
     train = dataclasses.replace(train, seed=seed + JUDGE_SEED_OFFSET)
     meta = {"model": dataclasses.asdict(config), "train": dataclasses.asdict(train),
             "data": dataset_sha256(ds)}  # fmt: skip

@@ -1,5 +1,6 @@
 """The evaluation-only judge of the search's error codes (defuse_jax.bug_yield)."""
 
+import dataclasses
 import os
 
 import numpy as np
@@ -79,7 +80,10 @@ def _dataset(size, n, rng):
 
 
 @pytest.mark.parametrize("size, kind", [(8, "SVC"), (20, "conv classifier")])
-def test_small_images_get_the_svc_and_larger_ones_a_conv_judge_trained_once(size, kind, tmp_path):
+def test_small_images_get_the_svc_and_larger_ones_a_conv_judge_trained_once(
+    size, kind, tmp_path, monkeypatch
+):
+    from defuse_jax import training_lengths
     from defuse_jax.training import TrainConfig
 
     ds = _dataset(size, 96, np.random.default_rng(0))
@@ -92,6 +96,13 @@ def test_small_images_get_the_svc_and_larger_ones_a_conv_judge_trained_once(size
     if trained:  # the same data and seed reload it; other data train another
         again = bug_yield.judge_for(ds, cache_dir=str(tmp_path), seed=1, train=short)
         assert again.name == judge.name and again.test_accuracy == judge.test_accuracy
+        assert sorted(os.listdir(tmp_path)) == trained
+        # Epochs left to the step budget (as config.json saves them), resolving to the same 4
+        # (3 steps per epoch), are the same judge.
+        budget = training_lengths.StepBudget(steps=12, min_epochs=1)
+        monkeypatch.setattr(training_lengths, "CLASSIFIER_BUDGET", budget)
+        unset = dataclasses.replace(short, epochs=None)
+        bug_yield.judge_for(ds, cache_dir=str(tmp_path), seed=1, train=unset)
         assert sorted(os.listdir(tmp_path)) == trained
         other = _dataset(size, 96, np.random.default_rng(1))
         bug_yield.judge_for(other, cache_dir=str(tmp_path), seed=1, train=short)
