@@ -4,11 +4,12 @@ log, the dataset and models loaded once), and `LabelsPending`."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 from defuse_jax import own_model
 from defuse_jax import train_models as tm
-from defuse_jax.data import Dataset, load_dataset
+from defuse_jax.data import Dataset, dataset_sha256, load_dataset
 from defuse_jax.models import Params
 from defuse_jax.run_config import RunConfig, stage_fingerprints
 from defuse_jax.run_dir import RunDir
@@ -58,6 +59,12 @@ class Context:
         if self._dataset is None:
             self._dataset = load_dataset(self.config.data)
         return self._dataset
+
+    @functools.cached_property
+    def dataset_sha256(self) -> str:
+        """`data.dataset_sha256` of the dataset, once per `run` call: the oracle's identity is
+        checked by the search and again when an outdated label stage is set aside."""
+        return dataset_sha256(self.dataset)
 
     def model(self, name: str) -> Params:
         """ "vae", "classifier" (original), "corrected", "control" (fine-tuned without

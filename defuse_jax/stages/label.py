@@ -26,7 +26,6 @@ import numpy as np
 from defuse_jax import evaluation, labeling, models, plots, training_lengths
 from defuse_jax import label_validity as validity
 from defuse_jax import train_models as tm
-from defuse_jax.data import dataset_sha256
 from defuse_jax.files import make_dirs, move, read_json, write_json
 from defuse_jax.models import ClassifierConfig, Params
 from defuse_jax.regions import Regions, is_error_region, load_regions, sample_regions, top_pair
@@ -184,7 +183,7 @@ def oracle_identity(ctx: Context) -> dict[str, Any]:
     settings. Not the search, regions or labels, so a redone search or label stage keeps
     them; not the member count, since `tm.train_ensemble` reuses the members it has."""
     config, train = _oracle_settings(ctx)
-    return {"data": dataset_sha256(ctx.dataset), "model": dataclasses.asdict(config),
+    return {"data": ctx.dataset_sha256, "model": dataclasses.asdict(config),
             "train": dataclasses.asdict(train)}  # fmt: skip
 
 
