@@ -181,6 +181,36 @@ def bug_yield(
     }
 
 
+def test_error_yield(
+    judge: Judge, images: np.ndarray, labels: np.ndarray, pred: np.ndarray
+) -> dict[str, Any]:
+    """The judge's reading of the classifier's own test errors, the scale for its bug yield.
+
+    A test image the classifier gets wrong is a bug by its label: it shows its true class. The
+    share of those the judge reads as their true class is what this judge makes of certain bugs.
+    A judge that shares the classifier's blind spots reads many of them as the classifier does
+    (a conv judge behind a conv classifier on Fashion-MNIST reads 28-32% of them right), and so
+    reads the search's bugs as class changes too: the search's yield is best read against it.
+
+    Args:
+      judge: from `judge_for`.
+      images: [N, H, W, C] test images; labels: [N] their labels.
+      pred: [N] the classifier's predictions on them.
+
+    Returns:
+      {"test_errors": how many the classifier gets wrong, "test_error_yield": the share of
+      those the judge reads as their label (None without errors)}.
+    """
+    labels, pred = np.asarray(labels), np.asarray(pred)
+    wrong = pred != labels
+    n = int(wrong.sum())
+    read = np.asarray(judge.predict(np.asarray(images)[wrong])) if n else np.zeros(0, np.int64)
+    return {
+        "test_errors": n,
+        "test_error_yield": float(np.mean(read == labels[wrong])) if n else None,
+    }
+
+
 def judged_codes(n: int, *, most: int, seed: int) -> np.ndarray:
     """The indices of the error codes to judge: all of them up to `most`, else a seeded subset
     (sorted), so that the judge's cost stays bounded on large runs."""

@@ -53,6 +53,22 @@ def test_nothing_to_judge(judge):
     assert out["bug"] is None and out["codes_judged"] == 0
 
 
+@pytest.mark.parametrize(
+    "shows, labels, pred, errors, read_true",
+    [
+        # two errors (images 1 and 2); the judge reads image 1 as its label, image 2 as the pred
+        ([0, 1, 3, 2], [0, 1, 2, 2], [0, 3, 3, 2], 2, 0.5),
+        ([0, 1], [0, 1], [0, 1], 0, None),  # no test error: nothing to read
+    ],
+)
+def test_the_scale_is_the_judges_reading_of_the_classifiers_test_errors(
+    judge, shows, labels, pred, errors, read_true
+):
+    images = _images(shows, np.random.default_rng(2))
+    out = bug_yield.test_error_yield(judge, images, np.asarray(labels), np.asarray(pred))
+    assert out == {"test_errors": errors, "test_error_yield": read_true}
+
+
 def test_large_runs_judge_a_seeded_subset():
     a = bug_yield.judged_codes(50_000, most=1000, seed=3)
     assert len(a) == 1000 and (np.diff(a) > 0).all()

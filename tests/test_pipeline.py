@@ -89,6 +89,9 @@ def test_full_run_report_and_resume(finished, tmp_path):
     found = report["bug_yield"]
     assert found["codes_judged"] == report["num_errors_found"] and "SVC" in found["judge"]
     assert 0.0 <= found["bug"] <= 1.0 - found["class_change"]
+    # ... and, for scale, the classifier's own test errors
+    wrong = round((1.0 - report["test_accuracy_before"]) * TINY.data.max_test)
+    assert found["test_errors"] == wrong > 0 and 0.0 <= found["test_error_yield"] <= 1.0
     assert all(0.0 <= r["bug_yield"] <= 1.0 for r in report["regions"])
     # The accuracy on the found codes covers the codes of the labeled regions, and says so.
     in_labeled = sum(r["num_codes"] for r in report["regions"] if r["label"] is not None)

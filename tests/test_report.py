@@ -520,6 +520,13 @@ def test_the_report_gives_the_bug_yield_and_says_what_steered_the_search(validit
     assert "of 3,291 kept error codes, the judge reads **11.2% as their source class**" in text
     assert "81.4% as the class the classifier predicts" in text and "(test accuracy 99.1%)" in text
     assert needle in text
+    assert "For scale" not in text  # an older run, without the judge's reading of test errors
+    scaled = report_lib.markdown._bug_yield_lines(
+        {"bug_yield": {**found, "test_errors": 297, "test_error_yield": 0.313},
+         "search": {"config": {"validity": validity}}}
+    )  # fmt: skip
+    assert ("the classifier gets 297 test images wrong, bugs by their labels, and the judge reads "
+            "31.3% of them as their true class") in " ".join(scaled)  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -136,6 +136,7 @@ def assemble(
         devices=dict(devices),
         messages=list(messages),
         config=dict(config),
-        bug_yield=bug_yield and BugYield(**{k: bug_yield[k] for k in BugYield.__annotations__}),
+        bug_yield=bug_yield
+        and BugYield(**{k: bug_yield[k] for k in BugYield.__annotations__ if k in bug_yield}),
         own_models={k: dict(v) for k, v in (own_models or {}).items()},
     )

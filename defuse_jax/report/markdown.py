@@ -139,6 +139,20 @@ def _bug_yield_lines(report: Mapping[str, Any]) -> list[str]:
         f"{pct(found['class_change'])} as the class the classifier predicts (class changes). "
         f"The judge, {found['judge']} (test accuracy {pct(found['judge_test_accuracy'])}), "
         f"takes part in nothing else; {steer}.",
+        *_test_error_yield_line(found),
+    ]
+
+
+def _test_error_yield_line(found: Mapping[str, Any]) -> list[str]:
+    """The judge's reading of certain bugs, the scale for the yield (absent in older runs)."""
+    if found.get("test_error_yield") is None:
+        return []
+    return [
+        "",
+        f"For scale: the classifier gets {found['test_errors']:,} test images wrong, bugs by their "
+        f"labels, and the judge reads {pct(found['test_error_yield'])} of them as their true "
+        "class. Read the yield against this figure: a judge that shares the classifier's blind "
+        "spots reads real bugs as class changes too.",
     ]
 
 

@@ -51,6 +51,10 @@ class BugYield(TypedDict):
     codes_judged: int  # all kept error codes, or a seeded subset of them on large runs
     bug: float | None  # share it reads as the source class: the image kept its class
     class_change: float | None  # share it reads as the classifier's prediction
+    # The scale (`bug_yield.test_error_yield`; absent in older runs): the classifier's test
+    # errors, which are bugs by their labels, and the share of them the judge reads as their label
+    test_errors: NotRequired[int]
+    test_error_yield: NotRequired[float | None]
 
 
 class ControlReport(TypedDict):

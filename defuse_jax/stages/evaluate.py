@@ -134,7 +134,8 @@ def build_report(ctx: Context) -> report_lib.Report:
 def _bug_yield(
     ctx: Context, errors: Mapping[str, np.ndarray], assignment: np.ndarray
 ) -> dict[str, Any] | None:
-    """The evaluation-only judge (`bug_yield`) on the kept error codes; None without codes."""
+    """The evaluation-only judge (`bug_yield`) on the kept error codes, with its reading of the
+    classifier's test errors; None without codes."""
     z = np.asarray(errors["z"])
     if len(z) == 0:
         return None
@@ -143,10 +144,13 @@ def _bug_yield(
     judge = bug_yield.judge_for(ds, cache_dir=ctx.path("cache", "judge"), seed=seed,
                                 train=ctx.config.classifier_train,
                                 progress=ctx.config.progress)  # fmt: skip
-    return bug_yield.judge_codes(
+    found = bug_yield.judge_codes(
         judge, ctx.model("vae"), z, errors["source_label"], errors["pred_label"],
         region=assignment, seed=seed,
     )  # fmt: skip
+    # Its scale: what the judge makes of the classifier's own test errors (certain bugs).
+    pred = evaluation.classify(ctx.model("classifier"), ds.x_test)
+    return {**found, **bug_yield.test_error_yield(judge, ds.x_test, ds.y_test, pred)}
 
 
 def _kept_lam(cfg: CorrectConfig, selection: Mapping[str, Any] | None) -> float:
