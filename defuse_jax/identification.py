@@ -19,6 +19,7 @@ from defuse_jax.data import Dataset
 from defuse_jax.files import make_dirs, write_json, write_npz
 from defuse_jax.models import Params
 from defuse_jax.search import SearchConfig, SearchResult, latent_search
+from defuse_jax.search.config import source_readers
 
 ERROR_FIELDS = ("z", "source_index", "source_label", "pred_label", "prob", "perturbation_norm")
 
@@ -89,12 +90,10 @@ def thin_search_note(summary: Mapping[str, Any], search: SearchConfig) -> str | 
     None otherwise."""
     kept, used = summary["num_errors_found"], summary["num_sources_used"]
     if used == 0 and summary.get("num_sources", 0) > 0:
-        who = "the classifier" + (" or the oracle (the validity model)"
-                                  if search.validity != "none" else "")  # fmt: skip
         return (
-            f"Every source was skipped: {who} misreads each one's decoded latent code, so the "
-            "search evaluated nothing. The VAE's reconstructions may be too poor to classify "
-            "(train it longer: --vae-epochs)"
+            f"Every source was skipped: {source_readers(search.validity)} misreads each one's "
+            "decoded latent code, so the search evaluated nothing. The VAE's reconstructions "
+            "may be too poor to classify (train it longer: --vae-epochs)"
             + (", or search without the constraint: --search-validity none."
                if search.validity != "none" else ".")
         )  # fmt: skip

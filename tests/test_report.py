@@ -590,3 +590,15 @@ def test_the_report_sets_the_correction_next_to_its_control(control, needles, ab
     for needle in needles:
         assert needle in text
     assert absent is None or absent not in text
+
+
+@pytest.mark.parametrize(
+    "validity, who",
+    [("none", "skipped because the classifier already"),
+     ("oracle", "skipped because the classifier or the oracle (the validity model) already")],
+)  # fmt: skip
+def test_the_summary_names_who_skipped_the_sources(validity, who):
+    report = {"num_errors_found": 0, "num_sources_used": 90, "num_sources": 100,
+              "num_sources_skipped": 10, "num_samples_evaluated": 9000, "num_flips": 0,
+              "regions": [], "search": {"config": {"validity": validity}}}  # fmt: skip
+    assert who in " ".join(report_lib.markdown._summary_lines(report))

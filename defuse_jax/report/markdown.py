@@ -18,6 +18,7 @@ from defuse_jax.report.text import (
 )
 from defuse_jax.run_config import STAGES
 from defuse_jax.run_dir import LABELS_FILE
+from defuse_jax.search.config import source_readers
 
 
 def _own_models_line(own: Mapping[str, Mapping[str, Any]]) -> str:
@@ -36,8 +37,7 @@ def _summary_lines(report: Mapping[str, Any]) -> list[str]:
     n_err = report["num_errors_found"]
     text = _own_models_line(report["own_models"]) + " " if report.get("own_models") else ""
     search = (report.get("search") or {}).get("config") or {}
-    # a validity search also skips the sources its validity model (the oracle) misreads
-    who = "the classifier" + (" or the oracle" if search.get("validity", "none") != "none" else "")
+    who = source_readers(search.get("validity", "none"))
     text += (
         f"The search started from {report['num_sources_used']:,} of {report['num_sources']:,} "
         f"source points ({report['num_sources_skipped']:,} skipped because {who} "

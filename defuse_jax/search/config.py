@@ -164,3 +164,11 @@ class SearchConfig:
         """Candidates kept per source on device (k of the top-k)."""
         k = self.max_keep_per_source
         return self.samples_per_source if k is None else min(k, self.samples_per_source)
+
+
+def source_readers(validity: str) -> str:
+    """Who must read a source right at its code for the search to start from it, in words: the
+    classifier, and with a validity constraint its model too (the run's oracle)."""
+    return "the classifier" + (
+        "" if validity == "none" else f" or the {validity} (the validity model)"
+    )
