@@ -211,6 +211,33 @@ def test_error_yield(
     }
 
 
+def label_agreement(
+    judge: Judge, region_images: np.ndarray, region_ids: np.ndarray, labels: np.ndarray
+) -> dict[int, float]:
+    """The judge's second opinion on the region labels: the share of each labeled region's
+    held-out samples (those region accuracy is measured on) it reads as the region's label.
+
+    A confirmed error region is one whose label the classifier gets wrong, so a wrong label
+    (an oracle's mistake) can confirm a region as well as a real bug can. The judge took no
+    part in the labels.
+
+    Args:
+      judge: from `judge_for`.
+      region_images: [R, n, H, W, C] the held-out samples of the R labeled regions, decoded.
+      region_ids: [R] their ids; labels: [R] their labels.
+
+    Returns:
+      {region id: share of its samples the judge reads as its label}.
+    """
+    r = len(region_ids)
+    if r == 0:
+        return {}
+    n = region_images.shape[1]
+    verdict = np.asarray(judge.predict(region_images.reshape(r * n, *region_images.shape[2:])))
+    agree = (verdict.reshape(r, n) == np.asarray(labels)[:, None]).mean(axis=1)
+    return {int(i): float(a) for i, a in zip(region_ids, agree, strict=True)}
+
+
 def judged_codes(n: int, *, most: int, seed: int) -> np.ndarray:
     """The indices of the error codes to judge: all of them up to `most`, else a seeded subset
     (sorted), so that the judge's cost stays bounded on large runs."""

@@ -69,6 +69,16 @@ def test_the_scale_is_the_judges_reading_of_the_classifiers_test_errors(
     assert out == {"test_errors": errors, "test_error_yield": read_true}
 
 
+def test_the_second_opinion_is_the_share_of_each_regions_samples_read_as_its_label(judge):
+    rng = np.random.default_rng(3)
+    # region 4 (label 1): samples show 1, 1, 2, 1; region 7 (label 3): 0, 0, 0, 3
+    shows = np.asarray([[1, 1, 2, 1], [0, 0, 0, 3]])
+    images = _images(shows.reshape(-1), rng).reshape(2, 4, 4, 4, 1)
+    out = bug_yield.label_agreement(judge, images, np.asarray([4, 7]), np.asarray([1, 3]))
+    assert out == {4: 0.75, 7: 0.25}
+    assert bug_yield.label_agreement(judge, images[:0], np.zeros(0), np.zeros(0)) == {}
+
+
 def test_large_runs_judge_a_seeded_subset():
     a = bug_yield.judged_codes(50_000, most=1000, seed=3)
     assert len(a) == 1000 and (np.diff(a) > 0).all()

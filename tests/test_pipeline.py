@@ -92,6 +92,10 @@ def test_full_run_report_and_resume(finished, tmp_path):
     # ... and, for scale, the classifier's own test errors
     wrong = round((1.0 - report["test_accuracy_before"]) * TINY.data.max_test)
     assert found["test_errors"] == wrong > 0 and 0.0 <= found["test_error_yield"] <= 1.0
+    # ... and its second opinion on every labeled region's label
+    labeled = [r for r in report["regions"] if r["label"] is not None]
+    assert all(0.0 <= r["judge_agreement"] <= 1.0 for r in labeled)
+    assert 0 <= found["confirmed_judge_agrees"] <= report["num_regions_confirmed"]
     assert all(0.0 <= r["bug_yield"] <= 1.0 for r in report["regions"])
     # The accuracy on the found codes covers the codes of the labeled regions, and says so.
     in_labeled = sum(r["num_codes"] for r in report["regions"] if r["label"] is not None)

@@ -187,14 +187,14 @@ def test_full_report(tmp_path):
         "| 0.0% | 81.0% | +81.0 pp |"
     ) in md
     # Per-region rows, in the given order, with class names, labels and accuracies.
-    assert "| 3 | 120 | 0.600 | 6 -> 1 | 75.0% | 87.5% | 6 | 87.5% | 12.5% -> 93.8% |" in md
+    assert "| 3 | 120 | 0.600 | 6 -> 1 | 75.0% | 87.5% | 6 | 87.5% | n/a | 12.5% -> 93.8% |" in md
     # The tables say what their two rates are measured against.
     assert "*Error rate*: the share of fresh region samples the classifier does not call" in md
     # The pair purity counts, not the majorities side by side (older runs: those).
-    assert "| 0 | 50 | 0.250 | 5 -> 9 | 75.0% | n/a | skipped | n/a | n/a |" in md
+    assert "| 0 | 50 | 0.250 | 5 -> 9 | 75.0% | n/a | skipped | n/a | n/a | n/a |" in md
     assert (
         "| 7 | 30 | 0.150 | 2 -> 7 | 75.0% | 87.5% | 2 | 25.0% **ambiguous** (says 7) "
-        "| n/a -> n/a |" in md
+        "| n/a | n/a -> n/a |" in md
     )
     # Label validity: the oracle's mean agreement, its test accuracy and the ambiguous regions.
     assert (
@@ -352,7 +352,7 @@ def test_class_names_and_missing_grid(tmp_path):
     _, md = _read(paths)
     row = (
         "| 0 | 10 | 0.050 | not\\|smiling -> smiling | 75.0% | 87.5% | not\\|smiling "
-        "| n/a | 0.0% -> 100.0% |"
+        "| n/a | n/a | 0.0% -> 100.0% |"
     )
     assert row in md
     assert "![region 0]" not in md
@@ -602,3 +602,27 @@ def test_the_summary_names_who_skipped_the_sources(validity, who):
               "num_sources_skipped": 10, "num_samples_evaluated": 9000, "num_flips": 0,
               "regions": [], "search": {"config": {"validity": validity}}}  # fmt: skip
     assert who in " ".join(report_lib.markdown._summary_lines(report))
+
+
+@pytest.mark.parametrize(
+    "agreement, confirmed, backed",
+    [
+        ({1: 0.9, 2: 0.2, 3: 0.7}, [1, 2], 1),  # region 3 is backed but not confirmed
+        ({1: 0.5, 2: 0.49}, [1, 2], 1),  # at least half backs a label
+        ({}, [1], 0),
+    ],  # fmt: skip
+)
+def test_the_judge_backs_the_confirmed_regions_whose_samples_it_reads_as_their_label(
+    agreement, confirmed, backed
+):
+    found = {"judge": "SVC", "judge_test_accuracy": 0.99, "codes_judged": 10, "bug": 0.6,
+             "class_change": 0.3, "per_region": {}, "label_agreement": agreement}  # fmt: skip
+    out = report_lib.assembly._bug_yield(found, confirmed)
+    assert out["confirmed_judge_agrees"] == backed and "label_agreement" not in out
+    text = " ".join(report_lib.markdown._judge_agrees_line(out, len(confirmed)))
+    assert f"of {backed} of the {len(confirmed)} confirmed error regions" in text
+    # an older run's figures: no second opinion, and no line
+    older = report_lib.assembly._bug_yield({k: found[k] for k in found if k != "label_agreement"},
+                                           confirmed)  # fmt: skip
+    assert "confirmed_judge_agrees" not in older
+    assert report_lib.markdown._judge_agrees_line(older, len(confirmed)) == []

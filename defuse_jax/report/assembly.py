@@ -7,6 +7,7 @@ from typing import Any
 
 from defuse_jax import label_validity
 from defuse_jax.report.schema import (
+    JUDGE_AGREES,
     WORSE_BY,
     BugYield,
     CorrectionReport,
@@ -59,6 +60,7 @@ def assemble(
     """
     overlap = overlap or {}
     per_region_yield = (bug_yield or {}).get("per_region", {})
+    judge_agreement = (bug_yield or {}).get("label_agreement", {})
     labels = {k: v for k, v in answers.items() if v is not None}
     regions: list[RegionReport] = []
     for rec in region_records:
@@ -91,6 +93,7 @@ def assemble(
                 ambiguous=check is not None and check["ambiguous"],
                 grid=RunDir.grid(rid),
                 bug_yield=per_region_yield.get(rid),
+                judge_agreement=judge_agreement.get(rid),
             )
         )
     not_errors = [r for r in regions if not r["error_region"]]
@@ -136,7 +139,18 @@ def assemble(
         devices=dict(devices),
         messages=list(messages),
         config=dict(config),
-        bug_yield=bug_yield
-        and BugYield(**{k: bug_yield[k] for k in BugYield.__annotations__ if k in bug_yield}),
+        bug_yield=bug_yield and _bug_yield(bug_yield, confirmed),
         own_models={k: dict(v) for k, v in (own_models or {}).items()},
     )
+
+
+def _bug_yield(found: Mapping[str, Any], confirmed: Sequence[int]) -> BugYield:
+    """The report's `BugYield` from `bug_yield`'s figures, with the confirmed error regions the
+    judge backs (when it read the labeled regions' samples)."""
+    out = BugYield(**{k: found[k] for k in BugYield.__annotations__ if k in found})
+    agreement = found.get("label_agreement")
+    if agreement is not None:
+        out["confirmed_judge_agrees"] = sum(
+            agreement.get(rid, 0.0) >= JUDGE_AGREES for rid in confirmed
+        )
+    return out

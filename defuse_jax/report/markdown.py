@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from defuse_jax.regions import top_pair
-from defuse_jax.report.schema import WORSE_BY
+from defuse_jax.report.schema import JUDGE_AGREES, WORSE_BY
 from defuse_jax.report.text import (
     _NA,
     _cell,
@@ -140,6 +140,22 @@ def _bug_yield_lines(report: Mapping[str, Any]) -> list[str]:
         f"The judge, {found['judge']} (test accuracy {pct(found['judge_test_accuracy'])}), "
         f"takes part in nothing else; {steer}.",
         *_test_error_yield_line(found),
+        *_judge_agrees_line(found, report.get("num_regions_confirmed")),
+    ]
+
+
+def _judge_agrees_line(found: Mapping[str, Any], confirmed: int | None) -> list[str]:
+    """The judge's second opinion on the confirmed regions' labels (absent in older runs)."""
+    backed = found.get("confirmed_judge_agrees")
+    if backed is None or not confirmed:
+        return []
+    return [
+        "",
+        f"Second opinion on the labels: the judge reads the label on at least "
+        f"{JUDGE_AGREES:.0%} of the held-out samples of {backed} of the {confirmed} confirmed "
+        "error regions (*judge agrees* below). A region is confirmed when the classifier gets "
+        "its label wrong, which a wrong label does as well as a real bug; where the judge does "
+        "not back a label, look at the region's grid.",
     ]
 
 
@@ -226,8 +242,8 @@ def _regions_section(report: Mapping[str, Any]) -> list[str]:
 def _regions_table(regions: Sequence[Mapping[str, Any]], names: Sequence[str]) -> list[str]:
     lines = [
         "| region | codes | weight | top source -> predicted | purity | error rate | label "
-        "| oracle agrees | accuracy before -> after | overlap | bug yield |",
-        "|---:|---:|---:|---|---:|---:|---|---|---|---|---:|",
+        "| oracle agrees | judge agrees | accuracy before -> after | overlap | bug yield |",
+        "|---:|---:|---:|---|---:|---:|---|---|---:|---|---|---:|",
     ]
     for r in regions:
         src, pred = top_pair(r)  # the pair purity counts
@@ -240,7 +256,8 @@ def _regions_table(regions: Sequence[Mapping[str, Any]], names: Sequence[str]) -
         lines.append(
             f"| {r['id']} | {r['num_codes']:,} | {float(r['weight']):.3f} | {_cell(flow)} "
             f"| {pct(r.get('purity'))} | {pct(r.get('error_rate'))} "
-            f"| {_cell(_region_label(r, names))} | {_cell(_oracle_cell(r, names))} | {acc} "
+            f"| {_cell(_region_label(r, names))} | {_cell(_oracle_cell(r, names))} "
+            f"| {pct(r.get('judge_agreement'))} | {acc} "
             f"| {_overlap_cell(r)} | {pct(r.get('bug_yield'))} |"
         )
     return lines

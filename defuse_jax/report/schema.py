@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, Final, Literal, NotRequired, TypedDict
 
 WORSE_BY: Final = 0.05  # a region "ends worse" when its accuracy falls by more than this
+JUDGE_AGREES: Final = 0.5  # the judge backs a label it reads on at least this share of samples
 
 
 class RegionReport(TypedDict):
@@ -41,6 +42,9 @@ class RegionReport(TypedDict):
     # share of its judged error codes the evaluation-only judge reads as the source class
     # (`Report.bug_yield`; None: none of its codes judged, or an older run)
     bug_yield: NotRequired[float | None]
+    # share of its held-out samples the judge reads as its label, a second opinion on the label
+    # (`bug_yield.label_agreement`; None: not labeled, or an older run)
+    judge_agreement: NotRequired[float | None]
 
 
 class BugYield(TypedDict):
@@ -55,6 +59,9 @@ class BugYield(TypedDict):
     # errors, which are bugs by their labels, and the share of them the judge reads as their label
     test_errors: NotRequired[int]
     test_error_yield: NotRequired[float | None]
+    # confirmed error regions whose held-out samples the judge reads as their label at least
+    # JUDGE_AGREES of the time (absent in older runs)
+    confirmed_judge_agrees: NotRequired[int]
 
 
 class ControlReport(TypedDict):

@@ -62,7 +62,7 @@ def build_report(ctx: Context) -> report_lib.Report:
         for ev in (before, after, control)
     )
     oracle = _oracle_agreement(ctx, eval_set, labels) if ctx.config.uses_oracle else None
-    found_yield = _bug_yield(ctx, errors, regions.assignment)
+    found_yield = _bug_yield(ctx, errors, regions.assignment, eval_set)
     search = read_json(ctx.path("search", "summary.json"))
     if search["num_errors_found"] == 0:
         ctx.messages.append(
@@ -132,10 +132,14 @@ def build_report(ctx: Context) -> report_lib.Report:
 
 
 def _bug_yield(
-    ctx: Context, errors: Mapping[str, np.ndarray], assignment: np.ndarray
+    ctx: Context,
+    errors: Mapping[str, np.ndarray],
+    assignment: np.ndarray,
+    eval_set: evaluation.EvalSet,
 ) -> dict[str, Any] | None:
     """The evaluation-only judge (`bug_yield`) on the kept error codes, with its reading of the
-    classifier's test errors; None without codes."""
+    classifier's test errors and of the labeled regions' held-out samples; None without
+    codes."""
     z = np.asarray(errors["z"])
     if len(z) == 0:
         return None
@@ -150,7 +154,14 @@ def _bug_yield(
     )  # fmt: skip
     # Its scale: what the judge makes of the classifier's own test errors (certain bugs).
     pred = evaluation.classify(ctx.model("classifier"), ds.x_test)
-    return {**found, **bug_yield.test_error_yield(judge, ds.x_test, ds.y_test, pred)}
+    agreement = bug_yield.label_agreement(
+        judge, eval_set.region_images, eval_set.region_ids, eval_set.region_labels
+    )
+    return {
+        **found,
+        **bug_yield.test_error_yield(judge, ds.x_test, ds.y_test, pred),
+        "label_agreement": agreement,
+    }
 
 
 def _kept_lam(cfg: CorrectConfig, selection: Mapping[str, Any] | None) -> float:
