@@ -61,16 +61,20 @@ def _control(report: dict) -> str:
 
 def table(reports: dict[int, dict]) -> str:
     lines = [
-        "| seed | regions (labeled / confirmed errors) | region accuracy | test accuracy "
-        "| test change | without regions | regions >5 pt worse | kept lambda / epoch |",
-        "|---:|---|---|---|---:|---:|---:|---|",
+        "| seed | bug yield | regions (labeled / confirmed errors / backed by the judge) "
+        "| region accuracy | test accuracy | test change | without regions | regions >5 pt worse "
+        "| kept lambda / epoch |",
+        "|---:|---:|---|---|---|---:|---:|---:|---|",
     ]
     for seed, r in reports.items():
         drop = 100 * (r["test_accuracy_after"] - r["test_accuracy_before"])
         scope = " (all labeled)" if r.get("region_accuracy_scope") == "labeled" else ""
+        found = r.get("bug_yield") or {}  # the evaluation-only judge's figures (None: no codes)
         lines.append(
-            f"| {seed} | {r['num_regions']} ({r['num_regions_labeled']} / "
-            f"{r['num_regions_confirmed']}) | {_pct(r['region_accuracy_before'])} -> "
+            f"| {seed} | {_pct(found.get('bug'))} | {r['num_regions']} "
+            f"({r['num_regions_labeled']} / {r['num_regions_confirmed']} / "
+            f"{found.get('confirmed_judge_agrees', 'n/a')}) | "
+            f"{_pct(r['region_accuracy_before'])} -> "
             f"{_pct(r['region_accuracy_after'])}{scope} | {_pct(r['test_accuracy_before'])} -> "
             f"{_pct(r['test_accuracy_after'])} | {drop:+.1f} pt | {_control(r)} | "
             f"{len(r['regions_worse_after'])} | {_kept(r)} |"
@@ -80,7 +84,7 @@ def table(reports: dict[int, dict]) -> str:
                for r in reports.values()]  # fmt: skip
     if all(a is not None for a in after):
         lines.append(
-            f"| mean / min | | after: {_pct(statistics.mean(after))} / {_pct(min(after))} | "
+            f"| mean / min | | | after: {_pct(statistics.mean(after))} / {_pct(min(after))} | "
             f"| {statistics.mean(changes):+.2f} / {min(changes):+.1f} pt | | | |"
         )
     return "\n".join(lines)
