@@ -48,7 +48,8 @@ TIMED_STAGES = STAGES[1:]  # the train stage is copied, not rerun
 COLUMNS = (
     "samples_per_source", "samples_evaluated", "flips", "errors_kept", "max_codes",
     "codes_fitted", "regions", "error_regions", "codes_explained", "codes_explained_share",
-    "regions_labeled", "region_accuracy_before", "region_accuracy_after",
+    "regions_labeled", "regions_confirmed", "regions_judge_backed", "region_accuracy_before",
+    "region_accuracy_after",
     "test_accuracy_before", "test_accuracy_after", "test_accuracy_control", "oracle_agreement",
     "ambiguous_regions", "bug_yield", *(f"{s}_s" for s in TIMED_STAGES), "total_s", "run_dir",
 )  # fmt: skip
@@ -196,6 +197,9 @@ def table_row(run_dir: str, samples: int, report: dict[str, Any]) -> dict[str, A
         "codes_explained": explained,
         "codes_explained_share": explained / kept if kept else None,
         "regions_labeled": report["num_regions_labeled"],
+        "regions_confirmed": report.get("num_regions_confirmed"),
+        # confirmed regions whose label the judge reads on at least half of their samples
+        "regions_judge_backed": (report.get("bug_yield") or {}).get("confirmed_judge_agrees"),
         "region_accuracy_before": report["region_accuracy_before"],
         "region_accuracy_after": report["region_accuracy_after"],
         "test_accuracy_before": report["test_accuracy_before"],

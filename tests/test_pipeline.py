@@ -654,6 +654,8 @@ def test_budget_sweep_reruns_the_stages_per_budget_and_leaves_the_source_run_alo
     for r in rows:
         report = _report(os.path.join(out, r["run_dir"]))
         assert int(r["errors_kept"]) == report["num_errors_found"]
+        assert int(r["regions_confirmed"]) == report["num_regions_confirmed"]
+        assert int(r["regions_judge_backed"]) == report["bug_yield"]["confirmed_judge_agrees"]
         assert int(r["codes_fitted"]) == report["num_errors_found"]  # all fit under max_codes
         assert int(r["max_codes"]) == 10_000  # DistillConfig.max_codes=None on a CPU
         assert float(r["total_s"]) == pytest.approx(
