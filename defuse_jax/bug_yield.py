@@ -211,9 +211,7 @@ def test_error_yield(
     }
 
 
-def label_agreement(
-    judge: Judge, region_images: np.ndarray, region_ids: np.ndarray, labels: np.ndarray
-) -> dict[int, float]:
+def label_agreement(judge: Judge, data: evaluation.EvalSet) -> dict[int, float]:
     """The judge's second opinion on the region labels: the share of each labeled region's
     held-out samples (those region accuracy is measured on) it reads as the region's label.
 
@@ -223,19 +221,17 @@ def label_agreement(
 
     Args:
       judge: from `judge_for`.
-      region_images: [R, n, H, W, C] the held-out samples of the R labeled regions, decoded.
-      region_ids: [R] their ids; labels: [R] their labels.
+      data: the run's evaluation set (`evaluation.eval_set`): the labeled regions' ids, labels
+        and decoded held-out samples.
 
     Returns:
       {region id: share of its samples the judge reads as its label}.
     """
-    r = len(region_ids)
-    if r == 0:
-        return {}
-    n = region_images.shape[1]
-    verdict = np.asarray(judge.predict(region_images.reshape(r * n, *region_images.shape[2:])))
-    agree = (verdict.reshape(r, n) == np.asarray(labels)[:, None]).mean(axis=1)
-    return {int(i): float(a) for i, a in zip(region_ids, agree, strict=True)}
+    votes = evaluation.heldout_votes_of(judge.predict, data)
+    return {
+        rid: float(np.mean(v == label))
+        for (rid, v), label in zip(votes.items(), data.region_labels, strict=True)
+    }
 
 
 def judged_codes(n: int, *, most: int, seed: int) -> np.ndarray:

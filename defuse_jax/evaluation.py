@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -145,10 +145,18 @@ def eval_set(
 def heldout_votes(classifier: Params, data: EvalSet) -> dict[int, np.ndarray]:
     """A classifier's predictions on the held-out samples of the labeled regions (those region
     accuracy is measured on): {region id: [EvalConfig.region_samples] classes}."""
+    return heldout_votes_of(functools.partial(classify, classifier), data)
+
+
+def heldout_votes_of(
+    predict: Callable[[np.ndarray], np.ndarray], data: EvalSet
+) -> dict[int, np.ndarray]:
+    """`heldout_votes` of any image classifier: predict maps images [M, H, W, C] to [M]
+    classes (e.g. the bug yield's judge, which is not a `Params`)."""
     if len(data.region_ids) == 0:
         return {}
     r, n = data.region_images.shape[:2]
-    pred = classify(classifier, data.region_images.reshape(r * n, *data.region_images.shape[2:]))
+    pred = np.asarray(predict(data.region_images.reshape(r * n, *data.region_images.shape[2:])))
     return {int(i): p for i, p in zip(data.region_ids, pred.reshape(r, n), strict=True)}
 
 

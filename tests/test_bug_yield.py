@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from defuse_jax import bug_yield
+from defuse_jax import bug_yield, evaluation
 
 
 def _images(labels, rng):
@@ -74,9 +74,15 @@ def test_the_second_opinion_is_the_share_of_each_regions_samples_read_as_its_lab
     # region 4 (label 1): samples show 1, 1, 2, 1; region 7 (label 3): 0, 0, 0, 3
     shows = np.asarray([[1, 1, 2, 1], [0, 0, 0, 3]])
     images = _images(shows.reshape(-1), rng).reshape(2, 4, 4, 4, 1)
-    out = bug_yield.label_agreement(judge, images, np.asarray([4, 7]), np.asarray([1, 3]))
-    assert out == {4: 0.75, 7: 0.25}
-    assert bug_yield.label_agreement(judge, images[:0], np.zeros(0), np.zeros(0)) == {}
+    data = evaluation.EvalSet(
+        x_test=images[0], y_test=np.asarray([1, 1, 2, 1]), region_ids=np.asarray([4, 7]),
+        region_labels=np.asarray([1, 3]), region_images=images,
+        error_labels=np.zeros(0, np.int64), error_images=images[0, :0],
+    )  # fmt: skip
+    assert bug_yield.label_agreement(judge, data) == {4: 0.75, 7: 0.25}
+    none = data._replace(region_ids=np.zeros(0), region_labels=np.zeros(0),
+                         region_images=images[:0])  # fmt: skip
+    assert bug_yield.label_agreement(judge, none) == {}
 
 
 def test_large_runs_judge_a_seeded_subset():

@@ -154,13 +154,10 @@ def _bug_yield(
     )  # fmt: skip
     # Its scale: what the judge makes of the classifier's own test errors (certain bugs).
     pred = evaluation.classify(ctx.model("classifier"), ds.x_test)
-    agreement = bug_yield.label_agreement(
-        judge, eval_set.region_images, eval_set.region_ids, eval_set.region_labels
-    )
     return {
         **found,
         **bug_yield.test_error_yield(judge, ds.x_test, ds.y_test, pred),
-        "label_agreement": agreement,
+        "label_agreement": bug_yield.label_agreement(judge, eval_set),
     }
 
 
