@@ -20,12 +20,14 @@ def kl_weight(step: jax.Array, *, beta: float, anneal_steps: int) -> jax.Array:
 def vae_loss(
     params: Params, batch: dict[str, jax.Array], key: jax.Array, step: jax.Array
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Negative annealed ELBO with a Bernoulli likelihood; batch["x"]: [B, H, W, C] in [0, 1]."""
+    """Negative annealed ELBO with a Bernoulli likelihood; batch["x"]: [B, H, W, C] in [0, 1]
+    (and, for a conditional VAE, its classes batch["y"]: [B] int32)."""
     vae = params.module()
     x = batch["x"]
     mean, logvar = vae.encode(x)
     z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
-    recon = optax.sigmoid_binary_cross_entropy(vae.decode_logits(z), x).sum(axis=(1, 2, 3))
+    logits = vae.decode_logits(vae.code(z, batch.get("y")))
+    recon = optax.sigmoid_binary_cross_entropy(logits, x).sum(axis=(1, 2, 3))
     kl = 0.5 * (jnp.exp(logvar) + mean**2 - 1.0 - logvar).sum(axis=-1)
     w = kl_weight(step, beta=vae.config.beta, anneal_steps=vae.config.kl_anneal_steps)
     recon, kl = recon.mean(), kl.mean()
@@ -37,7 +39,8 @@ def vae_eval(params: Params, batch: dict[str, jax.Array]) -> dict[str, jax.Array
     vae = params.module()
     x = batch["x"]
     mean, logvar = vae.encode(x)
-    recon = optax.sigmoid_binary_cross_entropy(vae.decode_logits(mean), x).sum(axis=(1, 2, 3))
+    logits = vae.decode_logits(vae.code(mean, batch.get("y")))
+    recon = optax.sigmoid_binary_cross_entropy(logits, x).sum(axis=(1, 2, 3))
     kl = 0.5 * (jnp.exp(logvar) + mean**2 - 1.0 - logvar).sum(axis=-1)
     return {"recon": recon, "kl": kl}
 

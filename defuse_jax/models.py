@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +41,12 @@ class VAEConfig:
         channels: conv channels of the two stride-2 stages (conv kind only).
         beta: weight of the KL term at the end of annealing (the reference uses 4).
         kl_anneal_steps: steps over which the KL weight rises linearly from 0 to beta.
+        conditional: decode from a style code and the class (a class-conditional VAE): the
+            latent code is `[style (latent_dim), class block (num_classes)]`, the class block
+            `CLASS_SCALE * one_hot(class)`. The encoder reads the image alone; the decoder
+            reads the style and the class block's argmax, so a perturbed style keeps the
+            class, and the search (which leaves the class block alone) finds images of the
+            source class the classifier gets wrong rather than class changes.
     """
 
     kind: Literal["mlp", "conv"] = "mlp"
@@ -49,6 +55,9 @@ class VAEConfig:
     channels: tuple[int, int] = (32, 64)
     beta: float = 1.0
     kl_anneal_steps: int = 500
+    conditional: bool = False
+
+    LATER_DEFAULTS: ClassVar[dict[str, Any]] = {"conditional": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,20 +186,41 @@ def set_decoder_formulation(name: str | None) -> None:
     _decoder_override = name
 
 
-class VAE(nnx.Module):
-    """A Gaussian-latent VAE with a Bernoulli (sigmoid) decoder."""
+# The class block of a conditional VAE's code is CLASS_SCALE * one_hot(class): far enough from
+# the other classes' blocks (CLASS_SCALE * sqrt(2)) that a mixture never merges two classes'
+# codes, where the style coordinates spread over a few units.
+CLASS_SCALE = 10.0
 
-    def __init__(self, config: VAEConfig, *, image_shape: ImageShape, rngs: nnx.Rngs):
+
+class VAE(nnx.Module):
+    """A Gaussian-latent VAE with a Bernoulli (sigmoid) decoder, optionally class-conditional
+    (`VAEConfig.conditional`: its code is `[style, class block]`, `code_dim` wide)."""
+
+    def __init__(
+        self,
+        config: VAEConfig,
+        *,
+        image_shape: ImageShape,
+        rngs: nnx.Rngs,
+        num_classes: int | None = None,
+    ):
         self.config = config
         self.image_shape = _check_image_shape(image_shape, config.kind)
         h, w, c = self.image_shape
         lat, hid = config.latent_dim, config.hidden
         if lat < 1:
             raise ValueError(f"latent_dim must be >= 1, got {lat}.")
+        if config.conditional and (num_classes is None or num_classes < 2):
+            raise ValueError(
+                "A conditional VAE (VAEConfig.conditional) decodes from the class: pass the "
+                f"dataset's num_classes (at least 2), got {num_classes}."
+            )
+        self.num_classes = int(num_classes) if config.conditional else 0
+        dec_in = lat + self.num_classes  # the decoder reads the style and a one-hot class
         if config.kind == "mlp":
             n = h * w * c
             self.enc = _MLP([n, hid, hid, 2 * lat], rngs=rngs)
-            self.dec = _MLP([lat, hid, hid, n], rngs=rngs)
+            self.dec = _MLP([dec_in, hid, hid, n], rngs=rngs)
         else:
             c1, c2 = config.channels
             self.conv1 = nnx.Conv(
@@ -201,7 +231,7 @@ class VAE(nnx.Module):
             )
             flat = (h // 4) * (w // 4) * c2
             self.enc_head = _MLP([flat, hid, 2 * lat], rngs=rngs)
-            self.dec_head = _MLP([lat, hid, flat], rngs=rngs)
+            self.dec_head = _MLP([dec_in, hid, flat], rngs=rngs)
             self.deconv1 = nnx.ConvTranspose(
                 c2,
                 c1,
@@ -236,13 +266,35 @@ class VAE(nnx.Module):
         mean, logvar = jnp.split(stats, 2, axis=-1)
         return mean, logvar
 
-    def decode_logits(self, z: jax.Array) -> jax.Array:
-        """z: [B, latent] -> Bernoulli logits [B, H, W, C]."""
-        if z.ndim != 2 or z.shape[-1] != self.config.latent_dim:
+    @property
+    def code_dim(self) -> int:
+        """Width of a latent code: the style, plus the class block of a conditional VAE."""
+        return self.config.latent_dim + self.num_classes
+
+    def code(self, style: jax.Array, y: jax.Array | None = None) -> jax.Array:
+        """The latent code of a style `[B, latent]` (and, conditional, classes `y: [B]`):
+        `[B, code_dim]`, the style followed by `CLASS_SCALE * one_hot(y)`."""
+        if not self.num_classes:
+            return style
+        if y is None:
             raise ValueError(
-                f"decode expects latent codes of shape [batch, {self.config.latent_dim}], "
+                "A conditional VAE's code holds the class: pass the labels y with the images."
+            )
+        block = jax.nn.one_hot(y, self.num_classes, dtype=style.dtype) * CLASS_SCALE
+        return jnp.concatenate([style, block.astype(style.dtype)], axis=-1)
+
+    def decode_logits(self, z: jax.Array) -> jax.Array:
+        """z: [B, code_dim] -> Bernoulli logits [B, H, W, C]."""
+        if z.ndim != 2 or z.shape[-1] != self.code_dim:
+            raise ValueError(
+                f"decode expects latent codes of shape [batch, {self.code_dim}], "
                 f"got {tuple(z.shape)}."
             )
+        if self.num_classes:  # the class is the block's argmax, whatever its exact values
+            lat = self.config.latent_dim
+            cls = jnp.argmax(z[:, lat:], axis=-1)
+            onehot = jax.nn.one_hot(cls, self.num_classes, dtype=z.dtype)
+            z = jnp.concatenate([z[:, :lat], onehot], axis=-1)
         h, w, c = self.image_shape
         if self.config.kind == "mlp":
             return self.dec(z).reshape(z.shape[0], h, w, c)
@@ -257,7 +309,7 @@ class VAE(nnx.Module):
         return conv_few_outputs(g, self.out.kernel[...], self.out.bias[...])
 
     def decode(self, z: jax.Array) -> jax.Array:
-        """z: [B, latent] -> images [B, H, W, C] in [0, 1]."""
+        """z: [B, code_dim] -> images [B, H, W, C] in [0, 1]."""
         return nnx.sigmoid(self.decode_logits(z))
 
 
@@ -362,6 +414,21 @@ def params_of(model: nnx.Module) -> Params:
 def encode(params: Params, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """x: [B, H, W, C] -> (mean [B, L], logvar [B, L])."""
     return params.module().encode(x)
+
+
+def mean_code(params: Params, x: jax.Array, y: jax.Array | None = None) -> jax.Array:
+    """The latent code of images at their posterior mean: x [B, H, W, C] (and their classes
+    y [B], which a conditional VAE's code holds) -> [B, code_dim]."""
+    module = params.module()
+    mean = module.encode(x)[0]
+    return module.code(mean, y) if isinstance(module, VAE) else mean
+
+
+def style_dims(params: Params) -> int | None:
+    """How many leading coordinates of the VAE's code are free to perturb: a conditional VAE's
+    style (its class block stays the source's); None: all of them."""
+    module = params.module()
+    return module.config.latent_dim if isinstance(module, VAE) and module.num_classes else None
 
 
 def decode(params: Params, z: jax.Array) -> jax.Array:

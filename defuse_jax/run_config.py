@@ -145,7 +145,7 @@ def stage_fingerprints(
         if name in own:  # an entry point's name is in its identity, its checkpoint's path not
             train[f"own_{name}"] = dict(own[name])
         else:
-            train[name] = model and dataclasses.asdict(model)
+            train[name] = model and fingerprint_fields(model)
             train[f"{name}_train"] = fingerprint_fields(settings)
     parts: dict[str, Any] = {
         "train": train,

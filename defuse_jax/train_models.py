@@ -25,6 +25,7 @@ from flax import nnx
 
 from defuse_jax import losses, plots, training_lengths
 from defuse_jax.checkpoint import Checkpointer
+from defuse_jax.config_checks import fingerprint_fields
 from defuse_jax.data import Dataset
 from defuse_jax.files import read_json, write_json
 from defuse_jax.models import (
@@ -79,7 +80,7 @@ def check_labels(y: np.ndarray, num_classes: int, *, what: str) -> None:
 
 
 def _fingerprint(ds: Dataset, model_config: Any) -> dict[str, Any]:
-    return {"data": dataset_meta(ds), "model": dataclasses.asdict(model_config)}
+    return {"data": dataset_meta(ds), "model": fingerprint_fields(model_config)}
 
 
 def _train(
@@ -136,14 +137,20 @@ def train_vae(
     its size, `training_lengths.VAE_BUDGET`)."""
     config = config or default_vae_config(ds.image_shape)
     train = training_lengths.train_epochs(train, training_lengths.VAE_BUDGET, len(ds.x_train))
-    vae = VAE(config, image_shape=ds.image_shape, rngs=nnx.Rngs(train.seed))
-    result = _train(
-        "vae", vae, ds, {"x": ds.x_train}, {"x": ds.x_test}, out_dir=out_dir, train=train,
-        progress=progress,
-    )  # fmt: skip
-    save_reconstructions(
-        result.params, ds.x_test[:16], os.path.join(out_dir, "reconstructions.png")
+    vae = VAE(
+        config, image_shape=ds.image_shape, num_classes=ds.num_classes, rngs=nnx.Rngs(train.seed)
     )
+    train_data, test = {"x": ds.x_train}, {"x": ds.x_test}
+    if config.conditional:  # the decoder reads the class
+        check_labels(ds.y_train, ds.num_classes, what="Training labels")
+        train_data["y"], test["y"] = ds.y_train.astype(np.int32), ds.y_test.astype(np.int32)
+    result = _train(
+        "vae", vae, ds, train_data, test, out_dir=out_dir, train=train, progress=progress
+    )
+    save_reconstructions(
+        result.params, ds.x_test[:16], os.path.join(out_dir, "reconstructions.png"),
+        y=ds.y_test[:16],
+    )  # fmt: skip
     return result
 
 
@@ -251,6 +258,8 @@ def record_own_model(
         external = own_model.is_external(model)
         eval_fn = losses.reconstruction_mse if external else losses.vae_eval
         test = {"x": ds.x_test}
+        if not external and model.module().config.conditional:
+            test["y"] = ds.y_test.astype(np.int32)
     metrics = evaluate(eval_fn, model, test)
     write_json(
         os.path.join(out_dir, "config.json"),
@@ -279,11 +288,14 @@ def oracle_classifier_config(image_shape: tuple[int, int, int]) -> ClassifierCon
     return dataclasses.replace(default_classifier_config(image_shape), hidden=512)
 
 
-def save_reconstructions(params: Params, x: np.ndarray, path: str) -> str:
-    """Originals (top row) vs reconstructions from the mean code (bottom row)."""
+def save_reconstructions(
+    params: Params, x: np.ndarray, path: str, *, y: np.ndarray | None = None
+) -> str:
+    """Originals (top row) vs reconstructions from the mean code (bottom row); `y`, their
+    classes, is what a conditional VAE decodes with."""
     vae = params.module()
     mean, _ = vae.encode(jnp.asarray(x))
-    recon = np.asarray(vae.decode(mean))
+    recon = np.asarray(vae.decode(vae.code(mean, None if y is None else jnp.asarray(y))))
     grid = np.concatenate([np.asarray(x), recon])
     return plots.save_image_grid(
         grid,
@@ -320,7 +332,9 @@ def load_trained(out_dir: str) -> tuple[Params, Any]:
     shape = tuple(meta["image_shape"])
     if saved["kind"] == "vae":
         config: Any = VAEConfig(**{**model_cfg, "channels": tuple(model_cfg["channels"])})
-        model: nnx.Module = VAE(config, image_shape=shape, rngs=nnx.Rngs(0))
+        model: nnx.Module = VAE(
+            config, image_shape=shape, num_classes=meta["num_classes"], rngs=nnx.Rngs(0)
+        )
     else:
         config = ClassifierConfig(**{**model_cfg, "channels": tuple(model_cfg["channels"])})
         model = Classifier(

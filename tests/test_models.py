@@ -1,5 +1,7 @@
 """Models: shapes and ranges, pure functions under jit/vmap/grad, clear errors on bad input."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -141,3 +143,37 @@ def test_map_batches_compiles_once_and_trims_the_padding(n, batch_size):
     np.testing.assert_array_equal(out["sum"], x.sum(axis=1))
     assert traces == [(batch_size, 3)]
     assert map_batches(fn, {"x": x[:0]}, batch_size=batch_size) is None
+
+
+@pytest.mark.parametrize("kind,shape", CASES[:2])
+def test_conditional_vae_code_holds_the_class_and_decodes_its_argmax(kind, shape):
+    from defuse_jax import losses
+
+    config = models.VAEConfig(kind=kind, latent_dim=3, hidden=16, channels=(4, 8), conditional=True)
+    with pytest.raises(ValueError, match="num_classes"):
+        models.VAE(config, image_shape=shape, rngs=nnx.Rngs(0))
+    vp = models.params_of(models.VAE(config, image_shape=shape, num_classes=4, rngs=nnx.Rngs(0)))
+    assert models.style_dims(vp) == 3
+    x = jax.random.uniform(jax.random.key(1), (5, *shape))
+    y = jnp.asarray([0, 1, 2, 3, 1])
+    z = jax.jit(models.mean_code)(vp, x, y)
+    assert z.shape == (5, 3 + 4)
+    np.testing.assert_array_equal(z[:, :3], models.encode(vp, x)[0])
+    np.testing.assert_array_equal(z[:, 3:], models.CLASS_SCALE * np.eye(4)[np.asarray(y)])
+    decode = jax.jit(models.decode)
+    # The class is the block's argmax: noise that keeps it decodes the same image, another
+    # class decodes another one.
+    noisy = z.at[:, 3:].add(jax.random.uniform(jax.random.key(2), (5, 4), maxval=1.0))
+    np.testing.assert_array_equal(decode(vp, noisy), decode(vp, z))
+    other = z.at[:, 3:].set(models.CLASS_SCALE * np.eye(4)[(np.asarray(y) + 1) % 4])
+    assert not np.allclose(decode(vp, other), decode(vp, z))
+    # Training needs the classes; the loss is finite with them.
+    with pytest.raises(ValueError, match="pass the labels y"):
+        losses.vae_loss(vp, {"x": x}, jax.random.key(0), jnp.int32(0))
+    loss, _ = losses.vae_loss(vp, {"x": x, "y": y}, jax.random.key(0), jnp.int32(0))
+    assert np.isfinite(float(loss))
+    # An unconditional VAE's code is its mean, all of it free.
+    plain = models.params_of(models.VAE(dataclasses.replace(config, conditional=False),
+                                        image_shape=shape, rngs=nnx.Rngs(0)))  # fmt: skip
+    assert models.style_dims(plain) is None
+    np.testing.assert_array_equal(models.mean_code(plain, x, y), models.encode(plain, x)[0])
