@@ -396,3 +396,32 @@ def test_unset_samples_spread_the_budget_over_the_sources(sources, per_source):
     assert with_samples(SearchConfig(num_samples=7), sources).num_samples == 7
     with pytest.raises(ValueError, match="sized from the number of sources"):
         _ = SearchConfig(num_samples=None).samples_per_source
+
+
+@pytest.mark.parametrize("index", [0, 2, 3, 4], ids=["gaussian", "uniform_ball", "iterative",
+                                                     "gradient"])  # fmt: skip
+def test_free_dims_perturb_only_the_leading_coordinates(results, index):
+    # A conditional VAE's class block stays the source's: every kept code matches its source
+    # exactly beyond the first free_dims coordinates, and moves within them.
+    config, z0 = MODES[index], _sources()[0]
+    res = latent_search(decode, classify, z0, _sources()[1], key=jax.random.key(0),
+                        config=config, free_dims=2)  # fmt: skip
+    assert res.num_found > 0
+    np.testing.assert_array_equal(res.z[:, 2:], z0[res.source_index, 2:])
+    assert np.all(np.abs(res.z[:, :2] - z0[res.source_index, :2]).sum(axis=1) > 0)
+    # The norm is the perturbation's: over the free coordinates, which are all that moved.
+    np.testing.assert_allclose(
+        res.perturbation_norm, np.linalg.norm(res.z - z0[res.source_index], axis=1), rtol=1e-4
+    )
+    # All coordinates free is the plain search, to the bit.
+    every = latent_search(decode, classify, z0, _sources()[1], key=jax.random.key(0),
+                          config=config, free_dims=LATENT)  # fmt: skip
+    np.testing.assert_array_equal(every.z, results[IDS[index]].z)
+
+
+@pytest.mark.parametrize("free_dims", [0, LATENT + 1])
+def test_free_dims_out_of_range_is_a_clear_error(free_dims):
+    z0, y0 = _sources()
+    with pytest.raises(ValueError, match=rf"free_dims={free_dims}.*\[1, {LATENT}\]"):
+        latent_search(decode, classify, z0, y0, key=jax.random.key(0),
+                      config=MODES[0], free_dims=free_dims)  # fmt: skip

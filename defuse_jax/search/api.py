@@ -30,6 +30,7 @@ def latent_search(
     config: SearchConfig | None = None,
     mesh: Mesh | None = None,
     validity_fn: Callable[[jax.Array], jax.Array] | None = None,
+    free_dims: int | None = None,
 ) -> SearchResult:
     """Searches the latent space around each source point for codes the classifier gets wrong.
 
@@ -52,6 +53,8 @@ def latent_search(
         the source label *and* the auxiliary classifier still reads the source label (a validity
         constraint in the spirit of Song et al. 2018: the image kept its class), and sources it
         misreads are skipped. None (the paper's search) counts every changed prediction.
+      free_dims: perturb only the first `free_dims` coordinates of the codes; the rest stay
+        the source's (a conditional VAE's class block: `models.style_dims`). None: all.
 
     Returns:
       `SearchResult` with every adversarial example kept (up to `max_keep_per_source` per source,
@@ -69,7 +72,7 @@ def latent_search(
     config = SearchConfig() if config is None else config
     return run_scales(
         decode_fn, classify_fn, z0, y0, key=key, config=config, scales=None, mesh=mesh,
-        start=start, validity_fn=validity_fn,
+        start=start, validity_fn=validity_fn, free_dims=free_dims,
     )[0]  # fmt: skip
 
 
@@ -84,10 +87,25 @@ class _Plan(NamedTuple):
 
 
 def _plan(
-    decode_fn, classify_fn, z0, y0, *, key, config: SearchConfig, scales, mesh, validity_fn=None
+    decode_fn,
+    classify_fn,
+    z0,
+    y0,
+    *,
+    key,
+    config: SearchConfig,
+    scales,
+    mesh,
+    validity_fn=None,
+    free_dims: int | None = None,
 ) -> _Plan:
     """Validation, the chunk size, the layout and the program with its inputs."""
     z, y, _ = check_inputs(decode_fn, classify_fn, z0, y0, config=config, validity_fn=validity_fn)
+    if free_dims is not None and not 1 <= free_dims <= z.shape[1]:
+        raise ValueError(
+            f"free_dims={free_dims}: the search perturbs the first free_dims of the codes' "
+            f"{z.shape[1]} coordinates, so it must lie in [1, {z.shape[1]}] (None: all)."
+        )
     scales = (config.scale,) if scales is None else scales
     root = key_data_words(key, config.seed)
     mesh = engine.default_mesh() if mesh is None else mesh
@@ -105,7 +123,7 @@ def _plan(
     layout = engine.plan_layout(n, mesh.devices.size, config)  # of one replica
     program = engine.get_program(
         decode_fn, classify_fn, config, engine.replicate(layout, len(configs)), mesh,
-        validity_fn=validity_fn,
+        validity_fn=validity_fn, free_dims=free_dims,
     )  # fmt: skip
     noise = np.asarray([noise_scale(c, latent) for c in configs], np.float32)
     args = (root, *engine.lay_out_inputs(z, y, noise, layout, mesh))
@@ -127,6 +145,7 @@ def lower_search(
     config: SearchConfig | None = None,
     mesh: Mesh | None = None,
     validity_fn: Callable[[jax.Array], jax.Array] | None = None,
+    free_dims: int | None = None,
 ) -> jax.stages.Lowered:
     """The search program `latent_search` would run, lowered but not compiled or run.
 
@@ -137,7 +156,7 @@ def lower_search(
     config = SearchConfig() if config is None else config
     plan = _plan(
         decode_fn, classify_fn, z0, y0, key=key, config=config, scales=None, mesh=mesh,
-        validity_fn=validity_fn,
+        validity_fn=validity_fn, free_dims=free_dims,
     )  # fmt: skip
     return plan.program.lower(*plan.args)
 
@@ -154,6 +173,7 @@ def run_scales(
     mesh,
     start: float,
     validity_fn=None,
+    free_dims: int | None = None,
 ) -> list[SearchResult]:
     """The search at each of `scales` (already validated) as one program; see `latent_search`.
 
@@ -162,7 +182,7 @@ def run_scales(
     """
     plan = _plan(
         decode_fn, classify_fn, z0, y0, key=key, config=config, scales=scales, mesh=mesh,
-        validity_fn=validity_fn,
+        validity_fn=validity_fn, free_dims=free_dims,
     )  # fmt: skip
     floats, ints = engine.fetch(plan.program(*plan.args))
     host = engine.unpack(floats, ints, plan.latent)

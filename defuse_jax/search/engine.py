@@ -33,7 +33,7 @@ from defuse_jax.search.modes import (
     read_logits,
     validity_verdict,
 )
-from defuse_jax.search.perturb import ChainRng, words_per_round
+from defuse_jax.search.perturb import ChainRng, free_mask, words_per_round
 
 
 class Layout(NamedTuple):
@@ -87,7 +87,18 @@ def _empty(sources: int, k: int, latent: int) -> Candidates:
 
 
 def _search_block(
-    decode_fn, classify_fn, validity_fn, config, layout, root, z0, y0, src, valid, noise
+    decode_fn,
+    classify_fn,
+    validity_fn,
+    config,
+    layout,
+    free_dims,
+    root,
+    z0,
+    y0,
+    src,
+    valid,
+    noise,
 ):
     """One block: z0 [S, L], y0/src/valid/noise [S] -> (best [S, k], flips [S], used [S])."""
     s, latent = z0.shape
@@ -99,8 +110,9 @@ def _search_block(
     else:
         used = valid
     runner = functools.partial(
-        RUNNERS[config.mode], decode_fn, classify_fn, config=config, validity_fn=validity_fn
-    )
+        RUNNERS[config.mode], decode_fn, classify_fn, config=config, validity_fn=validity_fn,
+        free=free_mask(latent, free_dims),
+    )  # fmt: skip
 
     def sub_chunk(carry, j):
         best, flips = carry
@@ -119,7 +131,13 @@ def _search_block(
 
 
 def build_program(
-    decode_fn, classify_fn, config: SearchConfig, layout: Layout, mesh: Mesh, validity_fn=None
+    decode_fn,
+    classify_fn,
+    config: SearchConfig,
+    layout: Layout,
+    mesh: Mesh,
+    validity_fn=None,
+    free_dims: int | None = None,
 ):
     """The jitted program.
 
@@ -134,7 +152,9 @@ def build_program(
     computes (a constant would let XLA fold it into neighbouring constants and round differently).
     `config.scale` is not read.
     """
-    block = functools.partial(_search_block, decode_fn, classify_fn, validity_fn, config, layout)
+    block = functools.partial(
+        _search_block, decode_fn, classify_fn, validity_fn, config, layout, free_dims
+    )
 
     def per_device(root, z0, y0, src, noise):  # local leading dim: G blocks
         def body(_, xs):
@@ -184,17 +204,23 @@ _CANONICAL_SCALE = 1.0  # programs read the scale per row: it is no part of thei
 
 
 def get_program(
-    decode_fn, classify_fn, config: SearchConfig, layout: Layout, mesh: Mesh, validity_fn=None
+    decode_fn,
+    classify_fn,
+    config: SearchConfig,
+    layout: Layout,
+    mesh: Mesh,
+    validity_fn=None,
+    free_dims: int | None = None,
 ):
     """Cached `build_program` (a new jit per distinct functions / config but its scale / layout /
     mesh)."""
     config = dataclasses.replace(config, scale=_CANONICAL_SCALE)
-    cache_key = (decode_fn, classify_fn, validity_fn, config, layout, mesh)
+    cache_key = (decode_fn, classify_fn, validity_fn, config, layout, mesh, free_dims)
     if cache_key not in _PROGRAMS:
         if len(_PROGRAMS) > 32:  # closures may hold model weights: keep the cache small
             _PROGRAMS.clear()
         _PROGRAMS[cache_key] = build_program(
-            decode_fn, classify_fn, config, layout, mesh, validity_fn
+            decode_fn, classify_fn, config, layout, mesh, validity_fn, free_dims
         )
     return _PROGRAMS[cache_key]
 

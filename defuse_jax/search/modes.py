@@ -1,10 +1,11 @@
 """The three search modes, each a fixed-shape function of one block of chains.
 
 Each `run_<mode>` takes the block's source codes `z0: [S, L]`, labels `y0: [S]`, the chains'
-randomness `rng` (S sources x c chains) and `noise: [S]` (each source row's noise scale, a traced
-input; see `perturb.noise_scale`), and returns `Candidates` with leading shape [S, c, R]
-(R = rounds per chain): every evaluated latent code, whether it flips the prediction, and its
-prediction.
+randomness `rng` (S sources x c chains), `noise: [S]` (each source row's noise scale, a traced
+input; see `perturb.noise_scale`) and `free: [L]` (1 where a coordinate may move, 0 where it
+stays the source's: a conditional VAE's class block; `perturb.free_mask`), and returns
+`Candidates` with leading shape [S, c, R] (R = rounds per chain): every evaluated latent code,
+whether it flips the prediction, and its prediction.
 """
 
 from __future__ import annotations
@@ -110,12 +111,13 @@ def run_sample(
     *,
     config: SearchConfig,
     noise: jax.Array,
+    free: jax.Array,
     validity_fn: ValidityFn = None,
 ) -> Candidates:
     """Paper mode: one i.i.d. perturbation per chain (R = 1)."""
     s, c = z0.shape[0], rng.chain.shape[0]
     latent = z0.shape[-1]
-    delta = sample_offset(rng, latent, config=config, noise=noise)  # [S, c, L]
+    delta = free * sample_offset(rng, latent, config=config, noise=noise)  # [S, c, L]
     z = z0[:, None, :] + delta  # [S, c, L]
     y = jnp.repeat(y0, c)
     x, logits = decode_and_classify(decode_fn, classify_fn, _flat(z, 2), config=config)
@@ -138,6 +140,7 @@ def run_iterative(
     *,
     config: SearchConfig,
     noise: jax.Array,
+    free: jax.Array,
     validity_fn: ValidityFn = None,
 ) -> Candidates:
     """Zhao-style radius window per chain, one random direction per round.
@@ -156,7 +159,7 @@ def run_iterative(
 
     def one_round(state, r):
         lo, hi, hit_before = state  # [B] float32, [B] float32, [B] bool
-        u = unit_direction(rng.normal(r, latent)).reshape(-1, latent)  # [B, L]
+        u = unit_direction(free * rng.normal(r, latent)).reshape(-1, latent)  # [B, L]
         t = rng.uniform(r, latent + 1)[..., latent].reshape(-1)  # [B]
         radius = lo + t * (hi - lo)
         z = z0_b + radius[:, None] * u
@@ -195,6 +198,7 @@ def run_gradient(
     *,
     config: SearchConfig,
     noise: jax.Array,
+    free: jax.Array,
     validity_fn: ValidityFn = None,
 ) -> Candidates:
     """Gradient-guided search: optax steps on margin(z) + penalty * ||z - z0||^2.
@@ -208,7 +212,7 @@ def run_gradient(
     z0_b = jnp.repeat(z0, c, axis=0)
     y0_b = jnp.repeat(y0, c, axis=0)
     jitter = jnp.repeat(noise, c)[:, None]  # [B, 1] scale / sqrt(L) per source
-    z_init = z0_b + jitter * rng.normal(0, latent).reshape(-1, latent)
+    z_init = z0_b + jitter * (free * rng.normal(0, latent)).reshape(-1, latent)
     if config.optimizer == "adam":
         opt = optax.adam(config.learning_rate)
     else:
@@ -226,6 +230,7 @@ def run_gradient(
     def one_step(state, _):
         z, opt_state = state
         (_, (logits, x)), grad = jax.value_and_grad(loss_fn, has_aux=True)(z)
+        grad = grad * free  # fixed coordinates stay the source's
         pred, prob = read_logits(logits)
         still = validity_verdict(validity_fn, x, y0_b, pred != y0_b)
         norm = jnp.linalg.norm(z - z0_b, axis=-1)

@@ -72,6 +72,14 @@ def unit_direction(gauss: jax.Array) -> jax.Array:
     return gauss / jnp.maximum(norm, jnp.float32(1e-12))
 
 
+def free_mask(latent_dim: int, free_dims: int | None) -> jax.Array:
+    """[L] float32: 1 on the first `free_dims` coordinates of a code (all when None), which the
+    search perturbs, 0 on the rest, which stay the source's (a conditional VAE's class
+    block)."""
+    free = latent_dim if free_dims is None else free_dims
+    return (jnp.arange(latent_dim) < free).astype(jnp.float32)
+
+
 SCALED_DISTRIBUTIONS = ("gaussian", "laplace")  # the "sample"-mode laws that read `scale`
 
 

@@ -75,6 +75,7 @@ def latent_search_sweep(
     scales: Sequence[float],
     mesh: Mesh | None = None,
     validity_fn: Callable[[jax.Array], jax.Array] | None = None,
+    free_dims: int | None = None,
 ) -> list[SearchResult]:
     """`latent_search` at several perturbation scales, as one compiled program.
 
@@ -95,6 +96,7 @@ def latent_search_sweep(
       scales: perturbation scales, each finite and > 0.
       mesh: devices to shard over (default: all devices).
       validity_fn: the auxiliary classifier of `latent_search`, or None.
+      free_dims: the coordinates perturbed, as in `latent_search`.
 
     Returns:
       One `SearchResult` per scale, in the order of `scales`. Each result's `wall_time_s` is the
@@ -115,5 +117,5 @@ def latent_search_sweep(
     scales = check_sweep(config, scales)
     return run_scales(
         decode_fn, classify_fn, z0, y0, key=key, config=config, scales=scales, mesh=mesh,
-        start=start, validity_fn=validity_fn,
+        start=start, validity_fn=validity_fn, free_dims=free_dims,
     )  # fmt: skip
