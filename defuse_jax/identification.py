@@ -24,16 +24,20 @@ from defuse_jax.search.config import source_readers
 ERROR_FIELDS = ("z", "source_index", "source_label", "pred_label", "prob", "perturbation_norm")
 
 
-@jax.jit
-def _encode_means(vae: Params, x: jax.Array) -> jax.Array:
-    return models.encode(vae, x)[0]
+_mean_code = jax.jit(models.mean_code)
 
 
-def encode_sources(vae: Params, x: np.ndarray, *, batch_size: int = 1024) -> np.ndarray:
-    """Latent means of images x: [N, H, W, C] -> [N, L]."""
+def encode_sources(
+    vae: Params, x: np.ndarray, y: np.ndarray | None = None, *, batch_size: int = 1024
+) -> np.ndarray:
+    """Latent codes of images x: [N, H, W, C] at their posterior means -> [N, L]; a conditional
+    VAE's code also holds the class, so it needs their labels y: [N]."""
     if len(x) == 0:
         raise ValueError("encode_sources: no images to encode.")
-    return map_batches(lambda b: _encode_means(vae, b["x"]), {"x": x}, batch_size=batch_size)
+    if y is None:
+        return map_batches(lambda b: _mean_code(vae, b["x"]), {"x": x}, batch_size=batch_size)
+    data = {"x": x, "y": np.asarray(y, np.int32)}
+    return map_batches(lambda b: _mean_code(vae, b["x"], b["y"]), data, batch_size=batch_size)
 
 
 def run_search(
@@ -64,7 +68,7 @@ def run_search(
     idx = np.arange(n)
     if max_sources is not None and max_sources < n:
         idx = np.sort(np.random.default_rng(seed).choice(n, max_sources, replace=False))
-    z0 = encode_sources(vae, ds.x_test[idx])
+    z0 = encode_sources(vae, ds.x_test[idx], ds.y_test[idx])
     decode_fn, classify_fn = models.search_functions(
         vae, classifier, compute_dtype=search.compute_dtype
     )
@@ -80,6 +84,7 @@ def run_search(
         config=search,
         mesh=mesh,
         validity_fn=validity_fn,
+        free_dims=models.style_dims(vae),
     )
     return result, idx
 

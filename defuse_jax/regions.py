@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import warnings
 from collections.abc import Callable, Mapping
@@ -139,17 +140,46 @@ def resolved_max_codes(config: DistillConfig) -> int:
     return default_max_codes() if config.max_codes is None else config.max_codes
 
 
-def codes_fitted(pred_label: np.ndarray, config: DistillConfig) -> int:
+def _groups(
+    source_label: np.ndarray, pred_label: np.ndarray, *, per_label: bool, by_source: bool
+) -> list[tuple[int | None, int | None, np.ndarray]]:
+    """The sets of codes `distill` fits one mixture each on: [(source class or None, predicted
+    class or None, indices)]; all codes, or per source class (`by_source`) and/or per
+    predicted class (`per_label`)."""
+    keys = np.stack(
+        [source_label if by_source else np.zeros_like(pred_label),
+         pred_label if per_label else np.zeros_like(pred_label)], axis=1,
+    )  # fmt: skip
+    out = []
+    for src, prd in np.unique(keys, axis=0) if len(keys) else []:
+        idx = np.flatnonzero((keys[:, 0] == src) & (keys[:, 1] == prd))
+        out.append((int(src) if by_source else None, int(prd) if per_label else None, idx))
+    return out
+
+
+def codes_fitted(
+    pred_label: np.ndarray,
+    config: DistillConfig,
+    *,
+    source_label: np.ndarray | None = None,
+) -> int:
     """How many of the error codes (predicted labels [M]) `distill` fits its mixtures on: all
-    of them while they fit under `resolved_max_codes` (per predicted label with `per_label`)."""
+    of them while they fit under `resolved_max_codes` (per predicted label with `per_label`,
+    per source class where the codes hold their class: `source_label` given)."""
     pred_label = np.asarray(pred_label)
     cap = resolved_max_codes(config)
-    sizes = np.unique(pred_label, return_counts=True)[1] if config.per_label else [len(pred_label)]
+    by_source = source_label is not None
+    src = np.asarray(source_label) if by_source else np.zeros_like(pred_label)
+    groups = _groups(src, pred_label, per_label=config.per_label, by_source=by_source)
+    sizes = [len(idx) for _, _, idx in groups]
     return int(sum(min(int(n), cap) for n in sizes if n >= max(config.min_codes, 2)))
 
 
-def _fit_mixture(x: np.ndarray, config: DistillConfig, seed: int):
-    k = int(min(config.n_components, max(1, len(x) // 2)))
+def _fit_mixture(x: np.ndarray, config: DistillConfig, seed: int, *, share: float = 1.0):
+    # A group's mixture gets its share of the components (a class's codes with a conditional
+    # VAE; the reference's 100 for one group of every code): 100 on each of ten classes' codes
+    # spread each class so thin that few components passed `weight_cutoff`.
+    k = int(min(math.ceil(config.n_components * share), max(1, len(x) // 2)))
     # On one device, also over several processes (each fits the same rows the same way): a fit
     # sharded over devices sums its statistics in an order that depends on the topology, and
     # the regions would then differ in the last bits between 1 x 4 and 2 x 2 devices. A few
@@ -178,6 +208,7 @@ def distill(
     num_classes: int,
     config: DistillConfig,
     predict_fn: Callable[[jax.Array], jax.Array] | None = None,
+    free_dims: int | None = None,
 ) -> Regions:
     """Fit the mixture on the error codes and keep the regions that pass the cutoffs.
 
@@ -189,6 +220,10 @@ def distill(
         config: distillation settings.
         predict_fn: optional `z [B, L] -> predicted class [B]` (decode + classify) used to
             measure each region's error rate on fresh samples.
+        free_dims: codes whose coordinates after the first `free_dims` hold the source class
+            (a conditional VAE's class block, `models.style_dims`): one mixture per source
+            class on the first `free_dims`, each region keeping its class block (with no
+            variance there). None: one mixture on every coordinate.
 
     Returns:
         `Regions`; each record holds id, num_codes, weight, mean, covariance, source/predicted
@@ -211,22 +246,26 @@ def distill(
         )
     max_codes = resolved_max_codes(config)
     rng = np.random.default_rng(config.seed)
-    groups = (
-        [(int(c), np.flatnonzero(pred_label == c)) for c in np.unique(pred_label)]
-        if config.per_label
-        else [(None, np.arange(m))]
-    )
+    L = codes.shape[1]
+    free = L if free_dims is None else int(free_dims)
+    groups = _groups(
+        np.asarray(source_label), np.asarray(pred_label), per_label=config.per_label,
+        by_source=free_dims is not None,
+    )  # fmt: skip
     means, covs, weights, members, fits = [], [], [], [], []
-    for g, (label, idx) in enumerate(groups):
+    for g, (source, label, idx) in enumerate(groups):
         if len(idx) < max(config.min_codes, 2):
             continue
         fit_idx = idx if len(idx) <= max_codes else rng.choice(idx, max_codes, replace=False)
-        model = _fit_mixture(codes[fit_idx], config, config.seed + g)
+        share = len(idx) / m if source is not None else 1.0
+        model = _fit_mixture(codes[fit_idx, :free], config, config.seed + g, share=share)
         fits.append(
-            {"label": label, "codes": int(len(fit_idx)), "converged": bool(model.converged_),
+            {"label": label, **({} if source is None else {"source_label": source}),
+             "codes": int(len(fit_idx)), "converged": bool(model.converged_),
              "n_iter": int(model.n_iter_), "max_iter": config.max_iter}
         )  # fmt: skip
-        comp = np.asarray(model.predict(codes[idx]))
+        fixed = codes[idx[0], free:]  # the group's class block (empty without one)
+        comp = np.asarray(model.predict(codes[idx, :free]))
         share = len(idx) / m
         for c in range(len(model.weights_)):
             w = float(model.weights_[c]) * share
@@ -235,8 +274,10 @@ def distill(
             mine = idx[comp == c]
             if len(mine) < config.min_codes:
                 continue
-            means.append(np.asarray(model.means_[c], np.float32))
-            covs.append(np.asarray(model.covariances_[c], np.float32))
+            means.append(np.concatenate([np.asarray(model.means_[c], np.float32), fixed]))
+            cov = np.zeros((L, L), np.float32)
+            cov[:free, :free] = model.covariances_[c]
+            covs.append(cov)
             weights.append(w)
             members.append(mine)
     order = np.argsort([-len(x) for x in members], kind="stable")
@@ -266,7 +307,6 @@ def distill(
                 "purity": float(pair_counts[top] / len(pairs)),
             }
         )
-    L = codes.shape[1]
     regions = Regions(
         means=np.stack([means[o] for o in order]) if records else np.zeros((0, L), np.float32),
         covariances=np.stack([covs[o] for o in order])

@@ -109,7 +109,12 @@ def plan(grid: SweepGrid, base: SearchConfig) -> list[tuple[SearchConfig, tuple[
     return groups
 
 
-def _count_regions(res: SearchResult, num_classes: int, config: DistillConfig | None) -> int | None:
+def _count_regions(
+    res: SearchResult,
+    num_classes: int,
+    config: DistillConfig | None,
+    free_dims: int | None = None,
+) -> int | None:
     if config is None:
         return None
     if res.num_found < max(config.min_codes, 2):
@@ -118,7 +123,12 @@ def _count_regions(res: SearchResult, num_classes: int, config: DistillConfig | 
         warnings.filterwarnings("ignore", message=".*did not converge.*")
         try:
             return distill(
-                res.z, res.source_label, res.pred_label, num_classes=num_classes, config=config
+                res.z,
+                res.source_label,
+                res.pred_label,
+                num_classes=num_classes,
+                config=config,
+                free_dims=free_dims,
             ).num_regions
         except ValueError:  # too few codes for a region
             return 0
@@ -138,6 +148,7 @@ def run_sweep(
     log: Callable[[str], None] = print,
     validity_fn: Callable[[jax.Array], jax.Array] | None = None,
     judge: Callable[[SearchResult], float | None] | None = None,
+    free_dims: int | None = None,
 ) -> list[dict[str, Any]]:
     """Runs every setting of `grid` around the sources; returns one table row per setting.
 
@@ -156,6 +167,7 @@ def run_sweep(
       log: progress lines.
       validity_fn: the validity model of the settings with validity "oracle" (x -> logits).
       judge: a result's bug yield (`bug_yield`; None: the column is None).
+      free_dims: the coordinates of the codes the search perturbs (`latent_search`).
 
     Returns:
       Rows with the keys of `COLUMNS` (`distribution` / `scale` None where not used).
@@ -183,7 +195,7 @@ def run_sweep(
         else:
             call = functools.partial(lambda **kw: [latent_search(**kw)], config=config)
         kwargs = dict(decode_fn=decode_fn, classify_fn=classify_fn, z0=z0, y0=y0, key=key,
-                      mesh=mesh,
+                      mesh=mesh, free_dims=free_dims,
                       validity_fn=None if config.validity == "none" else validity_fn)  # fmt: skip
         t0 = time.perf_counter()
         call(**kwargs)
@@ -194,7 +206,7 @@ def run_sweep(
         total = sum(r.num_samples_evaluated for r in results)
         for res, scale in zip(results, scales or (None,), strict=True):
             t0 = time.perf_counter()
-            regions = _count_regions(res, num_classes, distill_config)
+            regions = _count_regions(res, num_classes, distill_config, free_dims)
             n = res.num_samples_evaluated
             rows.append({
                 "mode": config.mode,
@@ -339,8 +351,8 @@ def run(args: argparse.Namespace) -> int:
     if max_sources is not None and max_sources < len(idx):
         idx = np.sort(np.random.default_rng(config.data.seed).choice(len(idx), max_sources,
                                                                      replace=False))  # fmt: skip
-    z0 = identification.encode_sources(vae, ds.x_test[idx])
     y0 = ds.y_test[idx].astype(np.int32)
+    z0 = identification.encode_sources(vae, ds.x_test[idx], y0)
     print(f"sweep on {args.out}: {len(idx)} sources, devices {jax.devices()}")
     dtype = config.search.compute_dtype
     decode_fn, classify_fn = models.search_functions(vae, clf, compute_dtype=dtype)
@@ -373,6 +385,7 @@ def run(args: argparse.Namespace) -> int:
         log=lambda s: print(s, flush=True),
         validity_fn=validity_fn,
         judge=judged,
+        free_dims=models.style_dims(vae),
     )
     meta = {
         "judge": judge.name,

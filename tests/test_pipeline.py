@@ -536,6 +536,63 @@ def test_region_purity_and_error_regions():
     assert not is_error_region(by_source[2]) and by_source[2]["error_rate"] == 0.0
 
 
+def test_a_conditional_vae_keeps_each_code_s_class_through_every_stage(trained, tmp_path):
+    """`--vae-conditional`: the VAE decodes from (style, class), the search perturbs the style
+    alone, every region is one source class's, and the run reports as any other."""
+    from defuse_jax.identification import load_errors
+    from defuse_jax.models import CLASS_SCALE, VAEConfig
+    from defuse_jax.regions import load_regions
+
+    run_dir = _copy(trained, tmp_path)  # the classifier is reused, the VAE trained anew
+    config = dataclasses.replace(
+        TINY, vae=VAEConfig(kind="mlp", latent_dim=4, hidden=64, conditional=True),
+        search=dataclasses.replace(TINY.search, scale=2.0),
+    )  # fmt: skip
+    report = pipeline.run(run_dir, config, log=lambda s: None)["evaluate"]
+    errors = load_errors(os.path.join(run_dir, "search"))
+    assert len(errors["z"]) > 0 and errors["z"].shape[1] == 4 + 10
+    block = CLASS_SCALE * np.eye(10)[errors["source_label"]]
+    np.testing.assert_array_equal(errors["z"][:, 4:], block)
+    regions = load_regions(os.path.join(run_dir, "distill"))
+    assert regions.num_regions > 0
+    for rec, mean in zip(regions.records, regions.means, strict=True):
+        assert rec["source_label_counts"][rec["majority_source_label"]] == rec["num_codes"]
+        assert mean[4:].argmax() == rec["majority_source_label"]
+    assert report["bug_yield"]["codes_judged"] == len(errors["z"])
+    assert report["bug_yield"]["bug"] is not None
+
+
+def test_codes_that_hold_their_class_get_one_mixture_per_source_class():
+    """With a conditional VAE's codes (free_dims: a style, then a class block), each region
+    comes from one source class, keeps that class block exactly and has no variance in it;
+    the mixtures share the components by the classes' shares."""
+    import jax
+
+    from defuse_jax.models import CLASS_SCALE
+    from defuse_jax.regions import codes_fitted, distill, sample_regions
+
+    rng = np.random.default_rng(0)
+    source = np.repeat([0, 2], [60, 60])
+    style = rng.normal(size=(120, 2)) * 0.1 + np.where(np.arange(120)[:, None] % 2, 3.0, 0.0)
+    codes = np.concatenate([style, CLASS_SCALE * np.eye(3)[source]], axis=1).astype(np.float32)
+    pred = (source + 1) % 3
+    cfg = DistillConfig(method="gmm", n_components=4, max_iter=50, min_codes=5)
+    regions = distill(codes, source, pred, num_classes=3, config=cfg, free_dims=2)
+    assert [f["source_label"] for f in regions.fits] == [0, 2]
+    assert [f["codes"] for f in regions.fits] == [60, 60]
+    assert regions.num_regions == 4  # two style clusters per class, two components each
+    for rec, mean, cov in zip(regions.records, regions.means, regions.covariances, strict=True):
+        cls = rec["majority_source_label"]
+        assert rec["source_label_counts"][cls] == rec["num_codes"]  # one class per region
+        np.testing.assert_array_equal(mean[2:], CLASS_SCALE * np.eye(3)[cls])
+        assert not cov[2:].any() and not cov[:, 2:].any()
+    draws = sample_regions(regions, jax.random.key(0), 8, tau=0.01)
+    blocks = draws[..., 2:].argmax(-1)
+    assert all(set(b) == {r["majority_source_label"]} for b, r in zip(blocks, regions.records,
+                                                                       strict=True))  # fmt: skip
+    assert codes_fitted(pred, cfg, source_label=source) == 120
+
+
 def test_a_mixture_fit_cut_short_is_recorded_not_warned(tmp_path):
     """A fit stopped by max_iter raises no library warning; the regions record it, and it
     survives saving."""

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from defuse_jax import evaluation, identification
+from defuse_jax import evaluation, identification, models
 from defuse_jax.regions import (
     Regions,
     codes_fitted,
@@ -45,11 +45,14 @@ def stage_distill(ctx: Context) -> dict[str, Any]:
         num_classes=ctx.dataset.num_classes,
         config=cfg,
         predict_fn=lambda z: evaluation.predict(vae, clf, np.asarray(z)),
+        free_dims=models.style_dims(vae),
     )
     save_regions(regions, ctx.path("distill"))
     covered = int((regions.assignment >= 0).sum())
     # With max_codes=None an accelerator fits every code up to 200,000 (a CPU: 10,000).
-    fitted, cap = codes_fitted(errors["pred_label"], cfg), resolved_max_codes(cfg)
+    by_source = errors["source_label"] if models.style_dims(vae) is not None else None
+    fitted = codes_fitted(errors["pred_label"], cfg, source_label=by_source)
+    cap = resolved_max_codes(cfg)
     ctx.log(
         f"distill: {regions.num_regions} regions explain {covered} of {n} errors (mixture "
         f"fitted on {fitted} codes, max_codes {cap})"
