@@ -544,9 +544,11 @@ def test_a_conditional_vae_keeps_each_code_s_class_through_every_stage(trained, 
     from defuse_jax.regions import load_regions
 
     run_dir = _copy(trained, tmp_path)  # the classifier is reused, the VAE trained anew
+    # Without an oracle (no validity model, source labels, no control) to keep it short.
     config = dataclasses.replace(
         TINY, vae=VAEConfig(kind="mlp", latent_dim=4, hidden=64, conditional=True),
-        search=dataclasses.replace(TINY.search, scale=2.0),
+        search=dataclasses.replace(TINY.search, scale=2.0, validity="none"), labeler="source",
+        oracle_check=False, correct=dataclasses.replace(TINY.correct, control=False),
     )  # fmt: skip
     report = pipeline.run(run_dir, config, log=lambda s: None)["evaluate"]
     errors = load_errors(os.path.join(run_dir, "search"))

@@ -527,6 +527,12 @@ def test_the_report_gives_the_bug_yield_and_says_what_steered_the_search(validit
     )  # fmt: skip
     assert ("the classifier gets 297 test images wrong, bugs by their labels, and the judge reads "
             "31.3% of them as their true class") in " ".join(scaled)  # fmt: skip
+    assert "--vae-conditional" not in text
+    conditional = report_lib.markdown._bug_yield_lines(
+        {"bug_yield": found, "search": {"config": {"validity": validity}},
+         "config": {"vae": {"kind": "mlp", "conditional": True}}}
+    )  # fmt: skip
+    assert "its VAE decodes from the source class (`--vae-conditional`)" in " ".join(conditional)
 
 
 @pytest.mark.parametrize(

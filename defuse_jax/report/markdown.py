@@ -132,6 +132,11 @@ def _bug_yield_lines(report: Mapping[str, Any]) -> list[str]:
         else f"the search kept only samples the {validity} still reads as the source class "
         f"(`--search-validity {validity}`)"
     )
+    if ((report.get("config") or {}).get("vae") or {}).get("conditional"):
+        steer += (
+            ", and its VAE decodes from the source class (`--vae-conditional`): it moved the "
+            "style alone"
+        )
     return [
         "",
         f"Bug yield: of {found['codes_judged']:,} kept error codes, the judge reads "
