@@ -44,7 +44,7 @@ from flax import linen, nnx
 
 from defuse_jax.checkpoint import error_line, quiet_restore
 from defuse_jax.files import arrays_sha256
-from defuse_jax.models import Frozen, Params
+from defuse_jax.models import Frozen, Params, mean_code
 
 Preprocess = Callable[[jax.Array], jax.Array]
 FrozenSpec = str | Callable[[str], bool] | None
@@ -494,21 +494,23 @@ def check_classifier(classifier: Params, x: np.ndarray, num_classes: int) -> Non
         )
 
 
-def check_vae(vae: Params, x: np.ndarray) -> None:
+def check_vae(vae: Params, x: np.ndarray, y: np.ndarray | None = None) -> None:
     """Raise a one-line `ValueError` when `vae` cannot encode and decode the dataset's images.
 
     Args:
         vae: the generative model (`as_vae`).
         x: [n, H, W, C] a few of the dataset's images (float32 in [0, 1]).
+        y: [n] their labels (a conditional VAE's code holds the class).
     """
     x = jnp.asarray(x, jnp.float32)
+    y = None if y is None else jnp.asarray(y, jnp.int32)
 
-    def round_trip(p, x):
+    def round_trip(p, x, y):
         mean, logvar = p.module().encode(x)
-        return mean, logvar, p.module().decode(mean)
+        return mean, logvar, p.module().decode(mean_code(p, x, y))
 
     try:
-        mean, logvar, recon = jax.eval_shape(round_trip, vae, x)
+        mean, logvar, recon = jax.eval_shape(round_trip, vae, x, y)
     except Exception as e:
         raise ValueError(
             f"The VAE cannot encode and decode images of shape {list(x.shape)} float32 in "

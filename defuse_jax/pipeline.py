@@ -239,7 +239,7 @@ def _check_own_models(ctx: Context) -> None:
         if "classifier" in ctx.own_models:
             own_model.check_classifier(ctx.own_classifier, ds.x_test[:8], ds.num_classes)
         if "vae" in ctx.own_models:
-            own_model.check_vae(ctx.own_models["vae"], ds.x_test[:8])
+            own_model.check_vae(ctx.own_models["vae"], ds.x_test[:8], ds.y_test[:8])
     try:
         record = _read_record(ctx.dir.record("train"))
     except _UnreadableRecord:

@@ -239,6 +239,20 @@ def test_a_vae_pair_encodes_decodes_and_is_checked():
         own_model.check_vae(own_model.as_vae(_vae((4, 4, 1))), _images(4))
 
 
+def test_a_trained_conditional_vae_is_checked_with_the_labels():
+    from flax import nnx
+
+    from defuse_jax import models
+
+    config = models.VAEConfig(latent_dim=3, hidden=16, conditional=True)
+    vae = models.params_of(
+        models.VAE(config, image_shape=(8, 8, 1), num_classes=10, rngs=nnx.Rngs(0))
+    )
+    own_model.check_vae(vae, _images(4), np.arange(4))
+    with pytest.raises(ValueError, match="pass the labels y"):
+        own_model.check_vae(vae, _images(4))
+
+
 # --------------------------------------------------------------------------------------------
 # The command line's entry points and checkpoints.
 
