@@ -366,7 +366,11 @@ def test_manual_labels_all_skipped_skips_correction(trained, tmp_path):
     with pytest.raises(ValueError, match="label stage has not finished"):
         pipeline.set_labels(run_dir, TINY, {0: "3"})
     assert not os.path.exists(os.path.join(run_dir, "label"))
-    manual = dataclasses.replace(TINY, labeler="manual")
+    # Without an oracle (no validity model, no oracle check), which this test does not need.
+    manual = dataclasses.replace(
+        TINY, labeler="manual", search=dataclasses.replace(TINY.search, validity="none"),
+        oracle_check=False,
+    )  # fmt: skip
     with pytest.raises(pipeline.LabelsPending, match="labels.csv"):
         pipeline.run(run_dir, manual, log=lambda s: None)
     path = os.path.join(run_dir, "label", "labels.csv")
@@ -544,11 +548,12 @@ def test_a_conditional_vae_keeps_each_code_s_class_through_every_stage(trained, 
     from defuse_jax.regions import load_regions
 
     run_dir = _copy(trained, tmp_path)  # the classifier is reused, the VAE trained anew
-    # Without an oracle (no validity model, source labels, no control) to keep it short.
+    # Short: no oracle (no validity model, source labels), EM mixtures, one correction.
     config = dataclasses.replace(
         TINY, vae=VAEConfig(kind="mlp", latent_dim=4, hidden=64, conditional=True),
         search=dataclasses.replace(TINY.search, scale=2.0, validity="none"), labeler="source",
-        oracle_check=False, correct=dataclasses.replace(TINY.correct, control=False),
+        oracle_check=False, distill=dataclasses.replace(TINY.distill, method="gmm"),
+        correct=dataclasses.replace(TINY.correct, control=False, select=False),
     )  # fmt: skip
     report = pipeline.run(run_dir, config, log=lambda s: None)["evaluate"]
     errors = load_errors(os.path.join(run_dir, "search"))
