@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -20,6 +20,7 @@ from defuse_jax.files import make_dirs, write_json, write_npz
 from defuse_jax.models import Params
 from defuse_jax.search import SearchConfig, SearchResult, latent_search
 from defuse_jax.search.config import source_readers
+from defuse_jax.search.scale_choice import ScaleChoice, choose_scale
 
 ERROR_FIELDS = ("z", "source_index", "source_label", "pred_label", "prob", "perturbation_norm")
 
@@ -50,8 +51,10 @@ def run_search(
     seed: int = 0,
     mesh: jax.sharding.Mesh | None = None,
     validity: Params | None = None,
-) -> tuple[SearchResult, np.ndarray]:
-    """Search from the test points; returns (result, indices of the test points used as sources).
+    scales: Sequence[float] | None = None,
+) -> tuple[SearchResult, np.ndarray, ScaleChoice | None]:
+    """Search from the test points; returns (result, indices of the test points used as
+    sources, the pilot's choice of scale or None).
 
     Args:
         ds: the dataset (sources are its test points).
@@ -63,6 +66,8 @@ def run_search(
         mesh: devices to shard the search over (default: all).
         validity: the classifier that must still read the source class for a flip to count
             (`SearchConfig.validity`, the oracle), or None.
+        scales: candidate scales: search at the one a pilot chooses (`choose_scale`) instead
+            of `search.scale`; None: `search.scale`.
     """
     n = len(ds.x_test)
     idx = np.arange(n)
@@ -75,18 +80,17 @@ def run_search(
     validity_fn = None
     if validity is not None:
         _, validity_fn = models.search_functions(vae, validity, compute_dtype=search.compute_dtype)
-    result = latent_search(
-        decode_fn,
-        classify_fn,
-        z0,
-        ds.y_test[idx].astype(np.int32),
-        key=jax.random.key(search.seed),
-        config=search,
-        mesh=mesh,
-        validity_fn=validity_fn,
-        free_dims=models.style_dims(vae),
-    )
-    return result, idx
+    y0 = ds.y_test[idx].astype(np.int32)
+    common = dict(key=jax.random.key(search.seed), mesh=mesh, validity_fn=validity_fn,
+                  free_dims=models.style_dims(vae))  # fmt: skip
+    choice = None
+    if scales:
+        choice = choose_scale(
+            decode_fn, classify_fn, z0, y0, config=search, scales=scales, seed=seed, **common
+        )
+        search = dataclasses.replace(search, scale=choice.scale)
+    result = latent_search(decode_fn, classify_fn, z0, y0, config=search, **common)
+    return result, idx, choice
 
 
 def thin_search_note(summary: Mapping[str, Any], search: SearchConfig) -> str | None:
@@ -113,8 +117,15 @@ def thin_search_note(summary: Mapping[str, Any], search: SearchConfig) -> str | 
     )
 
 
-def save_search(result: SearchResult, test_index: np.ndarray, directory: str) -> dict[str, Any]:
-    """Write errors.npz and summary.json; returns the summary."""
+def save_search(
+    result: SearchResult,
+    test_index: np.ndarray,
+    directory: str,
+    *,
+    scale_choice: ScaleChoice | None = None,
+) -> dict[str, Any]:
+    """Write errors.npz and summary.json (with the pilot's choice of scale, if one was made);
+    returns the summary."""
     make_dirs(directory)
     arrays = {f: np.asarray(getattr(result, f)) for f in ERROR_FIELDS}
     # Map source indices back to test-set indices so the errors can be traced to images.
@@ -130,6 +141,8 @@ def save_search(result: SearchResult, test_index: np.ndarray, directory: str) ->
         "wall_time_s": float(result.wall_time_s),
         "config": dataclasses.asdict(result.config),
     }
+    if scale_choice is not None:
+        summary["scale_choice"] = scale_choice._asdict()
     write_json(os.path.join(directory, "summary.json"), summary)
     return summary
 

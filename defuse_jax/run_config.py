@@ -27,6 +27,7 @@ from defuse_jax.own_model import OwnModel
 from defuse_jax.regions import DistillConfig
 from defuse_jax.run_dir import RunDir
 from defuse_jax.search import SearchConfig
+from defuse_jax.search.scale_sweep import check_sweep
 from defuse_jax.training import TrainConfig
 
 STAGES = ("train", "search", "distill", "label", "correct", "evaluate")
@@ -58,6 +59,11 @@ class RunConfig:
             vae=...)` from Python).
         max_sources: search from at most this many test points (None: all of them).
         search: the latent search.
+        search_scales: candidate perturbation scales: the search stage runs a pilot of the
+            search at each (one program, on up to 256 sources) and searches at the smallest
+            that keeps at least one error code per searched source (the largest if none does;
+            `search.scale_choice`). Made for a conditional VAE, whose scale depends on the data
+            (2 on 8x8 digits, 0.5 on Fashion-MNIST). None: `search.scale`.
         distill: the mixture and region cutoffs.
         labeler: "source" (majority source label), "oracle" (a stronger, separately trained
             classifier) or "manual" (a person fills in label/labels.csv or runs
@@ -92,6 +98,7 @@ class RunConfig:
     own_vae: OwnModel | None = None
     max_sources: int | None = None
     search: SearchConfig = DEFAULT_SEARCH
+    search_scales: tuple[float, ...] | None = None
     distill: DistillConfig = DistillConfig()
     labeler: Literal["source", "oracle", "manual"] = "oracle"
     grid_samples: int = 16
@@ -120,6 +127,11 @@ class RunConfig:
             )
         check_fields(self, {"grid_samples": POSITIVE_INT, "max_sources": OPTIONAL_POSITIVE_INT,
                             "oracle_members": OPTIONAL_POSITIVE_INT})  # fmt: skip
+        if self.search_scales is not None:
+            try:
+                check_sweep(self.search, self.search_scales)
+            except ValueError as e:
+                raise ValueError(f"search_scales (--search-scales): {e}") from None
 
 
 def stage_fingerprints(
@@ -150,6 +162,8 @@ def stage_fingerprints(
     parts: dict[str, Any] = {
         "train": train,
         "search": {"search": fingerprint_fields(config.search), "max_sources": config.max_sources,
+                   **_given(search_scales=list(config.search_scales) if config.search_scales
+                            else None),
                    # a validity search trains the oracle
                    **_given(oracle_members=config.oracle_members if config.search.validity
                             != "none" else None)},

@@ -47,6 +47,8 @@ def test_bad_input_is_one_clear_error(argv, message, capsys, tmp_path):
         (["--distill-n-components", "0"], "n_components=0; it must be an integer >= 1"),
         (["--distill-max-codes", "0"], "max_codes=0; it must be an integer >= 1 or None"),
         (["--correct-lams", "0.1", "0.2", "--no-correct-select"], "pass --correct-lam instead"),
+        (["--search-scales", "0.5", "-1"], "search_scales (--search-scales): every scale must"),
+        (["--search-scales", "1", "--search-mode", "iterative"], "does not use `scale`"),
     ],
 )
 def test_a_bad_flag_on_a_run_fails_before_anything_is_saved_or_set_aside(

@@ -551,13 +551,19 @@ def test_a_conditional_vae_keeps_each_code_s_class_through_every_stage(trained, 
     # Short: no oracle (no validity model, source labels), EM mixtures, one correction.
     config = dataclasses.replace(
         TINY, vae=VAEConfig(kind="mlp", latent_dim=4, hidden=64, conditional=True),
-        search=dataclasses.replace(TINY.search, scale=2.0, validity="none"), labeler="source",
+        search=dataclasses.replace(TINY.search, validity="none"), search_scales=(0.5, 2.0),
+        labeler="source",
         oracle_check=False, distill=dataclasses.replace(TINY.distill, method="gmm"),
         correct=dataclasses.replace(TINY.correct, control=False, select=False),
     )  # fmt: skip
     report = pipeline.run(run_dir, config, log=lambda s: None)["evaluate"]
     errors = load_errors(os.path.join(run_dir, "search"))
     assert len(errors["z"]) > 0 and errors["z"].shape[1] == 4 + 10
+    # The search ran at the scale its pilot chose, recorded with the pilot's counts.
+    with open(os.path.join(run_dir, "search", "summary.json")) as f:
+        summary = json.load(f)
+    choice = summary["scale_choice"]
+    assert choice["scales"] == [0.5, 2.0] and summary["config"]["scale"] == choice["scale"]
     block = CLASS_SCALE * np.eye(10)[errors["source_label"]]
     np.testing.assert_array_equal(errors["z"][:, 4:], block)
     regions = load_regions(os.path.join(run_dir, "distill"))

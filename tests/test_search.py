@@ -425,3 +425,29 @@ def test_free_dims_out_of_range_is_a_clear_error(free_dims):
     with pytest.raises(ValueError, match=rf"free_dims={free_dims}.*\[1, {LATENT}\]"):
         latent_search(decode, classify, z0, y0, key=jax.random.key(0),
                       config=MODES[0], free_dims=free_dims)  # fmt: skip
+
+
+def test_choose_scale_takes_the_smallest_that_keeps_a_code_per_source():
+    from defuse_jax.search.scale_choice import choose_scale
+
+    z0, y0 = _sources(40)
+    config = SearchConfig(num_samples=8, max_keep_per_source=4, chunk_size=64)
+    scales = (2.0, 0.01, 0.3)  # any order: tried ascending
+    choice = choose_scale(decode, classify, z0, y0, key=jax.random.key(0), config=config,
+                          scales=scales, pilot_sources=24, seed=3)  # fmt: skip
+    assert choice.scales == (0.01, 0.3, 2.0) and choice.pilot_sources == 24
+    # Each count is what a plain search of the same pilot sources keeps at that scale.
+    idx = np.sort(np.random.default_rng(3).choice(40, 24, replace=False))
+    kept = [latent_search(decode, classify, z0[idx], y0[idx], key=jax.random.key(0),
+                          config=dataclasses.replace(config, scale=s)).num_found
+            for s in choice.scales]  # fmt: skip
+    assert list(choice.kept) == kept and kept[0] < kept[-1]
+    want = next(s for s, k in zip(choice.scales, kept, strict=True) if k >= choice.sources_used)
+    assert choice.scale == want and "that keeps at least one error code" in choice.describe()
+    # Nothing ever flips: the largest scale, the widest search.
+    none = choose_scale(decode, constant_classify, z0, np.zeros(40, np.int32),
+                        key=jax.random.key(0), config=config, scales=scales)  # fmt: skip
+    assert none.scale == 2.0 and none.kept == (0, 0, 0)
+    with pytest.raises(ValueError, match="iterative"):
+        choose_scale(decode, classify, z0, y0, key=jax.random.key(0),
+                     config=SearchConfig(mode="iterative"), scales=scales)  # fmt: skip

@@ -14,7 +14,7 @@ def stage_search(ctx: Context) -> dict[str, Any]:
     # The validity model is the oracle, trained here before the label stage that also uses it
     # (in label/oracle/, which the label stage then reuses).
     validity = train_oracle(ctx) if ctx.config.search.validity == "oracle" else None
-    result, idx = identification.run_search(
+    result, idx, choice = identification.run_search(
         ctx.dataset,
         ctx.model("vae"),
         ctx.model("classifier"),
@@ -22,8 +22,11 @@ def stage_search(ctx: Context) -> dict[str, Any]:
         max_sources=ctx.config.max_sources,
         seed=ctx.config.data.seed,
         validity=validity,
+        scales=ctx.config.search_scales,
     )
-    summary = identification.save_search(result, idx, ctx.path("search"))
+    if choice is not None:
+        ctx.log(f"search: {choice.describe()}")
+    summary = identification.save_search(result, idx, ctx.path("search"), scale_choice=choice)
     ctx.log(
         f"search: {summary['num_errors_found']} errors kept ({summary['num_flips']} flips) from "
         f"{summary['num_samples_evaluated']} samples around {summary['num_sources_used']} sources "
