@@ -22,6 +22,20 @@ from defuse_jax.search import SearchConfig, SearchResult, latent_search
 from defuse_jax.search.config import source_readers
 from defuse_jax.search.scale_choice import ScaleChoice, choose_scale
 
+# The candidate scales behind a conditional VAE when none are given (`RunConfig.search_scales`):
+# its style codes carry less than an unconditional VAE's codes, and its pilot chose 2 on 8x8
+# digits (where 0.5 kept 2 codes from 450 sources) and 0.5 on Fashion-MNIST (docs/results.md).
+CONDITIONAL_SCALES = (0.5, 1.0, 2.0, 4.0)
+
+
+def candidate_scales(scales: Sequence[float] | None, vae: Params) -> tuple[float, ...] | None:
+    """The scales the search stage's pilot chooses from: `scales` if given, else
+    `CONDITIONAL_SCALES` behind a conditional VAE; None: search at `SearchConfig.scale`."""
+    if scales:
+        return tuple(scales)
+    return CONDITIONAL_SCALES if models.style_dims(vae) is not None else None
+
+
 ERROR_FIELDS = ("z", "source_index", "source_label", "pred_label", "prob", "perturbation_norm")
 
 

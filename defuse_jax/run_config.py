@@ -63,7 +63,8 @@ class RunConfig:
             search at each (one program, on up to 256 sources) and searches at the smallest
             that keeps at least one error code per searched source (the largest if none does;
             `search.scale_choice`). Made for a conditional VAE, whose scale depends on the data
-            (2 on 8x8 digits, 0.5 on Fashion-MNIST). None: `search.scale`.
+            (2 on 8x8 digits, 0.5 on Fashion-MNIST). None: 0.5, 1, 2 and 4 behind a
+            conditional VAE (`identification.CONDITIONAL_SCALES`), else `search.scale`.
         distill: the mixture and region cutoffs.
         labeler: "source" (majority source label), "oracle" (a stronger, separately trained
             classifier) or "manual" (a person fills in label/labels.csv or runs

@@ -177,3 +177,19 @@ def test_conditional_vae_code_holds_the_class_and_decodes_its_argmax(kind, shape
                                         image_shape=shape, rngs=nnx.Rngs(0)))  # fmt: skip
     assert models.style_dims(plain) is None
     np.testing.assert_array_equal(models.mean_code(plain, x, y), models.encode(plain, x)[0])
+
+
+@pytest.mark.parametrize(
+    "conditional, given, want",
+    [(True, None, "CONDITIONAL"), (True, (1.0,), (1.0,)), (False, None, None),
+     (False, (0.5, 2.0), (0.5, 2.0))],
+)  # fmt: skip
+def test_the_search_picks_its_scale_behind_a_conditional_vae_unless_told(conditional, given, want):
+    from defuse_jax import identification
+
+    config = models.VAEConfig(latent_dim=3, hidden=16, conditional=conditional)
+    vae = models.params_of(
+        models.VAE(config, image_shape=(8, 8, 1), num_classes=10, rngs=nnx.Rngs(0))
+    )
+    want = identification.CONDITIONAL_SCALES if want == "CONDITIONAL" else want
+    assert identification.candidate_scales(given, vae) == want

@@ -22,7 +22,7 @@ def stage_search(ctx: Context) -> dict[str, Any]:
         max_sources=ctx.config.max_sources,
         seed=ctx.config.data.seed,
         validity=validity,
-        scales=ctx.config.search_scales,
+        scales=identification.candidate_scales(ctx.config.search_scales, ctx.model("vae")),
     )
     if choice is not None:
         ctx.log(f"search: {choice.describe()}")
