@@ -87,14 +87,14 @@ def run_search(
     idx = np.arange(n)
     if max_sources is not None and max_sources < n:
         idx = np.sort(np.random.default_rng(seed).choice(n, max_sources, replace=False))
-    z0 = encode_sources(vae, ds.x_test[idx], ds.y_test[idx])
+    y0 = ds.y_test[idx].astype(np.int32)
+    z0 = encode_sources(vae, ds.x_test[idx], y0)
     decode_fn, classify_fn = models.search_functions(
         vae, classifier, compute_dtype=search.compute_dtype
     )
     validity_fn = None
     if validity is not None:
         _, validity_fn = models.search_functions(vae, validity, compute_dtype=search.compute_dtype)
-    y0 = ds.y_test[idx].astype(np.int32)
     common = dict(key=jax.random.key(search.seed), mesh=mesh, validity_fn=validity_fn,
                   free_dims=models.style_dims(vae))  # fmt: skip
     choice = None

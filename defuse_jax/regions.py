@@ -257,8 +257,9 @@ def distill(
         if len(idx) < max(config.min_codes, 2):
             continue
         fit_idx = idx if len(idx) <= max_codes else rng.choice(idx, max_codes, replace=False)
-        share = len(idx) / m if source is not None else 1.0
-        model = _fit_mixture(codes[fit_idx, :free], config, config.seed + g, share=share)
+        share = len(idx) / m  # the group's share of the codes
+        model = _fit_mixture(codes[fit_idx, :free], config, config.seed + g,
+                             share=share if source is not None else 1.0)  # fmt: skip
         fits.append(
             {"label": label, **({} if source is None else {"source_label": source}),
              "codes": int(len(fit_idx)), "converged": bool(model.converged_),
@@ -266,7 +267,6 @@ def distill(
         )  # fmt: skip
         fixed = codes[idx[0], free:]  # the group's class block (empty without one)
         comp = np.asarray(model.predict(codes[idx, :free]))
-        share = len(idx) / m
         for c in range(len(model.weights_)):
             w = float(model.weights_[c]) * share
             if w <= config.weight_cutoff:

@@ -35,6 +35,7 @@ from defuse_jax.models import (
     Params,
     VAEConfig,
     ensemble_of,
+    mean_code,
     params_of,
 )
 from defuse_jax.training import TrainConfig, evaluate, fit, initial_state, make_optimizer
@@ -293,9 +294,8 @@ def save_reconstructions(
 ) -> str:
     """Originals (top row) vs reconstructions from the mean code (bottom row); `y`, their
     classes, is what a conditional VAE decodes with."""
-    vae = params.module()
-    mean, _ = vae.encode(jnp.asarray(x))
-    recon = np.asarray(vae.decode(vae.code(mean, None if y is None else jnp.asarray(y))))
+    code = mean_code(params, jnp.asarray(x), None if y is None else jnp.asarray(y))
+    recon = np.asarray(params.module().decode(code))
     grid = np.concatenate([np.asarray(x), recon])
     return plots.save_image_grid(
         grid,

@@ -38,6 +38,7 @@ def stage_distill(ctx: Context) -> dict[str, Any]:
         save_regions(regions, ctx.path("distill"))
         return {"num_regions": 0, "message": msg}
     vae, clf = ctx.model("vae"), ctx.model("classifier")
+    free_dims = models.style_dims(vae)  # a conditional VAE's style: one mixture per class
     regions = distill(
         errors["z"],
         errors["source_label"],
@@ -45,12 +46,12 @@ def stage_distill(ctx: Context) -> dict[str, Any]:
         num_classes=ctx.dataset.num_classes,
         config=cfg,
         predict_fn=lambda z: evaluation.predict(vae, clf, np.asarray(z)),
-        free_dims=models.style_dims(vae),
+        free_dims=free_dims,
     )
     save_regions(regions, ctx.path("distill"))
     covered = int((regions.assignment >= 0).sum())
     # With max_codes=None an accelerator fits every code up to 200,000 (a CPU: 10,000).
-    by_source = errors["source_label"] if models.style_dims(vae) is not None else None
+    by_source = errors["source_label"] if free_dims is not None else None
     fitted = codes_fitted(errors["pred_label"], cfg, source_label=by_source)
     cap = resolved_max_codes(cfg)
     ctx.log(

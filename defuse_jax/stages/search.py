@@ -14,15 +14,16 @@ def stage_search(ctx: Context) -> dict[str, Any]:
     # The validity model is the oracle, trained here before the label stage that also uses it
     # (in label/oracle/, which the label stage then reuses).
     validity = train_oracle(ctx) if ctx.config.search.validity == "oracle" else None
+    vae = ctx.model("vae")
     result, idx, choice = identification.run_search(
         ctx.dataset,
-        ctx.model("vae"),
+        vae,
         ctx.model("classifier"),
         search=ctx.config.search,
         max_sources=ctx.config.max_sources,
         seed=ctx.config.data.seed,
         validity=validity,
-        scales=identification.candidate_scales(ctx.config.search_scales, ctx.model("vae")),
+        scales=identification.candidate_scales(ctx.config.search_scales, vae),
     )
     if choice is not None:
         ctx.log(f"search: {choice.describe()}")
