@@ -46,19 +46,27 @@ def _promote(x, kernel, bias):
 _PHASE_TAPS = ((0, 2), (1, 3))
 
 
-def conv_transpose_stride2(x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
-    """`nnx.ConvTranspose(kernel_size=(4, 4), strides=(2, 2), padding="SAME")` without zeros.
+def phase_conv(
+    x: jax.Array, kernel: jax.Array, bias: jax.Array | None, activation=None
+) -> jax.Array:
+    """The four output phases of a stride-2 transposed convolution, not yet interleaved.
 
-    Each of the 2x2 output phases is a 2x2 convolution of the input, so the layer is one dense
-    2x2 VALID convolution to `4 * out` channels, followed by interleaving the phases.
+    Each of the 2x2 output phases of `nnx.ConvTranspose(kernel_size=(4, 4), strides=(2, 2),
+    padding="SAME")` is a 2x2 convolution of the input, so the layer is one dense 2x2 VALID
+    convolution to `4 * out` channels. The bias and `activation` (elementwise, e.g. relu) are
+    applied here, before any interleaving, so that the compiler can fuse them into the
+    convolution (cuDNN's conv + bias + activation on a GPU): the result is the same, since an
+    elementwise function commutes with moving elements around.
 
     Args:
         x: [batch, H, W, in] input.
         kernel: [4, 4, in, out] kernel as stored by `nnx.ConvTranspose`.
         bias: [out] or None.
+        activation: an elementwise function applied after the bias, or None.
 
     Returns:
-        [batch, 2H, 2W, out].
+        [batch, H + 1, W + 1, 2, 2, out]: the layer's output pixel (2i + a, 2j + c) is
+        `y[:, i + a, j + c, a, c]` (`interleave_phases` puts them in place).
     """
     if kernel.shape[:2] != (4, 4):
         raise ValueError(f"conv_transpose_stride2 needs a 4x4 kernel, got {kernel.shape}.")
@@ -70,13 +78,59 @@ def conv_transpose_stride2(x: jax.Array, kernel: jax.Array, bias: jax.Array | No
     k2 = kernel[rows[:, :, None, None], rows[None, None, :, :]]  # [a, dy, c, dx, in, out]
     k2 = k2.transpose(1, 3, 4, 0, 2, 5).reshape(2, 2, cin, 4 * cout)
     xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    y = conv2d(xp, k2, None, padding="VALID").reshape(b, h + 1, w + 1, 2, 2, cout)
+    y = conv2d(xp, k2, None if bias is None else jnp.tile(bias, 4), padding="VALID")
+    if activation is not None:
+        y = activation(y)
+    return y.reshape(b, h + 1, w + 1, 2, 2, cout)
+
+
+def interleave_phases(y: jax.Array) -> jax.Array:
+    """`phase_conv`'s [batch, H + 1, W + 1, 2, 2, C] phases -> the [batch, 2H, 2W, C] image."""
+    b, h1, w1, _, _, c = y.shape
+    h, w = h1 - 1, w1 - 1
     # Output (2p + a, 2q + c) is phase (a, c) of window (p + a, q + c).
     out = jnp.stack(
-        [jnp.stack([y[:, a : a + h, c : c + w, a, c] for c in (0, 1)], axis=3) for a in (0, 1)],
+        [jnp.stack([y[:, a : a + h, e : e + w, a, e] for e in (0, 1)], axis=3) for a in (0, 1)],
         axis=2,
-    )  # [batch, H, 2, W, 2, out]
-    out = out.reshape(b, 2 * h, 2 * w, cout)
+    )  # [batch, H, 2, W, 2, C]
+    return out.reshape(b, 2 * h, 2 * w, c)
+
+
+def conv_transpose_stride2(
+    x: jax.Array, kernel: jax.Array, bias: jax.Array | None, activation=None
+) -> jax.Array:
+    """`nnx.ConvTranspose(kernel_size=(4, 4), strides=(2, 2), padding="SAME")` without zeros,
+    then `activation` (elementwise) if given: `interleave_phases(phase_conv(...))`.
+
+    Args:
+        x: [batch, H, W, in] input.
+        kernel: [4, 4, in, out] kernel as stored by `nnx.ConvTranspose`.
+        bias: [out] or None.
+        activation: an elementwise function, or None.
+
+    Returns:
+        [batch, 2H, 2W, out].
+    """
+    return interleave_phases(phase_conv(x, kernel, bias, activation))
+
+
+def _few_outputs_kernel(kernel: jax.Array) -> jax.Array:
+    """[kh, kw, in, out] -> [in, kh * kw * out]: one matmul gives every tap of every pixel."""
+    kh, kw, cin, cout = kernel.shape
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f"conv_few_outputs needs an odd kernel size, got {kernel.shape}.")
+    return kernel.transpose(2, 0, 1, 3).reshape(cin, kh * kw * cout)
+
+
+def _sum_taps(taps: jax.Array, kernel_shape, bias: jax.Array | None) -> jax.Array:
+    """taps [batch, H, W, kh * kw * out] (pixel times kernel tap) -> the SAME convolution
+    [batch, H, W, out]: every tap summed at its offset."""
+    kh, kw, _, cout = kernel_shape
+    b, h, w, _ = taps.shape
+    taps = taps.reshape(b, h, w, kh, kw, cout)
+    ph, pw = kh // 2, kw // 2
+    taps = jnp.pad(taps, ((0, 0), (ph, ph), (pw, pw), (0, 0), (0, 0), (0, 0)))
+    out = sum(taps[:, dy : dy + h, dx : dx + w, dy, dx] for dy in range(kh) for dx in range(kw))
     return out if bias is None else out + bias
 
 
@@ -94,17 +148,36 @@ def conv_few_outputs(x: jax.Array, kernel: jax.Array, bias: jax.Array | None) ->
     Returns:
         [batch, H, W, out].
     """
-    kh, kw, cin, cout = kernel.shape
-    if kh % 2 == 0 or kw % 2 == 0:
-        raise ValueError(f"conv_few_outputs needs an odd kernel size, got {kernel.shape}.")
     x, kernel, bias = _promote(x, kernel, bias)
-    b, h, w, _ = x.shape
-    taps = x.reshape(-1, cin) @ kernel.transpose(2, 0, 1, 3).reshape(cin, kh * kw * cout)
-    taps = taps.reshape(b, h, w, kh, kw, cout)
-    ph, pw = kh // 2, kw // 2
-    taps = jnp.pad(taps, ((0, 0), (ph, ph), (pw, pw), (0, 0), (0, 0), (0, 0)))
-    out = sum(taps[:, dy : dy + h, dx : dx + w, dy, dx] for dy in range(kh) for dx in range(kw))
-    return out if bias is None else out + bias
+    b, h, w, cin = x.shape
+    taps = x.reshape(-1, cin) @ _few_outputs_kernel(kernel)
+    return _sum_taps(taps.reshape(b, h, w, -1), kernel.shape, bias)
+
+
+def conv_few_outputs_of_phases(
+    y: jax.Array, kernel: jax.Array, bias: jax.Array | None
+) -> jax.Array:
+    """`conv_few_outputs(interleave_phases(y), kernel, bias)` without interleaving `y`.
+
+    The taps matmul runs on the phases as they come out of `phase_conv` (each pixel is one row,
+    wherever it sits) and only the taps, `kh * kw * out` channels instead of `in`, are
+    interleaved: the wide activations cross memory once less (the decoder's last layer, where
+    they are largest). The phase layout has one extra window row and column, (H+1)(W+1)
+    against HW pixels, whose taps are computed and dropped.
+
+    Args:
+        y: [batch, H + 1, W + 1, 2, 2, in] phases (`phase_conv`).
+        kernel: [kh, kw, in, out] kernel as stored by `nnx.Conv` (odd kh and kw).
+        bias: [out] or None.
+
+    Returns:
+        [batch, 2H, 2W, out].
+    """
+    y, kernel, bias = _promote(y, kernel, bias)
+    k = _few_outputs_kernel(kernel)
+    lead, cin = y.shape[:-1], y.shape[-1]
+    taps = (y.reshape(-1, cin) @ k).reshape(lead + (k.shape[1],))
+    return _sum_taps(interleave_phases(taps), kernel.shape, bias)
 
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -195,8 +268,45 @@ def conv2d(
     else:
         pads = padding
     pads = tuple((int(lo), int(hi)) for lo, hi in pads)
-    if jax.default_backend() in _BY_HAND_GRAD_BACKENDS:
+    backend = jax.default_backend()
+    if backend in _FEW_INPUTS_BACKENDS and _few_inputs(kernel):
+        out = _conv_by_broadcast(x, kernel, strides, pads)
+    elif backend in _BY_HAND_GRAD_BACKENDS:
         out = _conv_by_hand_grad(x, kernel, strides, pads)
     else:
         out = _lax_conv(x, kernel, strides, pads)
     return out if bias is None else out + bias
+
+
+# Where a convolution of few input channels (an image's 1 or 3) runs as a sum of broadcast
+# products, one per tap and input channel (`_conv_by_broadcast`), by backend. On one H200
+# (JAX 0.11.2, bf16, `scripts/profile_search.py`) cuDNN ran the conv classifier's first layer,
+# 1 -> 32 channels, in a generic non-tensor-core kernel that took 42% of the search's forward
+# pass; as one matmul over the taps, building the taps (a concatenation) cost as much. As a sum
+# of products it is elementwise work that the compiler fuses with the bias, the relu and the
+# pooling after it. XLA:CPU keeps its convolution (and its results); TPU: not measured yet.
+_FEW_INPUTS_BACKENDS = frozenset({"gpu"})
+
+
+def _few_inputs(kernel: jax.Array) -> bool:
+    """Input channels that tensor cores cannot take whole (not a multiple of 8), few taps."""
+    kh, kw, cin, _ = kernel.shape
+    return cin % 8 != 0 and kh * kw * cin <= 64
+
+
+def _conv_by_broadcast(x, kernel, strides, pads):
+    """The convolution as a sum over taps and input channels of a strided slice of the input
+    times that tap's kernel row: [B, H', W', 1] * [out] each, accumulated in float32."""
+    (kh, kw, cin, _), (sh, sw) = kernel.shape, strides
+    xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    oh = (xp.shape[1] - kh) // sh + 1
+    ow = (xp.shape[2] - kw) // sw + 1
+    acc = jnp.float32(0)
+    for dy in range(kh):
+        for dx in range(kw):
+            window = xp[:, dy : dy + sh * (oh - 1) + 1 : sh, dx : dx + sw * (ow - 1) + 1 : sw]
+            for c in range(cin):
+                acc = acc + window[..., c : c + 1].astype(jnp.float32) * kernel[dy, dx, c].astype(
+                    jnp.float32
+                )
+    return acc.astype(x.dtype)

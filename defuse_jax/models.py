@@ -24,7 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from defuse_jax.conv_layers import conv2d, conv_few_outputs, conv_transpose_stride2
+from defuse_jax.conv_layers import (
+    conv2d,
+    conv_few_outputs_of_phases,
+    conv_transpose_stride2,
+    phase_conv,
+)
 
 ImageShape = tuple[int, int, int]
 
@@ -132,6 +137,10 @@ def _conv(layer: nnx.Conv, x: jax.Array) -> jax.Array:
     return conv2d(
         x, layer.kernel[...], layer.bias[...], strides=layer.strides, padding=layer.padding
     )
+
+
+def _kernel_bias(layer: nnx.Module) -> tuple[jax.Array, jax.Array]:
+    return layer.kernel[...], layer.bias[...]
 
 
 def _pool2(x: jax.Array) -> jax.Array:
@@ -304,9 +313,11 @@ class VAE(nnx.Module):
             return self.out(nnx.relu(self.deconv2(nnx.relu(self.deconv1(g)))))
         # Same parameters and outputs as calling the layers, without the zero-dilated transposed
         # convolutions XLA would run (conv_layers.py has the measurements).
-        for layer in (self.deconv1, self.deconv2):
-            g = nnx.relu(conv_transpose_stride2(g, layer.kernel[...], layer.bias[...]))
-        return conv_few_outputs(g, self.out.kernel[...], self.out.bias[...])
+        # The last transposed convolution's phases go to the output layer as they are: its
+        # 28x28 activations, the decoder's widest, are never interleaved.
+        g = conv_transpose_stride2(g, *_kernel_bias(self.deconv1), activation=nnx.relu)
+        y = phase_conv(g, *_kernel_bias(self.deconv2), activation=nnx.relu)
+        return conv_few_outputs_of_phases(y, *_kernel_bias(self.out))
 
     def decode(self, z: jax.Array) -> jax.Array:
         """z: [B, code_dim] -> images [B, H, W, C] in [0, 1]."""

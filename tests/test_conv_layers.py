@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from defuse_jax import losses, models, training
-from defuse_jax.conv_layers import conv2d, conv_few_outputs, conv_transpose_stride2
+from defuse_jax import conv_layers, losses, models, training
+from defuse_jax.conv_layers import (
+    conv2d,
+    conv_few_outputs,
+    conv_few_outputs_of_phases,
+    conv_transpose_stride2,
+    interleave_phases,
+    phase_conv,
+)
 
 # Host-side init: flax's default initialiser compiles an XLA program per weight shape.
 _INIT = dict(kernel_init=models.host_lecun_normal)
@@ -66,6 +73,31 @@ def test_conv_few_outputs_matches_flax(kernel, cin, cout):
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("height, width, cin, cout", [(14, 14, 32, 1), (3, 5, 4, 3)])
+def test_phases_go_to_the_output_layer_uninterleaved(height, width, cin, cout):
+    """The decoder's last two layers on phases equal them on the interleaved image: bias and
+    relu inside `phase_conv`, and the output convolution's taps taken on the phases."""
+    deconv = nnx.ConvTranspose(cin, cin, (4, 4), strides=(2, 2), padding="SAME", **_INIT,
+                               rngs=nnx.Rngs(5))  # fmt: skip
+    deconv.bias[...] = _inputs((cin,), seed=6)
+    out = nnx.Conv(cin, cout, (3, 3), padding="SAME", **_INIT, rngs=nnx.Rngs(7))
+    out.bias[...] = _inputs((cout,), seed=8)
+    x = _inputs((2, height, width, cin))
+
+    @jax.jit
+    def both(x):
+        y = phase_conv(x, deconv.kernel[...], deconv.bias[...], activation=nnx.relu)
+        image = nnx.relu(conv_transpose_stride2(x, deconv.kernel[...], deconv.bias[...]))
+        return (y, image, conv_few_outputs_of_phases(y, out.kernel[...], out.bias[...]),
+                conv_few_outputs(image, out.kernel[...], out.bias[...]))  # fmt: skip
+
+    y, image, got, want = both(x)
+    assert y.shape == (2, height + 1, width + 1, 2, 2, cin)
+    np.testing.assert_array_equal(interleave_phases(y), image)  # the same values, moved
+    assert got.shape == (2, 2 * height, 2 * width, cout)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def _conv(x, k):
     return jax.lax.conv_general_dilated(
         x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
@@ -100,6 +132,7 @@ def test_dtypes_follow_the_flax_layers(x_dtype, param_dtype):
     [
         (conv_transpose_stride2, (3, 3, 4, 2), "4x4 kernel"),
         (conv_few_outputs, (2, 2, 4, 2), "odd kernel"),
+        (phase_conv, (3, 3, 4, 2), "4x4 kernel"),
     ],
 )
 def test_unsupported_kernels_are_refused(fn, kernel_shape, match):
@@ -190,3 +223,35 @@ def test_scanned_conv_training_runs_only_library_convolutions(model):
     labels = re.findall(r"convolution\(.*?dim_labels=(\S+?),", hlo)
     assert len(labels) >= (3 if model == "classifier" else 7)  # forward and input gradients
     assert set(labels) == {"b01f_01io->b01f"}, labels
+
+
+@pytest.mark.parametrize(
+    "shape, kernel, strides",
+    [
+        ((2, 28, 28, 1, 32), (3, 3), 1),  # the conv classifier's first layer
+        ((2, 28, 28, 1, 32), (4, 4), 2),  # the conv VAE's first layer
+        ((2, 9, 7, 3, 5), (3, 3), 1),  # colour
+    ],
+)
+def test_few_input_channels_as_broadcast_products(monkeypatch, shape, kernel, strides):
+    """The GPU's formulation of few-input-channel convolutions (a sum of broadcast products),
+    forced on the CPU: the same values and gradients as the convolution."""
+    b, h, w, cin, cout = shape
+    x = _inputs((b, h, w, cin))
+    k = _inputs(kernel + (cin, cout), seed=1) * 0.3
+    bias = _inputs((cout,), seed=2)
+
+    def run(x, k):
+        return conv2d(x, k, bias.astype(x.dtype), strides=strides, padding="SAME")
+
+    want = jax.jit(run)(x, k)
+    want_grad = jax.jit(jax.grad(lambda k: jnp.sum(jnp.sin(run(x, k)))))(k)
+    monkeypatch.setattr(conv_layers, "_FEW_INPUTS_BACKENDS", frozenset({"cpu"}))
+    got = jax.jit(run)(x, k)  # a new trace: the monkeypatched choice
+    got_grad = jax.jit(jax.grad(lambda k: jnp.sum(jnp.sin(run(x, k)))))(k)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got_grad, want_grad, rtol=1e-4, atol=1e-4)
+    half = jax.jit(run)(x.astype(jnp.bfloat16), k.astype(jnp.bfloat16))  # bf16 in, bf16 out
+    assert half.dtype == jnp.bfloat16
+    np.testing.assert_allclose(half.astype(jnp.float32), want, rtol=3e-2, atol=3e-2)
+    assert conv_layers._few_inputs(k) and not conv_layers._few_inputs(jnp.zeros((3, 3, 32, 64)))
