@@ -451,3 +451,34 @@ def test_choose_scale_takes_the_smallest_that_keeps_a_code_per_source():
     with pytest.raises(ValueError, match="iterative"):
         choose_scale(decode, classify, z0, y0, key=jax.random.key(0),
                      config=SearchConfig(mode="iterative"), scales=scales)  # fmt: skip
+
+
+@pytest.mark.parametrize("devices, copies, sources", [(1, 1, 5), (4, 3, 24), (2, 2, 7)])
+def test_inputs_pack_into_one_array_and_back(devices, copies, sources):
+    """`lay_out_inputs` packs codes, labels, source indices and noise into one array per row
+    (one transfer); `unpack_rows` reads back, per device block, every replica's rows."""
+    from defuse_jax._plumbing.row_layout import plan_rows
+    from defuse_jax.search import engine
+
+    layout = engine.Layout(plan_rows(sources, devices, 4), chains=8, sub_chunks=1)
+    d, g, s = layout.rows
+    z0 = np.random.default_rng(0).normal(size=(sources, 3)).astype(np.float32)
+    y0 = np.arange(sources, dtype=np.int32) % 5
+    noise = np.linspace(0.5, 2.0, copies).astype(np.float32)
+    mesh = Mesh(np.asarray(jax.devices()[:devices]), ("chains",))
+    rows = engine.lay_out_inputs(z0, y0, noise, layout, mesh)
+    z, y, src, scale = (np.asarray(a) for a in engine.unpack_rows(jnp.asarray(rows)))
+    assert rows.shape == (d * copies * g, s, 6)
+    padded = d * g * s
+    want_src = np.arange(padded).reshape(d, 1, g, s)
+    np.testing.assert_array_equal(
+        src.reshape(d, copies, g, s), np.broadcast_to(want_src, (d, copies, g, s))
+    )
+    rows_of = src.reshape(-1)  # every row's source: codes and labels follow it
+    real = rows_of < sources
+    np.testing.assert_array_equal(z.reshape(-1, 3)[real], z0[rows_of[real]])
+    np.testing.assert_array_equal(y.reshape(-1)[real], y0[rows_of[real]])
+    assert (y.reshape(-1)[~real] == -1).all() and (z.reshape(-1, 3)[~real] == 0).all()
+    np.testing.assert_array_equal(
+        scale.reshape(d, copies, g * s), np.broadcast_to(noise[None, :, None], (d, copies, g * s))
+    )

@@ -122,11 +122,11 @@ def _plan(
     configs = [dataclasses.replace(config, scale=s) for s in scales]
     layout = engine.plan_layout(n, mesh.devices.size, config)  # of one replica
     program = engine.get_program(
-        decode_fn, classify_fn, config, engine.replicate(layout, len(configs)), mesh,
-        validity_fn=validity_fn, free_dims=free_dims,
+        decode_fn, classify_fn, config, layout, mesh, validity_fn=validity_fn,
+        free_dims=free_dims, copies=len(configs),
     )  # fmt: skip
     noise = np.asarray([noise_scale(c, latent) for c in configs], np.float32)
-    args = (root, *engine.lay_out_inputs(z, y, noise, layout, mesh))
+    args = (root, engine.lay_out_inputs(z, y, noise, layout, mesh))
     return _Plan(program, args, configs, layout, y, n, latent)
 
 
@@ -184,11 +184,9 @@ def run_scales(
         decode_fn, classify_fn, z0, y0, key=key, config=config, scales=scales, mesh=mesh,
         validity_fn=validity_fn, free_dims=free_dims,
     )  # fmt: skip
-    floats, ints = engine.fetch(plan.program(*plan.args))
-    host = engine.unpack(floats, ints, plan.latent)
-    n, y, configs, layout = plan.num_sources, plan.y, plan.configs, plan.layout
+    parts = engine.fetch_found(plan.program(*plan.args))
     wall = time.perf_counter() - start
     return [
-        compact(part, n, y, config=c, wall_time_s=wall)
-        for part, c in zip(engine.split_replicas(host, layout, len(configs)), configs, strict=True)
+        compact(part, plan.num_sources, config=c, wall_time_s=wall)
+        for part, c in zip(parts, plan.configs, strict=True)
     ]

@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from defuse_jax._plumbing.row_layout import RowLayout, pad_rows, plan_rows
+from defuse_jax._plumbing.row_layout import RowLayout, plan_rows
 from defuse_jax.search.config import SearchConfig
 from defuse_jax.search.modes import (
     RUNNERS,
@@ -55,12 +55,19 @@ def plan_layout(num_sources: int, devices: int, config: SearchConfig) -> Layout:
     return Layout(rows, chains, math.ceil(total_chains / chains))
 
 
-class DeviceOutput(NamedTuple):
-    """The program's output (after `unpack`): leading [D * G, S]."""
+class Found(NamedTuple):
+    """The program's output: each of K replicas' found candidates, compacted on the device.
 
-    best: Candidates  # [D*G, S, k, ...] the k smallest-norm flips per source
-    num_flips: jax.Array  # [D*G, S] int32 flips per source before the top-k
-    used: jax.Array  # [D*G, S] bool source searched (valid and, if skipping, correct at z0)
+    Row j < count[r] of replica r is its j-th candidate in (source, perturbation norm) order;
+    later rows are filler. P = the padded sources of one replica, k = `SearchConfig.keep`.
+    Few arrays, so that the host fetches them in few transfers (`fetch_found`).
+    """
+
+    z: jax.Array  # [K, P*k, L] float32 latent codes
+    extras: jax.Array  # [K, P*k, 5] float32: probability of the prediction, perturbation norm,
+    # then the int32 bits of the source index, the prediction and the source label
+    meta: jax.Array  # [K, 1 + 2P] int32: count, then flips per source (before the top-k), then
+    # 1 per searched source
 
 
 def _merge_top_k(best: Candidates, new: Candidates, k: int) -> Candidates:
@@ -138,14 +145,18 @@ def build_program(
     mesh: Mesh,
     validity_fn=None,
     free_dims: int | None = None,
+    copies: int = 1,
 ):
-    """The jitted program.
+    """The jitted program over `copies` replicas of the sources laid out as `layout` (one
+    replica's layout; `lay_out_inputs`).
 
-    (key data [2] uint32, then rows with leading [D*G, S]: z0 [.., L] float32, y0 int32 with -1
+    (key data [2] uint32, then rows with leading [D*K*G, S]: z0 [.., L] float32, y0 int32 with -1
     for padding, src int32 (the source index the chains' RNG is derived from), noise float32
-    (the noise scale, `perturb.noise_scale`))
-    -> (floats [D*G, S, k, L + 2], ints [D*G, S, 2k + 2]): the outputs packed into two arrays
-    so that the host fetches them in two transfers (`unpack` reverses it).
+    (the noise scale, `perturb.noise_scale`)) -> `Found`.
+
+    The found candidates are compacted on the device, so that the host fetches only them (a
+    prefix, `fetch_found`) instead of every source's k slots: on a GPU the host's share of a
+    small model's search (the transfer and the compaction) was larger than the device's.
 
     The scale is a traced input, never a compile-time constant, so one program serves every scale
     and a sweep's rows (replicated sources, `src` repeating) compute exactly what a single search
@@ -156,47 +167,73 @@ def build_program(
         _search_block, decode_fn, classify_fn, validity_fn, config, layout, free_dims
     )
 
-    def per_device(root, z0, y0, src, noise):  # local leading dim: G blocks
-        def body(_, xs):
-            z, y, s, n = xs
-            return None, block(root, z, jnp.maximum(y, 0), s, y >= 0, n)
+    def per_device(root, rows):  # local leading dim: G blocks
+        def body(_, r):
+            z, y, src, noise = unpack_rows(r)
+            return None, block(root, z, jnp.maximum(y, 0), src, y >= 0, noise)
 
-        _, (best, flips, used) = jax.lax.scan(body, None, (z0, y0, src, noise))
-        floats = jnp.concatenate([best.z, best.prob[..., None], best.norm[..., None]], axis=-1)
-        ints = jnp.concatenate(
-            [
-                best.found.astype(jnp.int32),
-                best.pred,
-                flips[..., None],
-                used.astype(jnp.int32)[..., None],
-            ],
-            axis=-1,
-        )
-        return floats, ints
+        return jax.lax.scan(body, None, rows)[1]
 
     axes = P(tuple(mesh.axis_names))
     sharded = jax.shard_map(
-        per_device,
-        mesh=mesh,
-        in_specs=(P(), axes, axes, axes, axes),
-        out_specs=(axes, axes),
+        per_device, mesh=mesh, in_specs=(P(), axes), out_specs=(axes, axes, axes),
         check_vma=False,
+    )  # fmt: skip
+
+    def program(root, rows):
+        best, flips, used = sharded(root, rows)
+        return _compact(best, flips, used, unpack_rows(rows)[1], layout.rows.devices, copies)
+
+    return jax.jit(
+        program, in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, axes))
     )
-    rows = NamedSharding(mesh, axes)
-    return jax.jit(sharded, in_shardings=(NamedSharding(mesh, P()),) + (rows,) * 4)
 
 
-def unpack(floats: np.ndarray, ints: np.ndarray, latent: int) -> DeviceOutput:
-    """Host side of `build_program`'s packing: numpy arrays back to a `DeviceOutput`."""
-    k = floats.shape[2]
-    best = Candidates(
-        found=ints[..., :k].astype(bool),
-        z=floats[..., :latent],
-        pred=ints[..., k : 2 * k],
-        prob=floats[..., latent],
-        norm=floats[..., latent + 1],
+def _bits(a: jax.Array, dtype) -> jax.Array:
+    return jax.lax.bitcast_convert_type(a, dtype)
+
+
+def unpack_rows(rows: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """`lay_out_inputs`'s packed rows [..., L + 3] -> (z0 [..., L] float32, y0 [...] int32,
+    src [...] int32, noise [...] float32)."""
+    return rows[..., :-3], _bits(rows[..., -3], jnp.int32), _bits(rows[..., -2], jnp.int32), \
+        rows[..., -1]  # fmt: skip
+
+
+def _compact(best: Candidates, flips, used, y0, devices: int, copies: int) -> Found:
+    """The blocks' top-k slots [D*K*G, S, k, ...] -> `Found`: per replica, the found slots in
+    (source, slot) order, moved to the front by their rank among the found (a scatter)."""
+
+    def by_replica(a):  # [D*K*G, S, ...] -> [K, P, ...], P = D*G*S in source order
+        a = a.reshape((devices, copies, -1) + a.shape[2:])
+        return jnp.swapaxes(a, 0, 1).reshape((copies, -1) + a.shape[3:])
+
+    found = by_replica(best.found)  # [K, P, k]
+    k = found.shape[-1]
+    found = found.reshape(copies, -1)  # [K, P*k]
+    rank = jnp.cumsum(found, axis=1, dtype=jnp.int32) - 1
+    rows = found.shape[1]
+    dest = jnp.where(found, rank, rows)  # out of range: dropped
+    replica = jnp.arange(copies)[:, None]
+    slot_row = jnp.arange(rows) // k  # the slot's row in [K, P]
+
+    def per_slot(a):  # [D*K*G, S, (k)] -> [K, P*k]
+        a = by_replica(a)
+        return a.reshape(copies, rows) if a.ndim == 3 else a[:, slot_row]
+
+    def scatter(a):  # [K, P*k, ...] -> its found rows first
+        return jnp.zeros_like(a).at[replica, dest].set(a, mode="drop")
+
+    ints = [slot_row.astype(jnp.int32), per_slot(best.pred), per_slot(y0)]
+    ints[0] = jnp.broadcast_to(ints[0], ints[1].shape)  # the source: a row of [K, P]
+    extras = [per_slot(best.prob), per_slot(best.norm)] + [_bits(a, jnp.float32) for a in ints]
+    meta = [jnp.sum(found, axis=1, dtype=jnp.int32)[:, None], by_replica(flips),
+            by_replica(used).astype(jnp.int32)]  # fmt: skip
+    return Found(
+        z=scatter(by_replica(best.z).reshape(copies, rows, -1)),
+        extras=scatter(jnp.stack(extras, axis=-1)),
+        meta=jnp.concatenate(meta, axis=1),
     )
-    return DeviceOutput(best, ints[..., 2 * k], ints[..., 2 * k + 1].astype(bool))
 
 
 _PROGRAMS: dict = {}
@@ -211,16 +248,17 @@ def get_program(
     mesh: Mesh,
     validity_fn=None,
     free_dims: int | None = None,
+    copies: int = 1,
 ):
     """Cached `build_program` (a new jit per distinct functions / config but its scale / layout /
-    mesh)."""
+    mesh / copies)."""
     config = dataclasses.replace(config, scale=_CANONICAL_SCALE)
-    cache_key = (decode_fn, classify_fn, validity_fn, config, layout, mesh, free_dims)
+    cache_key = (decode_fn, classify_fn, validity_fn, config, layout, mesh, free_dims, copies)
     if cache_key not in _PROGRAMS:
         if len(_PROGRAMS) > 32:  # closures may hold model weights: keep the cache small
             _PROGRAMS.clear()
         _PROGRAMS[cache_key] = build_program(
-            decode_fn, classify_fn, config, layout, mesh, validity_fn, free_dims
+            decode_fn, classify_fn, config, layout, mesh, validity_fn, free_dims, copies
         )
     return _PROGRAMS[cache_key]
 
@@ -230,16 +268,11 @@ def default_mesh() -> Mesh:
     return Mesh(np.asarray(jax.devices()), ("chains",))
 
 
-def replicate(layout: Layout, copies: int) -> Layout:
-    """The layout of `copies` replicas of the sources (one per swept setting): every device
-    holds its G blocks once per replica, so blocks have the same shapes as in a single search."""
-    return layout._replace(rows=layout.rows._replace(blocks=layout.rows.blocks * copies))
-
-
 def lay_out_inputs(
     z0: np.ndarray, y0: np.ndarray, noise: np.ndarray, layout: Layout, mesh: Mesh
-) -> tuple:
-    """Pads the host inputs to `layout` and replicates them once per entry of `noise`.
+) -> np.ndarray | jax.Array:
+    """Pads the host inputs to `layout`, replicates them once per entry of `noise`, and packs
+    them into one array (one transfer to the device; `unpack_rows` reverses it).
 
     Args:
       z0: [N, L] float32 source codes; y0: [N] int32 labels (padding rows get label -1).
@@ -248,41 +281,72 @@ def lay_out_inputs(
       mesh: the devices.
 
     Returns:
-      (z0, y0, src, noise) with leading [D * K * G, S] (`replicate(layout, K)`): device d holds
-      replica k's blocks d*G .. d*G + G - 1 at its local blocks k*G .. k*G + G - 1. `src` is a
-      row's index in the padded single-replica layout, the same in every replica. numpy arrays,
-      which the jitted program places with its input shardings; with several processes they
-      become global arrays (every process passes the same full inputs).
+      [D * K * G, S, L + 3] float32 rows: z0, then the int32 bits of y0 and of src (a row's
+      index in the padded single-replica layout, the same in every replica), then the noise
+      scale. Device d holds replica k's blocks d*G .. d*G + G - 1 at its local blocks
+      k*G .. k*G + G - 1. A numpy array, which the jitted program places with its input
+      sharding; with several processes a global array (every process passes the same inputs).
     """
     latent = z0.shape[1]
     k, (d, g, s) = len(noise), layout.rows
     padded = layout.rows.padded_rows
-    z = pad_rows(np.asarray(z0, np.float32), padded).reshape(d, 1, g, s, latent)
-    y = pad_rows(np.asarray(y0, np.int32), padded, fill=-1).reshape(d, 1, g, s)
-    src = np.arange(padded, dtype=np.int32).reshape(d, 1, g, s)
-    scale = np.broadcast_to(np.asarray(noise, np.float32)[None, :, None, None], (d, k, g, s))
-    out = tuple(
-        np.ascontiguousarray(np.broadcast_to(a, (d, k, g, s) + a.shape[4:])).reshape(
-            (d * k * g, s) + a.shape[4:]
-        )
-        for a in (z, y, src, scale)
-    )
+    one = np.empty((padded, latent + 3), np.float32)  # one replica, in source order
+    one[: len(z0), :latent] = z0
+    one[len(z0) :, :latent] = 0.0
+    ints = one[:, latent : latent + 2].view(np.int32)
+    ints[: len(y0), 0] = y0
+    ints[len(y0) :, 0] = -1  # padding
+    ints[:, 1] = np.arange(padded, dtype=np.int32)
+    if k == 1:
+        one[:, latent + 2] = noise[0]
+        rows = one
+    else:
+        rows = np.empty((d, k, g * s, latent + 3), np.float32)
+        rows[:] = one.reshape(d, 1, g * s, latent + 3)
+        rows[..., latent + 2] = np.asarray(noise, np.float32)[None, :, None]
+    rows = rows.reshape(d * k * g, s, latent + 3)
     if jax.process_count() == 1:
-        return out
-    rows = NamedSharding(mesh, P(tuple(mesh.axis_names)))
-    return tuple(jax.make_array_from_callback(a.shape, rows, lambda idx, a=a: a[idx]) for a in out)
+        return rows
+    sharding = NamedSharding(mesh, P(tuple(mesh.axis_names)))
+    return jax.make_array_from_callback(rows.shape, sharding, lambda idx: rows[idx])
 
 
-def split_replicas(host: DeviceOutput, layout: Layout, copies: int) -> list[DeviceOutput]:
-    """Inverse of `lay_out_inputs`'s replication: one `DeviceOutput` [D*G, S] per replica."""
+class HostFound(NamedTuple):
+    """One replica's `Found` on the host, cut to its count (numpy views)."""
 
-    def part(a: np.ndarray, i: int) -> np.ndarray:
-        a = np.asarray(a)
-        rest = a.shape[1:]  # (S, ...)
-        per = a.reshape((layout.rows.devices, copies, layout.rows.blocks) + rest)
-        return per[:, i].reshape((-1,) + rest)
+    z: np.ndarray  # [M, L] float32
+    prob: np.ndarray  # [M] float32
+    norm: np.ndarray  # [M] float32
+    source: np.ndarray  # [M] int32
+    pred: np.ndarray  # [M] int32
+    label: np.ndarray  # [M] int32
+    flips: np.ndarray  # [P] int32 flips per padded source
+    used: np.ndarray  # [P] bool
 
-    return [jax.tree.map(lambda a, i=i: part(a, i), host) for i in range(copies)]
+
+@functools.partial(jax.jit, static_argnums=1)
+def _prefix(found: Found, rows: int) -> tuple[jax.Array, jax.Array]:
+    return found.z[:, :rows], found.extras[:, :rows]
+
+
+def fetch_found(found: Found) -> list[HostFound]:
+    """Device -> host: the counts first, then only a prefix of the candidates that holds every
+    replica's (its length rounded up to a power of two, so that few slicing programs compile).
+    One `HostFound` per replica."""
+    meta = fetch(found.meta)
+    count, p = meta[:, 0], (meta.shape[1] - 1) // 2
+    most = int(count.max(initial=0))
+    rows = min(found.z.shape[1], 1 << max(most - 1, 0).bit_length()) if most else 0
+    z, extras = fetch(_prefix(found, rows))
+    ints = extras[..., 2:].view(np.int32)
+    return [
+        HostFound(
+            z=z[r, :c], prob=extras[r, :c, 0], norm=extras[r, :c, 1], source=ints[r, :c, 0],
+            pred=ints[r, :c, 1], label=ints[r, :c, 2], flips=meta[r, 1 : 1 + p],
+            used=meta[r, 1 + p :].astype(bool),
+        )  # fmt: skip
+        for r, c in enumerate(count.tolist())
+    ]
 
 
 def fetch(tree):

@@ -104,8 +104,11 @@ def check_inputs(
         )
     if not (np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_):
         raise ValueError(f"y0 must hold integer labels, got dtype {y.dtype}.")
-    z = z.astype(np.float32)
-    bad = ~np.isfinite(z).all(axis=1)
+    z = np.asarray(z, np.float32)  # no copy when it is one already
+    if not np.isfinite(z.sum()):  # one pass; NaN/inf anywhere (or an overflow) shows here
+        bad = ~np.isfinite(z).all(axis=1)
+    else:
+        bad = np.zeros(0, bool)
     if bad.any():
         rows = np.flatnonzero(bad)[:5].tolist()
         raise ValueError(
@@ -134,8 +137,8 @@ def check_inputs(
                 "for a batch of 1."
             )
     y = y.astype(np.int64)
-    out_of_range = (y < 0) | (y >= num_classes)
-    if out_of_range.any():
+    if y.min() < 0 or y.max() >= num_classes:
+        out_of_range = (y < 0) | (y >= num_classes)
         raise ValueError(
             f"y0 has labels outside [0, {num_classes}) (the classifier's {num_classes} classes): "
             f"e.g. {y[out_of_range][:5].tolist()} at rows "

@@ -1,4 +1,4 @@
-"""`SearchResult` and the host-side compaction of the device's fixed-shape top-k masks."""
+"""`SearchResult`, built from the candidates the device compacted (`engine.fetch_found`)."""
 
 from __future__ import annotations
 
@@ -72,49 +72,29 @@ class SearchResult:
         )
 
 
-def compact(
-    host_out, num_sources: int, y0: np.ndarray, *, config: SearchConfig, wall_time_s: float
-) -> SearchResult:
-    """Takes the found examples out of the device's padded [N_pad, k] top-k arrays.
+def compact(found, num_sources: int, *, config: SearchConfig, wall_time_s: float) -> SearchResult:
+    """The `SearchResult` of one replica's candidates, already compacted on the device.
 
     Args:
-      host_out: `engine.DeviceOutput` of numpy arrays with leading [D*G, S].
+      found: `engine.HostFound`: the found candidates in (source, norm) order and the padded
+        sources' flips and searched flags.
       num_sources: N, the real (unpadded) number of sources.
-      y0: [N] int32 labels.
       config: the configuration used.
       wall_time_s: the call's wall time.
 
     Returns:
       The `SearchResult`.
     """
-    best, flips, used = host_out
-
-    def rows(a):  # [D*G, S, ...] -> [N, ...]
-        a = np.asarray(a)
-        return a.reshape((-1,) + a.shape[2:])[:num_sources]
-
-    found = rows(best.found)  # [N, k]; within a row already sorted by norm (top-k order)
-    # One flat index instead of (src, slot) pairs: a single gather per field, and no dtype
-    # copies of arrays that already have it (the host side is most of the search's time on a
-    # GPU with small models).
-    flat = np.flatnonzero(found)  # row-major: by source, then by norm
-    k = found.shape[1]
-    src = (flat // k).astype(np.int32)
-
-    def take(a, dtype):
-        a = rows(a)
-        return a.reshape((-1,) + a.shape[2:])[flat].astype(dtype, copy=False)
-
-    used = rows(used).astype(bool, copy=False)
+    used = found.used[:num_sources]
     n_used = int(used.sum())
     return SearchResult(
-        z=take(best.z, np.float32),
-        source_index=src,
-        source_label=y0[src].astype(np.int32, copy=False),
-        pred_label=take(best.pred, np.int32),
-        prob=take(best.prob, np.float32),
-        perturbation_norm=take(best.norm, np.float32),
-        flips_per_source=rows(flips).astype(np.int32, copy=False),
+        z=found.z,
+        source_index=found.source,
+        source_label=found.label,
+        pred_label=found.pred,
+        prob=found.prob,
+        perturbation_norm=found.norm,
+        flips_per_source=found.flips[:num_sources],
         used=used,
         num_samples_evaluated=n_used * config.samples_per_source,
         num_sources_used=n_used,
