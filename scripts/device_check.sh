@@ -7,6 +7,7 @@
 #
 #   OUT=/some/dir bash scripts/device_check.sh      # the full check, about 6.5 minutes on one H200
 #   QUICK=1 OUT=/tmp/x bash scripts/device_check.sh # CPU smoke run (the test suite runs it)
+#   STEPS="digits search" OUT=... bash scripts/device_check.sh  # only these steps (and info)
 #
 # Steps, each under its own timeout; a failed or timed-out step is recorded and the next runs:
 #   info          backend, devices, versions                      -> steps.json ["info"]
@@ -21,8 +22,11 @@
 #   search        search benchmark in float32 and bfloat16        -> search.json
 #   train         training benchmark: fit's loop forms against the bare step, 28x28 MLP and
 #                 conv models                                     -> train.json
+#   profile       only when STEPS names it: where the search's time goes, host parts, device
+#                 program, kernels (scripts/profile_search.py)    -> profile.json
 # plus steps.json (the info, each step's exit code and seconds) and check.log (everything
-# printed): 8 files in all, the most the device tool brings back.
+# printed): 8 files with the default steps, the most the device tool brings back (with profile,
+# leave out ill_cond or both mixture steps).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_results/device_check}
@@ -32,18 +36,24 @@ mkdir -p "$OUT" "$WORK"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 DEFUSE_JAX_CACHE_DIR=off
 PY=${PYTHON:-python3}
 LOG="$OUT/check.log"
-STEPS="$WORK/steps.tsv"
+TSV="$WORK/steps.tsv"
 : >"$LOG"
-: >"$STEPS"
+: >"$TSV"
+
+STEPS="info ${STEPS:-digits conv mixture_100k mixture_1m ill_cond search train}"
 
 step() {  # step NAME TIMEOUT_S COMMAND...: run it, log it, record its exit code and time
   local name=$1 limit=$2
   shift 2
+  case " $STEPS " in
+    *" $name "*) ;;
+    *) echo "=== $name: not in STEPS, skipped" | tee -a "$LOG"; return 0 ;;
+  esac
   echo "=== $name (timeout ${limit}s): $*" | tee -a "$LOG"
   local t0=$SECONDS
   timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
   local rc=${PIPESTATUS[0]}
-  printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" >>"$STEPS"
+  printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" >>"$TSV"
   echo "=== $name: exit $rc after $((SECONDS - t0))s" | tee -a "$LOG"
 }
 
@@ -136,14 +146,18 @@ step search 240 $PY -m defuse_jax.cli bench search --dtype float32 bfloat16 "${S
 
 step train 150 $PY -m defuse_jax.cli bench train "${TRAIN[@]}" --json "$OUT/train.json"
 
-$PY - "$STEPS" "$OUT/steps.json" "$WORK" "$OUT/mixture.json" <<'EOF'
+step profile 150 $PY scripts/profile_search.py --out "$WORK/profile" ${QUICK:+--quick}
+keep "$WORK/profile/profile.json" "$OUT/profile.json"
+
+$PY - "$TSV" "$OUT/steps.json" "$WORK" "$OUT/mixture.json" <<'EOF'
 import json, os, sys
 mixture = {}
 for size in ("100k", "1m"):
     path = os.path.join(sys.argv[3], f"mixture_{size}.json")
     if os.path.exists(path):
         mixture[size] = json.load(open(path))
-json.dump(mixture, open(sys.argv[4], "w"), indent=1)
+if mixture:  # no empty file: the device tool brings back 8 files at most
+    json.dump(mixture, open(sys.argv[4], "w"), indent=1)
 rows = [line.rstrip("\n").split("\t") for line in open(sys.argv[1]) if line.strip()]
 steps = [{"step": s, "exit_code": int(rc), "seconds": int(t)} for s, rc, t in rows]
 info_path = os.path.join(sys.argv[3], "info.json")

@@ -41,3 +41,22 @@ def test_device_check_quick_mode_runs_every_step(tmp_path):
     assert {"fit_scan", "fit_steps", "bare"} <= set(train["rows"][0])
     assert steps["info"]["backend"] == "cpu"
     assert "=== search: exit 0" in (out / "check.log").read_text()
+
+
+def test_profile_script_quick_mode(tmp_path):
+    """scripts/profile_search.py (device_check's opt-in `profile` step) on toy sizes: every
+    part of the search and every conv formulation is timed."""
+    env = {**os.environ, "XLA_FLAGS": xla_flags(), "PYTHONPATH": ROOT}
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "profile_search.py"), "--quick",
+         "--out", str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    prof = json.loads((tmp_path / "profile.json").read_text())
+    (row,) = prof["mlp"]["float32"]["search"]
+    parts = ("plan_ms", "program_device_inputs_ms", "program_and_fetch_ms", "compact_ms")
+    assert row["found"] > 0 and all(row[p] > 0 for p in parts + ("total_ms",))
+    conv = prof["conv"]["bfloat16"]
+    assert {"phase", "native", "phase_conv_first_layer", "search"} <= set(conv)
+    assert prof["engine_overhead"]["engine_ns_per_chain"] > 0

@@ -9,8 +9,8 @@ multi-device scaling (used by `defuse-jax bench search`).
 - Overhead: the engine with a near-zero-cost model (identity decoder, one linear classifier)
   measures everything the engine adds per chain, split three ways: counter-based RNG plus
   perturbation (timed alone), the rest of the compiled program (softmax and argmax, the norm,
-  the per-source top-k merge, output packing), and the host (validation, layout, the transfer
-  back, unpacking and compaction).
+  the per-source top-k merge, compacting the found candidates), and the host (validation,
+  packing the inputs, the transfers, building the result).
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def engine_overhead(chains: int, q: int, latent: int, repeats: int) -> dict[str,
     zj = jnp.asarray(z0)
     rng_t = best_time(lambda: rng_perturb(zj).block_until_ready(), repeats)
     # The compiled program alone, its inputs already laid out: the rest of `total` is the host
-    # (validation, layout, the transfer back, unpacking and compaction).
+    # (validation, packing the inputs, the transfers, building the result).
     plan = search_api._plan(decode, classify, z0, y0, key=key, config=cfg, scales=None, mesh=None)
     device_t = best_time(lambda: jax.block_until_ready(plan.program(*plan.args)), repeats)
     samples = n * q
