@@ -184,9 +184,7 @@ def build_program(
         best, flips, used = sharded(root, rows)
         return _compact(best, flips, used, unpack_rows(rows)[1], layout.rows.devices, copies)
 
-    return jax.jit(
-        program, in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, axes))
-    )
+    return jax.jit(program, in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, axes)))
 
 
 def _bits(a: jax.Array, dtype) -> jax.Array:
@@ -341,8 +339,13 @@ def fetch_found(found: Found) -> list[HostFound]:
     ints = extras[..., 2:].view(np.int32)
     return [
         HostFound(
-            z=z[r, :c], prob=extras[r, :c, 0], norm=extras[r, :c, 1], source=ints[r, :c, 0],
-            pred=ints[r, :c, 1], label=ints[r, :c, 2], flips=meta[r, 1 : 1 + p],
+            z=z[r, :c],
+            prob=extras[r, :c, 0],
+            norm=extras[r, :c, 1],
+            source=ints[r, :c, 0],
+            pred=ints[r, :c, 1],
+            label=ints[r, :c, 2],
+            flips=meta[r, 1 : 1 + p],
             used=meta[r, 1 + p :].astype(bool),
         )  # fmt: skip
         for r, c in enumerate(count.tolist())
