@@ -35,6 +35,7 @@ from defuse_jax.config_checks import (
 )
 from defuse_jax.files import atomic_write, write_npz
 from defuse_jax.mixture import BayesianGaussianMixture, GaussianMixture
+from defuse_jax.mixture._base import ILL_DEFINED_MESSAGE
 from defuse_jax.precision import exact
 
 
@@ -200,6 +201,25 @@ def _fit_mixture(x: np.ndarray, config: DistillConfig, seed: int, *, share: floa
         return model.fit(x)
 
 
+def _fit_group(x: np.ndarray, config: DistillConfig, seed: int, *, share: float, alone: bool):
+    """`_fit_mixture`, or, for one of several groups (a class's codes behind a conditional VAE,
+    a label's with `per_label`) whose codes are too few or too close together for its share of
+    the components (an ill-defined covariance), one component; None when even that fails: the
+    group forms no region, like a group with fewer than `min_codes` codes. One group alone
+    (every code) raises: then there is nothing else to distill."""
+    try:
+        return _fit_mixture(x, config, seed, share=share)
+    except ValueError as err:
+        if alone or not str(err).startswith(ILL_DEFINED_MESSAGE):
+            raise
+    try:
+        return _fit_mixture(x, dataclasses.replace(config, n_components=1), seed)
+    except ValueError as err:
+        if not str(err).startswith(ILL_DEFINED_MESSAGE):
+            raise
+    return None
+
+
 def distill(
     codes: np.ndarray,
     source_label: np.ndarray,
@@ -258,8 +278,15 @@ def distill(
             continue
         fit_idx = idx if len(idx) <= max_codes else rng.choice(idx, max_codes, replace=False)
         share = len(idx) / m  # the group's share of the codes
-        model = _fit_mixture(codes[fit_idx, :free], config, config.seed + g,
-                             share=share if source is not None else 1.0)  # fmt: skip
+        model = _fit_group(
+            codes[fit_idx, :free],
+            config,
+            config.seed + g,
+            share=share if source is not None else 1.0,
+            alone=len(groups) == 1,
+        )
+        if model is None:
+            continue
         fits.append(
             {"label": label, **({} if source is None else {"source_label": source}),
              "codes": int(len(fit_idx)), "converged": bool(model.converged_),

@@ -10,7 +10,6 @@ import numpy as np
 from defuse_jax import evaluation, identification, models
 from defuse_jax.regions import (
     Regions,
-    codes_fitted,
     distill,
     no_region_note,
     not_converged_note,
@@ -50,9 +49,9 @@ def stage_distill(ctx: Context) -> dict[str, Any]:
     )
     save_regions(regions, ctx.path("distill"))
     covered = int((regions.assignment >= 0).sum())
-    # With max_codes=None an accelerator fits every code up to 200,000 (a CPU: 10,000).
-    by_source = errors["source_label"] if free_dims is not None else None
-    fitted = codes_fitted(errors["pred_label"], cfg, source_label=by_source)
+    # With max_codes=None an accelerator fits every code up to 200,000 (a CPU: 10,000). What
+    # was fitted: groups too small (or too collapsed) for a mixture form no region.
+    fitted = sum(f["codes"] for f in regions.fits)
     cap = resolved_max_codes(cfg)
     ctx.log(
         f"distill: {regions.num_regions} regions explain {covered} of {n} errors (mixture "
