@@ -51,7 +51,9 @@ class VAEConfig:
             `CLASS_SCALE * one_hot(class)`. The encoder reads the image alone; the decoder
             reads the style and the class block's argmax, so a perturbed style keeps the
             class, and the search (which leaves the class block alone) finds images of the
-            source class the classifier gets wrong rather than class changes.
+            source class the classifier gets wrong rather than class changes. A run's VAE
+            chosen from the image shape is conditional (`train_models.default_vae_config`);
+            --no-vae-conditional gives the reference's.
     """
 
     kind: Literal["mlp", "conv"] = "mlp"

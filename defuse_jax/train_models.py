@@ -271,9 +271,14 @@ def record_own_model(
 
 
 def default_vae_config(image_shape: tuple[int, int, int]) -> VAEConfig:
-    """MLP for tiny grayscale images, conv for 28x28 and larger or colour images."""
+    """MLP for tiny grayscale images, conv for 28x28 and larger or colour images; both
+    class-conditional (`VAEConfig.conditional`: the search moves the style and keeps the class,
+    so it finds bugs rather than class changes; docs/results.md measures it against the
+    reference's unconditional VAE, which `--no-vae-conditional` gives)."""
     small = image_shape[0] * image_shape[1] <= 16 * 16
-    return VAEConfig(kind="mlp") if small else VAEConfig(kind="conv", latent_dim=12, beta=4.0)
+    if small:
+        return VAEConfig(kind="mlp", conditional=True)
+    return VAEConfig(kind="conv", latent_dim=12, beta=4.0, conditional=True)
 
 
 def default_classifier_config(image_shape: tuple[int, int, int]) -> ClassifierConfig:

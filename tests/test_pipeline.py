@@ -15,6 +15,7 @@ from defuse_jax import regions as regions_lib
 from defuse_jax import report as report_lib
 from defuse_jax.correction import CorrectConfig
 from defuse_jax.data import DataConfig
+from defuse_jax.models import VAEConfig
 from defuse_jax.regions import DistillConfig
 from defuse_jax.run_config import DEFAULT_SEARCH, STAGES, RunConfig
 from defuse_jax.stages import distill as distill_stage
@@ -268,7 +269,8 @@ def test_interrupted_run_resumes_without_redoing_finished_stages(finished, tmp_p
 
 def test_no_errors_found_gives_a_clear_report(trained, tmp_path):
     run_dir = _copy(trained, tmp_path)
-    tiny_scale = dataclasses.replace(TINY, search=dataclasses.replace(TINY.search, scale=1e-6))
+    # (the default VAE is conditional: its search takes the scale from search_scales' pilot)
+    tiny_scale = dataclasses.replace(TINY, search_scales=(1e-6,))
     logs = []
     pipeline.run(run_dir, tiny_scale, log=logs.append)
     report = _report(run_dir)
@@ -544,7 +546,7 @@ def test_a_conditional_vae_keeps_each_code_s_class_through_every_stage(trained, 
     """`--vae-conditional`: the VAE decodes from (style, class), the search perturbs the style
     alone, every region is one source class's, and the run reports as any other."""
     from defuse_jax.identification import load_errors
-    from defuse_jax.models import CLASS_SCALE, VAEConfig
+    from defuse_jax.models import CLASS_SCALE
     from defuse_jax.regions import load_regions
 
     run_dir = _copy(trained, tmp_path)  # the classifier is reused, the VAE trained anew
@@ -605,6 +607,47 @@ def test_codes_that_hold_their_class_get_one_mixture_per_source_class():
     assert all(set(b) == {r["majority_source_label"]} for b, r in zip(blocks, regions.records,
                                                                        strict=True))  # fmt: skip
     assert codes_fitted(pred, cfg, source_label=source) == 120
+
+
+@pytest.mark.parametrize(
+    "fails, regions_of",  # fits that raise an ill-defined covariance -> classes with regions
+    [((), {0, 2}), (("class 2 at k>1",), {0, 2}), (("class 2 at k>1", "class 2 at k=1"), {0})],
+)
+def test_a_class_whose_mixture_cannot_be_fitted_forms_no_region(monkeypatch, fails, regions_of):
+    """One class's codes too collapsed for its mixture: one component, else no region for that
+    class, and the other classes' regions as before; a single group of every code still fails
+    with the mixture's error (nothing else is left to distill)."""
+    from defuse_jax import regions as regions_mod
+    from defuse_jax.mixture._base import ILL_DEFINED_MESSAGE
+    from defuse_jax.models import CLASS_SCALE
+
+    rng = np.random.default_rng(0)
+    source = np.repeat([0, 2], [60, 60])
+    style = rng.normal(size=(120, 2)) * 0.1 + np.where(np.arange(120)[:, None] % 2, 3.0, 0.0)
+    codes = np.concatenate([style, CLASS_SCALE * np.eye(3)[source]], axis=1).astype(np.float32)
+    cfg = DistillConfig(method="gmm", n_components=4, max_iter=50, min_codes=5)
+    fit = regions_mod._fit_mixture
+
+    def flaky(x, config, seed, *, share=1.0):
+        one = config.n_components == 1
+        if seed == cfg.seed + 1 and f"class 2 at {'k=1' if one else 'k>1'}" in fails:
+            raise ValueError(ILL_DEFINED_MESSAGE + " (injected)")
+        return fit(x, config, seed, share=share)
+
+    monkeypatch.setattr(regions_mod, "_fit_mixture", flaky)
+    out = regions_mod.distill(codes, source, (source + 1) % 3, num_classes=3, config=cfg,
+                              free_dims=2)  # fmt: skip
+    assert {r["majority_source_label"] for r in out.records} == regions_of
+    assert [f["source_label"] for f in out.fits] == sorted(regions_of)
+    if len(fails) == 1:  # class 2 refitted with one component: one region for it
+        assert sum(r["majority_source_label"] == 2 for r in out.records) == 1
+
+    def never(*args, **kwargs):
+        raise ValueError(ILL_DEFINED_MESSAGE)
+
+    monkeypatch.setattr(regions_mod, "_fit_mixture", never)
+    with pytest.raises(ValueError, match="ill-defined empirical covariance"):
+        regions_mod.distill(codes, source, (source + 1) % 3, num_classes=3, config=cfg)
 
 
 def test_a_mixture_fit_cut_short_is_recorded_not_warned(tmp_path):
@@ -727,7 +770,11 @@ def test_budget_sweep_reruns_the_stages_per_budget_and_leaves_the_source_run_alo
         assert int(r["errors_kept"]) == report["num_errors_found"]
         assert int(r["regions_confirmed"]) == report["num_regions_confirmed"]
         assert int(r["regions_judge_backed"]) == report["bug_yield"]["confirmed_judge_agrees"]
-        assert int(r["codes_fitted"]) == report["num_errors_found"]  # all fit under max_codes
+        # every class's codes but those of classes with fewer than min_codes (one mixture per
+        # source class behind the default, conditional, VAE), all under max_codes
+        fits = json.load(open(os.path.join(out, r["run_dir"], "distill", "regions.json")))["fits"]
+        assert int(r["codes_fitted"]) == sum(f["codes"] for f in fits)
+        assert 0 < int(r["codes_fitted"]) <= report["num_errors_found"]
         assert int(r["max_codes"]) == 10_000  # DistillConfig.max_codes=None on a CPU
         assert float(r["total_s"]) == pytest.approx(
             sum(float(r[f"{s}_s"]) for s in budget_sweep.TIMED_STAGES)
@@ -879,18 +926,22 @@ _RUN_SPECIFIC = {"stage_seconds", "devices", "config", "own_models"}
 _SEARCH_TIMES = {"wall_time_s", "compile_time_s", "search_time_s", "seconds"}
 
 
-def test_the_projects_classifier_as_a_generic_pair_gives_the_same_report(finished, tmp_path):
+def test_the_projects_classifier_as_a_generic_pair_gives_the_same_report(tmp_path):
     """Defuse through `(apply_fn, params)`, with the VAE as `(encode_fn, decode_fn, params)`,
-    is the built-in path: same errors, regions, labels, correction and report."""
+    is the built-in path: same errors, regions, labels, correction and report. (A generic VAE
+    encodes images alone: the built-in run's VAE is the unconditional one.)"""
     from defuse_jax import models
 
-    vae, clf = _trained_models(finished[0])
+    config = dataclasses.replace(TINY, vae=VAEConfig(kind="mlp"))
+    source = str(tmp_path / "builtin")
+    pipeline.run(source, config, log=lambda s: None)
+    vae, clf = _trained_models(source)
     run_dir = str(tmp_path / "pair")
     pipeline.run(
-        run_dir, TINY, classifier=(models.logits, clf),
+        run_dir, config, classifier=(models.logits, clf),
         vae=(models.encode, models.decode, vae), log=lambda s: None,
     )  # fmt: skip
-    builtin, pair = _report(finished[0]), _report(run_dir)
+    builtin, pair = _report(source), _report(run_dir)
     assert pair["own_models"]["classifier"]["kind"] == "function"
     assert pair["own_models"]["vae"]["kind"] == "function"
     for key in set(builtin) - _RUN_SPECIFIC:
@@ -903,7 +954,7 @@ def test_the_projects_classifier_as_a_generic_pair_gives_the_same_report(finishe
             assert pair[key] == builtin[key], key
     np.testing.assert_array_equal(
         np.load(os.path.join(run_dir, "search", "errors.npz"))["z"],
-        np.load(os.path.join(finished[0], "search", "errors.npz"))["z"],
+        np.load(os.path.join(source, "search", "errors.npz"))["z"],
     )
 
 

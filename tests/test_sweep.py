@@ -341,13 +341,14 @@ def test_bf16_error_rate_matches_float32_on_trained_models(tiny_run):
     vae, _ = tm.load_trained(os.path.join(tiny_run, "train", "vae"))
     clf, _ = tm.load_trained(os.path.join(tiny_run, "train", "classifier"))
     ds = load_dataset(DataConfig(max_train=600, max_test=200))
-    z0 = identification.encode_sources(vae, ds.x_test[:150])
     y0 = ds.y_test[:150].astype(np.int32)
+    z0 = identification.encode_sources(vae, ds.x_test[:150], y0)  # (the VAE is conditional)
     rates = {}
     for dtype in ("float32", "bfloat16"):
         fns = models.search_functions(vae, clf, compute_dtype=dtype)
-        cfg = SearchConfig(num_samples=128, scale=1.0, compute_dtype=dtype)
-        res = latent_search(*fns, z0, y0, key=jax.random.key(0), config=cfg)
+        cfg = SearchConfig(num_samples=128, scale=2.0, compute_dtype=dtype)
+        res = latent_search(*fns, z0, y0, key=jax.random.key(0), config=cfg,
+                            free_dims=models.style_dims(vae))  # fmt: skip
         rates[dtype] = res.num_flips / res.num_samples_evaluated
     assert rates["float32"] > 0.05  # a meaningful error rate to compare
     # bf16 rounds logits to ~3 significant digits: only near-boundary samples flip differently
