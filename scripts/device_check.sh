@@ -63,11 +63,12 @@ keep() {  # keep SRC DEST: copy a stage output into $OUT if it exists
 
 if [ -n "$QUICK" ]; then  # seconds on a CPU: every step runs, on toy sizes
   # (one-epoch models: the oracle misreads their blurry decoded sources, so the quick pipeline
-  # searches without the validity constraint, or it would skip every source)
+  # searches without the validity constraint, or it would skip every source; and with the
+  # unconditional VAE, whose pilot and per-class mixtures would double its CPU time)
   PIPE=(--max-train 300 --max-test 80 --max-sources 16 --vae-epochs 1 --clf-epochs 1
     --search-num-samples 16 --distill-n-components 4 --distill-max-iter 20
     --distill-min-codes 2 --distill-error-samples 8 --grid-samples 2 --correct-epochs 1
-    --eval-region-samples 8 --oracle-members 1 --search-validity none)
+    --eval-region-samples 8 --oracle-members 1 --search-validity none --no-vae-conditional)
   CONV=(--vae-channels 4 8 --clf-channels 4 8 --vae-hidden 32 --clf-hidden 32)
   MIX=(--k 5 --iters 10 --repeats 1 --models gmm)
   MIX_N=(2000 4000)

@@ -17,6 +17,7 @@ import sys
 
 from defuse_jax.correction import CorrectConfig
 from defuse_jax.data import DataConfig
+from defuse_jax.models import VAEConfig
 from defuse_jax.regions import DistillConfig
 from defuse_jax.run_config import DEFAULT_SEARCH, RunConfig
 from defuse_jax.training import TrainConfig
@@ -29,6 +30,9 @@ from defuse_jax.training import TrainConfig
 _TRAIN = dict(batch_size=32, learning_rate=2e-3, reduction_shards=4)
 MICRO = RunConfig(
     data=DataConfig(max_train=256, max_test=96),
+    # The unconditional VAE: what is checked here (the same bits on every topology, failures)
+    # does not depend on it, and the default's pilot and per-class mixtures cost ~30 s here.
+    vae=VAEConfig(kind="mlp"),
     vae_train=TrainConfig(epochs=6, **_TRAIN),
     classifier_train=TrainConfig(epochs=4, checkpoint_every=8, **_TRAIN),
     max_sources=48,
