@@ -80,10 +80,7 @@ class _Plan(NamedTuple):
     program: Any  # the jitted search program
     args: tuple  # its arguments (root key data, laid-out rows)
     configs: list[SearchConfig]  # one per scale, chunk size resolved
-    layout: engine.Layout  # of one replica
-    y: np.ndarray  # [N] validated labels
     num_sources: int
-    latent: int
 
 
 def _plan(
@@ -127,7 +124,7 @@ def _plan(
     )  # fmt: skip
     noise = np.asarray([noise_scale(c, latent) for c in configs], np.float32)
     args = (root, engine.lay_out_inputs(z, y, noise, layout, mesh))
-    return _Plan(program, args, configs, layout, y, n, latent)
+    return _Plan(program, args, configs, n)
 
 
 def _both(classify_fn, validity_fn):
