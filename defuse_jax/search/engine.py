@@ -222,8 +222,8 @@ def _compact(best: Candidates, flips, used, y0, devices: int, copies: int) -> Fo
     def scatter(a):  # [K, P*k, ...] -> its found rows first
         return jnp.zeros_like(a).at[replica, dest].set(a, mode="drop")
 
-    ints = [slot_row.astype(jnp.int32), per_slot(best.pred), per_slot(y0)]
-    ints[0] = jnp.broadcast_to(ints[0], ints[1].shape)  # the source: a row of [K, P]
+    source = jnp.broadcast_to(slot_row.astype(jnp.int32), (copies, rows))  # its row of [K, P]
+    ints = [source, per_slot(best.pred), per_slot(y0)]
     extras = [per_slot(best.prob), per_slot(best.norm)] + [_bits(a, jnp.float32) for a in ints]
     meta = [jnp.sum(found, axis=1, dtype=jnp.int32)[:, None], by_replica(flips),
             by_replica(used).astype(jnp.int32)]  # fmt: skip
@@ -347,7 +347,7 @@ def fetch_found(found: Found) -> list[HostFound]:
             label=ints[r, :c, 2],
             flips=meta[r, 1 : 1 + p],
             used=meta[r, 1 + p :].astype(bool),
-        )  # fmt: skip
+        )
         for r, c in enumerate(count.tolist())
     ]
 
