@@ -34,8 +34,7 @@ from defuse_jax.config_checks import (
     check_fields,
 )
 from defuse_jax.files import atomic_write, write_npz
-from defuse_jax.mixture import BayesianGaussianMixture, GaussianMixture
-from defuse_jax.mixture._base import ILL_DEFINED_MESSAGE
+from defuse_jax.mixture import BayesianGaussianMixture, GaussianMixture, IllDefinedCovarianceError
 from defuse_jax.precision import exact
 
 
@@ -209,15 +208,13 @@ def _fit_group(x: np.ndarray, config: DistillConfig, seed: int, *, share: float,
     (every code) raises: then there is nothing else to distill."""
     try:
         return _fit_mixture(x, config, seed, share=share)
-    except ValueError as err:
-        if alone or not str(err).startswith(ILL_DEFINED_MESSAGE):
+    except IllDefinedCovarianceError:
+        if alone:
             raise
     try:
         return _fit_mixture(x, dataclasses.replace(config, n_components=1), seed)
-    except ValueError as err:
-        if not str(err).startswith(ILL_DEFINED_MESSAGE):
-            raise
-    return None
+    except IllDefinedCovarianceError:
+        return None
 
 
 def distill(

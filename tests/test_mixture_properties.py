@@ -169,8 +169,11 @@ def test_many_components_on_few_points_is_finite():
 
 
 def test_collapsed_component_raises_clear_error():
-    """reg_covar=0 and a degenerate covariance: a ValueError naming the cause, never NaN."""
-    with pytest.raises(ValueError, match="ill-defined empirical covariance"):
+    """reg_covar=0 and a degenerate covariance: a ValueError naming the cause, never NaN (of
+    its own type, which the distill stage catches to refit a group with one component)."""
+    from defuse_jax.mixture import IllDefinedCovarianceError
+
+    with pytest.raises(IllDefinedCovarianceError, match="ill-defined empirical covariance"):
         GaussianMixture(1, reg_covar=0.0).fit(np.full((20, 3), 2.5))
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.normal(size=(60, 2)), rng.normal(size=(60, 2)) + 10, [[50.0, 50.0]]])

@@ -622,6 +622,7 @@ def test_a_class_whose_mixture_cannot_be_fitted_forms_no_region(monkeypatch, fai
     class, and the other classes' regions as before; a single group of every code still fails
     with the mixture's error (nothing else is left to distill)."""
     from defuse_jax import regions as regions_mod
+    from defuse_jax.mixture import IllDefinedCovarianceError
     from defuse_jax.mixture._base import ILL_DEFINED_MESSAGE
     from defuse_jax.models import CLASS_SCALE
 
@@ -635,7 +636,7 @@ def test_a_class_whose_mixture_cannot_be_fitted_forms_no_region(monkeypatch, fai
     def flaky(x, config, seed, *, share=1.0):
         one = config.n_components == 1
         if seed == cfg.seed + 1 and f"class 2 at {'k=1' if one else 'k>1'}" in fails:
-            raise ValueError(ILL_DEFINED_MESSAGE + " (injected)")
+            raise IllDefinedCovarianceError(ILL_DEFINED_MESSAGE + " (injected)")
         return fit(x, config, seed, share=share)
 
     monkeypatch.setattr(regions_mod, "_fit_mixture", flaky)
@@ -647,7 +648,7 @@ def test_a_class_whose_mixture_cannot_be_fitted_forms_no_region(monkeypatch, fai
         assert sum(r["majority_source_label"] == 2 for r in out.records) == 1
 
     def never(*args, **kwargs):
-        raise ValueError(ILL_DEFINED_MESSAGE)
+        raise IllDefinedCovarianceError(ILL_DEFINED_MESSAGE)
 
     monkeypatch.setattr(regions_mod, "_fit_mixture", never)
     with pytest.raises(ValueError, match="ill-defined empirical covariance"):

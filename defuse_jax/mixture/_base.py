@@ -29,6 +29,14 @@ ILL_DEFINED_MESSAGE = (
     "covariance (for instance caused by singleton or collapsed samples). Try to decrease the "
     "number of components, increase reg_covar, or scale the input data."
 )
+
+
+class IllDefinedCovarianceError(ValueError):
+    """A fit with a component whose covariance is not positive definite (too few or collapsed
+    rows for it). A ValueError, as scikit-learn raises; its own type lets a caller that fits
+    many groups retry one with fewer components instead of parsing the message."""
+
+
 NON_FINITE_MESSAGE = (
     "Fitting the mixture model failed because the lower bound or the parameters became "
     "non-finite (overflow: the data's scale is too large or too small for the precision in "
@@ -167,7 +175,7 @@ class MixtureBase(DensityMixin, BaseEstimator, metaclass=abc.ABCMeta):
                 if dtype == np.float32
                 else ""
             )
-            raise ValueError(ILL_DEFINED_MESSAGE + extra)
+            raise IllDefinedCovarianceError(ILL_DEFINED_MESSAGE + extra)
         if code != _engine.OK:
             raise ValueError(NON_FINITE_MESSAGE)
         self._offset = offset
