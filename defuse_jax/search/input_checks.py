@@ -107,14 +107,12 @@ def check_inputs(
     z = np.asarray(z, np.float32)  # no copy when it is one already
     if not np.isfinite(z.sum()):  # one pass; NaN/inf anywhere (or an overflow) shows here
         bad = ~np.isfinite(z).all(axis=1)
-    else:
-        bad = np.zeros(0, bool)
-    if bad.any():
-        rows = np.flatnonzero(bad)[:5].tolist()
-        raise ValueError(
-            f"z0 has non-finite values (NaN/inf) in rows {rows}"
-            f"{' ...' if bad.sum() > 5 else ''}; drop or fix those source points."
-        )
+        if bad.any():
+            rows = np.flatnonzero(bad)[:5].tolist()
+            raise ValueError(
+                f"z0 has non-finite values (NaN/inf) in rows {rows}"
+                f"{' ...' if bad.sum() > 5 else ''}; drop or fix those source points."
+            )
 
     decoded, out = _forward_shapes(decode_fn, classify_fn, z.shape[1], config.compute_dtype)
     if len(out.shape) != 2 or out.shape[0] != 1:
