@@ -35,15 +35,7 @@ from defuse_jax.search import SearchConfig, engine, latent_search
 from defuse_jax.search import api as search_api
 from defuse_jax.search.result import compact
 
-
-def _best(fn, repeats: int = 5) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+REPEATS = 5  # best of, after a warm-up call (`roofline.best_time`)
 
 
 def trace_summary(fn, top: int = 12) -> dict:
@@ -83,21 +75,23 @@ def search_parts(decode_fn, classify_fn, chains: int, q: int, chunk: int, dtype:
     def search():
         return latent_search(decode_fn, classify_fn, z0, y0, key=key, config=cfg)
 
-    total = _best(search)
+    total = roofline.best_time(search, REPEATS)
 
     def plan():
         return search_api._plan(
             decode_fn, classify_fn, z0, y0, key=key, config=cfg, scales=None, mesh=None
         )
 
-    t_plan = _best(plan)
+    t_plan = roofline.best_time(plan, REPEATS)
     p = plan()
     placed = jax.device_put(p.args)
-    t_prog = _best(lambda: jax.block_until_ready(p.program(*placed)))
-    t_prog_host = _best(lambda: jax.block_until_ready(p.program(*p.args)))
-    t_fetch = _best(lambda: engine.fetch_found(p.program(*placed)))
+    t_prog = roofline.best_time(lambda: jax.block_until_ready(p.program(*placed)), REPEATS)
+    t_prog_host = roofline.best_time(lambda: jax.block_until_ready(p.program(*p.args)), REPEATS)
+    t_fetch = roofline.best_time(lambda: engine.fetch_found(p.program(*placed)), REPEATS)
     parts = engine.fetch_found(p.program(*placed))
-    t_compact = _best(lambda: compact(parts[0], n, config=p.configs[0], wall_time_s=0.0))
+    t_compact = roofline.best_time(
+        lambda: compact(parts[0], n, config=p.configs[0], wall_time_s=0.0), REPEATS
+    )
     ms = 1e3
     return {
         "chains": n * q,
@@ -118,7 +112,7 @@ def search_parts(decode_fn, classify_fn, chains: int, q: int, chunk: int, dtype:
 def forward(decode_fn, classify_fn, batch: int, dtype: str, trace: bool) -> dict:
     fwd = jax.jit(lambda z: jnp.argmax(classify_fn(decode_fn(z.astype(dtype))), axis=-1))
     z = jax.random.normal(jax.random.key(0), (batch, LATENT_DIM), jnp.float32)
-    t = _best(lambda: fwd(z).block_until_ready())
+    t = roofline.best_time(lambda: fwd(z).block_until_ready(), REPEATS)
     row = {"batch": batch, "samples_per_s": batch / t, "ms": t * 1e3}
     if trace:
         row["trace"] = trace_summary(lambda: fwd(z).block_until_ready(), top=20)
