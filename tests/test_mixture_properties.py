@@ -144,6 +144,57 @@ def test_similar_row_counts_share_one_compiled_fit(data, cls, monkeypatch):
     assert program._cache_size() > compiled
 
 
+@pytest.mark.parametrize(
+    "cls, covariance_type, init_params",
+    [
+        (BayesianGaussianMixture, "full", "kmeans"),
+        (BayesianGaussianMixture, "tied", "k-means++"),
+        (BayesianGaussianMixture, "diag", "random"),
+        (GaussianMixture, "spherical", "random_from_data"),
+        (GaussianMixture, "full", "kmeans"),
+    ],
+)
+def test_a_fit_padded_to_a_larger_program_is_the_fit_of_its_size(
+    data, cls, covariance_type, init_params
+):
+    """program_components / program_rows compile for more components and rows than the fit
+    uses; the extra ones take no part: the same iterations, parameters up to float rounding
+    (the padded rows sum in other blocks), the same predictions, and attributes of the fit's
+    own size."""
+    kw = dict(n_components=5, covariance_type=covariance_type, init_params=init_params,
+              max_iter=100, random_state=2)  # fmt: skip
+    own = cls(**kw).fit(data[:300])
+    padded = cls(program_components=16, program_rows=1000, **kw).fit(data[:300])
+    assert padded.n_iter_ == own.n_iter_ and padded.converged_ == own.converged_
+    for name in ("weights_", "means_", "covariances_", "precisions_cholesky_"):
+        assert getattr(padded, name).shape == getattr(own, name).shape, name
+    np.testing.assert_allclose(padded.weights_, own.weights_, atol=1e-5)
+    np.testing.assert_allclose(padded.means_, own.means_, atol=1e-4)
+    np.testing.assert_allclose(padded.covariances_, own.covariances_, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(padded.lower_bound_, own.lower_bound_, rtol=1e-4)
+    assert padded.predict_proba(data).shape == (len(data), 5)
+    np.testing.assert_array_equal(padded.predict(data), own.predict(data))
+    np.testing.assert_allclose(padded.score_samples(data), own.score_samples(data), rtol=1e-4)
+
+
+@pytest.mark.parametrize("cls", [GaussianMixture, BayesianGaussianMixture])
+def test_fits_of_different_sizes_share_one_program_at_one_program_size(data, cls, monkeypatch):
+    """Without a program size each component count and row bucket compiles its own fit; with
+    one, fits of 2 to 7 components on 40 to 700 rows all run the first fit's program."""
+    static = ("model", "cfg", "layout", "mesh")  # as `_base._fit_program`, freshly jitted
+    program = jax.jit(_base._fit_program.__wrapped__, static_argnames=static)
+    monkeypatch.setattr(_base, "_fit_program", program)
+    sizes = [(2, 40), (7, 700), (4, 230)]
+    before = program._cache_size()  # (jit wrappers of one function share its cache)
+    for k, n in sizes:
+        cls(n_components=k, max_iter=3, random_state=0).fit(data[:n])
+    assert program._cache_size() == before + len(sizes)
+    for k, n in sizes:
+        cls(n_components=k, max_iter=3, random_state=0, program_components=7,
+            program_rows=700).fit(data[:n])  # fmt: skip
+    assert program._cache_size() == before + len(sizes) + 1
+
+
 def test_many_components_on_few_points_is_finite():
     """The pipeline's path: 100 components on a few thousand codes, no NaN anywhere."""
     x = blobs(seed=1, n=2500, d=8, k=5, spread=3.0)

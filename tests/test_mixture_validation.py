@@ -73,6 +73,8 @@ def test_fewer_samples_than_components(cls):
         ({"block_size": 2}, "block_size"),
         ({"devices": "some"}, "devices"),
         ({"devices": 99}, "devices"),
+        ({"program_components": 1}, "program_components == 1, must be >= 2"),
+        ({"program_rows": 0}, "program_rows"),
     ],
 )
 def test_bad_parameters(cls, kw, match):
@@ -116,6 +118,7 @@ def test_bad_bayesian_priors(kw, match):
         ({"means_init": np.zeros((2, 4))}, "shape"),
         ({"precisions_init": np.stack([np.eye(3), -np.eye(3)])}, "positive-definite"),
         ({"covariance_type": "diag", "precisions_init": np.zeros((2, 3))}, "positive"),
+        ({"means_init": np.zeros((2, 3)), "program_components": 4}, "means_init cannot"),
     ],
 )
 def test_bad_gaussian_inits(kw, match):

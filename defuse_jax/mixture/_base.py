@@ -102,6 +102,19 @@ def _posterior(xb, means, prec_chol, log_const, *, covariance_type: str):
     return jax.lax.map(one, xb)
 
 
+# Fitted arrays with one entry per component (the tied covariance's are shared by all).
+_PER_COMPONENT = ("weights", "means", "log_const", "conc_a", "conc_b", "mean_precision")
+_PER_COMPONENT_UNLESS_TIED = ("covariances", "prec_chol", "dof")
+
+
+def _in_use(out: dict, k: int, program_k: int, covariance_type: str) -> dict:
+    """The fit's arrays for its first `k` components, of a program of `program_k`."""
+    if program_k == k:
+        return out
+    names = _PER_COMPONENT + (() if covariance_type == "tied" else _PER_COMPONENT_UNLESS_TIED)
+    return {name: v[:k] if name in names else v for name, v in out.items()}
+
+
 class MixtureBase(DensityMixin, BaseEstimator, metaclass=abc.ABCMeta):
     """Common machinery; subclasses define the model, its extra checks and its attributes."""
 
@@ -119,8 +132,9 @@ class MixtureBase(DensityMixin, BaseEstimator, metaclass=abc.ABCMeta):
         """
 
     @abc.abstractmethod
-    def _make_model(self, n_features: int):
-        """The engine's model (hashable: part of the compiled program's key)."""
+    def _make_model(self, n_features: int, n_components: int):
+        """The engine's model for a program of `n_components` components (hashable: part of the
+        compiled program's key)."""
 
     @abc.abstractmethod
     def _set_fitted(self, out: dict) -> None:
@@ -154,7 +168,9 @@ class MixtureBase(DensityMixin, BaseEstimator, metaclass=abc.ABCMeta):
             for k, v in user.items()
         }
         mesh = resolve_mesh(self.devices)
-        model = self._make_model(d)
+        k = int(self.n_components)
+        program_k = max(k, int(self.program_components or 0))  # the compiled program's K
+        model = self._make_model(d, program_k)
         seed = seed_of(self.random_state)
         with x64_context(dtype):
             # host (numpy) rows: the engine pads them before the jitted program sees their shape
@@ -165,9 +181,10 @@ class MixtureBase(DensityMixin, BaseEstimator, metaclass=abc.ABCMeta):
                 n_init=int(self.n_init), init_params=self.init_params, mesh=mesh, mask=None,
                 init_resp=init_resp, block_size=int(self.block_size), precompute_features=None,
                 window=self._convergence_window(), program=_fit_program,
+                program_components=self.program_components, program_rows=self.program_rows,
             )  # fmt: skip
             out = jax.device_get(out)
-        out = {k: np.asarray(v) for k, v in out.items()}
+        out = {name: np.asarray(v) for name, v in out.items()}
         code = int(out["code"])
         if code == _engine.ILL_DEFINED_COVARIANCE:
             extra = (
@@ -179,13 +196,15 @@ class MixtureBase(DensityMixin, BaseEstimator, metaclass=abc.ABCMeta):
         if code != _engine.OK:
             raise ValueError(NON_FINITE_MESSAGE)
         self._offset = offset
+        # the posterior's program keeps the compiled size (its extra components masked out)
+        self._means_c, self._log_const = out["means"], out["log_const"]
+        self._prec_chol_c = out["prec_chol"]
+        out = _in_use(out, k, program_k, self.covariance_type)
         n_iter = int(out["n_iter"])
         self.n_iter_ = n_iter
         self.converged_ = bool(out["converged"])
         self.lower_bound_ = float(out["lower_bound"])
         self.lower_bounds_ = [float(v) for v in out["history"][:n_iter]]
-        self._means_c = out["means"]
-        self._log_const = out["log_const"]
         self.means_ = (out["means"].astype(np.float64) + offset).astype(dtype)
         self.weights_ = out["weights"]
         self.covariances_ = out["covariances"]
@@ -218,13 +237,13 @@ class MixtureBase(DensityMixin, BaseEstimator, metaclass=abc.ABCMeta):
             lse, log_resp = _posterior(
                 jnp.asarray(xc.reshape(rows.blocks, block, d)),
                 jnp.asarray(self._means_c),
-                jnp.asarray(self.precisions_cholesky_),
+                jnp.asarray(self._prec_chol_c),
                 jnp.asarray(self._log_const),
                 covariance_type=self.covariance_type,
             )
             lse = np.asarray(lse).reshape(-1)[:n]
             log_resp = np.asarray(log_resp).reshape(rows.padded_rows, -1)[:n]
-            return lse, log_resp
+            return lse, log_resp[:, : int(self.n_components)]
 
     def score_samples(self, X):
         """Log-likelihood of each sample under the model, [n_samples]."""

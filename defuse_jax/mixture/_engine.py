@@ -5,6 +5,8 @@ A *model* (EM in `em.py`, variational in `variational.py`) supplies only small p
 algebra:
 
     model.priors(blocks, n, user, axis_name) -> pytree      data-dependent constants (VB priors)
+                                      (the engine adds "active": the [K] bool components in
+                                      use, or None when all are; see `Hyper.n_active`)
     model.init_params(nk, xk, sk, priors, user) -> (params, ok)
     model.m_step(nk, xk, sk, priors) -> (params, ok)
     model.estep_terms(params, priors) -> (W [K, Fd], const [K])
@@ -43,7 +45,7 @@ from jax.sharding import PartitionSpec as P
 
 from defuse_jax._plumbing.keys import drawn_key_words
 from defuse_jax._plumbing.row_layout import RowLayout, pad_rows, plan_rows
-from defuse_jax.mixture import _init
+from defuse_jax.mixture import _init, _kmeans
 from defuse_jax.mixture._shards import Blocks, psum, shard_index
 from defuse_jax.mixture.gaussian import features_t, moments_from_stats, n_stat_features
 from defuse_jax.precision import exact
@@ -79,6 +81,10 @@ class EngineConfig:
     steps shrink this implies scikit-learn's test (so it fires at most W iterations later), and
     it averages out rounding noise that would otherwise fire scikit-learn's test early (used
     for the variational bound in float32, whose noise is a few times tol).
+
+    `masked`: the program fits the first `Hyper.n_active` of its `n_components` components (a
+    program shared by fits of different sizes). Without it every component is in use and the
+    program holds no masking at all, so its results do not move in the last bits.
     """
 
     n_components: int
@@ -89,6 +95,7 @@ class EngineConfig:
     precompute_features: bool = True
     stall_iters: int = STALL_ITERS
     window: int = 0
+    masked: bool = False
 
 
 # Keep the feature matrix for the whole fit when it takes at most this many bytes per device.
@@ -106,17 +113,42 @@ def history_size_for(max_iter: int) -> int:
 
 
 class Hyper(NamedTuple):
-    """Traced hyperparameters: tol and reg_covar (data dtype scalars), max_iter (int32)."""
+    """Traced hyperparameters: tol and reg_covar (data dtype scalars), max_iter (int32), and the
+    components in use.
+
+    `n_active` <= `EngineConfig.n_components`: a program compiled for K components fits the
+    first `n_active` of them, the others held at weight zero with masked log-probabilities, so
+    that fits with different numbers of components can share one compiled program.
+    `n_trials` is scikit-learn's k-means++ candidates per center for `n_active` centers.
+    """
 
     tol: jax.Array
     reg_covar: jax.Array
     max_iter: jax.Array
+    n_active: jax.Array
+    n_trials: jax.Array
 
 
-def make_hyper(tol, reg_covar, max_iter, dtype) -> Hyper:
+def make_hyper(tol, reg_covar, max_iter, dtype, n_active: int) -> Hyper:
     return Hyper(
-        jnp.asarray(tol, dtype), jnp.asarray(reg_covar, dtype), jnp.asarray(max_iter, jnp.int32)
+        jnp.asarray(tol, dtype),
+        jnp.asarray(reg_covar, dtype),
+        jnp.asarray(max_iter, jnp.int32),
+        jnp.asarray(n_active, jnp.int32),
+        jnp.asarray(_kmeans.local_trials(n_active), jnp.int32),
     )
+
+
+# The log-probability constant of a component not in use: finite (a weight of 0 would give
+# -inf, and the entropy's r * log r would then be 0 * -inf), and low enough that exp() of it
+# relative to any component in use is exactly 0.
+MASKED_LOG = -1e30
+
+
+def only_active(active: jax.Array | None, nk: jax.Array) -> jax.Array:
+    """nk [K] with the components not in use at exactly 0 (no 10 eps mass): the models' weights
+    and the stick-breaking tails then see only the components in use. `active` None: all are."""
+    return nk if active is None else jnp.where(active, nk, 0)
 
 
 class LoopState(NamedTuple):
@@ -211,8 +243,12 @@ def run_em_loop(
     def cond(s: LoopState):
         return (s.it < hyper.max_iter) & ~s.converged & (s.code == OK)
 
+    active = priors["active"]
+
     def body(s: LoopState):
         w_mat, const = model.estep_terms(s.params, priors)
+        if active is not None:
+            const = jnp.where(active, const, MASKED_LOG)
         stats, ll, ent = data_pass(
             w_mat,
             const,
@@ -226,6 +262,7 @@ def run_em_loop(
         nk, xk, sk = moments_from_stats(
             stats, d, cfg.covariance_type, hyper.reg_covar, repair=repair
         )
+        nk = only_active(active, nk)
         new, ok = model.m_step(nk, xk, sk, priors)
         lb = model.lower_bound(new, ll, ent, n, priors)
         finite = jnp.isfinite(lb) & _all_finite(new)
@@ -272,7 +309,10 @@ def fit_local(
         xc.reshape(nb, b, d).transpose(0, 2, 1), mask.reshape(nb, b), gidx.reshape(nb, b)
     )
     user = model.center_user(user, center)
-    priors = model.priors(blocks, n, user, axis_name)
+    # `active` [K] bool: the components in use (`Hyper.n_active`), or None (all of them); the
+    # models mask their sums over components with it
+    active = jnp.arange(cfg.n_components) < hyper.n_active if cfg.masked else None
+    priors = {**model.priors(blocks, n, user, axis_name), "active": active}
     feats = None
     if cfg.precompute_features:
         feats = jax.vmap(lambda xt, m: features_t(xt, m, cfg.covariance_type))(
@@ -291,7 +331,10 @@ def fit_local(
         if model.skip_resp_init(user):
             params0, ok0 = model.init_params(None, None, None, priors, user)
         else:
-            resp_fn = _init.responsibility_fn(method, blocks, cfg.n_components, words, n, axis_name)
+            resp_fn = _init.responsibility_fn(
+                method, blocks, cfg.n_components, words, n, axis_name,
+                **(dict(active=hyper.n_active, active_trials=hyper.n_trials) if cfg.masked else {}),
+            )  # fmt: skip
             nk, xk, sk = _init.initial_moments(
                 resp_fn,
                 blocks,
@@ -301,7 +344,7 @@ def fit_local(
                 hyper.reg_covar,
                 axis_name,
             )
-            params0, ok0 = model.init_params(nk, xk, sk, priors, user)
+            params0, ok0 = model.init_params(only_active(active, nk), xk, sk, priors, user)
         return run_em_loop(
             model, cfg, hyper, params0, ok0, blocks, feats, priors, n, axis_name, vmapped=vmapped
         )
@@ -317,6 +360,8 @@ def fit_local(
     best = jnp.where(jnp.any(good), best, 0)
     run = jax.tree.map(lambda a: a[best], runs)
     out = model.finalize(run.params, center, priors)
+    if active is not None:
+        out["log_const"] = jnp.where(active, out["log_const"], MASKED_LOG)
     out.update(
         lower_bound=run.lower_bound,
         n_iter=run.it,
@@ -418,6 +463,8 @@ def fit_functional(
     precompute_features: bool | None,
     window: int = 0,
     program=fit,
+    program_components: int | None = None,
+    program_rows: int | None = None,
 ):
     """The one construction of a fit: the row layout, the static `EngineConfig`, the traced
     `Hyper`, the padded rows, and the call of `program` on them.
@@ -432,24 +479,38 @@ def fit_functional(
       x: [N, d] float rows; key: a JAX PRNG key; user: dict of model-specific arrays or None.
       mask: optional [N] 1/0 (rows with 0 are left out); init_resp: optional [N, K].
       program: `fit`, or a jitted `fit` (static `model`, `cfg`, `layout`, `mesh`).
+      program_components, program_rows: compile for at least this many components (`model`'s
+        `n_components` must be the larger of the two) and rows; fits of other sizes under the
+        same values share the program (see `Hyper`).
 
     Returns:
-      `program`'s output: a dict of the fitted arrays (see the functional fits).
+      `program`'s output: a dict of the fitted arrays (see the functional fits), with
+      `max(n_components, program_components)` components, those past n_components at weight 0.
     """
     n, d = x.shape
     n_shards = 1 if mesh is None else mesh.devices.size
-    layout = plan_rows(n, n_shards, block_size, bucket=True)
+    k = max(n_components, program_components or 0)
+    n_rows = max(n, program_rows or 0)
+    if k > n_components:
+        n_rows = max(n_rows, k * n_shards)  # the random_from_data draw takes K rows per shard
+    layout = plan_rows(n_rows, n_shards, block_size, bucket=True)
     if precompute_features is None:
         precompute_features = precompute_for(layout, d, covariance_type, x.dtype)
     cfg = EngineConfig(
-        n_components=n_components,
+        n_components=k,
         covariance_type=covariance_type,
         history_size=history_size_for(max_iter),
         n_init=n_init,
         init_params=init_params,
         precompute_features=precompute_features,
         window=window,
+        masked=program_components is not None,
     )
-    hyper = make_hyper(tol, reg_covar, max_iter, x.dtype)
+    hyper = make_hyper(tol, reg_covar, max_iter, x.dtype, n_components)
+    if init_resp is not None and k > n_components:
+        xp = np if isinstance(init_resp, np.ndarray) else jnp
+        init_resp = xp.concatenate(
+            [init_resp, xp.zeros((n, k - n_components), init_resp.dtype)], axis=1
+        )
     rows = lay_out_rows(x, mask, init_resp, layout)
     return program(rows, key, user, hyper, model=model, cfg=cfg, layout=layout, mesh=mesh)

@@ -34,19 +34,29 @@ def responsibility_fn(
     key_words: jax.Array,
     n_samples: jax.Array,
     axis_name,
+    *,
+    active: jax.Array | None = None,
+    active_trials: jax.Array | None = None,
 ):
-    """A function (xt, mask, gidx, aux) -> [K, B] for the chosen method."""
+    """A function (xt, mask, gidx, aux) -> [K, B] for the chosen method.
+
+    Only the first `active` (traced int32) of the K components get responsibilities, as a
+    program compiled for exactly `active` components would give them (`active_trials`: its
+    k-means++ candidates per center); the rest get zeros. None: all K.
+    """
     k = n_components
     dtype = blocks.xt.dtype
+    on = None if active is None else jnp.arange(k) < active  # [K]
+    seeding = dict(active=active, active_trials=active_trials)
 
     if method == "kmeans":
-        seeds, _ = _kmeans.kmeans_plusplus(blocks, k, key_words, axis_name)
-        centers = _kmeans.lloyd(blocks, seeds, n_samples, axis_name)
-        return lambda xt, mask, gidx, aux: _kmeans.assign(xt, centers) * mask[None, :]
+        seeds, _ = _kmeans.kmeans_plusplus(blocks, k, key_words, axis_name, **seeding)
+        centers = _kmeans.lloyd(blocks, seeds, n_samples, axis_name, active=on)
+        return lambda xt, mask, gidx, aux: _kmeans.assign(xt, centers, on) * mask[None, :]
 
     if method in ("k-means++", "random_from_data"):
         if method == "k-means++":
-            _, ids = _kmeans.kmeans_plusplus(blocks, k, key_words, axis_name)
+            _, ids = _kmeans.kmeans_plusplus(blocks, k, key_words, axis_name, **seeding)
         else:
             u = _random.uniform(key_words, jnp.uint32(0), blocks.gidx, dtype)
             u = jnp.where(blocks.mask > 0, u, -1).reshape(-1)
@@ -55,7 +65,10 @@ def responsibility_fn(
             _, ids = global_top_k(top, blocks.gidx.reshape(-1)[pos], k, axis_name)
 
         def onehot(xt, mask, gidx, aux):
-            return (gidx[None, :] == ids[:, None]).astype(dtype) * mask[None, :]
+            hit = gidx[None, :] == ids[:, None]
+            if on is not None:
+                hit = hit & on[:, None]
+            return hit.astype(dtype) * mask[None, :]
 
         return onehot
 
@@ -64,6 +77,8 @@ def responsibility_fn(
 
         def rand(xt, mask, gidx, aux):
             u = _random.uniform(key_words, comp, gidx[None, :], dtype)
+            if on is not None:
+                u = jnp.where(on[:, None], u, 0)
             return u / jnp.sum(u, axis=0, keepdims=True) * mask[None, :]
 
         return rand

@@ -6,6 +6,12 @@ distance use the Gumbel-max trick on counter-based noise, so each shard scores i
 only the best score per candidate crosses devices. `lloyd` is Lloyd's algorithm with
 scikit-learn's KMeans defaults (at most 300 iterations, stop when the squared center shift is at
 most 1e-4 times the mean feature variance); an empty cluster keeps its previous center.
+
+Both take an optional traced `active` count (see `_engine.Hyper.n_active`): a program compiled for
+K centers then seeds and moves only the first `active`, with the candidate draws of `active`
+centers, so that fits with different numbers of components can share one compiled program and
+still give what a program compiled for exactly `active` centers gives. The candidates are drawn
+from counter-based noise, so the first T of T_max draws are the same whatever T_max.
 """
 
 from __future__ import annotations
@@ -49,12 +55,28 @@ def sample_rows(blocks: Blocks, weights: jax.Array, words: jax.Array, n_draws: i
     return global_argmax_pick(best, (points, ids), axis_name)
 
 
+def local_trials(n_clusters: int) -> int:
+    """scikit-learn's candidate draws per center of k-means++ seeding."""
+    return 2 + int(math.log(n_clusters))
+
+
 def kmeans_plusplus(
-    blocks: Blocks, n_clusters: int, words: jax.Array, axis_name, n_local_trials: int | None = None
+    blocks: Blocks,
+    n_clusters: int,
+    words: jax.Array,
+    axis_name,
+    n_local_trials: int | None = None,
+    *,
+    active: jax.Array | None = None,
+    active_trials: jax.Array | None = None,
 ):
-    """Greedy k-means++ seeding: (centers [K, d], global row ids of the chosen rows [K])."""
+    """Greedy k-means++ seeding: (centers [K, d], global row ids of the chosen rows [K]).
+
+    active, active_trials: traced int32 scalars: seed only the first `active` of the K centers,
+    each from `active_trials` of the `n_local_trials` candidates (the rest stay zero).
+    """
     if n_local_trials is None:
-        n_local_trials = 2 + int(math.log(n_clusters))
+        n_local_trials = local_trials(n_clusters)
     dtype = blocks.xt.dtype
     d = blocks.xt.shape[1]
     x2 = jnp.sum(blocks.xt * blocks.xt, axis=1)
@@ -70,17 +92,23 @@ def kmeans_plusplus(
         )
         dist = jnp.minimum(closest[None], _sqdist(blocks, x2, cand))
         pots = psum(jnp.sum(dist * blocks.mask[None], axis=(1, 2)), axis_name)
+        if active_trials is not None:
+            pots = jnp.where(jnp.arange(n_local_trials) < active_trials, pots, jnp.inf)
         best = jnp.argmin(pots)
         return dist[best], centers.at[c].set(cand[best]), ids.at[c].set(cand_ids[best])
 
-    _, centers, ids = lax.fori_loop(1, n_clusters, step, (closest, centers, ids))
+    upper = n_clusters if active is None else active
+    _, centers, ids = lax.fori_loop(1, upper, step, (closest, centers, ids))
     return centers, ids
 
 
-def assign(xt: jax.Array, centers: jax.Array) -> jax.Array:
-    """[K, B] one-hot nearest-center indicators of a block of columns."""
+def assign(xt: jax.Array, centers: jax.Array, active: jax.Array | None = None) -> jax.Array:
+    """[K, B] one-hot nearest-center indicators of a block of columns (among the centers where
+    the [K] bool `active` holds, when given)."""
     k = centers.shape[0]
     score = jnp.sum(centers * centers, axis=1)[:, None] - 2 * (centers @ xt)
+    if active is not None:
+        score = jnp.where(active[:, None], score, jnp.inf)
     lab = jnp.argmin(score, axis=0)
     return (lab[None, :] == jnp.arange(k)[:, None]).astype(xt.dtype)
 
@@ -93,8 +121,10 @@ def lloyd(
     *,
     max_iter: int = 300,
     tol: float = 1e-4,
+    active: jax.Array | None = None,
 ) -> jax.Array:
-    """Lloyd iterations from `centers`; returns the final centers."""
+    """Lloyd iterations from `centers`; returns the final centers (those not `active`, a [K]
+    bool, are never assigned a row and keep their place)."""
     k, d = centers.shape
     dtype = centers.dtype
     mean = psum(jnp.sum(blocks.xt * blocks.mask[:, None, :], axis=(0, 2)), axis_name) / n_samples
@@ -104,7 +134,7 @@ def lloyd(
     def stats(c):
         def blk(carry, inp):
             xt, m = inp
-            oh = assign(xt, c) * m[None, :]
+            oh = assign(xt, c, active) * m[None, :]
             return (carry[0] + oh @ xt.T, carry[1] + jnp.sum(oh, axis=1)), None
 
         init = (jnp.zeros((k, d), dtype), jnp.zeros((k,), dtype))

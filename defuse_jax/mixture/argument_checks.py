@@ -83,6 +83,10 @@ def check_common(est) -> None:
     check_int("n_init", est.n_init, 1)
     check_choice("init_params", est.init_params, INIT_METHODS)
     check_int("block_size", est.block_size, 8)
+    if est.program_components is not None:
+        check_int("program_components", est.program_components, est.n_components)
+    if est.program_rows is not None:
+        check_int("program_rows", est.program_rows, 1)
     resolve_dtype(est.dtype)
     rs = est.random_state
     if rs is not None and not _is_int(rs) and not isinstance(rs, np.random.RandomState):

@@ -157,6 +157,13 @@ class GaussianMixture(_base.MixtureBase):
       devices: None (one device), "all", an int n (first n devices) or a list of devices: rows
         are sharded over them and the sufficient statistics summed.
       block_size: rows per block of the data pass (memory/speed trade-off).
+      program_components, program_rows: compile the fit for at least this many components
+        (>= n_components) and rows, None for exactly the fit's. Every fit is one compiled
+        program per shape: fits of different sizes given the same values share one, and only
+        the first compiles. The extra components stay at weight zero and the extra rows are
+        masked out, so the fit is the one of its own size, up to float rounding (the fitted
+        attributes have n_components components). Not with weights_init, means_init or
+        precisions_init.
 
     Not supported: warm_start, verbose. Fitted attributes: weights_, means_, covariances_,
     precisions_, precisions_cholesky_, converged_, n_iter_, lower_bound_, lower_bounds_,
@@ -182,6 +189,8 @@ class GaussianMixture(_base.MixtureBase):
         dtype="float32",
         devices=None,
         block_size=4096,
+        program_components=None,
+        program_rows=None,
     ):
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -197,11 +206,21 @@ class GaussianMixture(_base.MixtureBase):
         self.dtype = dtype
         self.devices = devices
         self.block_size = block_size
+        self.program_components = program_components
+        self.program_rows = program_rows
 
     def _check_specific(self, x):
         n, d = x.shape
         k = self.n_components
         user = {"weights_init": None, "means_init": None, "precisions_cholesky_init": None}
+        given = [name for name in ("weights_init", "means_init", "precisions_init")
+                 if getattr(self, name) is not None]  # fmt: skip
+        if given and self.program_components not in (None, k):
+            raise ValueError(
+                f"program_components={self.program_components} pads the fit past n_components="
+                f"{k}, which {', '.join(given)} cannot describe; leave program_components None "
+                "with initial parameters."
+            )
         if self.weights_init is not None:
             user["weights_init"] = argument_checks.check_weights_init(
                 self.weights_init, k, self._dtype()
@@ -215,8 +234,8 @@ class GaussianMixture(_base.MixtureBase):
             user["precisions_cholesky_init"] = cholesky_from_precisions(prec, self.covariance_type)
         return user
 
-    def _make_model(self, n_features):
-        return EMModel(int(self.n_components), n_features, self.covariance_type)
+    def _make_model(self, n_features, n_components):
+        return EMModel(n_components, n_features, self.covariance_type)
 
     def _set_fitted(self, out):
         """EM has no fitted attributes beyond those every mixture has (`MixtureBase.fit`)."""

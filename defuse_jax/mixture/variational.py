@@ -54,10 +54,10 @@ class VBModel:
     needs_ll = False
     needs_entropy = True
 
-    @property
-    def wcp(self) -> float:
+    def wcp(self, n_active) -> float:
+        """The weight concentration prior: as given, or 1 / the components in use."""
         w = self.weight_concentration_prior
-        return 1.0 / self.n_components if w is None else float(w)
+        return 1.0 / n_active if w is None else float(w)
 
     @property
     def beta0(self) -> float:
@@ -98,20 +98,29 @@ class VBModel:
                 cov_prior = var if self.covariance_type == "diag" else jnp.mean(var)
         return {"n": n, "mean_prior": mean_prior, "covariance_prior": cov_prior}
 
+    def _in_use(self, priors, dtype):
+        """(the [K] bool components in use and their count as a `dtype` scalar; or None and
+        n_components when all are in use)."""
+        active = priors["active"]
+        if active is None:
+            return None, self.n_components
+        return active, jnp.sum(active).astype(dtype)
+
     def init_params(self, nk, xk, sk, priors, user):
         return self.m_step(nk, xk, sk, priors)
 
     def m_step(self, nk, xk, sk, priors):
         ct = self.covariance_type
-        k = self.n_components
+        _, k = self._in_use(priors, nk.dtype)  # nk is 0 past them (`_engine.only_active`)
+        wcp = self.wcp(k)
         m0, w0 = priors["mean_prior"], priors["covariance_prior"]
         beta0, nu0 = self.beta0, self.nu0
         if self.is_dp:
             tail = jnp.cumsum(nk[::-1])[::-1]
             tail = jnp.concatenate([tail[1:], jnp.zeros((1,), nk.dtype)])
-            conc = (1.0 + nk, self.wcp + tail)
+            conc = (1.0 + nk, wcp + tail)
         else:
-            conc = self.wcp + nk
+            conc = wcp + nk
         beta = beta0 + nk
         means = (beta0 * m0[None, :] + nk[:, None] * xk) / beta[:, None]
         diff = xk - m0[None, :]
@@ -173,8 +182,9 @@ class VBModel:
         return w, self.log_const(params)
 
     def lower_bound(self, params, ll, ent, n, priors):
-        d, k = self.n_features, self.n_components
+        d = self.n_features
         nu = params["dof"]
+        active, k = self._in_use(priors, jnp.asarray(nu).dtype)
         ldpc = log_det_cholesky(params["prec_chol"], self.covariance_type, d) - 0.5 * d * jnp.log(
             nu
         )
@@ -184,30 +194,38 @@ class VBModel:
             + nu * d * 0.5 * math.log(2.0)
             + jnp.sum(gammaln(0.5 * (jnp.asarray(nu)[..., None] - i)), axis=-1)
         )
-        log_wishart = k * lwn if self.covariance_type == "tied" else jnp.sum(lwn)
+
+        def total(per_component):  # summed over the components in use
+            return jnp.sum(per_component if active is None else jnp.where(active, per_component, 0))
+
+        log_wishart = k * lwn if self.covariance_type == "tied" else total(lwn)
         conc = params["conc"]
         if self.is_dp:
-            log_norm_weight = -jnp.sum(betaln(conc[0], conc[1]))
+            log_norm_weight = -total(betaln(conc[0], conc[1]))
         else:
-            log_norm_weight = gammaln(jnp.sum(conc)) - jnp.sum(gammaln(conc))
-        mean_term = 0.5 * d * jnp.sum(jnp.log(params["mean_precision"]))
+            log_norm_weight = gammaln(total(conc)) - total(gammaln(conc))
+        mean_term = 0.5 * d * total(jnp.log(params["mean_precision"]))
         return -ent - log_wishart - log_norm_weight - mean_term
 
-    def weights(self, params):
+    def weights(self, params, priors):
         conc = params["conc"]
+        active = priors["active"]
         if self.is_dp:
             a, b = conc
             s = a + b
             tmp = b / s
             w = a / s * jnp.concatenate([jnp.ones((1,), a.dtype), jnp.cumprod(tmp[:-1])])
-            return w / jnp.sum(w)
-        return conc / jnp.sum(conc)
+        else:
+            w = conc
+        if active is not None:
+            w = jnp.where(active, w, 0)
+        return w / jnp.sum(w)
 
     def finalize(self, params, center, priors):
         conc = params["conc"]
         conc_a, conc_b = conc if self.is_dp else (conc, conc)
         return {
-            "weights": self.weights(params),
+            "weights": self.weights(params, priors),
             "means": params["means"] + center,
             "covariances": params["covariances"],
             "prec_chol": params["prec_chol"],
@@ -279,8 +297,9 @@ def fit_bayesian_gaussian_mixture(
 class BayesianGaussianMixture(_base.MixtureBase):
     """Variational Bayesian Gaussian mixture in JAX (scikit-learn's `BayesianGaussianMixture`).
 
-    Parameters are scikit-learn's (same names, defaults and meaning), plus `dtype`, `devices`
-    and `block_size` as in `GaussianMixture`. Not supported: warm_start, verbose.
+    Parameters are scikit-learn's (same names, defaults and meaning), plus `dtype`, `devices`,
+    `block_size`, `program_components` and `program_rows` as in `GaussianMixture`. Not
+    supported: warm_start, verbose.
 
     Fitted attributes: weights_, means_, covariances_, precisions_, precisions_cholesky_,
     converged_, n_iter_, lower_bound_, lower_bounds_, weight_concentration_prior_,
@@ -320,6 +339,8 @@ class BayesianGaussianMixture(_base.MixtureBase):
         dtype="float32",
         devices=None,
         block_size=4096,
+        program_components=None,
+        program_rows=None,
     ):
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -338,6 +359,8 @@ class BayesianGaussianMixture(_base.MixtureBase):
         self.dtype = dtype
         self.devices = devices
         self.block_size = block_size
+        self.program_components = program_components
+        self.program_rows = program_rows
 
     def _check_specific(self, x):
         n, d = x.shape
@@ -381,12 +404,12 @@ class BayesianGaussianMixture(_base.MixtureBase):
             raise ValueError("At least 2 samples are needed for the default covariance_prior.")
         return user
 
-    def _make_model(self, n_features):
+    def _make_model(self, n_features, n_components):
         def f(v):
             return None if v is None else float(v)
 
         return VBModel(
-            int(self.n_components),
+            n_components,
             n_features,
             self.covariance_type,
             self.weight_concentration_prior_type,
@@ -396,13 +419,12 @@ class BayesianGaussianMixture(_base.MixtureBase):
         )
 
     def _set_fitted(self, out):
-        model = self._make_model(self.n_features_in_)
+        model = self._make_model(self.n_features_in_, int(self.n_components))
         dtype = self._dtype()
+        self.weight_concentration_prior_ = model.wcp(int(self.n_components))
         if model.is_dp:
-            self.weight_concentration_prior_ = model.wcp
             self.weight_concentration_ = (out["conc_a"], out["conc_b"])
         else:
-            self.weight_concentration_prior_ = model.wcp
             self.weight_concentration_ = out["conc_a"]
         self.mean_precision_prior_ = model.beta0
         self.mean_precision_ = out["mean_precision"]
