@@ -19,7 +19,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -175,11 +175,29 @@ def codes_fitted(
     return int(sum(min(int(n), cap) for n in sizes if n >= max(config.min_codes, 2)))
 
 
-def _fit_mixture(x: np.ndarray, config: DistillConfig, seed: int, *, share: float = 1.0):
+def _components(num_codes: int, config: DistillConfig, share: float) -> int:
     # A group's mixture gets its share of the components (a class's codes with a conditional
     # VAE; the reference's 100 for one group of every code): 100 on each of ten classes' codes
     # spread each class so thin that few components passed `weight_cutoff`.
-    k = int(min(math.ceil(config.n_components * share), max(1, len(x) // 2)))
+    return int(min(math.ceil(config.n_components * share), max(1, num_codes // 2)))
+
+
+class ProgramSize(NamedTuple):
+    """The size one compiled mixture program is built for, shared by a distill's groups."""
+
+    rows: int  # the most codes a group fits on
+    components: int  # the most components a group gets
+
+
+def _fit_mixture(
+    x: np.ndarray,
+    config: DistillConfig,
+    seed: int,
+    *,
+    share: float = 1.0,
+    program: ProgramSize | None = None,
+):
+    k = _components(len(x), config, share)
     # On one device, also over several processes (each fits the same rows the same way): a fit
     # sharded over devices sums its statistics in an order that depends on the topology, and
     # the regions would then differ in the last bits between 1 x 4 and 2 x 2 devices. A few
@@ -187,6 +205,8 @@ def _fit_mixture(x: np.ndarray, config: DistillConfig, seed: int, *, share: floa
     common = dict(
         n_components=k, covariance_type="full", max_iter=config.max_iter, random_state=seed,
     )  # fmt: skip
+    if program is not None:  # one compiled program for every group (each compile takes seconds)
+        common.update(program_rows=program.rows, program_components=program.components)
     if config.method == "dpgmm":
         model = BayesianGaussianMixture(**common)
     elif config.method == "gmm":
@@ -200,19 +220,28 @@ def _fit_mixture(x: np.ndarray, config: DistillConfig, seed: int, *, share: floa
         return model.fit(x)
 
 
-def _fit_group(x: np.ndarray, config: DistillConfig, seed: int, *, share: float, alone: bool):
+def _fit_group(
+    x: np.ndarray,
+    config: DistillConfig,
+    seed: int,
+    *,
+    share: float,
+    alone: bool,
+    program: ProgramSize | None,
+):
     """`_fit_mixture`, or, for one of several groups (a class's codes behind a conditional VAE,
     a label's with `per_label`) whose codes are too few or too close together for its share of
     the components (an ill-defined covariance), one component; None when even that fails: the
     group forms no region, like a group with fewer than `min_codes` codes. One group alone
     (every code) raises: then there is nothing else to distill."""
     try:
-        return _fit_mixture(x, config, seed, share=share)
+        return _fit_mixture(x, config, seed, share=share, program=program)
     except IllDefinedCovarianceError:
         if alone:
             raise
     try:
-        return _fit_mixture(x, dataclasses.replace(config, n_components=1), seed)
+        one = dataclasses.replace(config, n_components=1)
+        return _fit_mixture(x, one, seed, program=program)
     except IllDefinedCovarianceError:
         return None
 
@@ -269,18 +298,31 @@ def distill(
         np.asarray(source_label), np.asarray(pred_label), per_label=config.per_label,
         by_source=free_dims is not None,
     )  # fmt: skip
-    means, covs, weights, members, fits = [], [], [], [], []
+    fitted = []  # (group number, source, label, indices, fitted indices, component share)
     for g, (source, label, idx) in enumerate(groups):
         if len(idx) < max(config.min_codes, 2):
             continue
         fit_idx = idx if len(idx) <= max_codes else rng.choice(idx, max_codes, replace=False)
+        # a class's group gets its share of the components (`_components`)
+        fitted.append((g, source, label, idx, fit_idx, len(idx) / m if source is not None else 1.0))
+    # Several groups share one program, compiled for the largest of them: a CPU spends seconds
+    # compiling each size and milliseconds fitting it (ten classes: 31 s -> ~5 s).
+    program = None
+    if len(fitted) > 1:
+        program = ProgramSize(
+            rows=max(len(f[4]) for f in fitted),
+            components=max(_components(len(f[4]), config, f[5]) for f in fitted),
+        )
+    means, covs, weights, members, fits = [], [], [], [], []
+    for g, source, label, idx, fit_idx, component_share in fitted:
         share = len(idx) / m  # the group's share of the codes
         model = _fit_group(
             codes[fit_idx, :free],
             config,
             config.seed + g,
-            share=share if source is not None else 1.0,
+            share=component_share,
             alone=len(groups) == 1,
+            program=program,
         )
         if model is None:
             continue

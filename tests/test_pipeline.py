@@ -613,6 +613,30 @@ def test_codes_that_hold_their_class_get_one_mixture_per_source_class():
     assert codes_fitted(pred, cfg, source_label=source) == 120
 
 
+def test_the_classes_mixtures_share_one_compiled_program(monkeypatch):
+    """Classes of 40, 150 and 400 codes get 1, 2 and 3 components: one program compiled for
+    the largest fits all three (one per size took seconds of compiling each)."""
+    import jax
+
+    from defuse_jax.mixture import _base
+    from defuse_jax.models import CLASS_SCALE
+    from defuse_jax.regions import distill
+
+    static = ("model", "cfg", "layout", "mesh")  # as `_base._fit_program`, freshly jitted
+    program = jax.jit(_base._fit_program.__wrapped__, static_argnames=static)
+    monkeypatch.setattr(_base, "_fit_program", program)
+    rng = np.random.default_rng(1)
+    source = np.repeat([0, 1, 2], [40, 150, 400])
+    style = rng.normal(size=(len(source), 2)) + 4.0 * (np.arange(len(source))[:, None] % 3)
+    codes = np.concatenate([style, CLASS_SCALE * np.eye(3)[source]], axis=1).astype(np.float32)
+    cfg = DistillConfig(method="gmm", n_components=4, max_iter=30, min_codes=5)
+    before = program._cache_size()
+    regions = distill(codes, source, (source + 1) % 3, num_classes=3, config=cfg, free_dims=2)
+    assert program._cache_size() == before + 1
+    assert [f["codes"] for f in regions.fits] == [40, 150, 400]
+    assert {r["majority_source_label"] for r in regions.records} == {0, 1, 2}
+
+
 @pytest.mark.parametrize(
     "fails, regions_of",  # fits that raise an ill-defined covariance -> classes with regions
     [((), {0, 2}), (("class 2 at k>1",), {0, 2}), (("class 2 at k>1", "class 2 at k=1"), {0})],
@@ -633,11 +657,11 @@ def test_a_class_whose_mixture_cannot_be_fitted_forms_no_region(monkeypatch, fai
     cfg = DistillConfig(method="gmm", n_components=4, max_iter=50, min_codes=5)
     fit = regions_mod._fit_mixture
 
-    def flaky(x, config, seed, *, share=1.0):
+    def flaky(x, config, seed, **kw):
         one = config.n_components == 1
         if seed == cfg.seed + 1 and f"class 2 at {'k=1' if one else 'k>1'}" in fails:
             raise IllDefinedCovarianceError(ILL_DEFINED_MESSAGE + " (injected)")
-        return fit(x, config, seed, share=share)
+        return fit(x, config, seed, **kw)
 
     monkeypatch.setattr(regions_mod, "_fit_mixture", flaky)
     out = regions_mod.distill(codes, source, (source + 1) % 3, num_classes=3, config=cfg,
