@@ -145,23 +145,26 @@ def test_similar_row_counts_share_one_compiled_fit(data, cls, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "cls, covariance_type, init_params",
+    "cls, covariance_type, init_params, extra",
     [
-        (BayesianGaussianMixture, "full", "kmeans"),
-        (BayesianGaussianMixture, "tied", "k-means++"),
-        (BayesianGaussianMixture, "diag", "random"),
-        (GaussianMixture, "spherical", "random_from_data"),
+        (BayesianGaussianMixture, "full", "kmeans", {}),
+        (BayesianGaussianMixture, "tied", "k-means++", {}),
+        # the Dirichlet's total (in every log-density) counts the components in use only
+        (BayesianGaussianMixture, "diag", "random",
+         {"weight_concentration_prior_type": "dirichlet_distribution"}),
+        # the extra components' covariances stay positive definite without reg_covar
+        (GaussianMixture, "spherical", "random_from_data", {"reg_covar": 0.0}),
     ],
-)
+)  # fmt: skip
 def test_a_fit_padded_to_a_larger_program_is_the_fit_of_its_size(
-    data, cls, covariance_type, init_params
+    data, cls, covariance_type, init_params, extra
 ):
     """program_components / program_rows compile for more components and rows than the fit
     uses; the extra ones take no part: the same iterations, parameters up to float rounding
     (the padded rows sum in other blocks), the same predictions, and attributes of the fit's
     own size."""
     kw = dict(n_components=5, covariance_type=covariance_type, init_params=init_params,
-              max_iter=100, random_state=2)  # fmt: skip
+              max_iter=100, random_state=2, **extra)  # fmt: skip
     own = cls(**kw).fit(data[:300])
     padded = cls(program_components=16, program_rows=1000, **kw).fit(data[:300])
     assert padded.n_iter_ == own.n_iter_ and padded.converged_ == own.converged_

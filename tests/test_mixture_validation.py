@@ -73,7 +73,7 @@ def test_fewer_samples_than_components(cls):
         ({"block_size": 2}, "block_size"),
         ({"devices": "some"}, "devices"),
         ({"devices": 99}, "devices"),
-        ({"program_components": 1}, "program_components == 1, must be >= 2"),
+        ({"program_components": 1}, "program_components=1 is below n_components=2"),
         ({"program_rows": 0}, "program_rows"),
     ],
 )

@@ -145,10 +145,20 @@ def make_hyper(tol, reg_covar, max_iter, dtype, n_active: int) -> Hyper:
 MASKED_LOG = -1e30
 
 
-def only_active(active: jax.Array | None, nk: jax.Array) -> jax.Array:
-    """nk [K] with the components not in use at exactly 0 (no 10 eps mass): the models' weights
-    and the stick-breaking tails then see only the components in use. `active` None: all are."""
-    return nk if active is None else jnp.where(active, nk, 0)
+def only_active(active: jax.Array | None, nk: jax.Array, sk: jax.Array, covariance_type: str):
+    """(nk, sk) with the components not in use at nk = 0 exactly (no 10 eps mass: the models'
+    weights and the stick-breaking tails see only the components in use) and an identity
+    covariance (with reg_covar = 0 theirs would be 0, not positive definite; the variational
+    model weighs it by nk = 0). `active` None: all are in use, nothing changes."""
+    if active is None:
+        return nk, sk
+    if covariance_type == "full":
+        sk = jnp.where(active[:, None, None], sk, jnp.eye(sk.shape[-1], dtype=sk.dtype))
+    elif covariance_type == "diag":
+        sk = jnp.where(active[:, None], sk, 1)
+    elif covariance_type == "spherical":
+        sk = jnp.where(active, sk, 1)
+    return jnp.where(active, nk, 0), sk
 
 
 class LoopState(NamedTuple):
@@ -262,7 +272,7 @@ def run_em_loop(
         nk, xk, sk = moments_from_stats(
             stats, d, cfg.covariance_type, hyper.reg_covar, repair=repair
         )
-        nk = only_active(active, nk)
+        nk, sk = only_active(active, nk, sk, cfg.covariance_type)
         new, ok = model.m_step(nk, xk, sk, priors)
         lb = model.lower_bound(new, ll, ent, n, priors)
         finite = jnp.isfinite(lb) & _all_finite(new)
@@ -344,7 +354,8 @@ def fit_local(
                 hyper.reg_covar,
                 axis_name,
             )
-            params0, ok0 = model.init_params(only_active(active, nk), xk, sk, priors, user)
+            nk, sk = only_active(active, nk, sk, cfg.covariance_type)
+            params0, ok0 = model.init_params(nk, xk, sk, priors, user)
         return run_em_loop(
             model, cfg, hyper, params0, ok0, blocks, feats, priors, n, axis_name, vmapped=vmapped
         )

@@ -84,7 +84,12 @@ def check_common(est) -> None:
     check_choice("init_params", est.init_params, INIT_METHODS)
     check_int("block_size", est.block_size, 8)
     if est.program_components is not None:
-        check_int("program_components", est.program_components, est.n_components)
+        v = check_int("program_components", est.program_components, 1)
+        if v < est.n_components:
+            raise InvalidParameterError(
+                f"program_components={v} is below n_components={est.n_components}: the program "
+                "must hold every component of the fit; give at least n_components, or None."
+            )
     if est.program_rows is not None:
         check_int("program_rows", est.program_rows, 1)
     resolve_dtype(est.dtype)

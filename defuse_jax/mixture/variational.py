@@ -154,14 +154,17 @@ class VBModel:
         }
         return params, ok
 
-    def log_weights(self, params):
+    def log_weights(self, params, priors):
         conc = params["conc"]
         if self.is_dp:
             a, b = conc
             dsum = digamma(a + b)
             cum = jnp.cumsum(digamma(b) - dsum)
             return digamma(a) - dsum + jnp.concatenate([jnp.zeros((1,), a.dtype), cum[:-1]])
-        return digamma(conc) - digamma(jnp.sum(conc))
+        active = priors["active"]  # the Dirichlet's total: the components in use
+        return digamma(conc) - digamma(
+            jnp.sum(conc if active is None else jnp.where(active, conc, 0))
+        )
 
     def _log_lambda(self, nu):
         d = self.n_features
@@ -170,16 +173,16 @@ class VBModel:
         terms = digamma(0.5 * (nu[..., None] - i))
         return d * math.log(2.0) + jnp.sum(terms, axis=-1)
 
-    def log_const(self, params):
+    def log_const(self, params, priors):
         d, k = self.n_features, self.n_components
         nu = params["dof"]
         base = gaussian_log_norm(params["prec_chol"], self.covariance_type, d, k)
         extra = -0.5 * d * jnp.log(nu) + 0.5 * (self._log_lambda(nu) - d / params["mean_precision"])
-        return base + jnp.broadcast_to(extra, (k,)) + self.log_weights(params)
+        return base + jnp.broadcast_to(extra, (k,)) + self.log_weights(params, priors)
 
     def estep_terms(self, params, priors):
         w = mahalanobis_matrix(params["means"], params["prec_chol"], self.covariance_type)
-        return w, self.log_const(params)
+        return w, self.log_const(params, priors)
 
     def lower_bound(self, params, ll, ent, n, priors):
         d = self.n_features
@@ -229,7 +232,7 @@ class VBModel:
             "means": params["means"] + center,
             "covariances": params["covariances"],
             "prec_chol": params["prec_chol"],
-            "log_const": self.log_const(params),
+            "log_const": self.log_const(params, priors),
             "conc_a": conc_a,
             "conc_b": conc_b,
             "mean_precision": params["mean_precision"],
