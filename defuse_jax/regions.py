@@ -182,6 +182,17 @@ def _components(num_codes: int, config: DistillConfig, share: float) -> int:
     return int(min(math.ceil(config.n_components * share), max(1, num_codes // 2)))
 
 
+class _Group(NamedTuple):
+    """A set of codes `distill` fits one mixture on."""
+
+    number: int  # its place among every group (its mixture's seed offset)
+    source: int | None  # the source class it holds (behind a conditional VAE), or None
+    label: int | None  # the predicted class it holds (`per_label`), or None
+    idx: np.ndarray  # [G] its codes
+    fit_idx: np.ndarray  # [<= G] those its mixture is fitted on (at most max_codes)
+    component_share: float  # its share of the components (`_components`)
+
+
 class ProgramSize(NamedTuple):
     """The size one compiled mixture program is built for, shared by a distill's groups."""
 
@@ -298,20 +309,21 @@ def distill(
         np.asarray(source_label), np.asarray(pred_label), per_label=config.per_label,
         by_source=free_dims is not None,
     )  # fmt: skip
-    fitted = []  # (group number, source, label, indices, fitted indices, component share)
+    fitted = []
     for g, (source, label, idx) in enumerate(groups):
         if len(idx) < max(config.min_codes, 2):
             continue
         fit_idx = idx if len(idx) <= max_codes else rng.choice(idx, max_codes, replace=False)
-        # a class's group gets its share of the components (`_components`)
-        fitted.append((g, source, label, idx, fit_idx, len(idx) / m if source is not None else 1.0))
+        # a class's group gets its share of the components
+        share = len(idx) / m if source is not None else 1.0
+        fitted.append(_Group(g, source, label, idx, fit_idx, share))
     # Several groups share one program, compiled for the largest of them: a CPU spends seconds
     # compiling each size and milliseconds fitting it (ten classes: 31 s -> ~5 s).
     program = None
     if len(fitted) > 1:
         program = ProgramSize(
-            rows=max(len(f[4]) for f in fitted),
-            components=max(_components(len(f[4]), config, f[5]) for f in fitted),
+            rows=max(len(f.fit_idx) for f in fitted),
+            components=max(_components(len(f.fit_idx), config, f.component_share) for f in fitted),
         )
     means, covs, weights, members, fits = [], [], [], [], []
     for g, source, label, idx, fit_idx, component_share in fitted:

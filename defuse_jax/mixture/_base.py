@@ -169,7 +169,7 @@ class MixtureBase(DensityMixin, BaseEstimator, metaclass=abc.ABCMeta):
         }
         mesh = resolve_mesh(self.devices)
         k = int(self.n_components)
-        program_k = max(k, int(self.program_components or 0))  # the compiled program's K
+        program_k = _engine.program_size(k, self.program_components)
         model = self._make_model(d, program_k)
         seed = seed_of(self.random_state)
         with x64_context(dtype):

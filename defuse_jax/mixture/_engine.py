@@ -129,6 +129,11 @@ class Hyper(NamedTuple):
     n_trials: jax.Array
 
 
+def program_size(n_components: int, program_components: int | None) -> int:
+    """The components K a fit's program is compiled for: its own, or `program_components`."""
+    return max(n_components, program_components or 0)
+
+
 def make_hyper(tol, reg_covar, max_iter, dtype, n_active: int) -> Hyper:
     return Hyper(
         jnp.asarray(tol, dtype),
@@ -343,7 +348,7 @@ def fit_local(
         else:
             resp_fn = _init.responsibility_fn(
                 method, blocks, cfg.n_components, words, n, axis_name,
-                **(dict(active=hyper.n_active, active_trials=hyper.n_trials) if cfg.masked else {}),
+                **(dict(n_active=hyper.n_active, n_trials=hyper.n_trials) if cfg.masked else {}),
             )  # fmt: skip
             nk, xk, sk = _init.initial_moments(
                 resp_fn,
@@ -500,7 +505,7 @@ def fit_functional(
     """
     n, d = x.shape
     n_shards = 1 if mesh is None else mesh.devices.size
-    k = max(n_components, program_components or 0)
+    k = program_size(n_components, program_components)
     n_rows = max(n, program_rows or 0)
     if k > n_components:
         n_rows = max(n_rows, k * n_shards)  # the random_from_data draw takes K rows per shard

@@ -35,19 +35,19 @@ def responsibility_fn(
     n_samples: jax.Array,
     axis_name,
     *,
-    active: jax.Array | None = None,
-    active_trials: jax.Array | None = None,
+    n_active: jax.Array | None = None,
+    n_trials: jax.Array | None = None,
 ):
     """A function (xt, mask, gidx, aux) -> [K, B] for the chosen method.
 
-    Only the first `active` (traced int32) of the K components get responsibilities, as a
-    program compiled for exactly `active` components would give them (`active_trials`: its
+    Only the first `n_active` (traced int32) of the K components get responsibilities, as a
+    program compiled for exactly `n_active` components would give them (`n_trials`: its
     k-means++ candidates per center); the rest get zeros. None: all K.
     """
     k = n_components
     dtype = blocks.xt.dtype
-    on = None if active is None else jnp.arange(k) < active  # [K]
-    seeding = dict(active=active, active_trials=active_trials)
+    on = None if n_active is None else jnp.arange(k) < n_active  # [K]
+    seeding = dict(n_active=n_active, n_trials=n_trials)
 
     if method == "kmeans":
         seeds, _ = _kmeans.kmeans_plusplus(blocks, k, key_words, axis_name, **seeding)

@@ -7,11 +7,12 @@ only the best score per candidate crosses devices. `lloyd` is Lloyd's algorithm 
 scikit-learn's KMeans defaults (at most 300 iterations, stop when the squared center shift is at
 most 1e-4 times the mean feature variance); an empty cluster keeps its previous center.
 
-Both take an optional traced `active` count (see `_engine.Hyper.n_active`): a program compiled for
-K centers then seeds and moves only the first `active`, with the candidate draws of `active`
-centers, so that fits with different numbers of components can share one compiled program and
-still give what a program compiled for exactly `active` centers gives. The candidates are drawn
-from counter-based noise, so the first T of T_max draws are the same whatever T_max.
+Both can work on the first centers of K alone (see `_engine.Hyper.n_active`): `kmeans_plusplus`
+seeds the first `n_active` with the candidate draws of `n_active` centers, `lloyd` and `assign`
+leave the centers outside the [K] bool `active` alone. So fits with different numbers of
+components can share one compiled program and still give what a program compiled for exactly
+`n_active` centers gives. The candidates are drawn from counter-based noise, so the first T of
+T_max draws are the same whatever T_max.
 """
 
 from __future__ import annotations
@@ -67,13 +68,13 @@ def kmeans_plusplus(
     axis_name,
     n_local_trials: int | None = None,
     *,
-    active: jax.Array | None = None,
-    active_trials: jax.Array | None = None,
+    n_active: jax.Array | None = None,
+    n_trials: jax.Array | None = None,
 ):
     """Greedy k-means++ seeding: (centers [K, d], global row ids of the chosen rows [K]).
 
-    active, active_trials: traced int32 scalars: seed only the first `active` of the K centers,
-    each from `active_trials` of the `n_local_trials` candidates (the rest stay zero).
+    n_active, n_trials: traced int32 scalars: seed only the first `n_active` of the K centers,
+    each from `n_trials` of the `n_local_trials` candidates (the rest stay zero).
     """
     if n_local_trials is None:
         n_local_trials = local_trials(n_clusters)
@@ -92,12 +93,12 @@ def kmeans_plusplus(
         )
         dist = jnp.minimum(closest[None], _sqdist(blocks, x2, cand))
         pots = psum(jnp.sum(dist * blocks.mask[None], axis=(1, 2)), axis_name)
-        if active_trials is not None:
-            pots = jnp.where(jnp.arange(n_local_trials) < active_trials, pots, jnp.inf)
+        if n_trials is not None:
+            pots = jnp.where(jnp.arange(n_local_trials) < n_trials, pots, jnp.inf)
         best = jnp.argmin(pots)
         return dist[best], centers.at[c].set(cand[best]), ids.at[c].set(cand_ids[best])
 
-    upper = n_clusters if active is None else active
+    upper = n_clusters if n_active is None else n_active
     _, centers, ids = lax.fori_loop(1, upper, step, (closest, centers, ids))
     return centers, ids
 

@@ -29,6 +29,12 @@ from defuse_jax.mixture.gaussian import (
 
 PRIOR_TYPES = ("dirichlet_process", "dirichlet_distribution")
 
+
+def _sum_in_use(per_component, active):
+    """The sum over the components in use (`active` [K] bool, or None: all of them)."""
+    return jnp.sum(per_component if active is None else jnp.where(active, per_component, 0))
+
+
 # In float32 the convergence test looks at the change over this many iterations (see
 # `BayesianGaussianMixture`); float64 uses scikit-learn's one-step test.
 FLOAT32_WINDOW = 10
@@ -161,10 +167,8 @@ class VBModel:
             dsum = digamma(a + b)
             cum = jnp.cumsum(digamma(b) - dsum)
             return digamma(a) - dsum + jnp.concatenate([jnp.zeros((1,), a.dtype), cum[:-1]])
-        active = priors["active"]  # the Dirichlet's total: the components in use
-        return digamma(conc) - digamma(
-            jnp.sum(conc if active is None else jnp.where(active, conc, 0))
-        )
+        # the Dirichlet's total: the components in use
+        return digamma(conc) - digamma(_sum_in_use(conc, priors["active"]))
 
     def _log_lambda(self, nu):
         d = self.n_features
@@ -198,8 +202,8 @@ class VBModel:
             + jnp.sum(gammaln(0.5 * (jnp.asarray(nu)[..., None] - i)), axis=-1)
         )
 
-        def total(per_component):  # summed over the components in use
-            return jnp.sum(per_component if active is None else jnp.where(active, per_component, 0))
+        def total(per_component):
+            return _sum_in_use(per_component, active)
 
         log_wishart = k * lwn if self.covariance_type == "tied" else total(lwn)
         conc = params["conc"]
