@@ -142,7 +142,7 @@ with open(path, "w") as f:
 sys.exit(0 if all(r["ok"] for r in out["rows"]) else 1)
 EOF
 
-step search 240 $PY -m defuse_jax.cli bench search --dtype float32 bfloat16 "${SEARCH[@]}" \
+step search 300 $PY -m defuse_jax.cli bench search --dtype float32 bfloat16 "${SEARCH[@]}" \
   --json "$OUT/search.json"
 
 step train 150 $PY -m defuse_jax.cli bench train "${TRAIN[@]}" --json "$OUT/train.json"
