@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from defuse_jax import conv_layers, models
 from defuse_jax.bench import roofline
 from defuse_jax.bench.search_bench import LATENT_DIM, _sources, build_models
-from defuse_jax.search import SearchConfig, latent_search
+from defuse_jax.search import SearchConfig, engine, latent_search
 from defuse_jax.search import api as search_api
 from defuse_jax.search.result import compact
 
@@ -84,16 +84,11 @@ def search_parts(decode_fn, classify_fn, chains: int, q: int, chunk: int, dtype:
 
     t_plan = roofline.best_time(plan, REPEATS)
     p = plan()
-    host = [p.inputs(part) for part in p.parts]  # one dispatch's inputs each
-    placed = jax.device_put(host)
-
-    def run(inputs):
-        return [p.program(*a) for a in inputs]
-
-    t_prog = roofline.best_time(lambda: jax.block_until_ready(run(placed)), REPEATS)
-    t_prog_host = roofline.best_time(lambda: jax.block_until_ready(run(host)), REPEATS)
-    t_fetch = roofline.best_time(lambda: p.collect(run(placed)), REPEATS)
-    parts = p.collect(run(placed))
+    placed = jax.device_put(p.args)
+    t_prog = roofline.best_time(lambda: jax.block_until_ready(p.program(*placed)), REPEATS)
+    t_prog_host = roofline.best_time(lambda: jax.block_until_ready(p.program(*p.args)), REPEATS)
+    t_fetch = roofline.best_time(lambda: engine.fetch_found(p.program(*placed)), REPEATS)
+    parts = engine.fetch_found(p.program(*placed))
     t_compact = roofline.best_time(
         lambda: compact(parts[0], n, config=p.configs[0], wall_time_s=0.0), REPEATS
     )
@@ -102,7 +97,6 @@ def search_parts(decode_fn, classify_fn, chains: int, q: int, chunk: int, dtype:
         "chains": n * q,
         "q": q,
         "chunk": chunk,
-        "dispatches": len(p.parts),
         "samples_per_s": n * q / total,
         "total_ms": total * ms,
         "plan_ms": t_plan * ms,

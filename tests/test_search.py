@@ -8,14 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from defuse_jax.search import (
-    SearchConfig,
-    SearchResult,
-    engine,
-    latent_search,
-    latent_search_sweep,
-    sizing,
-)
+from defuse_jax.search import SearchConfig, SearchResult, latent_search, sizing
 from defuse_jax.search.perturb import ChainRng, sample_offset
 
 LATENT, HIDDEN, CLASSES = 4, 16, 3
@@ -213,45 +206,6 @@ def test_chunk_size_does_not_change_results(results, chunk_size):
     _assert_same(res, results["gaussian"], exact=False)
 
 
-@pytest.mark.parametrize(
-    "index, dispatches, devices, chunk_size, scales, parts",
-    [
-        (0, 2, 2, 100, None, [(0, 16), (16, 8)]),  # the last dispatch padded to the first's size
-        (0, 4, 4, 7, None, [(0, 8), (8, 8), (16, 8)]),  # sub-chunks; fewer blocks than asked
-        (4, 3, 1, 16, None, [(0, 8), (8, 8), (16, 8)]),  # gradient chains
-        (0, 2, 2, 100, (0.3, 1.0), [(0, 16), (16, 8)]),  # a scale sweep: replicas per dispatch
-    ],
-)
-def test_dispatches_do_not_change_results(index, dispatches, devices, chunk_size, scales, parts):
-    z0, y0 = _sources()
-    cfg = dataclasses.replace(MODES[index], chunk_size=chunk_size)
-    split = dataclasses.replace(cfg, dispatches=dispatches)
-    assert engine.plan_dispatches(len(z0), devices, split)[1] == parts
-
-    def search(config):
-        if scales is None:
-            return [latent_search(decode, classify, z0, y0, key=jax.random.key(0), config=config,
-                                  mesh=_mesh(devices))]  # fmt: skip
-        return latent_search_sweep(decode, classify, z0, y0, key=jax.random.key(0), config=config,
-                                   scales=scales, mesh=_mesh(devices))  # fmt: skip
-
-    for one, several in zip(search(dataclasses.replace(cfg, dispatches=1)), search(split),
-                            strict=True):  # fmt: skip
-        assert several.num_found > 0
-        for f in ("z", "source_index", "source_label", "pred_label", "prob", "perturbation_norm",
-                  "flips_per_source", "used"):  # fmt: skip
-            # bit-identical: every chain's noise is drawn for its source's own index
-            np.testing.assert_array_equal(getattr(one, f), getattr(several, f), err_msg=f)
-        assert several.config.dispatches == dispatches
-
-
-def test_dispatches_by_backend():
-    assert sizing.auto_dispatches(jax.devices()) == 1  # the CPU: host and program share cores
-    z0, y0 = _sources(8)
-    res = latent_search(decode, classify, z0, y0, key=jax.random.key(0), config=MODES[0])
-    assert res.config.dispatches == 1
-
-
 def test_keep_all_and_bf16():
     z0, y0 = _sources(8)
     cfg = SearchConfig(num_samples=32, max_keep_per_source=None)
@@ -295,7 +249,6 @@ def test_bad_input_is_a_clear_error(z0, y0, config, match):
         ({"num_samples": 0}, "num_samples=0"),
         ({"num_rounds": 0}, "num_rounds=0"),
         ({"chunk_size": 0}, "chunk_size=0.*or None"),
-        ({"dispatches": 0}, "dispatches=0.*or None"),
         ({"mode": "bogus"}, "mode="),
         ({"distribution": "cauchy"}, "distribution="),
         ({"max_keep_per_source": 0}, "max_keep_per_source"),

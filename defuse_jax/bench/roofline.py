@@ -148,8 +148,7 @@ def engine_overhead(chains: int, q: int, latent: int, repeats: int) -> dict[str,
     # The compiled program alone, its inputs already laid out: the rest of `total` is the host
     # (validation, packing the inputs, the transfers, building the result).
     plan = search_api._plan(decode, classify, z0, y0, key=key, config=cfg, scales=None, mesh=None)
-    inputs = [plan.inputs(part) for part in plan.parts]
-    device_t = best_time(lambda: jax.block_until_ready([plan.program(*a) for a in inputs]), repeats)
+    device_t = best_time(lambda: jax.block_until_ready(plan.program(*plan.args)), repeats)
     samples = n * q
     ns = 1e9 / samples
     return {

@@ -184,12 +184,10 @@ def forward_ceiling(decode_fn, classify_fn, batches, repeats: int, dtype: str = 
     }
 
 
-def _config(
-    q: int, chunk: int | None, dtype: str, validity: str = "none", dispatches: int | None = None
-) -> SearchConfig:
+def _config(q: int, chunk: int | None, dtype: str, validity: str = "none") -> SearchConfig:
     return SearchConfig(
         mode="sample", num_samples=q, chunk_size=chunk, max_keep_per_source=5, compute_dtype=dtype,
-        validity=validity, dispatches=dispatches,
+        validity=validity,
     )  # fmt: skip
 
 
@@ -202,14 +200,12 @@ def engine_throughput(
     repeats: int,
     dtype="float32",
     validity_fn=None,
-    dispatches: int | None = None,
 ) -> dict:
     """The engine on `chains` samples; `chunk=None` lets the search pick the chunk size;
-    `validity_fn`: search with that validity model (`SearchConfig.validity`); `dispatches`:
-    `SearchConfig.dispatches` (None: by backend)."""
+    `validity_fn`: search with that validity model (`SearchConfig.validity`)."""
     n = max(1, chains // q)
     z0, y0 = _sources(decode_fn, classify_fn, n, dtype=dtype)
-    cfg = _config(q, chunk, dtype, "none" if validity_fn is None else "oracle", dispatches)
+    cfg = _config(q, chunk, dtype, "none" if validity_fn is None else "oracle")
     key = jax.random.key(0)
 
     def search():
@@ -224,7 +220,6 @@ def engine_throughput(
         "sources": n,
         "q": q,
         "chunk_size": res.config.chunk_size,
-        "dispatches": res.config.dispatches,
         "auto_chunk": chunk is None,
         "seconds": t,
         "samples_per_s": n * q / t,
@@ -712,16 +707,6 @@ def bench_model(kind: str, dtype: str, args, *, references: bool) -> dict:
         f"{pf['engine_samples_per_s']:,.0f}/s, forward {pf['forward_samples_per_s']:,.0f}/s -> "
         f"{pf['fraction']:.1%} of the forward pass"
     )
-    if best.get("dispatches", 1) > 1:  # what running the blocks as several dispatches gains
-        one = engine_throughput(
-            decode_fn, classify_fn, tune_chains, q, best_chunk, repeats, dtype, dispatches=1
-        )
-        gain = best["samples_per_s"] / one["samples_per_s"]
-        out["one_dispatch"] = {**one, "speedup_of_dispatches": gain}
-        print(
-            f"[{kind} {dtype}] as one dispatch: {one['samples_per_s']:,.0f} samples/s; "
-            f"{best['dispatches']} dispatches are {gain:.2f}x"
-        )
 
     out["reference"] = refs = []
     if not references:

@@ -1,4 +1,4 @@
-"""`latent_search`: validate, lay out, run the compiled program (a few dispatches), collect."""
+"""`latent_search`: validate, lay out, run the compiled program once, compact on the host."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from defuse_jax.search.config import SearchConfig
 from defuse_jax.search.input_checks import check_inputs
 from defuse_jax.search.perturb import check_counter_range, noise_scale
 from defuse_jax.search.result import SearchResult, compact
-from defuse_jax.search.sizing import auto_chunk_size, auto_dispatches, with_samples
+from defuse_jax.search.sizing import auto_chunk_size, with_samples
 
 
 def latent_search(
@@ -36,11 +36,9 @@ def latent_search(
 
     The whole search is one jitted program: chains of all sources are vmapped in blocks of
     `config.chunk_size`, blocks are scanned, and blocks are sharded over every device of `mesh`.
-    Large searches run it as a few dispatches over shares of the sources
-    (`config.dispatches`), so that the host's work on one overlaps the device's on another.
     Every chain's random words are a counter-based hash of (key, source, chain, round)
-    (`perturb.ChainRng`), so the result does not depend on the chunk size, the dispatches or
-    the number of devices.
+    (`perturb.ChainRng`), so the result does not depend on the chunk size or the number of
+    devices.
 
     Args:
       decode_fn: z [B, L] -> x [B, ...], JAX-traceable (parameters closed over).
@@ -79,33 +77,10 @@ def latent_search(
 
 
 class _Plan(NamedTuple):
-    program: Any  # the jitted search program, one dispatch's worth of sources
-    root: np.ndarray  # [2] uint32 root key data
-    z: np.ndarray  # [N, L] validated source codes
-    y: np.ndarray  # [N] their labels
-    noise: np.ndarray  # [K] noise scale per replica
-    layout: engine.Layout  # one dispatch's layout
-    mesh: Mesh
-    parts: list[engine.Part]  # the dispatches' sources
+    program: Any  # the jitted search program
+    args: tuple  # its arguments (root key data, laid-out rows)
     configs: list[SearchConfig]  # one per scale, chunk size resolved
     num_sources: int
-
-    def inputs(self, part: engine.Part) -> tuple:
-        """The program's arguments for one dispatch: (root key data, laid-out rows)."""
-        rows = slice(part.first, part.first + part.count)
-        packed = engine.lay_out_inputs(
-            self.z[rows], self.y[rows], self.noise, self.layout, self.mesh, first=part.first
-        )
-        return self.root, packed
-
-    def dispatch(self) -> list[engine.Found]:
-        """Every dispatch, asynchronously: the host lays out the next one's inputs while the
-        device runs the previous one."""
-        return [self.program(*self.inputs(part)) for part in self.parts]
-
-    def collect(self, found: list[engine.Found]) -> list[engine.HostFound]:
-        """The dispatches' candidates on the host, joined: one `HostFound` per replica."""
-        return engine.join_parts(engine.fetch_parts(found), self.parts)
 
 
 def _plan(
@@ -121,7 +96,7 @@ def _plan(
     validity_fn=None,
     free_dims: int | None = None,
 ) -> _Plan:
-    """Validation, the chunk size, the dispatches and their layout, and the program."""
+    """Validation, the chunk size, the layout and the program with its inputs."""
     z, y, _ = check_inputs(decode_fn, classify_fn, z0, y0, config=config, validity_fn=validity_fn)
     if free_dims is not None and not 1 <= free_dims <= z.shape[1]:
         raise ValueError(
@@ -141,16 +116,15 @@ def _plan(
             mode=config.mode, devices=mesh.devices,
         )  # fmt: skip
         config = dataclasses.replace(config, chunk_size=chunk)
-    if config.dispatches is None:
-        config = dataclasses.replace(config, dispatches=auto_dispatches(mesh.devices))
     configs = [dataclasses.replace(config, scale=s) for s in scales]
-    layout, parts = engine.plan_dispatches(n, mesh.devices.size, config)  # of one replica
+    layout = engine.plan_layout(n, mesh.devices.size, config)  # of one replica
     program = engine.get_program(
         decode_fn, classify_fn, config, layout, mesh, validity_fn=validity_fn,
         free_dims=free_dims, copies=len(configs),
     )  # fmt: skip
     noise = np.asarray([noise_scale(c, latent) for c in configs], np.float32)
-    return _Plan(program, root, z, y, noise, layout, mesh, parts, configs, n)
+    args = (root, engine.lay_out_inputs(z, y, noise, layout, mesh))
+    return _Plan(program, args, configs, n)
 
 
 def _both(classify_fn, validity_fn):
@@ -172,17 +146,16 @@ def lower_search(
 ) -> jax.stages.Lowered:
     """The search program `latent_search` would run, lowered but not compiled or run.
 
-    A search runs this program once per dispatch (`SearchConfig.dispatches`), each on its
-    share of the sources; the lowered program is one dispatch's. For inspection: `.as_text()`
-    shows the StableHLO (e.g. the dtypes of every convolution and dot),
-    `.compile().cost_analysis()` XLA's FLOP and byte counts. Same arguments as `latent_search`.
+    For inspection: `.as_text()` shows the StableHLO (e.g. the dtypes of every convolution and
+    dot), `.compile().cost_analysis()` XLA's FLOP and byte counts. Same arguments as
+    `latent_search`.
     """
     config = SearchConfig() if config is None else config
     plan = _plan(
         decode_fn, classify_fn, z0, y0, key=key, config=config, scales=None, mesh=mesh,
         validity_fn=validity_fn, free_dims=free_dims,
     )  # fmt: skip
-    return plan.program.lower(*plan.inputs(plan.parts[0]))
+    return plan.program.lower(*plan.args)
 
 
 def run_scales(
@@ -208,7 +181,7 @@ def run_scales(
         decode_fn, classify_fn, z0, y0, key=key, config=config, scales=scales, mesh=mesh,
         validity_fn=validity_fn, free_dims=free_dims,
     )  # fmt: skip
-    parts = plan.collect(plan.dispatch())
+    parts = engine.fetch_found(plan.program(*plan.args))
     wall = time.perf_counter() - start
     return [
         compact(part, plan.num_sources, config=c, wall_time_s=wall)

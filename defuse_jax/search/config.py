@@ -61,11 +61,6 @@ class SearchConfig:
         (the default) picks it from the backend, the model's FLOPs per sample and the device's
         memory (`search.sizing`: ~2,048 for the digits MLPs and ~128 for the 28x28 conv models
         on a CPU; 262,144 and 32,768 on an H200); `defuse-jax bench search` measures the best.
-      dispatches: a search of many blocks runs as up to this many calls of its program, each on
-        a share of the sources, so that the host lays out one's inputs and fetches another's
-        results while the device runs (on a GPU a small model's search spent a third of its
-        time on the host). Results do not depend on it. None (the default): 4 on an
-        accelerator, 1 on a CPU, where the host and the "device" share the cores.
       compute_dtype: `"float32"` or `"bfloat16"`: z is cast to it before `decode_fn`, and the
         logits are read back in float32. The caller owns the weights' dtype: layers compute in
         the promoted dtype of input and weights, so float32 weights keep a "bfloat16" search in
@@ -98,14 +93,13 @@ class SearchConfig:
     max_keep_per_source: int | None = 5
     skip_misclassified: bool = True
     chunk_size: int | None = None
-    dispatches: int | None = None
     compute_dtype: ComputeDtype = "float32"
     validity: Validity = "none"
     seed: int = 0
 
     # Fingerprints leave a field out at this value (`config_checks.fingerprint_fields`), so that
     # runs made before it existed are not redone.
-    LATER_DEFAULTS: typing.ClassVar[dict[str, object]] = {"validity": "none", "dispatches": None}
+    LATER_DEFAULTS: typing.ClassVar[dict[str, str]] = {"validity": "none"}
 
     def __post_init__(self):
         def fail(msg):
@@ -122,9 +116,8 @@ class SearchConfig:
         if self.validity not in VALIDITIES:
             fail(f"validity={self.validity!r}; choose one of {VALIDITIES}.")
         sized = {"chunk_size": "; or None to pick it by backend.",
-                 "dispatches": "; or None to pick it by backend.",
                  "num_samples": "; or None to size it from the number of sources."}  # fmt: skip
-        for name in ("num_samples", "chains_per_source", "num_rounds", "chunk_size", "dispatches"):
+        for name in ("num_samples", "chains_per_source", "num_rounds", "chunk_size"):
             value = getattr(self, name)
             if name in sized and value is None:
                 continue

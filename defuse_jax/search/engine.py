@@ -55,36 +55,6 @@ def plan_layout(num_sources: int, devices: int, config: SearchConfig) -> Layout:
     return Layout(rows, chains, math.ceil(total_chains / chains))
 
 
-class Part(NamedTuple):
-    """One dispatch's sources: `count` sources from `first` on."""
-
-    first: int
-    count: int
-
-
-def plan_dispatches(
-    num_sources: int, devices: int, config: SearchConfig
-) -> tuple[Layout, list[Part]]:
-    """Splits the sources into up to `config.dispatches` shares of whole blocks per device.
-
-    Every share runs the same program (one layout; the last share is padded to it), and each
-    source keeps its index in the RNG (`lay_out_inputs(first=...)`), so the shares compute what
-    one dispatch computes. A layout of fewer blocks per device than dispatches gives fewer.
-
-    Returns:
-      (one dispatch's layout, its parts in source order).
-    """
-    whole = plan_layout(num_sources, devices, config)
-    blocks = math.ceil(whole.rows.blocks / config.dispatches)  # per device and dispatch
-    if blocks == whole.rows.blocks:
-        return whole, [Part(0, num_sources)]
-    share = blocks * devices * whole.rows.block_rows
-    layout = whole._replace(rows=whole.rows._replace(blocks=blocks))
-    return layout, [
-        Part(first, min(share, num_sources - first)) for first in range(0, num_sources, share)
-    ]
-
-
 class Found(NamedTuple):
     """The program's output: each of K replicas' found candidates, compacted on the device.
 
@@ -266,7 +236,6 @@ def _compact(best: Candidates, flips, used, y0, devices: int, copies: int) -> Fo
 
 _PROGRAMS: dict = {}
 _CANONICAL_SCALE = 1.0  # programs read the scale per row: it is no part of their identity
-# (nor are the dispatches: the layout says what one dispatch holds)
 
 
 def get_program(
@@ -281,7 +250,7 @@ def get_program(
 ):
     """Cached `build_program` (a new jit per distinct functions / config but its scale / layout /
     mesh / copies)."""
-    config = dataclasses.replace(config, scale=_CANONICAL_SCALE, dispatches=1)
+    config = dataclasses.replace(config, scale=_CANONICAL_SCALE)
     cache_key = (decode_fn, classify_fn, validity_fn, config, layout, mesh, free_dims, copies)
     if cache_key not in _PROGRAMS:
         if len(_PROGRAMS) > 32:  # closures may hold model weights: keep the cache small
@@ -298,13 +267,7 @@ def default_mesh() -> Mesh:
 
 
 def lay_out_inputs(
-    z0: np.ndarray,
-    y0: np.ndarray,
-    noise: np.ndarray,
-    layout: Layout,
-    mesh: Mesh,
-    *,
-    first: int = 0,
+    z0: np.ndarray, y0: np.ndarray, noise: np.ndarray, layout: Layout, mesh: Mesh
 ) -> np.ndarray | jax.Array:
     """Pads the host inputs to `layout`, replicates them once per entry of `noise`, and packs
     them into one array (one transfer to the device; `unpack_rows` reverses it).
@@ -314,12 +277,10 @@ def lay_out_inputs(
       noise: [K] float32 noise scale of each replica.
       layout: the layout of *one* replica (`plan_layout(N, ...)`).
       mesh: the devices.
-      first: the index of z0's first source among all the search's sources (a dispatch's
-        share, `plan_dispatches`): its chains' random words are drawn for that index.
 
     Returns:
-      [D * K * G, S, L + 3] float32 rows: z0, then the int32 bits of y0 and of src (`first` +
-      a row's index in the padded single-replica layout, the same in every replica), then the noise
+      [D * K * G, S, L + 3] float32 rows: z0, then the int32 bits of y0 and of src (a row's
+      index in the padded single-replica layout, the same in every replica), then the noise
       scale. Device d holds replica k's blocks d*G .. d*G + G - 1 at its local blocks
       k*G .. k*G + G - 1. A numpy array, which the jitted program places with its input
       sharding; with several processes a global array (every process passes the same inputs).
@@ -333,7 +294,7 @@ def lay_out_inputs(
     ints = one[:, latent : latent + 2].view(np.int32)
     ints[: len(y0), 0] = y0
     ints[len(y0) :, 0] = -1  # padding
-    ints[:, 1] = np.arange(first, first + padded, dtype=np.int32)
+    ints[:, 1] = np.arange(padded, dtype=np.int32)
     if k == 1:
         one[:, latent + 2] = noise[0]
         rows = one
@@ -367,38 +328,14 @@ def _prefix(found: Found, rows: int) -> tuple[jax.Array, jax.Array]:
 
 
 def fetch_found(found: Found) -> list[HostFound]:
-    """One dispatch's `Found` on the host, one `HostFound` per replica (`fetch_parts`)."""
-    return fetch_parts([found])[0]
-
-
-def fetch_parts(parts: list[Found]) -> list[list[HostFound]]:
-    """Device -> host: every dispatch's counts first, then only a prefix of its candidates that
-    holds every replica's (its length rounded up to a power of two, so that few slicing programs
-    compile). The copies start as soon as each dispatch's program ends, and every slicing
-    program is queued before the host waits for any, so the device never waits for the host.
-
-    Returns:
-      Per dispatch, one `HostFound` per replica.
-    """
-    local = all(a.is_fully_addressable for f in parts for a in jax.tree.leaves(f))
-    if local:
-        for f in parts:
-            f.meta.copy_to_host_async()
-    metas = [fetch(f.meta) for f in parts]
-    prefixes = [_prefix(f, _prefix_rows(f, meta)) for f, meta in zip(parts, metas, strict=True)]
-    if local:
-        for a in jax.tree.leaves(prefixes):
-            a.copy_to_host_async()
-    return [_host_found(meta, *fetch(pre)) for meta, pre in zip(metas, prefixes, strict=True)]
-
-
-def _prefix_rows(found: Found, meta: np.ndarray) -> int:
-    most = int(meta[:, 0].max(initial=0))
-    return min(found.z.shape[1], 1 << max(most - 1, 0).bit_length()) if most else 0
-
-
-def _host_found(meta: np.ndarray, z: np.ndarray, extras: np.ndarray) -> list[HostFound]:
+    """Device -> host: the counts first, then only a prefix of the candidates that holds every
+    replica's (its length rounded up to a power of two, so that few slicing programs compile).
+    One `HostFound` per replica."""
+    meta = fetch(found.meta)
     count, p = meta[:, 0], (meta.shape[1] - 1) // 2
+    most = int(count.max(initial=0))
+    rows = min(found.z.shape[1], 1 << max(most - 1, 0).bit_length()) if most else 0
+    z, extras = fetch(_prefix(found, rows))
     ints = extras[..., 2:].view(np.int32)
     return [
         HostFound(
@@ -413,33 +350,6 @@ def _host_found(meta: np.ndarray, z: np.ndarray, extras: np.ndarray) -> list[Hos
         )
         for r, c in enumerate(count.tolist())
     ]
-
-
-def join_parts(found: list[list[HostFound]], parts: list[Part]) -> list[HostFound]:
-    """The dispatches' `HostFound`s (per dispatch, per replica) -> one per replica, over all the
-    sources in order: source indices offset by each dispatch's first, padding left out."""
-    if len(parts) == 1:
-        return found[0]
-    joined = []
-    for replica in zip(*found, strict=True):
-        pairs = list(zip(replica, parts, strict=True))
-
-        def cat(field, pairs=pairs):  # field(host_found, part) -> one dispatch's array
-            return np.concatenate([field(h, p) for h, p in pairs])
-
-        joined.append(
-            HostFound(
-                z=cat(lambda h, p: h.z),
-                prob=cat(lambda h, p: h.prob),
-                norm=cat(lambda h, p: h.norm),
-                source=cat(lambda h, p: h.source + np.int32(p.first)),
-                pred=cat(lambda h, p: h.pred),
-                label=cat(lambda h, p: h.label),
-                flips=cat(lambda h, p: h.flips[: p.count]),
-                used=cat(lambda h, p: h.used[: p.count]),
-            )
-        )
-    return joined
 
 
 def fetch(tree):

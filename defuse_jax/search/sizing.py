@@ -148,15 +148,3 @@ def auto_chunk_size(
         memory_bytes=device_memory(device),
         gradient=mode == "gradient",
     )
-
-
-ACCELERATOR_DISPATCHES = 4  # enough to hide the host's share behind the device's (a GPU's)
-
-
-def auto_dispatches(devices) -> int:
-    """`SearchConfig.dispatches=None` on `devices` (a mesh's): several on an accelerator, where
-    the host's work on one dispatch overlaps the device's on another; one on a CPU, where the
-    host and the computation share the cores (4 measured 2-4% slower there than 1, on the
-    benchmark's MLP models at 8,192 and 65,536 chains)."""
-    device = np.asarray(devices).ravel()[0]
-    return 1 if device.platform == "cpu" else ACCELERATOR_DISPATCHES
