@@ -87,8 +87,13 @@ def search_parts(decode_fn, classify_fn, chains: int, q: int, chunk: int, dtype:
     placed = jax.device_put(p.args)
     t_prog = roofline.best_time(lambda: jax.block_until_ready(p.program(*placed)), REPEATS)
     t_prog_host = roofline.best_time(lambda: jax.block_until_ready(p.program(*p.args)), REPEATS)
-    t_fetch = roofline.best_time(lambda: engine.fetch_found(p.program(*placed)), REPEATS)
-    parts = engine.fetch_found(p.program(*placed))
+
+    def program_and_fetch():
+        found = p.program(*placed)
+        return engine.fetch_found(found, whole=engine.start_fetch(found))
+
+    t_fetch = roofline.best_time(program_and_fetch, REPEATS)
+    parts = program_and_fetch()
     t_compact = roofline.best_time(
         lambda: compact(parts[0], n, config=p.configs[0], wall_time_s=0.0), REPEATS
     )

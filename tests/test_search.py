@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from defuse_jax.search import SearchConfig, SearchResult, latent_search, sizing
+from defuse_jax.search import (
+    SearchConfig,
+    SearchResult,
+    engine,
+    latent_search,
+    sizing,
+    start_search,
+)
 from defuse_jax.search.perturb import ChainRng, sample_offset
 
 LATENT, HIDDEN, CLASSES = 4, 16, 3
@@ -204,6 +211,38 @@ def test_chunk_size_does_not_change_results(results, chunk_size):
     cfg = dataclasses.replace(MODES[0], chunk_size=chunk_size)
     res = latent_search(decode, classify, z0, y0, key=jax.random.key(0), config=cfg, mesh=_mesh(2))
     _assert_same(res, results["gaussian"], exact=False)
+
+
+FIELDS = ("z", "source_index", "source_label", "pred_label", "prob", "perturbation_norm",
+          "flips_per_source", "used")  # fmt: skip
+
+
+def _assert_identical(a, b):
+    for f in FIELDS:
+        np.testing.assert_array_equal(getattr(a, f), getattr(b, f), err_msg=f)
+    assert (a.num_samples_evaluated, a.num_sources_used) == (b.num_samples_evaluated,
+                                                             b.num_sources_used)  # fmt: skip
+
+
+def test_searches_started_together_equal_searches_run_one_by_one(results):
+    """`start_search` dispatches and returns; several in flight read the same results."""
+    z0, y0 = _sources()
+    pending = [start_search(decode, classify, z0, y0, key=jax.random.key(0), config=MODES[i])
+               for i in (0, 3, 4)]  # fmt: skip
+    for p, name in zip(reversed(pending), ("gradient", "iterative", "gaussian"), strict=True):
+        res = p.result()  # read in another order than started
+        assert p.result() is res  # read once, kept
+        _assert_identical(res, results[name])
+
+
+@pytest.mark.parametrize("whole_copy_bytes", [0, 1 << 30])
+def test_prefix_and_whole_copies_read_the_same_candidates(results, monkeypatch, whole_copy_bytes):
+    """Candidates over `WHOLE_COPY_BYTES` are read as a prefix after the counts, the rest whole."""
+    monkeypatch.setattr(engine, "WHOLE_COPY_BYTES", whole_copy_bytes)
+    z0, y0 = _sources()
+    pending = start_search(decode, classify, z0, y0, key=jax.random.key(0), config=MODES[0])
+    assert pending._whole == (whole_copy_bytes > 0)
+    _assert_identical(pending.result(), results["gaussian"])
 
 
 def test_keep_all_and_bf16():

@@ -9,9 +9,17 @@ Example:
   ...                                 config=SearchConfig(), scales=[0.25, 0.5, 1.0])
 """
 
-from defuse_jax.search.api import latent_search, lower_search
+from defuse_jax.search.api import PendingSearch, latent_search, lower_search, start_search
 from defuse_jax.search.config import SearchConfig
 from defuse_jax.search.result import SearchResult
 from defuse_jax.search.scale_sweep import latent_search_sweep
 
-__all__ = ["SearchConfig", "SearchResult", "latent_search", "latent_search_sweep", "lower_search"]
+__all__ = [
+    "PendingSearch",
+    "SearchConfig",
+    "SearchResult",
+    "latent_search",
+    "latent_search_sweep",
+    "lower_search",
+    "start_search",
+]

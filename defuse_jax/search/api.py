@@ -1,4 +1,5 @@
-"""`latent_search`: validate, lay out, run the compiled program once, compact on the host."""
+"""`latent_search` and `start_search`: validate, lay out, dispatch the compiled program once,
+read the device-compacted candidates on the host."""
 
 from __future__ import annotations
 
@@ -68,12 +69,72 @@ def latent_search(
       ...                     key=jax.random.key(0), config=SearchConfig(num_samples=100))
       >>> res.z.shape, res.pred_label
     """
+    return start_search(
+        decode_fn, classify_fn, z0, y0, key=key, config=config, mesh=mesh,
+        validity_fn=validity_fn, free_dims=free_dims,
+    ).result()  # fmt: skip
+
+
+def start_search(
+    decode_fn: Callable[[jax.Array], jax.Array],
+    classify_fn: Callable[[jax.Array], jax.Array],
+    z0,
+    y0,
+    *,
+    key: jax.Array | None,
+    config: SearchConfig | None = None,
+    mesh: Mesh | None = None,
+    validity_fn: Callable[[jax.Array], jax.Array] | None = None,
+    free_dims: int | None = None,
+) -> PendingSearch:
+    """`latent_search`, returning as soon as the search is on its way to the devices.
+
+    The inputs are validated (bad input raises here), the program is dispatched, and the copies
+    of its output to the host start as soon as it ends; `.result()` waits for them and builds
+    the `SearchResult`. Start the next search before reading a result, and the host's work on
+    one search (validation, packing, reading results: on a GPU about as long as a small model's
+    search itself) overlaps the device's on the other:
+
+      >>> pending = [start_search(dec, clf, z, y, key=k, config=c) for z, y, k, c in settings]
+      >>> results = [p.result() for p in pending]
+
+    Same arguments and result as `latent_search`, which is `start_search(...).result()`. Each
+    dispatched search holds its output on the devices until its result is read.
+    """
     start = time.perf_counter()
     config = SearchConfig() if config is None else config
-    return run_scales(
+    return dispatch_scales(
         decode_fn, classify_fn, z0, y0, key=key, config=config, scales=None, mesh=mesh,
         start=start, validity_fn=validity_fn, free_dims=free_dims,
-    )[0]  # fmt: skip
+    )  # fmt: skip
+
+
+class PendingSearch:
+    """A search dispatched to the devices, its result not read yet (`start_search`)."""
+
+    def __init__(self, plan: _Plan, found: engine.Found, start: float):
+        self._plan, self._found, self._start = plan, found, start
+        self._whole = engine.start_fetch(found)
+        self._results: list[SearchResult] | None = None
+
+    def results(self) -> list[SearchResult]:
+        """One `SearchResult` per scale (a sweep's; one for `start_search`), read once: the
+        device's output is released then. Each one's `wall_time_s` runs from the start to the
+        first read."""
+        if self._results is None:
+            parts = engine.fetch_found(self._found, whole=self._whole)
+            wall = time.perf_counter() - self._start
+            self._results = [
+                compact(part, self._plan.num_sources, config=c, wall_time_s=wall)
+                for part, c in zip(parts, self._plan.configs, strict=True)
+            ]
+            self._found = None
+        return self._results
+
+    def result(self) -> SearchResult:
+        """The `SearchResult` (waits for the device)."""
+        (res,) = self.results()
+        return res
 
 
 class _Plan(NamedTuple):
@@ -158,7 +219,7 @@ def lower_search(
     return plan.program.lower(*plan.args)
 
 
-def run_scales(
+def dispatch_scales(
     decode_fn,
     classify_fn,
     z0,
@@ -171,19 +232,15 @@ def run_scales(
     start: float,
     validity_fn=None,
     free_dims: int | None = None,
-) -> list[SearchResult]:
-    """The search at each of `scales` (already validated) as one program; see `latent_search`.
+) -> PendingSearch:
+    """The search at each of `scales` (already validated) as one program, dispatched; see
+    `start_search`.
 
     `scales=None` means `(config.scale,)`. `start` is the caller's start time: every result's
-    `wall_time_s` is the whole call's.
+    `wall_time_s` counts from it.
     """
     plan = _plan(
         decode_fn, classify_fn, z0, y0, key=key, config=config, scales=scales, mesh=mesh,
         validity_fn=validity_fn, free_dims=free_dims,
     )  # fmt: skip
-    parts = engine.fetch_found(plan.program(*plan.args))
-    wall = time.perf_counter() - start
-    return [
-        compact(part, plan.num_sources, config=c, wall_time_s=wall)
-        for part, c in zip(parts, plan.configs, strict=True)
-    ]
+    return PendingSearch(plan, plan.program(*plan.args), start)

@@ -60,7 +60,7 @@ class Found(NamedTuple):
 
     Row j < count[r] of replica r is its j-th candidate in (source, perturbation norm) order;
     later rows are filler. P = the padded sources of one replica, k = `SearchConfig.keep`.
-    Few arrays, so that the host fetches them in few transfers (`fetch_found`).
+    Few arrays, so that the host fetches them in few transfers (`start_fetch`, `fetch_found`).
     """
 
     z: jax.Array  # [K, P*k, L] float32 latent codes
@@ -154,9 +154,9 @@ def build_program(
     for padding, src int32 (the source index the chains' RNG is derived from), noise float32
     (the noise scale, `perturb.noise_scale`)) -> `Found`.
 
-    The found candidates are compacted on the device, so that the host fetches only them (a
-    prefix, `fetch_found`) instead of every source's k slots: on a GPU the host's share of a
-    small model's search (the transfer and the compaction) was larger than the device's.
+    The found candidates are compacted on the device, so that the host reads only them
+    (`fetch_found`) instead of every source's k slots: on a GPU the host's share of a small
+    model's search (the transfer and the compaction) was larger than the device's.
 
     The scale is a traced input, never a compile-time constant, so one program serves every scale
     and a sweep's rows (replicated sources, `src` repeating) compute exactly what a single search
@@ -327,15 +327,46 @@ def _prefix(found: Found, rows: int) -> tuple[jax.Array, jax.Array]:
     return found.z[:, :rows], found.extras[:, :rows]
 
 
-def fetch_found(found: Found) -> list[HostFound]:
-    """Device -> host: the counts first, then only a prefix of the candidates that holds every
-    replica's (its length rounded up to a power of two, so that few slicing programs compile).
-    One `HostFound` per replica."""
+WHOLE_COPY_BYTES = 64 << 20  # candidates up to this size are copied whole, as soon as they exist
+
+
+def start_fetch(found: Found) -> bool:
+    """Starts the device -> host copies that need nothing from the host: the counts, and the
+    candidates themselves when they hold at most `WHOLE_COPY_BYTES` (filler included). They run
+    as soon as the program ends, beside whatever the device runs next (another search).
+
+    Returns:
+      Whether the candidates are copied whole; if not, `fetch_found` fetches a prefix.
+    """
+    if not all(a.is_fully_addressable for a in found):  # several hosts: gathered on fetch
+        return False
+    found.meta.copy_to_host_async()
+    whole = found.z.nbytes + found.extras.nbytes <= WHOLE_COPY_BYTES
+    if whole:
+        found.z.copy_to_host_async()
+        found.extras.copy_to_host_async()
+    return whole
+
+
+def fetch_found(found: Found, *, whole: bool = False) -> list[HostFound]:
+    """Device -> host, one `HostFound` per replica.
+
+    Args:
+      found: the program's output.
+      whole: the candidates are copied whole (`start_fetch`). Otherwise the counts come first,
+        then only a prefix of the candidates that holds every replica's (its length rounded up
+        to a power of two, so that few slicing programs compile): one more round trip and a
+        slicing program, which queues behind anything the device runs meanwhile, but no filler
+        crosses (a search that keeps every flip has mostly filler).
+    """
     meta = fetch(found.meta)
     count, p = meta[:, 0], (meta.shape[1] - 1) // 2
-    most = int(count.max(initial=0))
-    rows = min(found.z.shape[1], 1 << max(most - 1, 0).bit_length()) if most else 0
-    z, extras = fetch(_prefix(found, rows))
+    if whole:
+        z, extras = fetch((found.z, found.extras))
+    else:
+        most = int(count.max(initial=0))
+        rows = min(found.z.shape[1], 1 << max(most - 1, 0).bit_length()) if most else 0
+        z, extras = fetch(_prefix(found, rows))
     ints = extras[..., 2:].view(np.int32)
     return [
         HostFound(

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import jax
 from jax.sharding import Mesh
 
-from defuse_jax.search.api import run_scales
+from defuse_jax.search.api import dispatch_scales
 from defuse_jax.search.config import SearchConfig
 from defuse_jax.search.perturb import SCALED_DISTRIBUTIONS
 from defuse_jax.search.result import SearchResult
@@ -115,7 +115,7 @@ def latent_search_sweep(
     start = time.perf_counter()
     config = SearchConfig() if config is None else config
     scales = check_sweep(config, scales)
-    return run_scales(
+    return dispatch_scales(
         decode_fn, classify_fn, z0, y0, key=key, config=config, scales=scales, mesh=mesh,
         start=start, validity_fn=validity_fn, free_dims=free_dims,
-    )  # fmt: skip
+    ).results()  # fmt: skip
