@@ -99,7 +99,9 @@ def start_search(
       >>> results = [p.result() for p in pending]
 
     Same arguments and result as `latent_search`, which is `start_search(...).result()`. Each
-    dispatched search holds its output on the devices until its result is read.
+    dispatched search holds its output on the devices until its result is read. On several
+    hosts every process starts the same searches and reads them in the same order (reading
+    gathers across hosts).
     """
     start = time.perf_counter()
     config = SearchConfig() if config is None else config
@@ -133,8 +135,10 @@ class PendingSearch:
 
     def result(self) -> SearchResult:
         """The `SearchResult` (waits for the device)."""
-        (res,) = self.results()
-        return res
+        results = self.results()
+        if len(results) != 1:
+            raise ValueError(f"this search ran {len(results)} scales: read them with .results().")
+        return results[0]
 
 
 class _Plan(NamedTuple):
