@@ -256,6 +256,33 @@ def test_every_loop_form_gives_the_reference_loops_weights(fed, tmp_path, monkey
                     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6, err_msg=loop)
 
 
+@pytest.mark.parametrize("loop", training.LOOP_FORMS)
+def test_fits_of_one_model_and_loss_share_one_compiled_program(tmp_path, loop):
+    """An ensemble's members (other seeds) and the correction's weights (other data) compile
+    their steps once; another learning rate is another program."""
+    traces = []
+
+    def loss(params, batch, key, step):  # a Python side effect: runs once per trace
+        traces.append(1)
+        return losses.classifier_loss(params, batch, key, step)
+
+    rng = np.random.default_rng(0)
+    train_data = {"x": rng.random((64, 8, 8, 1), dtype=np.float32),
+                  "y": rng.integers(0, 3, 64).astype(np.int32)}  # fmt: skip
+    config = ClassifierConfig(kind="mlp", hidden=16)
+    runs = [(0, 1e-3), (1, 1e-3), (2, 1e-3), (0, 3e-3)]  # (seed, learning rate)
+    for i, (seed, lr) in enumerate(runs):
+        model = Classifier(config, image_shape=(8, 8, 1), num_classes=3, rngs=nnx.Rngs(seed))
+        train = TrainConfig(epochs=1, batch_size=32, learning_rate=lr, seed=seed)
+        training.fit(
+            params_of(model), loss, train_data, config=train, progress=False,
+            checkpoint_dir=str(tmp_path / str(i)), fingerprint={}, loop=loop,
+        )  # fmt: skip
+        if i == 2:
+            assert len(traces) == 1  # three seeds, one program (before: one per fit)
+    assert len(traces) == 2  # the other learning rate
+
+
 def _fit_vae(digits, tmp_path, name, train, *, loop="scan"):
     vae = VAE(VAEConfig(kind="mlp", latent_dim=4, hidden=32), image_shape=(8, 8, 1),
               rngs=nnx.Rngs(0))  # fmt: skip
