@@ -434,8 +434,8 @@ def fine_tune(
     )
     histories: dict[float, list[dict[str, float]]] = {}
     # The weight rides with the data: every weight's run (and the kept one's retraining) is one
-    # program, compiled once (with the compilation cache; 22 of the 33 s of the digits
-    # correction on a 2-core CPU compiled one per weight).
+    # program, compiled once in the process (`training._segment_program`; 22 of the 33 s of the
+    # digits correction on a 2-core CPU once compiled one per weight).
     weighted = loss(None)
     for lam in config.lams:
         run_fp = weight_run_fingerprint(config, labels, lam=lam, min_error_rate=min_error_rate)

@@ -354,8 +354,10 @@ def fit(
         data = {k: np.asarray(v) for k, v in train_data.items()}
     else:
         data = {k: jax.device_put(np.asarray(v), replicated) for k, v in train_data.items()}
-        if replicated is not None:
-            state = jax.device_put(state, replicated)
+        # Every leaf committed, as the step's outputs are: a fresh optimizer state beside
+        # restored (committed) weights made the first segment compile a program for its mixed
+        # placement and the second one another (the correction compiled each of its runs twice).
+        state = jax.device_put(state, replicated if replicated is not None else jax.devices()[0])
 
     root = jax.random.key(config.seed)
     data_key, step_key = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)

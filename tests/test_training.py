@@ -1,6 +1,7 @@
 """Training: resume reproduces the uninterrupted run (also after SIGKILL); clear errors."""
 
 import dataclasses
+import functools
 import os
 import signal
 import subprocess
@@ -281,6 +282,25 @@ def test_fits_of_one_model_and_loss_share_one_compiled_program(tmp_path, loop):
         if i == 2:
             assert len(traces) == 1  # three seeds, one program (before: one per fit)
     assert len(traces) == 2  # the other learning rate
+
+
+def test_a_fit_from_committed_weights_compiles_its_segment_once(tmp_path):
+    """Weights on a device (restored, or the correction's classifier) beside a fresh optimizer
+    state: the first segment runs the program every later one runs (it compiled two)."""
+    loss = functools.partial(losses.classifier_loss)  # its own entry among the segments
+    model = Classifier(ClassifierConfig(kind="mlp", hidden=16), image_shape=(8, 8, 1),
+                       num_classes=3, rngs=nnx.Rngs(0))  # fmt: skip
+    params = params_of(model)
+    params = Params(params.graphdef, jax.device_put(params.state, jax.devices()[0]))
+    rng = np.random.default_rng(0)
+    train_data = {"x": rng.random((64, 8, 8, 1), dtype=np.float32),
+                  "y": rng.integers(0, 3, 64).astype(np.int32)}  # fmt: skip
+    training.fit(
+        params, loss, train_data, config=TrainConfig(epochs=3, batch_size=30), progress=False,
+        checkpoint_dir=str(tmp_path / "ckpt"), fingerprint={}, loop="scan",
+    )  # fmt: skip
+    (segment,) = [run for key, run in training._SEGMENTS.items() if key[1] is loss]
+    assert segment._cache_size() == 1
 
 
 def _fit_vae(digits, tmp_path, name, train, *, loop="scan"):
