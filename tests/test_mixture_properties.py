@@ -183,15 +183,22 @@ def test_a_fit_padded_to_a_larger_program_is_the_fit_of_its_size(
 def test_fits_of_different_sizes_share_one_program_at_one_program_size(data, cls, monkeypatch):
     """Fits of 2 to 7 components on 40 to 700 rows (each its own program without a program
     size: `test_similar_row_counts_share_one_compiled_fit`) all run one program compiled for
-    7 components and 700 rows."""
+    7 components and 700 rows, and so do their predictions on their own rows."""
     static = ("model", "cfg", "layout", "mesh")  # as `_base._fit_program`, freshly jitted
     program = jax.jit(_base._fit_program.__wrapped__, static_argnames=static)
     monkeypatch.setattr(_base, "_fit_program", program)
+    unjitted = _base._posterior.__wrapped__
+    posterior = jax.jit(  # a new function: a cache of its own
+        lambda *a, **kw: unjitted(*a, **kw), static_argnames=("covariance_type",)
+    )
+    monkeypatch.setattr(_base, "_posterior", posterior)
     before = program._cache_size()  # (jit wrappers of one function share its cache)
     for k, n in [(2, 40), (7, 700), (4, 230)]:
-        cls(n_components=k, max_iter=3, random_state=0, program_components=7,
-            program_rows=700).fit(data[:n])  # fmt: skip
+        fitted = cls(n_components=k, max_iter=3, random_state=0, program_components=7,
+                     program_rows=700).fit(data[:n])  # fmt: skip
+        assert fitted.predict_proba(data[:n]).shape == (n, k)
     assert program._cache_size() == before + 1
+    assert posterior._cache_size() == 1
 
 
 def test_many_components_on_few_points_is_finite():

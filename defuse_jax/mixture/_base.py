@@ -230,9 +230,11 @@ class MixtureBase(DensityMixin, BaseEstimator, metaclass=abc.ABCMeta):
         x = argument_checks.check_data(self, X, fitting=False)
         with x64_context(dtype):
             n, d = x.shape
-            # blocks of at most _PREDICT_BLOCK rows, bucketed: similar sizes share the program
-            block = min(_PREDICT_BLOCK, bucket_rows(n))
-            rows = RowLayout(1, math.ceil(n / block), block)
+            # blocks of at most _PREDICT_BLOCK rows, bucketed: similar sizes share the program,
+            # and up to `program_rows` every size shares the program size's
+            n_rows = max(n, self.program_rows or 0)
+            block = min(_PREDICT_BLOCK, bucket_rows(n_rows))
+            rows = RowLayout(1, math.ceil(n_rows / block), block)
             xc = pad_rows((x - self._offset).astype(dtype), rows.padded_rows)
             lse, log_resp = _posterior(
                 jnp.asarray(xc.reshape(rows.blocks, block, d)),

@@ -160,10 +160,10 @@ class GaussianMixture(_base.MixtureBase):
       program_components, program_rows: compile the fit for at least this many components
         (>= n_components) and rows, None for exactly the fit's. Every fit is one compiled
         program per shape: fits of different sizes given the same values share one, and only
-        the first compiles. The extra components stay at weight zero and the extra rows are
-        masked out, so the fit is the one of its own size, up to float rounding (the fitted
-        attributes have n_components components). Not with weights_init, means_init or
-        precisions_init.
+        the first compiles (so do their predictions on up to program_rows rows). The extra
+        components stay at weight zero and the extra rows are masked out, so the fit is the
+        one of its own size, up to float rounding (the fitted attributes have n_components
+        components). Not with weights_init, means_init or precisions_init.
 
     Not supported: warm_start, verbose. Fitted attributes: weights_, means_, covariances_,
     precisions_, precisions_cholesky_, converged_, n_iter_, lower_bound_, lower_bounds_,
