@@ -90,7 +90,8 @@ def search_parts(decode_fn, classify_fn, chains: int, q: int, chunk: int, dtype:
 
     def program_and_fetch():
         found = p.program(*placed)
-        return engine.fetch_found(found, whole=engine.start_fetch(found))
+        engine.start_fetch(found)
+        return engine.fetch_found(found)
 
     t_fetch = roofline.best_time(program_and_fetch, REPEATS)
     parts = program_and_fetch()

@@ -241,7 +241,7 @@ def test_prefix_and_whole_copies_read_the_same_candidates(results, monkeypatch, 
     monkeypatch.setattr(engine, "WHOLE_COPY_BYTES", whole_copy_bytes)
     z0, y0 = _sources()
     pending = start_search(decode, classify, z0, y0, key=jax.random.key(0), config=MODES[0])
-    assert pending._whole == (whole_copy_bytes > 0)
+    assert engine.copied_whole(pending._found) == (whole_copy_bytes > 0)
     _assert_identical(pending.result(), results["gaussian"])
 
 

@@ -116,7 +116,7 @@ class PendingSearch:
 
     def __init__(self, plan: _Plan, found: engine.Found, start: float):
         self._plan, self._found, self._start = plan, found, start
-        self._whole = engine.start_fetch(found)
+        engine.start_fetch(found)
         self._results: list[SearchResult] | None = None
 
     def results(self) -> list[SearchResult]:
@@ -124,7 +124,7 @@ class PendingSearch:
         device's output is released then. Each one's `wall_time_s` runs from the start to the
         first read."""
         if self._results is None:
-            parts = engine.fetch_found(self._found, whole=self._whole)
+            parts = engine.fetch_found(self._found)
             wall = time.perf_counter() - self._start
             self._results = [
                 compact(part, self._plan.num_sources, config=c, wall_time_s=wall)

@@ -330,38 +330,39 @@ def _prefix(found: Found, rows: int) -> tuple[jax.Array, jax.Array]:
 WHOLE_COPY_BYTES = 64 << 20  # candidates up to this size are copied whole, as soon as they exist
 
 
-def start_fetch(found: Found) -> bool:
-    """Starts the device -> host copies that need nothing from the host: the counts, and the
-    candidates themselves when they hold at most `WHOLE_COPY_BYTES` (filler included). They run
-    as soon as the program ends, beside whatever the device runs next (another search).
+def copied_whole(found: Found) -> bool:
+    """Whether the host reads `found`'s candidates whole: on one host, when they hold at most
+    `WHOLE_COPY_BYTES` (filler included). Otherwise `fetch_found` reads a prefix."""
+    return (
+        all(a.is_fully_addressable for a in found)  # several hosts: gathered on fetch
+        and found.z.nbytes + found.extras.nbytes <= WHOLE_COPY_BYTES
+    )
 
-    Returns:
-      Whether the candidates are copied whole; if not, `fetch_found` fetches a prefix.
-    """
-    if not all(a.is_fully_addressable for a in found):  # several hosts: gathered on fetch
-        return False
+
+def start_fetch(found: Found) -> None:
+    """Starts the device -> host copies that need nothing from the host: the counts, and the
+    candidates themselves when they are read whole (`copied_whole`). They run as soon as the
+    program ends, beside whatever the device runs next (another search)."""
+    if not all(a.is_fully_addressable for a in found):
+        return
     found.meta.copy_to_host_async()
-    whole = found.z.nbytes + found.extras.nbytes <= WHOLE_COPY_BYTES
-    if whole:
+    if copied_whole(found):
         found.z.copy_to_host_async()
         found.extras.copy_to_host_async()
-    return whole
 
 
-def fetch_found(found: Found, *, whole: bool = False) -> list[HostFound]:
-    """Device -> host, one `HostFound` per replica.
+def fetch_found(found: Found) -> list[HostFound]:
+    """Device -> host, one `HostFound` per replica (after `start_fetch`, the copies it started).
 
-    Args:
-      found: the program's output.
-      whole: the candidates are copied whole (`start_fetch`). Otherwise the counts come first,
-        then only a prefix of the candidates that holds every replica's (its length rounded up
-        to a power of two, so that few slicing programs compile): one more round trip and a
-        slicing program, which queues behind anything the device runs meanwhile, but no filler
-        crosses (a search that keeps every flip has mostly filler).
+    Candidates read whole (`copied_whole`) cross in one transfer. Larger ones come after the
+    counts as a prefix that holds every replica's (its length rounded up to a power of two, so
+    that few slicing programs compile): one more round trip and a slicing program, which queues
+    behind anything the device runs meanwhile, but no filler crosses (a search that keeps every
+    flip has mostly filler).
     """
     meta = fetch(found.meta)
     count, p = meta[:, 0], (meta.shape[1] - 1) // 2
-    if whole:
+    if copied_whole(found):
         z, extras = fetch((found.z, found.extras))
     else:
         most = int(count.max(initial=0))
