@@ -104,7 +104,7 @@ class VBModel:
                 cov_prior = var if self.covariance_type == "diag" else jnp.mean(var)
         return {"n": n, "mean_prior": mean_prior, "covariance_prior": cov_prior}
 
-    def _in_use(self, priors, dtype):
+    def _components_in_use(self, priors, dtype):
         """(the [K] bool components in use and their count as a `dtype` scalar; or None and
         n_components when all are in use)."""
         active = priors["active"]
@@ -117,7 +117,8 @@ class VBModel:
 
     def m_step(self, nk, xk, sk, priors):
         ct = self.covariance_type
-        _, k = self._in_use(priors, nk.dtype)  # nk is 0 past them (`_engine.only_active`)
+        # nk is 0 past the components in use (`_engine.only_active`)
+        _, k = self._components_in_use(priors, nk.dtype)
         wcp = self.wcp(k)
         m0, w0 = priors["mean_prior"], priors["covariance_prior"]
         beta0, nu0 = self.beta0, self.nu0
@@ -191,7 +192,7 @@ class VBModel:
     def lower_bound(self, params, ll, ent, n, priors):
         d = self.n_features
         nu = params["dof"]
-        active, k = self._in_use(priors, jnp.asarray(nu).dtype)
+        active, k = self._components_in_use(priors, jnp.asarray(nu).dtype)
         ldpc = log_det_cholesky(params["prec_chol"], self.covariance_type, d) - 0.5 * d * jnp.log(
             nu
         )
