@@ -5,21 +5,25 @@ decoded error code whose image now shows the class the classifier predicts is a 
 not a bug. Which one it is gets decided by a *judge*, a model that takes no part in the search,
 the labels or the correction (like a test set, it is used for nothing else):
 
-- on small images (at most 16x16 pixels: digits), a scikit-learn RBF support-vector classifier
-  fitted on (a seeded subset of) the training split's pixels: 98-99% test accuracy on digits,
-  above the run's classifiers, in seconds (`fit_judge`);
-- on larger ones, a conv classifier of the default architecture trained on the training split
-  with a seed no other model uses (`train_judge`). There the SVC is weak (84.5% on
-  Fashion-MNIST, about the MLP classifier, so its readings are noise in both directions);
-  the conv judge reaches about the run's own conv classifier. Being that classifier's sibling,
-  it shares some of its blind spots: behind a conv classifier it reads fewer bugs than the SVC
-  (32.8% against 53.6% on a Fashion-MNIST run), behind an MLP one more (docs/results.md).
+The judge is chosen on the test split from candidates of other families than the run's
+models, by how well each reads the images the classifier gets right *and* its errors
+(`choose_judge`): a weak judge misreads the first, and a judge sharing the classifier's blind
+spots misreads the second, so also the search's bugs. The candidates (`judge_candidates`):
 
-The report gives the judge's name and test accuracy next to the yield.
+- a scikit-learn RBF support-vector classifier fitted on (a seeded subset of) the training
+  split's pixels, in seconds (`fit_judge`): 98-99% test accuracy on digits, above the run's
+  classifiers, also upsampled to 28x28; 84.5% on Fashion-MNIST, under them;
+- on images above 16x16 pixels also a conv classifier of the default architecture trained on
+  the training split with a seed no other model uses (`train_judge`). It reaches about the
+  run's own conv classifier, and, that classifier's sibling, shares its blind spots: on 28x28
+  digits it reads 11-22% of the conv classifier's test errors as their class, the SVC 44-80%.
+
+The report gives every candidate's scores and bug yield beside the chosen judge's
+(docs/results.md compares them on every run).
 
 Example:
-  >>> judge = fit_judge(ds.x_train, ds.y_train, ds.x_test, ds.y_test)
-  >>> bug_yield(judge, images, source_label, pred_label, region=assignment)["bug"]
+  >>> choice = judge_for(ds, classifier_test_predictions, cache_dir="runs/x/cache/judge")
+  >>> bug_yield(choice.judge, images, source_label, pred_label, region=assignment)["bug"]
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ JUDGE_MAX_TEST = 2000
 # Error codes the judge reads at most per run or setting (a seeded subset beyond).
 MAX_JUDGED_CODES = 10_000
 JUDGE_NAME = "SVC (RBF kernel, C=10) on {n:,} training images' pixels"
-SVC_MAX_PIXELS = 16 * 16  # larger images get the conv judge (`judge_for`)
+SVC_MAX_PIXELS = 16 * 16  # larger images also get a conv candidate (`judge_candidates`)
 # The conv judge's seed is the data seed plus this: no other model of a run is trained with it
 # (the classifier uses its own seed, the oracle's members the classifier's seed + 1, + 2, ...).
 JUDGE_SEED_OFFSET = 1000
@@ -94,16 +98,17 @@ def train_judge(
     cache_dir: str,
     seed: int = 0,
     train: TrainConfig = tm.CLASSIFIER_TRAIN_DEFAULT,
+    kind: str = "conv",
     progress: bool = False,
 ) -> Judge:
-    """A conv classifier (`ClassifierConfig(kind="conv")`) trained on the training split with
-    `train` (default: the classifier's, its length from the step budget) and seed
+    """A classifier of `kind` (`ClassifierConfig(kind=kind)`) trained on the training split
+    with `train` (default: the classifier's, its length from the step budget) and seed
     `seed + JUDGE_SEED_OFFSET`, as a judge.
 
     It is trained once per data and settings: in `cache_dir`/<digest of what it depends on>/
     (Orbax checkpoints, resumed or reloaded like every model of a run).
     """
-    config = ClassifierConfig(kind="conv")
+    config = ClassifierConfig(kind=kind)
     # Its length resolved before the cache key: epochs left to the step budget (as config.json
     # saves them) and the epochs they resolve to (as the evaluate stage passes them) are the
     # same judge, in the same directory.
@@ -116,7 +121,7 @@ def train_judge(
                                   progress=progress)  # fmt: skip
     params = trained.params
     epochs = read_json(os.path.join(out_dir, "config.json"))["train"]["epochs"]
-    name = (f"conv classifier trained on {len(ds.x_train):,} training images ({epochs} epochs, "
+    name = (f"{kind} classifier trained on {len(ds.x_train):,} training images ({epochs} epochs, "
             f"seed {train.seed})")  # fmt: skip
     return Judge(
         lambda x: np.asarray(evaluation.classify(params, np.asarray(x, np.float32))),
@@ -125,20 +130,121 @@ def train_judge(
     )
 
 
-def judge_for(
+def judge_candidates(
     ds: Dataset,
     *,
     cache_dir: str,
     seed: int = 0,
     train: TrainConfig = tm.CLASSIFIER_TRAIN_DEFAULT,
     progress: bool = False,
-) -> Judge:
-    """The judge for `ds`: the SVC on images of at most `SVC_MAX_PIXELS` pixels, else the conv
-    judge (`train_judge` with `train`, kept in `cache_dir`)."""
+) -> list[Judge]:
+    """The judges `choose_judge` chooses from: the SVC, and on images above `SVC_MAX_PIXELS`
+    pixels also the conv judge (`train_judge` with `train`, kept in `cache_dir`)."""
+    svc = fit_judge(ds.x_train, ds.y_train, ds.x_test, ds.y_test, seed=seed)
     h, w, _ = ds.image_shape
     if h * w <= SVC_MAX_PIXELS:
-        return fit_judge(ds.x_train, ds.y_train, ds.x_test, ds.y_test, seed=seed)
-    return train_judge(ds, cache_dir=cache_dir, seed=seed, train=train, progress=progress)
+        return [svc]
+    return [svc, train_judge(ds, cache_dir=cache_dir, seed=seed, train=train, progress=progress)]
+
+
+def judge_score(
+    judge: Judge, images: np.ndarray, labels: np.ndarray, pred: np.ndarray, *, seed: int = 0
+) -> dict[str, Any]:
+    """How well `judge` reads test images as their labels, apart on those the classifier gets
+    right and those it gets wrong (certain bugs; up to `JUDGE_MAX_TEST` of each, seeded).
+
+    A judge must read both: the images the classifier gets right (a weak judge misreads
+    them) and its errors (a judge sharing the classifier's blind spots misreads those). The
+    *balanced* score is the mean of the two shares, or the first alone without errors.
+
+    Args:
+      judge: a candidate (`judge_candidates`).
+      images: [N, H, W, C] test images; labels, pred: [N] their labels and the classifier's
+        predictions.
+
+    Returns:
+      {"judge", "test_accuracy", "on_right", "on_wrong" (None without errors), "balanced"}.
+    """
+    labels, pred = np.asarray(labels), np.asarray(pred)
+    shares = []
+    for part in (np.flatnonzero(pred == labels), np.flatnonzero(pred != labels)):
+        if len(part) == 0:
+            shares.append(None)
+            continue
+        part = part[_subset(len(part), JUDGE_MAX_TEST, seed)]
+        read = np.asarray(judge.predict(np.asarray(images)[part]))
+        shares.append(float(np.mean(read == labels[part])))
+    known = [s for s in shares if s is not None]
+    return {
+        "judge": judge.name,
+        "test_accuracy": judge.test_accuracy,
+        "on_right": shares[0],
+        "on_wrong": shares[1],
+        "balanced": float(np.mean(known)) if known else None,
+    }
+
+
+class JudgeChoice(NamedTuple):
+    """The candidate judges, their scores on the test split and the one chosen."""
+
+    candidates: list[Judge]
+    scores: list[dict[str, Any]]  # `judge_score` of each candidate
+    chosen: int  # index of the judge chosen
+
+    @property
+    def judge(self) -> Judge:
+        return self.candidates[self.chosen]
+
+
+def choose_judge(
+    candidates: list[Judge],
+    images: np.ndarray,
+    labels: np.ndarray,
+    pred: np.ndarray,
+    *,
+    seed: int = 0,
+) -> JudgeChoice:
+    """The candidate with the highest balanced score (`judge_score`) on the test images, the
+    first of those that tie, with every candidate's score, so that a report can show them.
+
+    The choice reads the test split and the classifier alone, never the search's codes.
+
+    Args:
+      candidates: the judges (`judge_candidates`), in order of preference on a tie.
+      images: [N, H, W, C] test images; labels, pred: [N] their labels and the classifier's
+        predictions.
+    """
+    if not candidates:
+        raise ValueError("choose_judge needs at least one candidate judge.")
+    scores = [judge_score(j, images, labels, pred, seed=seed) for j in candidates]
+    best = max(range(len(candidates)), key=lambda i: (scores[i]["balanced"] or 0.0, -i))
+    return JudgeChoice(candidates, scores, best)
+
+
+def judge_for(
+    ds: Dataset,
+    pred: np.ndarray,
+    *,
+    cache_dir: str,
+    seed: int = 0,
+    train: TrainConfig = tm.CLASSIFIER_TRAIN_DEFAULT,
+    progress: bool = False,
+) -> JudgeChoice:
+    """The judge for `ds` and a classifier whose test predictions are `pred` [N]: the
+    candidates (`judge_candidates`) and the one `choose_judge` picks (`.judge`)."""
+    candidates = judge_candidates(ds, cache_dir=cache_dir, seed=seed, train=train,
+                                  progress=progress)  # fmt: skip
+    return choose_judge(candidates, ds.x_test, ds.y_test, pred, seed=seed)
+
+
+def every_judge(choice: JudgeChoice, codes: JudgedCodes) -> list[dict[str, Any]]:
+    """Each candidate's score (`judge_score`) with its bug yield on `codes` and whether it is
+    the judge chosen: how far the yield depends on the judge."""
+    return [
+        {**score, "bug": bug_yield(judge, codes.images, codes.source, codes.pred)["bug"],
+         "chosen": i == choice.chosen}
+        for i, (judge, score) in enumerate(zip(choice.candidates, choice.scores, strict=True))
+    ]  # fmt: skip
 
 
 def bug_yield(
@@ -240,6 +346,35 @@ def judged_codes(n: int, *, most: int, seed: int) -> np.ndarray:
     return _subset(n, most, seed)
 
 
+class JudgedCodes(NamedTuple):
+    """The error codes a judge reads: all of a run's up to `MAX_JUDGED_CODES`, else a seeded
+    subset (`judged_codes`), decoded once for every judge."""
+
+    images: np.ndarray  # [M, H, W, C] decoded
+    source: np.ndarray  # [M] source labels
+    pred: np.ndarray  # [M] the classifier's predictions
+    region: np.ndarray | None  # [M] the region each falls in (-1: none), or None
+
+
+def decode_codes(
+    vae: Params,
+    z: np.ndarray,
+    source: np.ndarray,
+    pred: np.ndarray,
+    *,
+    region: np.ndarray | None = None,
+    seed: int = 0,
+) -> JudgedCodes:
+    """Error codes z [M, L] to judge, decoded by the run's VAE; source, pred, region: [M]."""
+    idx = judged_codes(len(z), most=MAX_JUDGED_CODES, seed=seed)
+
+    def pick(a):
+        return None if a is None else np.asarray(a)[idx]
+
+    return JudgedCodes(evaluation.decode(vae, np.asarray(z)[idx]), pick(source), pick(pred),
+                       pick(region))  # fmt: skip
+
+
 def judge_codes(
     judge: Judge,
     vae: Params,
@@ -250,14 +385,6 @@ def judge_codes(
     region: np.ndarray | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """`bug_yield` of error codes z [M, L], decoded by the run's VAE: all of them up to
-    `MAX_JUDGED_CODES`, else a seeded subset (`judged_codes`); source, pred, region: [M]."""
-    idx = judged_codes(len(z), most=MAX_JUDGED_CODES, seed=seed)
-
-    def pick(a):
-        return None if a is None else np.asarray(a)[idx]
-
-    return bug_yield(
-        judge, evaluation.decode(vae, np.asarray(z)[idx]), pick(source), pick(pred),
-        region=pick(region),
-    )  # fmt: skip
+    """`bug_yield` of error codes z [M, L] decoded by the run's VAE (`decode_codes`)."""
+    codes = decode_codes(vae, z, source, pred, region=region, seed=seed)
+    return bug_yield(judge, codes.images, codes.source, codes.pred, region=codes.region)

@@ -330,7 +330,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if max_sources is not None and max_sources < 1:
         raise ValueError(f"sweep: --max-sources must be >= 1, got {max_sources}.")
-    from defuse_jax import bug_yield, identification, models, own_model
+    from defuse_jax import bug_yield, evaluation, identification, models, own_model
     from defuse_jax import train_models as tm
     from defuse_jax.data import load_dataset
     from defuse_jax.run_config import load_run_config
@@ -366,8 +366,11 @@ def run(args: argparse.Namespace) -> int:
             )
         oracle = tm.load_ensemble(oracle_dir)  # every member, as the run's search reads it
         _, validity_fn = models.search_functions(vae, oracle, compute_dtype=dtype)
-    judge = bug_yield.judge_for(ds, cache_dir=os.path.join(args.out, "cache", "judge"),
-                                seed=config.data.seed, train=config.classifier_train)  # fmt: skip
+    # The run's judge: chosen as the evaluate stage chooses it (`bug_yield.judge_for`).
+    choice = bug_yield.judge_for(ds, evaluation.classify(clf, ds.x_test),
+                                 cache_dir=os.path.join(args.out, "cache", "judge"),
+                                 seed=config.data.seed, train=config.classifier_train)  # fmt: skip
+    judge = choice.judge
 
     def judged(res: SearchResult) -> float | None:
         return bug_yield.judge_codes(
@@ -390,6 +393,7 @@ def run(args: argparse.Namespace) -> int:
     meta = {
         "judge": judge.name,
         "judge_test_accuracy": judge.test_accuracy,
+        "judges": choice.scores,  # every candidate's score on the test split (`judge_score`)
         "run": args.out,
         "num_sources": int(len(idx)),
         "grid": dataclasses.asdict(grid),

@@ -55,8 +55,10 @@ def filters(run_dir: str) -> list[tuple[str, float, float]]:
     x2 = evaluation.decode(vae, _encode(vae, x))
     same = evaluation.classify(clf, x2) == pred
     still = evaluation.classify(oracle, x2) == src
-    judge = bug_yield.judge_for(ds, cache_dir=os.path.join(run_dir, "cache", "judge"), seed=seed,
-                                train=config.classifier_train)  # fmt: skip
+    choice = bug_yield.judge_for(ds, evaluation.classify(clf, ds.x_test),
+                                 cache_dir=os.path.join(run_dir, "cache", "judge"), seed=seed,
+                                 train=config.classifier_train)  # fmt: skip
+    judge = choice.judge
     bug = np.asarray(judge.predict(x)) == src
     out = [("every kept code", np.ones(len(idx), bool))]
     out += [(f"oracle p(source) >= {t}", p_src >= t) for t in (0.5, 0.6, 0.7, 0.8, 0.9)]

@@ -111,31 +111,78 @@ def _dataset(size, n, rng):
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("size, kind", [(8, "SVC"), (20, "conv classifier")])
-def test_small_images_get_the_svc_and_larger_ones_a_conv_judge_trained_once(
-    size, kind, tmp_path, monkeypatch
+@pytest.mark.parametrize("size, kinds", [(8, ["SVC"]), (20, ["SVC", "conv classifier"])])
+def test_small_images_get_the_svc_and_larger_ones_also_a_conv_judge_trained_once(
+    size, kinds, tmp_path, monkeypatch
 ):
     from defuse_jax import training_lengths
     from defuse_jax.training import TrainConfig
 
     ds = _dataset(size, 96, np.random.default_rng(0))
     short = TrainConfig(epochs=4, batch_size=32, learning_rate=3e-3)
-    judge = bug_yield.judge_for(ds, cache_dir=str(tmp_path), seed=1, train=short)
-    assert judge.name.startswith(kind) and judge.test_accuracy >= 0.9
-    np.testing.assert_array_equal(judge.predict(ds.x_test[:8]), ds.y_test[:8])
+    found = bug_yield.judge_candidates(ds, cache_dir=str(tmp_path), seed=1, train=short)
+    assert [j.name.startswith(k) for j, k in zip(found, kinds, strict=True)] == [True] * len(kinds)
+    for judge in found:
+        assert judge.test_accuracy >= 0.9
+        np.testing.assert_array_equal(judge.predict(ds.x_test[:8]), ds.y_test[:8])
     trained = sorted(os.listdir(tmp_path))
-    assert len(trained) == (1 if kind.startswith("conv") else 0)
+    assert len(trained) == len(kinds) - 1
     if trained:  # the same data and seed reload it; other data train another
-        again = bug_yield.judge_for(ds, cache_dir=str(tmp_path), seed=1, train=short)
-        assert again.name == judge.name and again.test_accuracy == judge.test_accuracy
+        again = bug_yield.train_judge(ds, cache_dir=str(tmp_path), seed=1, train=short)
+        assert again.name == found[1].name and again.test_accuracy == found[1].test_accuracy
         assert sorted(os.listdir(tmp_path)) == trained
         # Epochs left to the step budget (as config.json saves them), resolving to the same 4
         # (3 steps per epoch), are the same judge.
         budget = training_lengths.StepBudget(steps=12, min_epochs=1)
         monkeypatch.setattr(training_lengths, "CLASSIFIER_BUDGET", budget)
         unset = dataclasses.replace(short, epochs=None)
-        bug_yield.judge_for(ds, cache_dir=str(tmp_path), seed=1, train=unset)
+        bug_yield.train_judge(ds, cache_dir=str(tmp_path), seed=1, train=unset)
         assert sorted(os.listdir(tmp_path)) == trained
         other = _dataset(size, 96, np.random.default_rng(1))
-        bug_yield.judge_for(other, cache_dir=str(tmp_path), seed=1, train=short)
+        bug_yield.train_judge(other, cache_dir=str(tmp_path), seed=1, train=short)
         assert len(os.listdir(tmp_path)) == 2
+
+
+def _reader(images, labels, misreads):
+    """A judge that reads `images[i]` as `misreads[i]` where given, else as `labels[i]`."""
+
+    def predict(x):
+        which = [int(np.flatnonzero((images == xi).all(axis=(1, 2, 3)))[0]) for xi in x]
+        return np.asarray([misreads.get(i, labels[i]) for i in which])
+
+    return predict
+
+
+@pytest.mark.parametrize(
+    "wrong_a, wrong_b, pred, chosen, balanced_a",
+    [
+        # a misreads the classifier's two errors (images 0, 1) as it does; b misreads one
+        # image it gets right: b reads both halves better on balance
+        ({0: 3, 1: 0}, {2: 3}, [3, 0, 2, 3, 0, 1], 1, (1.0 + 0.0) / 2),
+        # a misreads one of the errors, b three of the four right ones: 3/4 against 5/8
+        ({0: 3}, {2: 3, 3: 0, 4: 1}, [3, 0, 2, 3, 0, 1], 0, (1.0 + 0.5) / 2),
+        # equal scores: the first candidate
+        ({2: 3}, {3: 0}, [3, 0, 2, 3, 0, 1], 0, (0.75 + 1.0) / 2),
+        # no error: the share on the images the classifier gets right alone
+        ({2: 3}, {}, [0, 1, 2, 3, 0, 1], 1, 5 / 6),
+    ],
+)
+def test_the_judge_chosen_reads_the_classifiers_right_images_and_its_errors_best(
+    wrong_a, wrong_b, pred, chosen, balanced_a
+):
+    labels = np.asarray([0, 1, 2, 3, 0, 1])
+    images = _images(labels, np.random.default_rng(4))
+    a = bug_yield.Judge(_reader(images, labels, wrong_a), "a", 1.0)
+    b = bug_yield.Judge(_reader(images, labels, wrong_b), "b", 1.0)
+    choice = bug_yield.choose_judge([a, b], images, labels, np.asarray(pred))
+    assert choice.chosen == chosen and choice.judge is (a, b)[chosen]
+    assert choice.scores[0]["balanced"] == pytest.approx(balanced_a)
+    assert [s["judge"] for s in choice.scores] == ["a", "b"]
+    # Each candidate's bug yield on codes, the chosen one marked.
+    codes = bug_yield.JudgedCodes(images, labels, np.asarray(pred), None)
+    table = bug_yield.every_judge(choice, codes)
+    assert [t["chosen"] for t in table] == [i == chosen for i in range(2)]
+    for t, judge in zip(table, (a, b), strict=True):
+        assert t["bug"] == bug_yield.bug_yield(judge, images, labels, np.asarray(pred))["bug"]
+    with pytest.raises(ValueError, match="at least one candidate"):
+        bug_yield.choose_judge([], images, labels, np.asarray(pred))

@@ -97,6 +97,9 @@ def test_full_run_report_and_resume(finished, tmp_path):
     # ... and, for scale, the classifier's own test errors
     wrong = round((1.0 - report["test_accuracy_before"]) * TINY.data.max_test)
     assert found["test_errors"] == wrong > 0 and 0.0 <= found["test_error_yield"] <= 1.0
+    # ... chosen among its candidates (8x8 images: the SVC alone), whose table it heads
+    (only,) = found["judges"]
+    assert only["chosen"] and only["judge"] == found["judge"] and only["bug"] == found["bug"]
     # ... and its second opinion on every labeled region's label
     labeled = [r for r in report["regions"] if r["label"] is not None]
     assert all(0.0 <= r["judge_agreement"] <= 1.0 for r in labeled)

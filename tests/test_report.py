@@ -533,6 +533,22 @@ def test_the_report_gives_the_bug_yield_and_says_what_steered_the_search(validit
          "config": {"vae": {"kind": "mlp", "conditional": True}}}
     )  # fmt: skip
     assert "its VAE decodes from the source class (`--vae-conditional`)" in " ".join(conditional)
+    assert "candidates" not in text  # an older run, or a single candidate: no table of judges
+    svc = {"judge": "SVC", "test_accuracy": 0.98, "on_right": 0.99, "on_wrong": 0.5,
+           "balanced": 0.745, "bug": 0.613, "chosen": True}  # fmt: skip
+    conv = {**svc, "judge": "conv", "on_wrong": 0.2, "balanced": 0.595, "bug": 0.479,
+            "chosen": False}  # fmt: skip
+    searched = {"config": {"validity": validity}}
+    both = " ".join(report_lib.markdown._bug_yield_lines(
+        {"bug_yield": {**found, "judges": [svc, conv]}, "search": searched}
+    ))  # fmt: skip
+    assert "The judge was chosen among 2 candidates" in both
+    assert ("SVC (chosen): 99.0% of the images the classifier gets right and 50.0% of its "
+            "errors, so 74.5%, and a bug yield of 61.3%; conv: ") in both  # fmt: skip
+    alone = {**found, "judges": [svc]}
+    assert "candidates" not in " ".join(report_lib.markdown._bug_yield_lines(
+        {"bug_yield": alone, "search": searched}
+    ))  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -39,6 +39,7 @@ from defuse_jax.report.schema import (
     BugYield,
     ControlReport,
     CorrectionReport,
+    JudgeScore,
     RegionReport,
     Report,
 )
@@ -46,9 +47,9 @@ from defuse_jax.report.text import _is_labeled, pct
 
 __all__ = [
     "ACCURACY_PLOT", "PCA_PLOT", "WORSE_BY", "BugYield", "ControlReport", "CorrectionReport",
-    "RegionReport", "Report", "assemble", "before_after_table", "correction_summary", "pca_2d",
-    "pct", "plot_latent_pca", "plot_region_accuracy", "read_report", "render_markdown",
-    "write_report",
+    "JudgeScore", "RegionReport", "Report", "assemble", "before_after_table",
+    "correction_summary", "pca_2d", "pct", "plot_latent_pca", "plot_region_accuracy",
+    "read_report", "render_markdown", "write_report",
 ]  # fmt: skip
 
 PCA_PLOT: Final = "plots/latent_pca.png"

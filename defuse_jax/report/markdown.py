@@ -145,7 +145,28 @@ def _bug_yield_lines(report: Mapping[str, Any]) -> list[str]:
         f"The judge, {found['judge']} (test accuracy {pct(found['judge_test_accuracy'])}), "
         f"takes part in nothing else; {steer}.",
         *_test_error_yield_line(found),
+        *_judges_line(found),
         *_judge_agrees_line(found, report.get("num_regions_confirmed")),
+    ]
+
+
+def _judges_line(found: Mapping[str, Any]) -> list[str]:
+    """How the judge was chosen, and what the other candidates read (absent in older runs)."""
+    judges = found.get("judges") or []
+    if len(judges) < 2:
+        return []
+    each = "; ".join(
+        f"{j['judge']}{' (chosen)' if j['chosen'] else ''}: {pct(j['on_right'])} of the images "
+        f"the classifier gets right and {pct(j['on_wrong'])} of its errors, so "
+        f"{pct(j['balanced'])}, and a bug yield of {pct(j['bug'])}"
+        for j in judges
+    )
+    return [
+        "",
+        f"The judge was chosen among {len(judges)} candidates by how well it reads the test "
+        f"images as their labels, the mean of its share on those the classifier gets right and "
+        f"on its errors (a judge sharing the classifier's blind spots misreads the errors): "
+        f"{each}.",
     ]
 
 

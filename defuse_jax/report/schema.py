@@ -47,6 +47,18 @@ class RegionReport(TypedDict):
     judge_agreement: NotRequired[float | None]
 
 
+class JudgeScore(TypedDict):
+    """A candidate judge (`bug_yield.every_judge`): how it reads the test split, and the codes."""
+
+    judge: str
+    test_accuracy: float
+    on_right: float | None  # share of the test images the classifier gets right it reads right
+    on_wrong: float | None  # ... of the classifier's test errors (None: it makes none)
+    balanced: float | None  # their mean (on_right alone without errors): the judge is chosen by it
+    bug: float | None  # its bug yield on the kept error codes
+    chosen: bool  # the judge whose readings the report gives
+
+
 class BugYield(TypedDict):
     """The search's bug yield (`bug_yield`): the evaluation-only judge on the kept error codes."""
 
@@ -62,6 +74,8 @@ class BugYield(TypedDict):
     # confirmed error regions whose held-out samples the judge reads as their label at least
     # JUDGE_AGREES of the time (absent in older runs)
     confirmed_judge_agrees: NotRequired[int]
+    # every candidate judge, the chosen one among them (absent in older runs)
+    judges: NotRequired[list[JudgeScore]]
 
 
 class ControlReport(TypedDict):

@@ -144,20 +144,22 @@ def _bug_yield(
     if len(z) == 0:
         return None
     ds, seed = ctx.dataset, ctx.config.data.seed
-    # A conv judge (larger images) trains like the run's classifier, with its own seed.
-    judge = bug_yield.judge_for(ds, cache_dir=ctx.path("cache", "judge"), seed=seed,
-                                train=ctx.config.classifier_train,
-                                progress=ctx.config.progress)  # fmt: skip
-    found = bug_yield.judge_codes(
-        judge, ctx.model("vae"), z, errors["source_label"], errors["pred_label"],
-        region=assignment, seed=seed,
-    )  # fmt: skip
-    # Its scale: what the judge makes of the classifier's own test errors (certain bugs).
     pred = evaluation.classify(ctx.model("classifier"), ds.x_test)
+    # Chosen on the test split by how well it reads both the images the classifier gets right
+    # and its errors; a conv candidate (larger images) trains like the classifier, own seed.
+    choice = bug_yield.judge_for(ds, pred, cache_dir=ctx.path("cache", "judge"), seed=seed,
+                                 train=ctx.config.classifier_train,
+                                 progress=ctx.config.progress)  # fmt: skip
+    codes = bug_yield.decode_codes(ctx.model("vae"), z, errors["source_label"],
+                                   errors["pred_label"], region=assignment, seed=seed)  # fmt: skip
     return {
-        **found,
-        **bug_yield.test_error_yield(judge, ds.x_test, ds.y_test, pred),
-        "label_agreement": bug_yield.label_agreement(judge, eval_set),
+        **bug_yield.bug_yield(
+            choice.judge, codes.images, codes.source, codes.pred, region=codes.region
+        ),
+        # Its scale: what the judge makes of the classifier's own test errors (certain bugs).
+        **bug_yield.test_error_yield(choice.judge, ds.x_test, ds.y_test, pred),
+        "label_agreement": bug_yield.label_agreement(choice.judge, eval_set),
+        "judges": bug_yield.every_judge(choice, codes),
     }
 
 

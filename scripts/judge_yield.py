@@ -1,0 +1,80 @@
+"""Several judges' bug yield on finished runs' kept error codes, beside their reading of the
+run's classifier's own test errors (certain bugs, the scale for the yield).
+
+    python scripts/judge_yield.py runs/d28cv/seed1 runs/ffcv/seed0 --judges conv mlp svc
+
+Judges (`defuse_jax.bug_yield`): `svc` is the SVC of 8x8 digits (`fit_judge`, a seeded
+5,000-image subset of the training split); `conv` and `mlp` are classifiers of that family
+trained like the run's classifier with the judge's own seed (`train_judge`, kept in the run's
+`cache/judge/`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from defuse_jax import bug_yield, evaluation, identification
+from defuse_jax import train_models as tm
+from defuse_jax.data import load_dataset
+from defuse_jax.run_config import load_run_config
+
+
+def judge_yields(run_dir: str, judges: list[str]) -> dict[str, dict]:
+    """{judge kind: `bug_yield.judge_codes` on `run_dir`'s kept codes plus
+    `bug_yield.test_error_yield` on its classifier's test errors}."""
+    config = load_run_config(run_dir)
+    if config is None:
+        raise SystemExit(f"{run_dir} holds no run (no config.json).")
+    ds = load_dataset(config.data)
+    vae = tm.load_trained(os.path.join(run_dir, "train", "vae"))[0]
+    clf = tm.load_trained(os.path.join(run_dir, "train", "classifier"))[0]
+    pred = evaluation.classify(clf, ds.x_test)
+    errors = identification.load_errors(os.path.join(run_dir, "search"))
+    seed = config.data.seed
+    out = {}
+    for kind in judges:
+        if kind == "svc":
+            judge = bug_yield.fit_judge(ds.x_train, ds.y_train, ds.x_test, ds.y_test, seed=seed)
+        else:
+            judge = bug_yield.train_judge(
+                ds, cache_dir=os.path.join(run_dir, "cache", "judge"), seed=seed,
+                train=config.classifier_train, kind=kind,
+            )  # fmt: skip
+        out[kind] = {
+            **bug_yield.judge_codes(
+                judge, vae, errors["z"], errors["source_label"], errors["pred_label"], seed=seed
+            ),
+            **bug_yield.test_error_yield(judge, ds.x_test, ds.y_test, pred),
+            **bug_yield.judge_score(judge, ds.x_test, ds.y_test, pred, seed=seed),
+        }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", help="finished run directories")
+    parser.add_argument("--judges", nargs="+", default=["conv", "mlp", "svc"],
+                        choices=["conv", "mlp", "svc"])  # fmt: skip
+    parser.add_argument("--json", help="also write every figure here")
+    args = parser.parse_args()
+    everything = {}
+    for run_dir in args.runs:
+        everything[run_dir] = judge_yields(run_dir, args.judges)
+        for kind, out in everything[run_dir].items():
+            print(
+                f"{run_dir} {kind}: {out['judge']} (test accuracy "
+                f"{out['judge_test_accuracy']:.1%}): reads {out['test_error_yield']:.1%} of the "
+                f"classifier's {out['test_errors']} test errors as their class; bug "
+                f"{out['bug']:.1%}, class change {out['class_change']:.1%} of "
+                f"{out['codes_judged']:,} kept codes; balanced score {out['balanced']:.1%}",
+                flush=True,
+            )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(everything, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
