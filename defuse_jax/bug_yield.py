@@ -39,6 +39,7 @@ from sklearn.svm import SVC
 from defuse_jax import evaluation
 from defuse_jax import train_models as tm
 from defuse_jax import training_lengths as tl
+from defuse_jax.config_checks import fingerprint_fields
 from defuse_jax.data import Dataset, dataset_sha256
 from defuse_jax.files import json_digest, read_json
 from defuse_jax.models import ClassifierConfig, Params
@@ -114,8 +115,9 @@ def train_judge(
     # same judge, in the same directory.
     train = tl.train_epochs(train, tl.CLASSIFIER_BUDGET, len(ds.x_train))
     train = dataclasses.replace(train, seed=seed + JUDGE_SEED_OFFSET)
-    meta = {"model": dataclasses.asdict(config), "train": dataclasses.asdict(train),
-            "data": dataset_sha256(ds)}  # fmt: skip
+    # (shift came after the judge: judges trained before it keep their directory)
+    meta = {"model": dataclasses.asdict(config), "data": dataset_sha256(ds),
+            "train": fingerprint_fields(train, only=("shift",))}  # fmt: skip
     out_dir = os.path.join(cache_dir, json_digest(meta))
     trained = tm.train_classifier(ds, out_dir=out_dir, config=config, train=train,
                                   progress=progress)  # fmt: skip

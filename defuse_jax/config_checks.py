@@ -31,6 +31,8 @@ POSITIVE_INT = Rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1")
 POSITIVE = Rule(lambda v: _is_real(v) and v > 0, "a number > 0")
 NON_NEGATIVE = Rule(lambda v: _is_real(v) and v >= 0, "a number >= 0")
 NON_NEGATIVE_INT = Rule(lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+OPTIONAL_NON_NEGATIVE_INT = Rule(lambda v: v is None or NON_NEGATIVE_INT.ok(v),
+                                 "an integer >= 0 or None")  # fmt: skip
 OPTIONAL_POSITIVE_INT = Rule(lambda v: v is None or POSITIVE_INT.ok(v), "an integer >= 1 or None")
 
 
@@ -49,12 +51,13 @@ def check_fields(config: Any, rules: Mapping[str, Rule]) -> None:
             )
 
 
-def fingerprint_fields(config: Any) -> dict[str, Any]:
+def fingerprint_fields(config: Any, *, only: tuple[str, ...] | None = None) -> dict[str, Any]:
     """`dataclasses.asdict(config)` as fingerprints record it: a field listed in the class's
     `LATER_DEFAULTS` ({name: value}, fields added after runs were made) is left out while it
-    holds that value, so that runs made before the field existed keep their fingerprints."""
+    holds that value, so that runs made before the field existed keep their fingerprints.
+    `only`: leave out these of them alone (a record that began after the others)."""
     settings = dataclasses.asdict(config)
     for name, value in getattr(type(config), "LATER_DEFAULTS", {}).items():
-        if settings[name] == value:
+        if (only is None or name in only) and settings[name] == value:
             del settings[name]
     return settings

@@ -1,12 +1,16 @@
-"""Training objectives: the annealed beta-VAE ELBO and the classifier's cross-entropy."""
+"""Training objectives: the annealed beta-VAE ELBO and the classifier's cross-entropy, and
+random shifts of a batch's images as a wrapper around any of them (`with_shifts`)."""
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from defuse_jax.models import Params
+from defuse_jax.train_step import LossFn
 
 
 def kl_weight(step: jax.Array, *, beta: float, anneal_steps: int) -> jax.Array:
@@ -70,3 +74,34 @@ def classifier_eval(params: Params, batch: dict[str, jax.Array]) -> dict[str, ja
     logits = params.module()(batch["x"])
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
     return {"accuracy": (logits.argmax(-1) == batch["y"]).astype(jnp.float32), "loss": loss}
+
+
+def random_shifts(x: jax.Array, key: jax.Array, *, most: int) -> jax.Array:
+    """Each image of x [B, H, W, C] translated by its own offset of -most..most pixels on
+    each axis, drawn from `key`; what moves out of the frame is dropped, what moves in is 0."""
+    if most <= 0:
+        return x
+    b, h, w, c = x.shape
+    offsets = jax.random.randint(key, (b, 2), -most, most + 1)
+    padded = jnp.pad(x, ((0, 0), (most, most), (most, most), (0, 0)))
+
+    def one(image: jax.Array, offset: jax.Array) -> jax.Array:
+        start = (most - offset[0], most - offset[1], 0)
+        return jax.lax.dynamic_slice(image, start, (h, w, c))
+
+    return jax.vmap(one)(padded, offsets)
+
+
+@functools.cache  # one wrapper per loss and size, so that training programs are shared
+def with_shifts(loss_fn: LossFn, most: int) -> LossFn:
+    """`loss_fn` on the batch's images shifted by up to `most` pixels (`random_shifts`),
+    drawn anew every step from the step's key: a model that sees its digits a little off
+    centre stops leaning on where the strokes are, and so on the blind spots a classifier
+    trained without them has (`TrainConfig.shift`)."""
+
+    def shifted(params, batch, key, step):
+        k_shift, k_loss = jax.random.split(key)
+        moved = {**batch, "x": random_shifts(batch["x"], k_shift, most=most)}
+        return loss_fn(params, moved, k_loss, step)
+
+    return shifted

@@ -13,6 +13,7 @@ from defuse_jax import correction
 from defuse_jax import train_models as tm
 from defuse_jax import training_lengths as tl
 from defuse_jax.config_checks import (
+    OPTIONAL_NON_NEGATIVE_INT,
     OPTIONAL_POSITIVE_INT,
     POSITIVE_INT,
     check_fields,
@@ -85,6 +86,12 @@ class RunConfig:
             kind than the classifier (a conv oracle for an MLP classifier, 28x28 data). One
             model of the classifier's own kind is barely more accurate than the classifier (on
             Fashion-MNIST 10k, conv: 87.0% against 85.2%); three reach 88.5%.
+        oracle_shift: the oracle's members train on their images shifted by up to this many
+            pixels on each axis, drawn anew every step (`TrainConfig.shift`). None (the
+            default): `train_models.oracle_shift` of the image size, 2 on 28x28 images and 0
+            on 8x8 ones. Trained without it, a conv oracle shares the blind spots of the conv
+            classifier it checks: on 28x28 digits it reads 0-30% of that classifier's test
+            errors as their class, where a conv trained with shifts reads 56-70%.
         correct: fine-tuning.
         eval: evaluation.
         progress: progress bars (display only: in no stage's fingerprint).
@@ -105,6 +112,7 @@ class RunConfig:
     grid_samples: int = 16
     oracle_check: bool = True
     oracle_members: int | None = None
+    oracle_shift: int | None = None
     correct: CorrectConfig = CorrectConfig()
     eval: EvalConfig = EvalConfig()
     progress: bool = True
@@ -127,7 +135,8 @@ class RunConfig:
                 "pass --no-correct-select to keep the last epoch of lambda = correct.lam."
             )
         check_fields(self, {"grid_samples": POSITIVE_INT, "max_sources": OPTIONAL_POSITIVE_INT,
-                            "oracle_members": OPTIONAL_POSITIVE_INT})  # fmt: skip
+                            "oracle_members": OPTIONAL_POSITIVE_INT,
+                            "oracle_shift": OPTIONAL_NON_NEGATIVE_INT})  # fmt: skip
         if self.search_scales is not None:
             try:
                 check_sweep(self.search, self.search_scales)
@@ -167,12 +176,14 @@ def stage_fingerprints(
                             else None),
                    # a validity search trains the oracle
                    **_given(oracle_members=config.oracle_members if config.search.validity
+                            != "none" else None),
+                   **_given(oracle_shift=config.oracle_shift if config.search.validity
                             != "none" else None)},
         "distill": dataclasses.asdict(config.distill),
         # (oracle_members came later: left out at None, so earlier runs keep their labels)
         "label": {"labeler": config.labeler, "grid_samples": config.grid_samples,
                   "oracle_check": config.oracle_check, **_given(oracle_members=
-                  config.oracle_members)},
+                  config.oracle_members), **_given(oracle_shift=config.oracle_shift)},
         # Hand edits of the labels file redo the correction.
         "correct": {"correct": fingerprint_fields(config.correct), "labels": _file_hash(
             RunDir(run_dir).labels)},

@@ -294,6 +294,15 @@ def oracle_classifier_config(image_shape: tuple[int, int, int]) -> ClassifierCon
     return dataclasses.replace(default_classifier_config(image_shape), hidden=512)
 
 
+# The oracle's shifts are this share of the image's side: 2 pixels on 28x28, none on 8x8.
+ORACLE_SHIFT_FRACTION = 1 / 14
+
+
+def oracle_shift(image_shape: tuple[int, int, int]) -> int:
+    """How far the oracle's training images are shifted (`TrainConfig.shift`) by default."""
+    return int(min(image_shape[0], image_shape[1]) * ORACLE_SHIFT_FRACTION)
+
+
 def save_reconstructions(
     params: Params, x: np.ndarray, path: str, *, y: np.ndarray | None = None
 ) -> str:

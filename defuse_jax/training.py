@@ -34,7 +34,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from defuse_jax import distributed, fixed_order_grads
+from defuse_jax import distributed, fixed_order_grads, losses
 from defuse_jax.batching import map_batches
 from defuse_jax.checkpoint import Checkpointer
 from defuse_jax.config_checks import (
@@ -87,6 +87,10 @@ class TrainConfig:
             into S shards whose gradients are added in a fixed order, so that every topology
             whose device count divides S trains the same bits (`fixed_order_grads`; S divides
             batch_size).
+        shift: 0, or translate every training image by up to this many pixels on each axis,
+            drawn anew every step (`losses.with_shifts`; data augmentation). The oracle
+            trains with it (`stages.label`): without it, it shares the blind spots of a
+            classifier of its kind.
 
     Display settings (the progress bar) are not here: they change no result, so they are
     arguments of `fit` and stay out of every fingerprint.
@@ -102,15 +106,16 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     reduction_shards: int = 0
+    shift: int = 0
 
-    LATER_DEFAULTS: ClassVar[dict[str, Any]] = {"reduction_shards": 0}
+    LATER_DEFAULTS: ClassVar[dict[str, Any]] = {"reduction_shards": 0, "shift": 0}
 
     def __post_init__(self):
         check_fields(self, {
             "epochs": OPTIONAL_POSITIVE_INT, "batch_size": POSITIVE_INT, "learning_rate": POSITIVE,
             "momentum": NON_NEGATIVE, "weight_decay": NON_NEGATIVE,
             "checkpoint_every": POSITIVE_INT, "keep_checkpoints": POSITIVE_INT,
-            "reduction_shards": NON_NEGATIVE_INT,
+            "reduction_shards": NON_NEGATIVE_INT, "shift": NON_NEGATIVE_INT,
         })  # fmt: skip
         if self.reduction_shards and self.batch_size % self.reduction_shards:
             raise ValueError(
@@ -318,6 +323,13 @@ def fit(
         steps_per_epoch = min(steps_per_epoch, epoch_steps)
     if eval_every < 1:
         raise ValueError(f"eval_every must be >= 1, got {eval_every}.")
+    if config.shift:
+        if "x" not in train_data or np.ndim(train_data["x"]) != 4:
+            raise ValueError(
+                f"TrainConfig.shift {config.shift} moves images, but train_data has no "
+                "images [N, H, W, C] under 'x'; set shift=0."
+            )
+        loss_fn = losses.with_shifts(loss_fn, config.shift)
     total_steps = config.epochs * steps_per_epoch
     mesh = _data_mesh(config.batch_size)  # raises early when a distributed batch cannot split
     if config.reduction_shards:

@@ -108,3 +108,21 @@ def test_the_member_count_redoes_the_stages_that_train_the_oracle(tmp_path):
     assert search[None]["search"] != search[3]["search"]
     with pytest.raises(ValueError, match="oracle_members"):
         RunConfig(oracle_members=0)
+
+
+@pytest.mark.parametrize(
+    "shape, asked, expected",
+    [((8, 8, 1), None, 0), ((28, 28, 1), None, 2), ((64, 64, 3), None, 4), ((28, 28, 1), 0, 0)],
+)
+def test_the_oracle_trains_on_shifted_images_above_8x8(shape, asked, expected, tmp_path):
+    ctx = _ctx(shape)
+    ctx.config = RunConfig(oracle_shift=asked)
+    ctx.dataset.x_train = np.zeros((1145,) + shape, np.float32)
+    _, train = label_stage._oracle_settings(ctx)
+    assert train.shift == expected
+    # Asked for, it redoes the stages that train the oracle; left unset, runs keep theirs.
+    fp = stage_fingerprints(ctx.config, str(tmp_path))
+    unset = stage_fingerprints(RunConfig(), str(tmp_path))
+    assert (fp["search"] == unset["search"]) == (asked is None)
+    with pytest.raises(ValueError, match="oracle_shift"):
+        RunConfig(oracle_shift=-1)

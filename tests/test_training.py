@@ -386,3 +386,41 @@ def test_eval_every_evaluates_on_schedule_and_after_the_last_epoch(digits, tmp_p
         progress=False,
     )  # fmt: skip
     assert [h["epoch"] for h in history if "test_accuracy" in h] == [2, 4, 5]
+
+
+@pytest.mark.parametrize("most", [0, 1, 3])
+def test_random_shifts_move_each_image_by_its_own_offset_within_range(most):
+    x = np.zeros((64, 9, 9, 1), np.float32)
+    x[:, 4, 4, 0] = 1.0  # one bright pixel in the middle
+    moved = np.asarray(losses.random_shifts(jnp.asarray(x), jax.random.key(0), most=most))
+    where = np.argwhere(moved[..., 0] == 1.0)  # [image, row, col] per bright pixel
+    assert len(where) == 64  # every pixel lands in the frame (4 >= most)
+    offsets = where[:, 1:] - 4
+    assert np.abs(offsets).max() == most and moved.sum() == 64
+    if most:  # offsets of their own: the range is used on both axes and in both directions
+        assert len({tuple(o) for o in offsets}) > 1 and offsets.min() == -most
+    again = losses.random_shifts(jnp.asarray(x), jax.random.key(0), most=most)
+    np.testing.assert_array_equal(moved, np.asarray(again))
+
+
+def test_shifted_training_trains_on_moved_images_and_refuses_data_without_images(digits, tmp_path):
+    seen = []
+
+    def loss(params, batch, key, step):
+        jax.debug.callback(lambda x: seen.append(np.asarray(x)), batch["x"])
+        return losses.classifier_loss(params, batch, key, step)
+
+    small = {"x": digits.x_train[:64], "y": digits.y_train[:64].astype(np.int32)}
+    model = Classifier(SMALL, image_shape=(8, 8, 1), num_classes=10, rngs=nnx.Rngs(0))
+    shifted = dataclasses.replace(FAST, epochs=1, shift=1)
+    training.fit(params_of(model), loss, small, config=shifted, checkpoint_dir=str(tmp_path),
+                 fingerprint={}, progress=False, loop="steps")  # fmt: skip
+    originals = {x.tobytes() for x in small["x"]}
+    moved = [x for batch in seen for x in batch]
+    assert len(moved) == 64 and sum(x.tobytes() not in originals for x in moved) > 32
+    with pytest.raises(ValueError, match="shift 1 moves images"):
+        training.fit(params_of(model), loss, {"x": np.zeros((64, 3), np.float32),
+                     "y": small["y"]}, config=shifted, checkpoint_dir=str(tmp_path / "b"),
+                     fingerprint={}, progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="shift"):
+        TrainConfig(shift=-1)

@@ -26,6 +26,7 @@ import numpy as np
 from defuse_jax import evaluation, labeling, models, plots, training_lengths
 from defuse_jax import label_validity as validity
 from defuse_jax import train_models as tm
+from defuse_jax.config_checks import fingerprint_fields
 from defuse_jax.files import make_dirs, move, read_json, write_json
 from defuse_jax.models import ClassifierConfig, Params
 from defuse_jax.regions import Regions, is_error_region, load_regions, sample_regions, top_pair
@@ -168,13 +169,17 @@ ORACLE_IDENTITY = "identity.json"  # in label/oracle/: what its models were trai
 
 def _oracle_settings(ctx: Context) -> tuple[ClassifierConfig, TrainConfig]:
     """The oracle members' model and training settings: wider than the classifier, trained
-    longer, with the classifier's seed + 1 (member k: + 1 + k)."""
+    longer on shifted images (`RunConfig.oracle_shift`), with the classifier's seed + 1
+    (member k: + 1 + k)."""
     clf_train = training_lengths.train_epochs(
         ctx.config.classifier_train, training_lengths.CLASSIFIER_BUDGET, len(ctx.dataset.x_train)
     )
+    shift = ctx.config.oracle_shift
+    shift = tm.oracle_shift(ctx.dataset.image_shape) if shift is None else shift
     train = dataclasses.replace(
-        clf_train, epochs=training_lengths.oracle_epochs(clf_train), seed=clf_train.seed + 1
-    )
+        clf_train, epochs=training_lengths.oracle_epochs(clf_train), seed=clf_train.seed + 1,
+        shift=shift,
+    )  # fmt: skip
     return tm.oracle_classifier_config(ctx.dataset.image_shape), train
 
 
@@ -184,7 +189,8 @@ def oracle_identity(ctx: Context) -> dict[str, Any]:
     them; not the member count, since `tm.train_ensemble` reuses the members it has."""
     config, train = _oracle_settings(ctx)
     return {"data": ctx.dataset_sha256, "model": dataclasses.asdict(config),
-            "train": dataclasses.asdict(train)}  # fmt: skip
+            # (shift came after identity.json: oracles trained before it keep theirs)
+            "train": fingerprint_fields(train, only=("shift",))}  # fmt: skip
 
 
 def oracle_is_current(ctx: Context, identity: Mapping[str, Any] | None = None) -> bool:
