@@ -123,8 +123,9 @@ def train_judge(
                                   progress=progress)  # fmt: skip
     params = trained.params
     epochs = read_json(os.path.join(out_dir, "config.json"))["train"]["epochs"]
-    name = (f"{kind} classifier trained on {len(ds.x_train):,} training images ({epochs} epochs, "
-            f"seed {train.seed})")  # fmt: skip
+    shifted = f", shifted by up to {train.shift} pixels" if train.shift else ""
+    name = (f"{kind} classifier trained on {len(ds.x_train):,} training images{shifted} "
+            f"({epochs} epochs, seed {train.seed})")  # fmt: skip
     return Judge(
         lambda x: np.asarray(evaluation.classify(params, np.asarray(x, np.float32))),
         name,

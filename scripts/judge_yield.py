@@ -6,14 +6,19 @@ run's classifier's own test errors (certain bugs, the scale for the yield).
 Judges (`defuse_jax.bug_yield`): `svc` is the SVC of 8x8 digits (`fit_judge`, a seeded
 5,000-image subset of the training split); `conv` and `mlp` are classifiers of that family
 trained like the run's classifier with the judge's own seed (`train_judge`, kept in the run's
-`cache/judge/`).
+`cache/judge/`); `conv-shift` the conv one trained on images shifted by up to 2 pixels
+(`TrainConfig.shift`); `oracle` the run's oracle (label/oracle/), which is no judge (it steers
+the search and labels the regions) but is scored the same way.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+
+import numpy as np
 
 from defuse_jax import bug_yield, evaluation, identification
 from defuse_jax import train_models as tm
@@ -37,10 +42,19 @@ def judge_yields(run_dir: str, judges: list[str]) -> dict[str, dict]:
     for kind in judges:
         if kind == "svc":
             judge = bug_yield.fit_judge(ds.x_train, ds.y_train, ds.x_test, ds.y_test, seed=seed)
+        elif kind == "oracle":
+            oracle = tm.load_ensemble(os.path.join(run_dir, "label", "oracle"))
+            judge = bug_yield.Judge(
+                lambda x, o=oracle: np.asarray(evaluation.classify(o, np.asarray(x, np.float32))),
+                "the run's oracle",
+                float(np.mean(np.asarray(evaluation.classify(oracle, ds.x_test)) == ds.y_test)),
+            )
         else:
+            shift = 2 if kind == "conv-shift" else 0
             judge = bug_yield.train_judge(
                 ds, cache_dir=os.path.join(run_dir, "cache", "judge"), seed=seed,
-                train=config.classifier_train, kind=kind,
+                train=dataclasses.replace(config.classifier_train, shift=shift),
+                kind=kind.removesuffix("-shift"),
             )  # fmt: skip
         out[kind] = {
             **bug_yield.judge_codes(
@@ -56,7 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="finished run directories")
     parser.add_argument("--judges", nargs="+", default=["conv", "mlp", "svc"],
-                        choices=["conv", "mlp", "svc"])  # fmt: skip
+                        choices=["conv", "conv-shift", "mlp", "svc", "oracle"])  # fmt: skip
     parser.add_argument("--json", help="also write every figure here")
     args = parser.parse_args()
     everything = {}
