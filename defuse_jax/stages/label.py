@@ -209,8 +209,10 @@ def oracle_is_current(ctx: Context, identity: Mapping[str, Any] | None = None) -
     if not os.path.exists(legacy):
         return False
     recorded = read_json(legacy)
+    # config.json records every training setting; the identity leaves out a shift of 0
+    train = {k: v for k, v in (recorded.get("train") or {}).items() if k != "shift" or v}
     now = {**identity, "data": tm.dataset_meta(ctx.dataset)}
-    return all(recorded.get(k) == v for k, v in now.items())
+    return all({**recorded, "train": train}.get(k) == v for k, v in now.items())
 
 
 def train_oracle(ctx: Context) -> Params:
