@@ -126,10 +126,15 @@ def train_judge(
     shifted = f", shifted by up to {train.shift} pixels" if train.shift else ""
     name = (f"{kind} classifier trained on {len(ds.x_train):,} training images{shifted} "
             f"({epochs} epochs, seed {train.seed})")  # fmt: skip
+    return classifier_judge(params, name, float(trained.metrics["accuracy"]))
+
+
+def classifier_judge(params: Params, name: str, test_accuracy: float) -> Judge:
+    """A classifier (a project model or an ensemble, `evaluation.classify`) as a `Judge`."""
     return Judge(
         lambda x: np.asarray(evaluation.classify(params, np.asarray(x, np.float32))),
         name,
-        float(trained.metrics["accuracy"]),
+        test_accuracy,
     )
 
 
@@ -240,14 +245,21 @@ def judge_for(
     return choose_judge(candidates, ds.x_test, ds.y_test, pred, seed=seed)
 
 
-def every_judge(choice: JudgeChoice, codes: JudgedCodes) -> list[dict[str, Any]]:
-    """Each candidate's score (`judge_score`) with its bug yield on `codes` and whether it is
-    the judge chosen: how far the yield depends on the judge."""
-    return [
-        {**score, "bug": bug_yield(judge, codes.images, codes.source, codes.pred)["bug"],
-         "chosen": i == choice.chosen}
-        for i, (judge, score) in enumerate(zip(choice.candidates, choice.scores, strict=True))
-    ]  # fmt: skip
+def every_judge(
+    choice: JudgeChoice, codes: JudgedCodes
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Every candidate's reading of `codes`, each judge predicting them once: the chosen
+    judge's `bug_yield` (per region too), and each candidate's score (`judge_score`) with its
+    bug yield and whether it is the judge chosen (how far the yield depends on the judge)."""
+    readings = [
+        bug_yield(judge, codes.images, codes.source, codes.pred, region=codes.region)
+        for judge in choice.candidates
+    ]
+    table = [
+        {**score, "bug": reading["bug"], "chosen": i == choice.chosen}
+        for i, (reading, score) in enumerate(zip(readings, choice.scores, strict=True))
+    ]
+    return readings[choice.chosen], table
 
 
 def bug_yield(

@@ -27,7 +27,7 @@ from defuse_jax.run_config import load_run_config
 
 
 def judge_yields(run_dir: str, judges: list[str]) -> dict[str, dict]:
-    """{judge kind: `bug_yield.judge_codes` on `run_dir`'s kept codes plus
+    """{judge kind: `bug_yield.bug_yield` of `run_dir`'s kept codes plus
     `bug_yield.test_error_yield` on its classifier's test errors}."""
     config = load_run_config(run_dir)
     if config is None:
@@ -36,19 +36,19 @@ def judge_yields(run_dir: str, judges: list[str]) -> dict[str, dict]:
     vae = tm.load_trained(os.path.join(run_dir, "train", "vae"))[0]
     clf = tm.load_trained(os.path.join(run_dir, "train", "classifier"))[0]
     pred = evaluation.classify(clf, ds.x_test)
-    errors = identification.load_errors(os.path.join(run_dir, "search"))
     seed = config.data.seed
+    errors = identification.load_errors(os.path.join(run_dir, "search"))
+    codes = bug_yield.decode_codes(  # decoded once for every judge
+        vae, errors["z"], errors["source_label"], errors["pred_label"], seed=seed
+    )
     out = {}
     for kind in judges:
         if kind == "svc":
             judge = bug_yield.fit_judge(ds.x_train, ds.y_train, ds.x_test, ds.y_test, seed=seed)
         elif kind == "oracle":
             oracle = tm.load_ensemble(os.path.join(run_dir, "label", "oracle"))
-            judge = bug_yield.Judge(
-                lambda x, o=oracle: np.asarray(evaluation.classify(o, np.asarray(x, np.float32))),
-                "the run's oracle",
-                float(np.mean(np.asarray(evaluation.classify(oracle, ds.x_test)) == ds.y_test)),
-            )
+            accuracy = np.mean(np.asarray(evaluation.classify(oracle, ds.x_test)) == ds.y_test)
+            judge = bug_yield.classifier_judge(oracle, "the run's oracle", float(accuracy))
         else:
             shift = 2 if kind == "conv-shift" else 0
             judge = bug_yield.train_judge(
@@ -57,9 +57,7 @@ def judge_yields(run_dir: str, judges: list[str]) -> dict[str, dict]:
                 kind=kind.removesuffix("-shift"),
             )  # fmt: skip
         out[kind] = {
-            **bug_yield.judge_codes(
-                judge, vae, errors["z"], errors["source_label"], errors["pred_label"], seed=seed
-            ),
+            **bug_yield.bug_yield(judge, codes.images, codes.source, codes.pred),
             **bug_yield.test_error_yield(judge, ds.x_test, ds.y_test, pred),
             **bug_yield.judge_score(judge, ds.x_test, ds.y_test, pred, seed=seed),
         }

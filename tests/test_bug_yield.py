@@ -180,9 +180,10 @@ def test_the_judge_chosen_reads_the_classifiers_right_images_and_its_errors_best
     assert [s["judge"] for s in choice.scores] == ["a", "b"]
     # Each candidate's bug yield on codes, the chosen one marked.
     codes = bug_yield.JudgedCodes(images, labels, np.asarray(pred), None)
-    table = bug_yield.every_judge(choice, codes)
+    found, table = bug_yield.every_judge(choice, codes)
     assert [t["chosen"] for t in table] == [i == chosen for i in range(2)]
     for t, judge in zip(table, (a, b), strict=True):
         assert t["bug"] == bug_yield.bug_yield(judge, images, labels, np.asarray(pred))["bug"]
+    assert found == bug_yield.bug_yield(choice.judge, images, labels, np.asarray(pred))
     with pytest.raises(ValueError, match="at least one candidate"):
         bug_yield.choose_judge([], images, labels, np.asarray(pred))

@@ -152,14 +152,13 @@ def _bug_yield(
                                  progress=ctx.config.progress)  # fmt: skip
     codes = bug_yield.decode_codes(ctx.model("vae"), z, errors["source_label"],
                                    errors["pred_label"], region=assignment, seed=seed)  # fmt: skip
+    found, judges = bug_yield.every_judge(choice, codes)
     return {
-        **bug_yield.bug_yield(
-            choice.judge, codes.images, codes.source, codes.pred, region=codes.region
-        ),
+        **found,
         # Its scale: what the judge makes of the classifier's own test errors (certain bugs).
         **bug_yield.test_error_yield(choice.judge, ds.x_test, ds.y_test, pred),
         "label_agreement": bug_yield.label_agreement(choice.judge, eval_set),
-        "judges": bug_yield.every_judge(choice, codes),
+        "judges": judges,
     }
 
 
