@@ -56,8 +56,16 @@ def fingerprint_fields(config: Any, *, only: tuple[str, ...] | None = None) -> d
     `LATER_DEFAULTS` ({name: value}, fields added after runs were made) is left out while it
     holds that value, so that runs made before the field existed keep their fingerprints.
     `only`: leave out these of them alone (a record that began after the others)."""
-    settings = dataclasses.asdict(config)
-    for name, value in getattr(type(config), "LATER_DEFAULTS", {}).items():
-        if (only is None or name in only) and settings[name] == value:
-            del settings[name]
-    return settings
+    return without_later_defaults(dataclasses.asdict(config), type(config), only=only)
+
+
+def without_later_defaults(
+    settings: Mapping[str, Any], cls: type, *, only: tuple[str, ...] | None = None
+) -> dict[str, Any]:
+    """`settings` (a recorded `dataclasses.asdict` of a `cls`) without the fields that
+    `fingerprint_fields` leaves out; fields the record lacks stay absent."""
+    out = dict(settings)
+    for name, value in getattr(cls, "LATER_DEFAULTS", {}).items():
+        if (only is None or name in only) and name in out and out[name] == value:
+            del out[name]
+    return out

@@ -175,15 +175,14 @@ def stage_fingerprints(
                    **_given(search_scales=list(config.search_scales) if config.search_scales
                             else None),
                    # a validity search trains the oracle
-                   **_given(oracle_members=config.oracle_members if config.search.validity
-                            != "none" else None),
-                   **_given(oracle_shift=config.oracle_shift if config.search.validity
-                            != "none" else None)},
+                   **(_given(oracle_members=config.oracle_members,
+                             oracle_shift=config.oracle_shift)
+                      if config.search.validity != "none" else {})},
         "distill": dataclasses.asdict(config.distill),
         # (oracle_members came later: left out at None, so earlier runs keep their labels)
         "label": {"labeler": config.labeler, "grid_samples": config.grid_samples,
-                  "oracle_check": config.oracle_check, **_given(oracle_members=
-                  config.oracle_members), **_given(oracle_shift=config.oracle_shift)},
+                  "oracle_check": config.oracle_check, **_given(
+                      oracle_members=config.oracle_members, oracle_shift=config.oracle_shift)},
         # Hand edits of the labels file redo the correction.
         "correct": {"correct": fingerprint_fields(config.correct), "labels": _file_hash(
             RunDir(run_dir).labels)},

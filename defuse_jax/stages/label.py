@@ -26,7 +26,7 @@ import numpy as np
 from defuse_jax import evaluation, labeling, models, plots, training_lengths
 from defuse_jax import label_validity as validity
 from defuse_jax import train_models as tm
-from defuse_jax.config_checks import fingerprint_fields
+from defuse_jax.config_checks import fingerprint_fields, without_later_defaults
 from defuse_jax.files import make_dirs, move, read_json, write_json
 from defuse_jax.models import ClassifierConfig, Params
 from defuse_jax.regions import Regions, is_error_region, load_regions, sample_regions, top_pair
@@ -209,8 +209,8 @@ def oracle_is_current(ctx: Context, identity: Mapping[str, Any] | None = None) -
     if not os.path.exists(legacy):
         return False
     recorded = read_json(legacy)
-    # config.json records every training setting; the identity leaves out a shift of 0
-    train = {k: v for k, v in (recorded.get("train") or {}).items() if k != "shift" or v}
+    # config.json records every training setting, the identity leaves out a shift of 0
+    train = without_later_defaults(recorded.get("train") or {}, TrainConfig, only=("shift",))
     now = {**identity, "data": tm.dataset_meta(ctx.dataset)}
     return all({**recorded, "train": train}.get(k) == v for k, v in now.items())
 
