@@ -371,6 +371,15 @@ def build_parser() -> argparse.ArgumentParser:
     budget_sweep.add_arguments(p)
     p.set_defaults(func=budget_sweep.run, xla_cache=True)
 
+    from defuse_jax import yield_audit
+
+    p = sub.add_parser(
+        "audit",
+        help="a person's blind check of a finished run's bug yield (sheets, then the score)",
+    )
+    yield_audit.add_arguments(p)
+    p.set_defaults(func=yield_audit.run)
+
     _add_bench_parsers(sub)
     return parser
 

@@ -9,6 +9,8 @@
     <run>/cache/correct/<label id>/ each region weight's fine-tuning run, kept while the label
                                     stage stands (a new choice reuses them; a cache, pruned)
     <run>/report.json, report.md, plots/
+    <run>/audit/                    a person's blind check of the bug yield (`yield_audit`):
+                                    sheets, key.npz, labels.csv, score.json
     <run>/stale/                    outdated or damaged outputs, set aside (kept)
     <run>/<stage>/stage.json        a finished stage's record (started.json while it runs)
 

@@ -1147,3 +1147,31 @@ def test_an_nnx_classifier_goes_through_every_stage_from_the_command_line(
     np.testing.assert_array_equal(np.asarray(fresh.bn.mean[...]), np.asarray(net.bn.mean[...]))
     # The entry point is remembered: a plain rerun finds every stage done.
     assert cli.main(["run", "--out", run_dir]) == 0
+
+
+def test_the_audit_writes_blind_sheets_then_scores_the_answers(finished, tmp_path, capsys):
+    """`defuse-jax audit`: sheets and a blank labels file, nothing scored while rows are empty,
+    then the score of a person who reads every code as the classifier's prediction (all class
+    changes) and every known image right; the labels file is never overwritten."""
+    from defuse_jax import cli
+    from defuse_jax import yield_audit as ya
+
+    run_dir = _copy(finished[0], tmp_path)
+    args = ["audit", "--out", run_dir, "--codes", "12", "--known", "6"]
+    assert cli.main(args) == 0
+    audit = os.path.join(run_dir, "audit")
+    assert sorted(os.listdir(audit)) == ["key.npz", "labels.csv", "sheet_1.png"]
+    sample, verdicts, names = ya.read_audit(audit)
+    assert sample.is_code.sum() == 12 and (~sample.is_code).sum() == 6
+    assert [k.split(" ")[0] for k in verdicts] == ["SVC"]  # 8x8 images: the SVC alone
+    assert cli.main(args) == 3 and "18 of 18 images are not answered" in capsys.readouterr().err
+    answers = np.where(sample.is_code, sample.pred, sample.truth)
+    ya.write_labels_template(os.path.join(audit, "labels.csv"), 0)  # rewrite with answers:
+    with open(os.path.join(audit, "labels.csv"), "a") as f:
+        f.writelines(f"{i},{names[a]}\n" for i, a in enumerate(answers, 1))
+    assert cli.main(args) == 0
+    assert "person's bug yield: 0.0% (0/12" in capsys.readouterr().out
+    score = json.load(open(os.path.join(audit, "score.json")))
+    assert score["class_change"]["share"] == 1.0 and score["person_on_known"]["share"] == 1.0
+    (name, svc), code = next(iter(score["judges"].items())), sample.is_code
+    assert svc["bug"] == pytest.approx(np.mean(verdicts[name][code] == sample.truth[code]))
