@@ -545,6 +545,7 @@ def test_the_report_gives_the_bug_yield_and_says_what_steered_the_search(validit
     assert "The judge was chosen among 2 candidates" in both
     assert ("SVC (chosen): 99.0% of the images the classifier gets right and 50.0% of its "
             "errors, so 74.5%, and a bug yield of 61.3%; conv: ") in both  # fmt: skip
+    assert "The candidates read a bug yield between 47.9% and 61.3%" in both
     alone = {**found, "judges": [svc]}
     assert "candidates" not in " ".join(report_lib.markdown._bug_yield_lines(
         {"bug_yield": alone, "search": searched}
