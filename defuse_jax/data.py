@@ -321,7 +321,7 @@ def _load_digits(config: DataConfig) -> Dataset:
     x_train, y_train, x_val, y_val = _split_validation(x_train, y_train, config)
     if config.image_size is not None and config.image_size != x.shape[1]:
         x_train, x_val, x_test = (
-            _resize_float(a, config.image_size) for a in (x_train, x_val, x_test)
+            resize_images(a, config.image_size) for a in (x_train, x_val, x_test)
         )
     return Dataset(
         name="digits",
@@ -527,7 +527,7 @@ def _resize_uint8(image: np.ndarray, size: int) -> np.ndarray:
     return out.reshape(size, size, channels)
 
 
-def _resize_float(images: np.ndarray, size: int) -> np.ndarray:
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
     """`[n, H, W, C]` float32 in [0, 1] -> `[n, size, size, C]`, same filter as uint8 images."""
     from PIL import Image
 
