@@ -526,3 +526,29 @@ def check_vae(vae: Params, x: np.ndarray, y: np.ndarray | None = None) -> None:
             f"The VAE's decoder returns {list(recon.shape)} for {len(x)} codes; Defuse needs "
             f"images of the dataset's shape {list(x.shape)}."
         )
+
+
+def own_models(config: Any, *, classifier: Any = None, vae: Any = None) -> dict[str, Params]:
+    """The user's models of a run, given as objects (`classifier`, `vae`, as `pipeline.run`
+    takes them) or by the entry points `config` (a `RunConfig`) names (`own_classifier`,
+    `own_vae`): {"classifier": ..., "vae": ...}, each only when given.
+
+    Raises:
+      ValueError: a model given both ways.
+    """
+    own = {}
+    if classifier is not None and config.own_classifier is not None:
+        raise ValueError(
+            "Both classifier= and config.own_classifier name the classifier to debug; give one."
+        )
+    if classifier is not None:
+        own["classifier"] = as_classifier(classifier)
+    elif config.own_classifier is not None:
+        own["classifier"] = from_entry_point(config.own_classifier)
+    if vae is not None and config.own_vae is not None:
+        raise ValueError("Both vae= and config.own_vae name the VAE to search with; give one.")
+    if vae is not None:
+        own["vae"] = as_vae(vae)
+    elif config.own_vae is not None:
+        own["vae"] = from_entry_point(config.own_vae, role="vae")
+    return own

@@ -40,7 +40,6 @@ from defuse_jax import (
 )
 from defuse_jax.data import Dataset, check_available, train_size
 from defuse_jax.files import move, read_json, sha256, write_json
-from defuse_jax.models import Params
 from defuse_jax.regions import load_regions
 from defuse_jax.run_config import (
     STAGES,
@@ -174,7 +173,7 @@ def run(
         if not dist.is_main():
             log = _prefixed(log, f"[{dist.describe()}] ")
         log(f"[distributed] {dist.describe()}, {jax.device_count()} devices in all")
-    own = _own_models(config, classifier, vae)
+    own = own_model.own_models(config, classifier=classifier, vae=vae)
     if own and dist.is_distributed():
         raise ValueError(
             "Your own classifier or VAE is not supported over several processes yet (its "
@@ -208,27 +207,6 @@ def run(
         )  # fmt: skip
         summaries[stage], upstream = summary, completion
     return summaries
-
-
-def _own_models(config: RunConfig, classifier: Any, vae: Any) -> dict[str, Params]:
-    """The user's models, given as objects or by entry point (`config.own_classifier`,
-    `config.own_vae`)."""
-    own = {}
-    if classifier is not None and config.own_classifier is not None:
-        raise ValueError(
-            "Both classifier= and config.own_classifier name the classifier to debug; give one."
-        )
-    if classifier is not None:
-        own["classifier"] = own_model.as_classifier(classifier)
-    elif config.own_classifier is not None:
-        own["classifier"] = own_model.from_entry_point(config.own_classifier)
-    if vae is not None and config.own_vae is not None:
-        raise ValueError("Both vae= and config.own_vae name the VAE to search with; give one.")
-    if vae is not None:
-        own["vae"] = own_model.as_vae(vae)
-    elif config.own_vae is not None:
-        own["vae"] = own_model.from_entry_point(config.own_vae, role="vae")
-    return own
 
 
 def _check_own_models(ctx: Context) -> None:
@@ -444,7 +422,7 @@ def label_interactively(
         run(run_dir, config, until="label", log=print_fn, classifier=classifier, vae=vae)
     except LabelsPending:
         pass  # the regions this session asks
-    own = _own_models(config, classifier, vae)
+    own = own_model.own_models(config, classifier=classifier, vae=vae)
     ctx = Context(os.path.abspath(run_dir), config, print_fn, own_models=own)
     regions = load_regions(ctx.path("distill"))
     if regions.num_regions == 0:

@@ -292,10 +292,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def prepare(run_dir: str, *, n_codes: int, n_known: int, seed: int) -> list[str]:
     """Draws the sample of a finished run and writes `<run>/audit/` (`write_audit`) with the
     candidate judges' readings (those the evaluate stage chose from)."""
-    from defuse_jax import bug_yield, evaluation, identification
-    from defuse_jax import train_models as tm
-    from defuse_jax.data import load_dataset
+    from defuse_jax import bug_yield, evaluation, identification, own_model
     from defuse_jax.run_config import load_run_config
+    from defuse_jax.stage_context import Context
 
     config = load_run_config(run_dir)
     search = os.path.join(run_dir, "search", "errors.npz")
@@ -304,9 +303,10 @@ def prepare(run_dir: str, *, n_codes: int, n_known: int, seed: int) -> list[str]
                          f"{run_dir}` (or `run`) first.")  # fmt: skip
     if n_codes < 1 or n_known < 0:
         raise ValueError(f"--codes must be >= 1 and --known >= 0, got {n_codes}, {n_known}.")
-    ds = load_dataset(config.data)
-    vae = tm.load_trained(os.path.join(run_dir, "train", "vae"))[0]
-    clf = tm.load_trained(os.path.join(run_dir, "train", "classifier"))[0]
+    # The run's models as its stages load them (the user's own ones too, by their entry points).
+    ctx = Context(os.path.abspath(run_dir), config, print,
+                  own_models=own_model.own_models(config))  # fmt: skip
+    ds, vae, clf = ctx.dataset, ctx.model("vae"), ctx.model("classifier")
     errors = identification.load_errors(os.path.join(run_dir, "search"))
     if len(errors["z"]) == 0:
         raise ValueError(f"{run_dir}'s search kept no error codes: there is nothing to audit.")

@@ -1145,8 +1145,15 @@ def test_an_nnx_classifier_goes_through_every_stage_from_the_command_line(
     assert report["test_accuracy_after"] == pytest.approx(after, abs=1e-6)
     # Batch statistics are kept as they were.
     np.testing.assert_array_equal(np.asarray(fresh.bn.mean[...]), np.asarray(net.bn.mean[...]))
-    # The entry point is remembered: a plain rerun finds every stage done.
+    # The entry point is remembered: a plain rerun finds every stage done, and the audit reads
+    # the codes' predictions with the user's classifier, restored the same way.
     assert cli.main(["run", "--out", run_dir]) == 0
+    assert cli.main(["audit", "--out", run_dir, "--codes", "4", "--known", "4"]) == 0
+    from defuse_jax import yield_audit
+
+    sample = yield_audit.read_audit(os.path.join(run_dir, "audit"))[0]
+    known = ~sample.is_code
+    np.testing.assert_array_equal(sample.pred[known], net(sample.images[known]).argmax(-1))
 
 
 def test_the_audit_writes_blind_sheets_then_scores_the_answers(finished, tmp_path, capsys):
