@@ -50,6 +50,9 @@ class AgreementCheck(TypedDict):
     num_ambiguous: int
     oracle_test_accuracy: float | None  # the oracle's accuracy on the test split
     oracle_members: int | None  # classifiers the oracle averages (`RunConfig.oracle_members`)
+    # the share of the classifier's test errors the oracle reads as their label (None: no
+    # errors, or not measured); low means it shares the classifier's blind spots
+    oracle_on_test_errors: float | None
 
 
 def is_ambiguous(agreement: float) -> bool:
@@ -107,6 +110,7 @@ def agreement_check(
     *,
     oracle_test_accuracy: float | None = None,
     oracle_members: int | None = None,
+    oracle_on_test_errors: float | None = None,
 ) -> AgreementCheck:
     """The evaluation's check: the oracle against each labeled region's label.
 
@@ -114,8 +118,9 @@ def agreement_check(
         votes: {region id: [S] oracle predictions on held-out samples} for (at least) every
             labeled region.
         labels: {region id: class} of the labeled regions (skipped regions left out).
-        oracle_test_accuracy, oracle_members: the oracle's test accuracy and its number of
-            classifiers, carried into the result.
+        oracle_test_accuracy, oracle_members, oracle_on_test_errors: the oracle's test
+            accuracy, its number of classifiers and the share of the classifier's test errors
+            it reads as their label, carried into the result.
 
     Returns:
         `AgreementCheck`: per labeled region, the mean agreement and the number flagged.
@@ -134,6 +139,7 @@ def agreement_check(
         num_ambiguous=sum(c["ambiguous"] for c in per_region.values()),
         oracle_test_accuracy=oracle_test_accuracy,
         oracle_members=oracle_members,
+        oracle_on_test_errors=oracle_on_test_errors,
     )
 
 

@@ -721,6 +721,7 @@ def test_oracle_agreement_in_report_labels_file_and_with_a_disagreeing_oracle(fi
     labeled = [r for r in report["regions"] if r["label"] is not None]
     first_labels = {r["id"]: r["label"] for r in labeled}
     assert labeled and report["oracle_test_accuracy"] > 0.5 and report["oracle_members"] == 1
+    assert 0.0 < report["oracle_on_test_errors"] <= 1.0  # a separately trained model
     agreements = [r["oracle_agreement"] for r in labeled]
     assert all(0.0 <= a <= 1.0 for a in agreements)
     assert report["oracle_agreement"] == pytest.approx(np.mean(agreements))
@@ -744,6 +745,8 @@ def test_oracle_agreement_in_report_labels_file_and_with_a_disagreeing_oracle(fi
     ctx = pipeline.Context(os.path.abspath(run_dir), TINY, lambda s: None)
     ctx._models["oracle"] = ctx.model("classifier")
     report = pipeline.build_report(ctx)
+    assert report["oracle_on_test_errors"] == 0.0  # it reads none of its own errors right
+    assert "it shares the classifier's blind spots" in open(ctx.path("report.md")).read()
     labeled = [r for r in report["regions"] if r["label"] is not None]
     for r in labeled:
         assert r["oracle_agreement"] == pytest.approx(r["accuracy_before"])

@@ -649,3 +649,26 @@ def test_the_judge_backs_the_confirmed_regions_whose_samples_it_reads_as_their_l
                                            confirmed)  # fmt: skip
     assert "confirmed_judge_agrees" not in older
     assert report_lib.markdown._judge_agrees_line(older, len(confirmed)) == []
+
+
+@pytest.mark.parametrize(
+    "on_errors, reading, warned",
+    [
+        (None, None, False),  # an older report, or no error to read
+        (0.8, "test accuracy 98.0%, reads 80.0% of the classifier's test errors as their label)",
+         False),
+        (0.25, "reads 25.0% of the classifier's test errors as their label)", True),
+    ],
+)  # fmt: skip
+def test_the_report_says_how_much_of_the_classifiers_errors_the_oracle_reads(
+    tmp_path, on_errors, reading, warned
+):
+    extra = {} if on_errors is None else {"oracle_on_test_errors": on_errors}
+    codes, assignment = _codes(40)
+    write_report(str(tmp_path), _report(**extra), codes=codes, assignment=assignment)
+    md = open(os.path.join(str(tmp_path), "report.md")).read()
+    if reading is None:
+        assert "test accuracy 98.0%) agrees with the region labels" in md
+    else:
+        assert reading in md
+    assert ("it shares the classifier's blind spots" in md) == warned

@@ -131,6 +131,7 @@ def assemble(
         oracle_agreement=oracle["agreement"] if oracle else None,
         oracle_test_accuracy=oracle["oracle_test_accuracy"] if oracle else None,
         oracle_members=oracle.get("oracle_members") if oracle else None,
+        oracle_on_test_errors=oracle.get("oracle_on_test_errors") if oracle else None,
         num_ambiguous_regions=oracle["num_ambiguous"] if oracle else 0,
         regions=regions,
         correction=correction,

@@ -137,6 +137,9 @@ class _ReportRequired(TypedDict):
     oracle_test_accuracy: float | None  # the oracle's own test accuracy (None: no oracle)
     oracle_members: NotRequired[int | None]  # classifiers it averages (later field; None: no
     # oracle)
+    # the share of the classifier's test errors the oracle reads as their label (later field;
+    # None: no oracle, no label or no error)
+    oracle_on_test_errors: NotRequired[float | None]
     num_ambiguous_regions: int  # labeled regions where the oracle disagrees on most samples
     regions: list[RegionReport]
     correction: CorrectionReport
