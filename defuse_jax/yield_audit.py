@@ -280,6 +280,11 @@ def format_score(score: Mapping[str, Any]) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "The first call draws the sample and writes <run>/audit/ (sheets, key, a blank "
+        "labels.csv); later calls score labels.csv once every row is answered. --codes, "
+        "--known and --seed act on the first call only: move <run>/audit/ away to draw anew."
+    )
     p.add_argument("--out", required=True, help="a finished run directory")
     p.add_argument("--codes", type=int, default=100, help="error codes to show (default 100)")
     p.add_argument("--known", type=int, default=20,
