@@ -31,8 +31,11 @@ POSITIVE_INT = Rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1")
 POSITIVE = Rule(lambda v: _is_real(v) and v > 0, "a number > 0")
 NON_NEGATIVE = Rule(lambda v: _is_real(v) and v >= 0, "a number >= 0")
 NON_NEGATIVE_INT = Rule(lambda v: _is_int(v) and v >= 0, "an integer >= 0")
-OPTIONAL_NON_NEGATIVE_INT = Rule(lambda v: v is None or NON_NEGATIVE_INT.ok(v),
-                                 "an integer >= 0 or None")  # fmt: skip
+OPTIONAL_SHIFTS = Rule(
+    lambda v: v is None or (isinstance(v, tuple) and len(v) > 0 and len(set(v)) == len(v)
+                            and all(NON_NEGATIVE_INT.ok(s) for s in v)),
+    "None, an integer >= 0, or distinct integers >= 0",
+)  # fmt: skip
 OPTIONAL_POSITIVE_INT = Rule(lambda v: v is None or POSITIVE_INT.ok(v), "an integer >= 1 or None")
 
 

@@ -64,7 +64,7 @@ def run_search(
     max_sources: int | None = None,
     seed: int = 0,
     mesh: jax.sharding.Mesh | None = None,
-    validity: Params | None = None,
+    validity: Sequence[Params] | None = None,
     scales: Sequence[float] | None = None,
 ) -> tuple[SearchResult, np.ndarray, ScaleChoice | None]:
     """Search from the test points; returns (result, indices of the test points used as
@@ -78,8 +78,9 @@ def run_search(
             Points the classifier gets wrong at their code are skipped by the search itself.
         seed: seed of that subset.
         mesh: devices to shard the search over (default: all).
-        validity: the classifier that must still read the source class for a flip to count
-            (`SearchConfig.validity`, the oracle), or None.
+        validity: the classifiers that must all still read the source class for a flip to
+            count (`SearchConfig.validity`: the oracle, one ensemble per shift it trained
+            with, `train_models.load_shift_groups`), or None.
         scales: candidate scales: search at the one a pilot chooses (`choose_scale`) instead
             of `search.scale`; None: `search.scale`.
     """
@@ -94,7 +95,7 @@ def run_search(
     )
     validity_fn = None
     if validity is not None:
-        _, validity_fn = models.search_functions(vae, validity, compute_dtype=search.compute_dtype)
+        validity_fn = models.validity_function(validity, compute_dtype=search.compute_dtype)
     common = dict(key=jax.random.key(search.seed), mesh=mesh, validity_fn=validity_fn,
                   free_dims=models.style_dims(vae))  # fmt: skip
     choice = None

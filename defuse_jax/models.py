@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal
 
 import jax
@@ -471,6 +472,32 @@ def cast_params(params: Params, dtype: Any) -> Params:
         return a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
 
     return Params(params.graphdef, jax.tree.map(cast, params.state))
+
+
+def validity_function(
+    readers: Sequence[Params], *, compute_dtype: str = "float32"
+) -> Callable[[jax.Array], jax.Array]:
+    """The search's `validity_fn` from its auxiliary classifiers, weights in `compute_dtype`.
+
+    Args:
+      readers: one classifier (images [B, H, W, C] -> logits [B, C]), or a committee of G that
+        must all read the source class (the oracle's shift groups,
+        `train_models.load_shift_groups`).
+
+    Returns:
+      x -> logits [B, C] for one reader, [G, B, C] for a committee.
+    """
+    if not readers:
+        raise ValueError("validity_function needs at least one classifier.")
+    if compute_dtype != "float32":
+        readers = [cast_params(r, compute_dtype) for r in readers]
+    if len(readers) == 1:
+        return functools.partial(logits, readers[0])
+    return functools.partial(_committee_logits, tuple(readers))
+
+
+def _committee_logits(readers: tuple[Params, ...], x: jax.Array) -> jax.Array:
+    return jnp.stack([logits(r, x) for r in readers])
 
 
 def search_functions(

@@ -13,8 +13,9 @@ from defuse_jax import correction
 from defuse_jax import train_models as tm
 from defuse_jax import training_lengths as tl
 from defuse_jax.config_checks import (
-    OPTIONAL_NON_NEGATIVE_INT,
+    NON_NEGATIVE_INT,
     OPTIONAL_POSITIVE_INT,
+    OPTIONAL_SHIFTS,
     POSITIVE_INT,
     check_fields,
     fingerprint_fields,
@@ -87,11 +88,14 @@ class RunConfig:
             model of the classifier's own kind is barely more accurate than the classifier (on
             Fashion-MNIST 10k, conv: 87.0% against 85.2%); three reach 88.5%.
         oracle_shift: the oracle's members train on their images shifted by up to this many
-            pixels on each axis, drawn anew every step (`TrainConfig.shift`). None (the
-            default): `train_models.oracle_shift` of the image size, 2 on 28x28 images and 0
-            on 8x8 ones. Trained without it, a conv oracle shares the blind spots of the conv
-            classifier it checks: on 28x28 digits it reads 0-30% of that classifier's test
-            errors as their class, where a conv trained with shifts reads 67-100%.
+            pixels on each axis, drawn anew every step (`TrainConfig.shift`). Several values
+            (`--oracle-shift 0 1`) train `oracle_members` classifiers at each: the labels and
+            checks read their mean, the search's validity constraint asks each shift's group
+            to read the source class. None (the default): `train_models.oracle_shifts` of the
+            image size, 2 on 28x28 images, 0 and 1 on 8x8 ones. Trained without shifts, a conv
+            oracle shares the blind spots of the conv classifier it checks: on 28x28 digits it
+            reads 0-30% of that classifier's test errors as their class, where a conv trained
+            with shifts reads 67-100%.
         correct: fine-tuning.
         eval: evaluation.
         progress: progress bars (display only: in no stage's fingerprint).
@@ -112,7 +116,7 @@ class RunConfig:
     grid_samples: int = 16
     oracle_check: bool = True
     oracle_members: int | None = None
-    oracle_shift: int | None = None
+    oracle_shift: tuple[int, ...] | None = None
     correct: CorrectConfig = CorrectConfig()
     eval: EvalConfig = EvalConfig()
     progress: bool = True
@@ -134,9 +138,13 @@ class RunConfig:
                 "(correct.select), but data.val_fraction is 0. Set --val-fraction > 0, or "
                 "pass --no-correct-select to keep the last epoch of lambda = correct.lam."
             )
+        if NON_NEGATIVE_INT.ok(self.oracle_shift):  # one shift, as run directories hold it
+            object.__setattr__(self, "oracle_shift", (self.oracle_shift,))
+        elif isinstance(self.oracle_shift, list):
+            object.__setattr__(self, "oracle_shift", tuple(self.oracle_shift))
         check_fields(self, {"grid_samples": POSITIVE_INT, "max_sources": OPTIONAL_POSITIVE_INT,
                             "oracle_members": OPTIONAL_POSITIVE_INT,
-                            "oracle_shift": OPTIONAL_NON_NEGATIVE_INT})  # fmt: skip
+                            "oracle_shift": OPTIONAL_SHIFTS})  # fmt: skip
         if self.search_scales is not None:
             try:
                 check_sweep(self.search, self.search_scales)
@@ -176,13 +184,14 @@ def stage_fingerprints(
                             else None),
                    # a validity search trains the oracle
                    **(_given(oracle_members=config.oracle_members,
-                             oracle_shift=config.oracle_shift)
+                             oracle_shift=_shift_record(config.oracle_shift))
                       if config.search.validity != "none" else {})},
         "distill": dataclasses.asdict(config.distill),
         # (oracle_members came later: left out at None, so earlier runs keep their labels)
         "label": {"labeler": config.labeler, "grid_samples": config.grid_samples,
                   "oracle_check": config.oracle_check, **_given(
-                      oracle_members=config.oracle_members, oracle_shift=config.oracle_shift)},
+                      oracle_members=config.oracle_members,
+                      oracle_shift=_shift_record(config.oracle_shift))},
         # Hand edits of the labels file redo the correction.
         "correct": {"correct": fingerprint_fields(config.correct), "labels": _file_hash(
             RunDir(run_dir).labels)},
@@ -222,6 +231,14 @@ def lengths_of(config: RunConfig, n_train: int) -> dict[str, Any]:
     }
 
 
+def _shift_record(shift: tuple[int, ...] | None) -> int | list[int] | None:
+    """`RunConfig.oracle_shift` as fingerprints record it: one shift as the number it was
+    before several could be given, so that those runs keep their fingerprints."""
+    if shift is None:
+        return None
+    return shift[0] if len(shift) == 1 else list(shift)
+
+
 def _given(**fields: Any) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if v is not None}
 
@@ -238,10 +255,13 @@ def quick(config: RunConfig) -> RunConfig:
         data=dataclasses.replace(config.data, max_train=600, max_test=200),
         vae_train=dataclasses.replace(config.vae_train, **{**small_train, "epochs": 15}),
         classifier_train=dataclasses.replace(config.classifier_train, **small_train),
-        max_sources=80,
+        # Every one of the 200 test points a source and 16 components: the validity committee
+        # of 8x8 images keeps few codes, and with 80 sources and 8 components the run formed
+        # 0-1 error regions to label, by platform; this forms 2-5.
+        max_sources=None,
         search=dataclasses.replace(config.search, num_samples=64),
         distill=dataclasses.replace(
-            config.distill, n_components=8, max_iter=100, min_codes=5, error_samples=32
+            config.distill, n_components=16, max_iter=100, min_codes=5, error_samples=32
         ),
         grid_samples=8,
         oracle_members=1,

@@ -364,8 +364,9 @@ def run(args: argparse.Namespace) -> int:
                 f"sweep: --validities oracle needs the run's oracle ({oracle_dir}); run "
                 f"`defuse-jax run --out {args.out}` with the oracle labeler or check first."
             )
-        oracle = tm.load_ensemble(oracle_dir)  # every member, as the run's search reads it
-        _, validity_fn = models.search_functions(vae, oracle, compute_dtype=dtype)
+        # as the run's search reads it: every shift group of the oracle must read the source
+        validity_fn = models.validity_function(tm.load_shift_groups(oracle_dir),
+                                               compute_dtype=dtype)  # fmt: skip
     # The run's judge: chosen as the evaluate stage chooses it (`bug_yield.judge_for`).
     choice = bug_yield.judge_for(ds, evaluation.classify(clf, ds.x_test),
                                  cache_dir=os.path.join(args.out, "cache", "judge"),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import jax.numpy as jnp
@@ -197,28 +198,36 @@ def train_ensemble(
     members: int,
     config: ClassifierConfig,
     train: TrainConfig,
+    shifts: Sequence[int] | None = None,
     progress: bool = True,
 ) -> TrainedModel:
     """`members` classifiers of `config`, member k trained (or resumed, or reloaded) with seed
     `train.seed + k`, and their `models.Ensemble`, whose test metrics go to ensemble.json
-    (with each member's). Returns the ensemble (one member: that classifier itself)."""
+    (with each member's). Returns the ensemble (one member: that classifier itself).
+
+    With `shifts` (G values), `members` classifiers per shift, G * members in all: member
+    k * G + g trains with seed `train.seed + k` on images shifted by up to `shifts[g]`
+    (`TrainConfig.shift`), so that more members add directories and fewer reuse a prefix of
+    them. Without, every member trains with `train.shift`.
+    """
+    shifts = (train.shift,) if shifts is None else tuple(shifts)
+    settings = [dataclasses.replace(train, seed=train.seed + k, shift=s)
+                for k in range(members) for s in shifts]  # fmt: skip
     trained = [
         train_classifier(
-            ds,
-            out_dir=member_dir(out_dir, k),
-            config=config,
-            train=dataclasses.replace(train, seed=train.seed + k),
-            progress=progress,
-        )  # fmt: skip
-        for k in range(members)
+            ds, out_dir=member_dir(out_dir, i), config=config, train=member_train, progress=progress
+        )
+        for i, member_train in enumerate(settings)
     ]
     params = ensemble_of([t.params for t in trained])
     test = {"x": ds.x_test, "y": ds.y_test.astype(np.int32)}
-    metrics = trained[0].metrics if members == 1 else evaluate(losses.classifier_eval, params, test)
+    total = len(trained)
+    metrics = trained[0].metrics if total == 1 else evaluate(losses.classifier_eval, params, test)
     write_json(
         os.path.join(out_dir, ENSEMBLE_FILE),
-        {"members": members, "test": metrics, "member_test": [t.metrics for t in trained]},
-    )
+        {"members": total, "test": metrics, "member_test": [t.metrics for t in trained],
+         **({"shifts": list(shifts)} if len(shifts) > 1 else {})},
+    )  # fmt: skip
     return TrainedModel(params, config, trained[0].history, metrics, out_dir)
 
 
@@ -237,6 +246,16 @@ def load_ensemble(out_dir: str) -> Params:
     """Reload `train_ensemble`'s ensemble (read-only, no training)."""
     members = ensemble_record(out_dir)["members"]
     return ensemble_of([load_trained(member_dir(out_dir, k))[0] for k in range(members)])
+
+
+def load_shift_groups(out_dir: str) -> list[Params]:
+    """Reload `train_ensemble`'s ensemble as one ensemble per shift it was trained with (the
+    search's validity committee, `models.validity_function`): [the whole ensemble] when it was
+    trained with one shift."""
+    record = ensemble_record(out_dir)
+    groups = len(record.get("shifts") or [0])
+    members = [load_trained(member_dir(out_dir, k))[0] for k in range(record["members"])]
+    return [ensemble_of(members[g::groups]) for g in range(groups)]
 
 
 def record_own_model(
@@ -298,9 +317,13 @@ def oracle_classifier_config(image_shape: tuple[int, int, int]) -> ClassifierCon
 ORACLE_SHIFT_FRACTION = 1 / 14
 
 
-def oracle_shift(image_shape: tuple[int, int, int]) -> int:
-    """How far the oracle's training images are shifted (`TrainConfig.shift`) by default."""
-    return int(min(image_shape[0], image_shape[1]) * ORACLE_SHIFT_FRACTION)
+def oracle_shifts(image_shape: tuple[int, int, int]) -> tuple[int, ...]:
+    """How far the oracle's training images are shifted (`TrainConfig.shift`) by default: a
+    fourteenth of the side (2 pixels on 28x28), or where that rounds to none (8x8), members
+    unshifted and members shifted by 1, whose every group must read the source in the search
+    (`RunConfig.oracle_shift`)."""
+    shift = int(min(image_shape[0], image_shape[1]) * ORACLE_SHIFT_FRACTION)
+    return (shift,) if shift else (0, 1)
 
 
 def save_reconstructions(

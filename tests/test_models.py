@@ -193,3 +193,19 @@ def test_the_search_picks_its_scale_behind_a_conditional_vae_unless_told(conditi
     )
     want = identification.CONDITIONAL_SCALES if want == "CONDITIONAL" else want
     assert identification.candidate_scales(given, vae) == want
+
+
+def test_validity_function_stacks_a_committee_and_casts_its_weights():
+    readers = [models.params_of(models.Classifier(models.ClassifierConfig(), image_shape=(8, 8, 1),
+                                                  num_classes=10, rngs=nnx.Rngs(i)))
+               for i in range(2)]  # fmt: skip
+    x = jax.random.uniform(jax.random.key(0), (3, 8, 8, 1))
+    one = models.validity_function(readers[:1])(x)
+    np.testing.assert_array_equal(one, models.logits(readers[0], x))
+    both = models.validity_function(readers)(x)
+    assert both.shape == (2, 3, 10)
+    np.testing.assert_array_equal(both[1], models.logits(readers[1], x))
+    low = models.validity_function(readers, compute_dtype="bfloat16")(x.astype(jnp.bfloat16))
+    assert low.dtype == jnp.bfloat16
+    with pytest.raises(ValueError, match="at least one"):
+        models.validity_function([])

@@ -1,6 +1,7 @@
 """The oracle as an ensemble: the members' mean probability, its files, and how many members a
 run trains (`RunConfig.oracle_members`)."""
 
+import dataclasses
 import json
 import os
 import types
@@ -14,7 +15,7 @@ from flax import nnx
 from defuse_jax import data, models
 from defuse_jax import train_models as tm
 from defuse_jax.models import Classifier, ClassifierConfig, params_of
-from defuse_jax.run_config import RunConfig, stage_fingerprints
+from defuse_jax.run_config import RunConfig, config_from_dict, stage_fingerprints
 from defuse_jax.search.config import SearchConfig
 from defuse_jax.stages import label as label_stage
 from defuse_jax.training import TrainConfig
@@ -52,24 +53,38 @@ def digits():
     return data.load_dataset(data.DataConfig(max_train=128, max_test=64))
 
 
-@pytest.mark.parametrize("members", [1, 2])
-def test_train_ensemble_lays_out_reloads_and_records_its_members(digits, members, tmp_path):
+@pytest.mark.parametrize("members, shifts", [(1, None), (2, None), (2, (0, 1))])
+def test_train_ensemble_lays_out_reloads_and_records_its_members(digits, members, shifts,
+                                                                 tmp_path):  # fmt: skip
     out = str(tmp_path / "oracle")
-    train = TrainConfig(epochs=1, batch_size=32, seed=5)
+    train = TrainConfig(epochs=1, batch_size=32, seed=5, shift=0)
     trained = tm.train_ensemble(digits, out_dir=out, members=members, config=ClassifierConfig(),
-                                train=train, progress=False)  # fmt: skip
-    # Member 0 where a single classifier would be, member k in member<k>/ with seed + k.
-    for k in range(members):
-        saved = json.load(open(os.path.join(tm.member_dir(out, k), "config.json")))
-        assert saved["train"]["seed"] == 5 + k
-    assert not os.path.exists(os.path.join(out, f"member{members}"))
+                                train=train, shifts=shifts, progress=False)  # fmt: skip
+    # Member 0 where a single classifier would be, member k in member<k>/ with seed + k; with
+    # several shifts, `members` per shift, seed + k at each shift in turn.
+    groups = len(shifts or (0,))
+    total = members * groups
+    for i in range(total):
+        saved = json.load(open(os.path.join(tm.member_dir(out, i), "config.json")))
+        assert saved["train"]["seed"] == 5 + i // groups
+        assert saved["train"]["shift"] == (shifts or (0,))[i % groups]
+    assert not os.path.exists(os.path.join(out, f"member{total}"))
     record = tm.ensemble_record(out)
-    assert record["members"] == members and len(record["member_test"]) == members
+    assert record["members"] == total and len(record["member_test"]) == total
     reloaded = tm.load_ensemble(out)
     x = digits.x_test
     np.testing.assert_array_equal(models.logits(reloaded, x), models.logits(trained.params, x))
     accuracy = float((np.asarray(models.logits(reloaded, x)).argmax(-1) == digits.y_test).mean())
     assert record["test"]["accuracy"] == pytest.approx(accuracy)
+    # The search's committee: one ensemble per shift, of the members trained with it.
+    groups = tm.load_shift_groups(out)
+    assert len(groups) == len(shifts or (0,))
+    for g, group in enumerate(groups):
+        alone = models.ensemble_of([tm.load_trained(tm.member_dir(out, i))[0]
+                                    for i in range(total) if i % len(groups) == g])  # fmt: skip
+        np.testing.assert_array_equal(models.logits(group, x), models.logits(alone, x))
+    committee = models.validity_function(groups)(x)
+    assert committee.shape == ((len(groups),) if len(groups) > 1 else ()) + (len(x), 10)
     # A directory from before ensembles (no ensemble.json) is one member.
     os.remove(os.path.join(out, tm.ENSEMBLE_FILE))
     old = tm.ensemble_record(out)
@@ -112,17 +127,50 @@ def test_the_member_count_redoes_the_stages_that_train_the_oracle(tmp_path):
 
 @pytest.mark.parametrize(
     "shape, asked, expected",
-    [((8, 8, 1), None, 0), ((28, 28, 1), None, 2), ((64, 64, 3), None, 4), ((28, 28, 1), 0, 0)],
-)
-def test_the_oracle_trains_on_shifted_images_above_8x8(shape, asked, expected, tmp_path):
+    [((8, 8, 1), None, (0, 1)), ((28, 28, 1), None, (2,)), ((64, 64, 3), None, (4,)),
+     ((28, 28, 1), 0, (0,)), ((8, 8, 1), 0, (0,)), ((28, 28, 1), (0, 2), (0, 2))],
+)  # fmt: skip
+def test_how_far_the_oracle_shifts_its_training_images(shape, asked, expected, tmp_path):
+    """A fourteenth of the side; on 8x8 images, where that is no pixel, members unshifted and
+    members shifted by one (a committee in the search)."""
     ctx = _ctx(shape)
     ctx.config = RunConfig(oracle_shift=asked)
     ctx.dataset.x_train = np.zeros((1145,) + shape, np.float32)
     _, train = label_stage._oracle_settings(ctx)
-    assert train.shift == expected
+    assert label_stage.oracle_shifts(ctx) == expected and train.shift == expected[0]
     # Asked for, it redoes the stages that train the oracle; left unset, runs keep theirs.
     fp = stage_fingerprints(ctx.config, str(tmp_path))
     unset = stage_fingerprints(RunConfig(), str(tmp_path))
     assert (fp["search"] == unset["search"]) == (asked is None)
+
+
+def test_one_oracle_shift_keeps_the_fingerprints_of_runs_made_before_several(tmp_path):
+    # config.json of a run made before several shifts could be given holds one number.
+    old = config_from_dict({**dataclasses.asdict(RunConfig()), "oracle_shift": 1})
+    assert old.oracle_shift == (1,)
+    fp = {k: stage_fingerprints(RunConfig(oracle_shift=k), str(tmp_path))
+          for k in (1, (1,), (0, 1), (1, 0))}  # fmt: skip
+    assert fp[1] == fp[(1,)] == stage_fingerprints(old, str(tmp_path))
+    assert fp[(0, 1)]["search"] != fp[(1,)]["search"]
+    assert fp[(0, 1)]["search"] != fp[(1, 0)]["search"]  # the members' order is the ensemble's
+
+
+@pytest.mark.parametrize("shift", [-1, (), (1, 1), (0, -2), 1.5, True])
+def test_bad_oracle_shifts_name_the_field(shift):
     with pytest.raises(ValueError, match="oracle_shift"):
-        RunConfig(oracle_shift=-1)
+        RunConfig(oracle_shift=shift)
+
+
+def test_several_shifts_give_the_oracle_another_identity():
+    ctx = _ctx((8, 8, 1))
+    ctx.dataset.x_train = np.zeros((1145, 8, 8, 1), np.float32)
+    ctx.dataset_sha256 = "data"
+    identities = []
+    for shift in (None, (0, 1), 0, 1):
+        ctx.config = RunConfig(oracle_shift=shift)
+        identities.append(label_stage.oracle_identity(ctx))
+    # Unset is (0, 1) on 8x8: the same oracle. One shift keeps the identity it always had.
+    assert identities[0] == identities[1] and identities[1]["shifts"] == [0, 1]
+    assert len({json.dumps(i, sort_keys=True) for i in identities}) == 3
+    assert "shifts" not in identities[2] and "shift" not in identities[2]["train"]
+    assert "shifts" not in identities[3] and identities[3]["train"]["shift"] == 1

@@ -13,6 +13,7 @@ from PIL import Image
 from defuse_jax import evaluation, labeling, pipeline
 from defuse_jax import regions as regions_lib
 from defuse_jax import report as report_lib
+from defuse_jax import train_models as tm
 from defuse_jax.correction import CorrectConfig
 from defuse_jax.data import DataConfig
 from defuse_jax.models import VAEConfig
@@ -35,8 +36,8 @@ TINY = RunConfig(
     grid_samples=4,
     # One region weight keeps these runs short; the choice among several has its own tests.
     correct=CorrectConfig(epochs=2, batch_size=32, lams=(0.01,), select_samples=64),
-    # One oracle model keeps these runs short (three cost ~9 s per run); tests/test_oracle.py
-    # covers the ensemble.
+    # One oracle model per shift keeps these runs short (three cost ~9 s per run; on 8x8
+    # images two shifts, so two models); tests/test_oracle.py covers the ensemble.
     oracle_members=1,
     progress=False,
 )
@@ -174,14 +175,18 @@ def test_search_validity_keeps_only_what_the_oracle_reads_as_the_source(trained,
     )
     logs = []
     summary = pipeline.run(run_dir, config, until="search", log=logs.append)["search"]
-    # The search stage trained the oracle (where the label stage will find it) before searching.
-    assert sum(line.startswith("oracle classifier: test accuracy") for line in logs) == 1
-    assert os.path.exists(os.path.join(run_dir, "label", "oracle", "ensemble.json"))
+    # The search stage trained the oracle (where the label stage will find it) before searching:
+    # on 8x8 images one member unshifted and one shifted by a pixel, each of which must read
+    # the source class (the committee), so their mean reads it too.
+    assert sum(line.startswith("oracle (2 classifiers): test accuracy") for line in logs) == 1
+    oracle_dir = os.path.join(run_dir, "label", "oracle")
+    assert tm.ensemble_record(oracle_dir)["shifts"] == [0, 1]
     errors = np.load(os.path.join(run_dir, "search", "errors.npz"))
     assert summary["num_errors_found"] == len(errors["z"]) > 0
     ctx = pipeline.Context(run_dir, config, print)
-    read = evaluation.predict(ctx.model("vae"), ctx.model("oracle"), errors["z"])
-    np.testing.assert_array_equal(read, errors["source_label"])
+    for reader in [*tm.load_shift_groups(oracle_dir), ctx.model("oracle")]:
+        read = evaluation.predict(ctx.model("vae"), reader, errors["z"])
+        np.testing.assert_array_equal(read, errors["source_label"])
     assert (errors["pred_label"] != errors["source_label"]).all()
 
 
@@ -228,25 +233,32 @@ def _other_data(recorded):
 
 
 @pytest.mark.parametrize(
-    "edit, retrained",
+    "legacy, retrained",
     [
-        (_other_data, True),  # as if the training data had changed since
-        (None, False),  # no record, as an earlier version left it: its config.json matches
+        (False, True),  # its record says other data, as if the training data had changed since
+        (True, False),  # no record, as an earlier version left it: its config.json matches
     ],
 )
 def test_the_search_reuses_the_oracle_only_when_it_was_trained_on_this_data(
-    finished, tmp_path, edit, retrained
+    finished, tmp_path, legacy, retrained
 ):
     run_dir = _copy(finished[0], tmp_path)
-    identity = os.path.join(run_dir, "label", "oracle", "identity.json")
+    oracle_dir = os.path.join(run_dir, "label", "oracle")
+    identity = os.path.join(oracle_dir, "identity.json")
     with open(identity) as f:
         recorded = json.load(f)
     os.remove(identity)
-    if edit is not None:
-        with open(identity, "w") as f:
-            json.dump(edit(recorded), f)
-    before = _oracle_checkpoints(run_dir)
     config = dataclasses.replace(TINY, search=dataclasses.replace(TINY.search, scale=0.6))
+    if legacy:
+        # Earlier versions trained one shift, one member here: the committee's first member is
+        # that oracle (unshifted, seed + 1), laid out where it was, without ensemble.json.
+        shutil.rmtree(tm.member_dir(oracle_dir, 1))
+        os.remove(os.path.join(oracle_dir, tm.ENSEMBLE_FILE))
+        config = dataclasses.replace(config, oracle_shift=0)
+    else:
+        with open(identity, "w") as f:
+            json.dump(_other_data(recorded), f)
+    before = _oracle_checkpoints(run_dir)
     logs = []
     pipeline.run(run_dir, config, until="search", log=logs.append)
     moved = [line for line in logs if line.startswith("oracle: trained on other data")]
@@ -256,7 +268,8 @@ def test_the_search_reuses_the_oracle_only_when_it_was_trained_on_this_data(
     assert (_oracle_checkpoints(run_dir) == before) != retrained
     # Either way the oracle now records what it was trained on.
     with open(identity) as f:
-        assert json.load(f) == recorded
+        now = json.load(f)
+    assert now["data"] == recorded["data"] and ("shifts" in now) == (not legacy)
 
 
 def test_interrupted_run_resumes_without_redoing_finished_stages(finished, tmp_path):
@@ -720,7 +733,8 @@ def test_oracle_agreement_in_report_labels_file_and_with_a_disagreeing_oracle(fi
     report = _report(run_dir)
     labeled = [r for r in report["regions"] if r["label"] is not None]
     first_labels = {r["id"]: r["label"] for r in labeled}
-    assert labeled and report["oracle_test_accuracy"] > 0.5 and report["oracle_members"] == 1
+    # TINY's one oracle member per shift: on 8x8 images unshifted and shifted by a pixel
+    assert labeled and report["oracle_test_accuracy"] > 0.5 and report["oracle_members"] == 2
     assert 0.0 < report["oracle_on_test_errors"] <= 1.0  # a separately trained model
     agreements = [r["oracle_agreement"] for r in labeled]
     assert all(0.0 <= a <= 1.0 for a in agreements)

@@ -364,12 +364,33 @@ def test_validity_keeps_only_the_flips_the_validity_model_reads_as_the_source(re
     assert res.num_sources_used == int((y0 == 0).sum())
 
 
+def committee(*readers):  # G validity models that must all read the source: [G, B, C]
+    return lambda x: jnp.stack([r(x) for r in readers])
+
+
+def test_a_validity_committee_keeps_what_every_member_reads_as_the_source(results):
+    z0, y0 = _sources()
+    config = dataclasses.replace(MODES[0], validity="oracle")
+
+    def search(validity_fn):
+        return latent_search(decode, classify, z0, y0, key=jax.random.key(0), config=config,
+                             validity_fn=validity_fn)  # fmt: skip
+
+    alone, both = search(reads_class_0), search(committee(reads_class_0, reads_class_0))
+    np.testing.assert_array_equal(both.z, alone.z)
+    assert len(alone.z) > 0
+    # Members that never agree: every source is misread by one of them, so none is searched.
+    split = search(committee(reads_class_0, lambda x: jnp.roll(constant_classify(x), 1, -1)))
+    assert split.num_sources_used == 0 and len(split.z) == 0
+
+
 @pytest.mark.parametrize(
     "validity, validity_fn, match",
     [
         ("oracle", None, "needs validity_fn"),
         ("none", reads_class_0, "was given a validity_fn"),
         ("oracle", lambda x: classify(x)[:, :2], r"over the classifier's 3 classes"),
+        ("oracle", lambda x: classify(x)[None, None], r"\[models, batch, 3\]"),
     ],
 )
 def test_validity_mismatch_is_a_clear_error(validity, validity_fn, match):
@@ -381,10 +402,12 @@ def test_validity_mismatch_is_a_clear_error(validity, validity_fn, match):
         )  # fmt: skip
 
 
+@pytest.mark.parametrize("members", [1, 2])
 @pytest.mark.parametrize("share", [0.0, 0.1, 0.5, 1.0])
-def test_validity_verdict_reads_only_the_needed_rows_and_matches_reading_all(share):
+def test_validity_verdict_reads_only_the_needed_rows_and_matches_reading_all(share, members):
     """The verdict on the rows that need one (gathered into slices) equals the dense reading
-    of every row, whatever share of the batch needs it (37 rows: the slices do not divide it)."""
+    of every row, whatever share of the batch needs it (37 rows: the slices do not divide it);
+    a committee's (two members) is every member's."""
     from defuse_jax.search.modes import validity_verdict
 
     rng = np.random.default_rng(0)
@@ -393,12 +416,18 @@ def test_validity_verdict_reads_only_the_needed_rows_and_matches_reading_all(sha
     need = jnp.asarray(rng.random(37) < share)
     reads = []
 
+    def other(images):  # a second reader that disagrees with the first on some rows
+        return classify(images[:, ::-1])
+
     def counting(images):  # the toy classifier, recording how many rows it reads
         reads.append(images.shape[0])
-        return classify(images)
+        return classify(images) if members == 1 else committee(classify, other)(images)
 
     got = jax.jit(lambda x, y, n: validity_verdict(counting, x, y, n))(x, y, need)
-    dense = (jnp.argmax(classify(x), -1) == y) & need
+    first = (jnp.argmax(classify(x), -1) == y) & need
+    dense = first & (jnp.argmax(other(x), -1) == y) if members == 2 else first
+    if members == 2 and share == 1.0:
+        assert 0 < dense.sum() < first.sum()  # the second member vetoes some of the first's
     np.testing.assert_array_equal(got, dense)
     assert reads == [5]  # traced once, on slices of ceil(37 / 8) rows
 

@@ -53,7 +53,9 @@ def latent_search(
         decoded sample counts as an error only where the classifier's prediction differs from
         the source label *and* the auxiliary classifier still reads the source label (a validity
         constraint in the spirit of Song et al. 2018: the image kept its class), and sources it
-        misreads are skipped. None (the paper's search) counts every changed prediction.
+        misreads are skipped. Logits [G, B, C] are a committee of G auxiliary classifiers that
+        must all read the source label (`models.validity_function`). None (the paper's search)
+        counts every changed prediction.
       free_dims: perturb only the first `free_dims` coordinates of the codes; the rest stay
         the source's (a conditional VAE's class block: `models.style_dims`). None: all.
 

@@ -67,7 +67,8 @@ def check_inputs(
       z0: [N, L] latent means of the source points.
       y0: [N] integer labels.
       config: the search configuration (type-checked here).
-      validity_fn: None, or x -> logits [B, C] over the classifier's C classes.
+      validity_fn: None, or x -> logits [B, C] over the classifier's C classes ([G, B, C]: a
+        committee of G auxiliary classifiers that must all read the source).
 
     Returns:
       (z0 as float32 numpy [N, L], y0 as int32 numpy [N], number of classes C).
@@ -128,11 +129,13 @@ def check_inputs(
         if not callable(validity_fn):
             raise ValueError("validity_fn must be None or a callable on batches of images.")
         _, aux = _forward_shapes(decode_fn, validity_fn, z.shape[1], config.compute_dtype)
-        if tuple(aux.shape) != tuple(out.shape):
+        # One auxiliary classifier [batch, C], or a committee that must all agree [G, batch, C]
+        if len(aux.shape) not in (2, 3) or tuple(aux.shape[-2:]) != tuple(out.shape):
             raise ValueError(
                 f"validity_fn(decode_fn(z)) must return logits over the classifier's "
-                f"{num_classes} classes, [batch, {num_classes}]; got shape {tuple(aux.shape)} "
-                "for a batch of 1."
+                f"{num_classes} classes, [batch, {num_classes}] (or [models, batch, "
+                f"{num_classes}] for several that must all read the source); got shape "
+                f"{tuple(aux.shape)} for a batch of 1."
             )
     y = y.astype(np.int64)
     if y.min() < 0 or y.max() >= num_classes:

@@ -61,13 +61,14 @@ def validity_verdict(
     `while_loop` reads as many slices of ceil(B / VALIDITY_SLICES) rows as they fill.
 
     Args:
-      validity_fn: x -> logits of the auxiliary classifier, or None.
+      validity_fn: x -> logits [B, C] of the auxiliary classifier, or [G, B, C] of G of them
+        that must all read y (a committee); or None.
       x: [B, ...] the decoded images; y: [B] their source labels; need: [B] bool.
 
     Returns:
-      [B] bool: the validity model reads y (False where not needed); all True without a
-      validity model. It carries no gradient: it filters what the search records, it does not
-      steer the gradient mode's steps.
+      [B] bool: the validity model (every member of a committee) reads y (False where not
+      needed); all True without a validity model. It carries no gradient: it filters what the
+      search records, it does not steer the gradient mode's steps.
     """
     if validity_fn is None:
         return jnp.ones(y.shape, bool)
@@ -83,7 +84,8 @@ def validity_verdict(
         i, still = state
         rows = jax.lax.dynamic_slice_in_dim(order, i * m, m)
         reads = jnp.argmax(validity_fn(x[rows]).astype(jnp.float32), axis=-1).astype(jnp.int32)
-        return i + 1, still.at[rows].set((reads == y[rows]) & need[rows])
+        every = jnp.all(reads.reshape(-1, m) == y[rows], axis=0)  # [m]: one reader, or all G
+        return i + 1, still.at[rows].set(every & need[rows])
 
     _, still = jax.lax.while_loop(
         lambda state: state[0] * m < count, read_slice, (jnp.int32(0), jnp.zeros((b,), bool))

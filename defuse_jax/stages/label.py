@@ -167,18 +167,23 @@ def saved_checks(ctx: Context) -> dict[int, validity.RegionCheck]:
 ORACLE_IDENTITY = "identity.json"  # in label/oracle/: what its models were trained on, and how
 
 
+def oracle_shifts(ctx: Context) -> tuple[int, ...]:
+    """The shifts the oracle's members train with (`RunConfig.oracle_shift`; unset:
+    `train_models.oracle_shifts` of the image size), `oracle_members(ctx)` members at each."""
+    shifts = ctx.config.oracle_shift
+    return tm.oracle_shifts(ctx.dataset.image_shape) if shifts is None else shifts
+
+
 def _oracle_settings(ctx: Context) -> tuple[ClassifierConfig, TrainConfig]:
     """The oracle members' model and training settings: wider than the classifier, trained
-    longer on shifted images (`RunConfig.oracle_shift`), with the classifier's seed + 1
-    (member k: + 1 + k)."""
+    longer on shifted images (the first of `oracle_shifts`), with the classifier's seed + 1
+    (member k of each shift: + 1 + k)."""
     clf_train = training_lengths.train_epochs(
         ctx.config.classifier_train, training_lengths.CLASSIFIER_BUDGET, len(ctx.dataset.x_train)
     )
-    shift = ctx.config.oracle_shift
-    shift = tm.oracle_shift(ctx.dataset.image_shape) if shift is None else shift
     train = dataclasses.replace(
         clf_train, epochs=training_lengths.oracle_epochs(clf_train), seed=clf_train.seed + 1,
-        shift=shift,
+        shift=oracle_shifts(ctx)[0],
     )  # fmt: skip
     return tm.oracle_classifier_config(ctx.dataset.image_shape), train
 
@@ -188,9 +193,11 @@ def oracle_identity(ctx: Context) -> dict[str, Any]:
     settings. Not the search, regions or labels, so a redone search or label stage keeps
     them; not the member count, since `tm.train_ensemble` reuses the members it has."""
     config, train = _oracle_settings(ctx)
+    shifts = oracle_shifts(ctx)
     return {"data": ctx.dataset_sha256, "model": dataclasses.asdict(config),
             # (shift came after identity.json: oracles trained before it keep theirs)
-            "train": fingerprint_fields(train, only=("shift",))}  # fmt: skip
+            "train": fingerprint_fields(train, only=("shift",)),
+            **({"shifts": list(shifts)} if len(shifts) > 1 else {})}  # fmt: skip
 
 
 def oracle_is_current(ctx: Context, identity: Mapping[str, Any] | None = None) -> bool:
@@ -216,9 +223,9 @@ def oracle_is_current(ctx: Context, identity: Mapping[str, Any] | None = None) -
 
 
 def train_oracle(ctx: Context) -> Params:
-    """The oracle: `oracle_members(ctx)` classifiers wider than the run's and trained longer,
-    with other seeds, averaged (`models.Ensemble`), in label/oracle/ (reloaded from their
-    checkpoints when they are trained already).
+    """The oracle: `oracle_members(ctx)` classifiers per shift (`oracle_shifts`), wider than
+    the run's and trained longer, with other seeds, averaged (`models.Ensemble`), in
+    label/oracle/ (reloaded from their checkpoints when they are trained already).
 
     The oracle is trained once per data and settings (`oracle_identity`, recorded in
     label/oracle/identity.json): redoing the search or the label stage keeps it. Models of
@@ -234,15 +241,26 @@ def train_oracle(ctx: Context) -> Params:
         ctx.log(f"oracle: trained on other data or settings: moved to {dest}")
     write_json(os.path.join(out_dir, ORACLE_IDENTITY), identity)
     config, train = _oracle_settings(ctx)
-    members = oracle_members(ctx)
+    shifts = oracle_shifts(ctx)
+    members = oracle_members(ctx) * len(shifts)
     oracle = tm.train_ensemble(
-        ctx.dataset, out_dir=out_dir, members=members, config=config, train=train,
-        progress=ctx.config.progress,
+        ctx.dataset, out_dir=out_dir, members=oracle_members(ctx), config=config, train=train,
+        shifts=shifts, progress=ctx.config.progress,
     )  # fmt: skip
     what = "oracle classifier" if members == 1 else f"oracle ({members} classifiers)"
     ctx.log(f"{what}: test accuracy {oracle.metrics['accuracy']:.4f}")
     ctx._models["oracle"] = oracle.params
     return oracle.params
+
+
+def oracle_shift_groups(ctx: Context) -> list[Params]:
+    """The oracle (`train_oracle`, trained first if it is not yet) as one ensemble per shift
+    of `oracle_shifts`: the search's validity committee, whose every group must read the
+    source class. One shift: [the oracle]."""
+    oracle = train_oracle(ctx)
+    if len(oracle_shifts(ctx)) == 1:
+        return [oracle]
+    return tm.load_shift_groups(ctx.path("label", "oracle"))
 
 
 def oracle_members(ctx: Context) -> int:

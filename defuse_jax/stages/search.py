@@ -7,13 +7,14 @@ from typing import Any
 
 from defuse_jax import identification
 from defuse_jax.stage_context import Context
-from defuse_jax.stages.label import train_oracle
+from defuse_jax.stages.label import oracle_shift_groups
 
 
 def stage_search(ctx: Context) -> dict[str, Any]:
     # The validity model is the oracle, trained here before the label stage that also uses it
-    # (in label/oracle/, which the label stage then reuses).
-    validity = train_oracle(ctx) if ctx.config.search.validity == "oracle" else None
+    # (in label/oracle/, which the label stage then reuses): each of its shift groups must
+    # still read the source class.
+    validity = oracle_shift_groups(ctx) if ctx.config.search.validity == "oracle" else None
     vae = ctx.model("vae")
     result, idx, choice = identification.run_search(
         ctx.dataset,
