@@ -242,23 +242,29 @@ def validity_cost(
     *,
     plain: dict,
 ) -> dict:
-    """What `--search-validity oracle` costs: the engine with a validity model the size of the
-    oracle (random weights; the cost does not depend on them) against `plain`, the same
-    engine's best row without one."""
+    """What `--search-validity oracle` costs: the engine with the run's default oracle for the
+    model's image shape (random weights; the cost does not depend on them) against `plain`,
+    the same engine's best row without one. The oracle is `DEFAULT_ORACLE_MEMBERS` models of
+    the oracle's size per default shift (`train_models.oracle_shifts`): on 8x8 images a
+    committee of two such ensembles, each reading every flip."""
     from flax import nnx
 
     from defuse_jax import models, train_models
+    from defuse_jax.stages.label import DEFAULT_ORACLE_MEMBERS
 
     shape = MODEL_SHAPES[kind]
-    oracle = models.Classifier(
-        dataclasses.replace(train_models.oracle_classifier_config(shape), kind=kind),
-        image_shape=shape, num_classes=NUM_CLASSES, rngs=nnx.Rngs(2),
-    )  # fmt: skip
-    _, validity_fn = models.search_functions(
-        models.params_of(oracle), models.params_of(oracle), compute_dtype=dtype
-    )
+    config = dataclasses.replace(train_models.oracle_classifier_config(shape), kind=kind)
+    groups = len(train_models.oracle_shifts(shape))
+    members = [
+        models.params_of(models.Classifier(config, image_shape=shape, num_classes=NUM_CLASSES,
+                                           rngs=nnx.Rngs(2 + i)))
+        for i in range(groups * DEFAULT_ORACLE_MEMBERS)
+    ]  # fmt: skip
+    readers = [models.ensemble_of(members[g::groups]) for g in range(groups)]
+    validity_fn = models.validity_function(readers, compute_dtype=dtype)
     row = engine_throughput(decode_fn, classify_fn, chains, q, chunk, repeats, dtype, validity_fn)
-    return {**row, "time_ratio": plain["samples_per_s"] / row["samples_per_s"]}
+    return {**row, "time_ratio": plain["samples_per_s"] / row["samples_per_s"],
+            "oracle_groups": groups, "oracle_members": len(members)}  # fmt: skip
 
 
 def paired_fraction(
@@ -711,7 +717,8 @@ def bench_model(kind: str, dtype: str, args, *, references: bool) -> dict:
         plain=max(_measured(tuning), key=lambda r: r["samples_per_s"]),
     )  # fmt: skip
     print(
-        f"[{kind} {dtype}] with the oracle-size validity model: "
+        f"[{kind} {dtype}] with the default oracle as validity model ({validity['oracle_groups']}"
+        f" group(s), {validity['oracle_members']} models): "
         f"{validity['samples_per_s']:,.0f} samples/s, {validity['time_ratio']:.2f}x the time of "
         "the plain search"
     )
