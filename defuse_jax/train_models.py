@@ -313,7 +313,8 @@ def oracle_classifier_config(image_shape: tuple[int, int, int]) -> ClassifierCon
     return dataclasses.replace(default_classifier_config(image_shape), hidden=512)
 
 
-# The oracle's shifts are this share of the image's side: 2 pixels on 28x28, none on 8x8.
+# The oracle's shift is this share of the image's side: 2 pixels on 28x28 (on 8x8, where it
+# is no pixel, `oracle_shifts` gives a committee of 0 and 1).
 ORACLE_SHIFT_FRACTION = 1 / 14
 
 

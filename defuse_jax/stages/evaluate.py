@@ -193,9 +193,9 @@ def _oracle_agreement(
 def _oracle_on_test_errors(ctx: Context, test_pred: np.ndarray) -> float | None:
     """The share of the classifier's test errors (bugs by their labels) the oracle reads as
     their label (`test_pred`: [N] the classifier's test predictions); None without errors. An
-    oracle that shares the classifier's blind spots (10-57% on 8x8 digits, 0-30% unshifted on
-    28x28 ones) throws real bugs away in the search and can label a bug region with the
-    classifier's own answer."""
+    oracle that shares the classifier's blind spots (10-57% unshifted on 8x8 digits, 25-75%
+    for the mean of today's committee there; 0-30% unshifted on 28x28 ones) throws real bugs
+    away in the search and can label a bug region with the classifier's own answer."""
     ds = ctx.dataset
     wrong = test_pred != ds.y_test
     if not wrong.any():
