@@ -1,17 +1,19 @@
 """`Context`: what the stages of one `pipeline.run` call share (run directory, configuration,
-log, the dataset and models loaded once), and `LabelsPending`."""
+log, the dataset and models loaded once), `of_run`, the same for a run directory's tools
+(audit, sweep, scripts), and `LabelsPending`."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Callable
 
 from defuse_jax import own_model
 from defuse_jax import train_models as tm
 from defuse_jax.data import Dataset, dataset_sha256, load_dataset
 from defuse_jax.models import Params
-from defuse_jax.run_config import RunConfig, stage_fingerprints
+from defuse_jax.run_config import RunConfig, load_run_config, stage_fingerprints
 from defuse_jax.run_dir import RunDir
 
 
@@ -85,3 +87,20 @@ class Context:
             else:
                 self._models[name] = tm.load_trained(self.path(*where))[0]
         return self._models[name]
+
+
+def of_run(run_dir: str, *, log: Callable[[str], None] = print) -> Context:
+    """A run directory's `Context` for the tools that read a run (`defuse-jax audit`, `sweep`,
+    scripts/): its saved configuration, its dataset and its models as its stages load them,
+    the user's own models by the entry points the configuration names.
+
+    Raises:
+      FileNotFoundError: `run_dir` holds no run (no config.json).
+    """
+    config = load_run_config(run_dir)
+    if config is None:
+        raise FileNotFoundError(
+            f"{run_dir} holds no run (no config.json); run `defuse-jax run --out {run_dir}`."
+        )
+    return Context(os.path.abspath(run_dir), config, log,
+                   own_models=own_model.own_models(config))  # fmt: skip

@@ -330,23 +330,12 @@ def run(args: argparse.Namespace) -> int:
     )
     if max_sources is not None and max_sources < 1:
         raise ValueError(f"sweep: --max-sources must be >= 1, got {max_sources}.")
-    from defuse_jax import bug_yield, evaluation, identification, models, own_model
+    from defuse_jax import bug_yield, evaluation, identification, models, stage_context
     from defuse_jax import train_models as tm
-    from defuse_jax.data import load_dataset
-    from defuse_jax.run_config import load_run_config
 
-    config = load_run_config(args.out)
-    if config is None:
-        raise FileNotFoundError(
-            f"{args.out} holds no run (no config.json); run `defuse-jax run --out {args.out}`."
-        )
-    vae, clf = (
-        own_model.from_entry_point(own, role=role)
-        if own is not None  # the user's own model (--vae-fn, --classifier-fn)
-        else tm.load_trained(os.path.join(args.out, "train", role))[0]
-        for role, own in (("vae", config.own_vae), ("classifier", config.own_classifier))
-    )
-    ds = load_dataset(config.data)
+    # The run's models as its stages load them (the user's own ones by their entry points).
+    ctx = stage_context.of_run(args.out)
+    config, ds, vae, clf = ctx.config, ctx.dataset, ctx.model("vae"), ctx.model("classifier")
     idx = np.arange(len(ds.x_test))
     if max_sources is not None and max_sources < len(idx):
         idx = np.sort(np.random.default_rng(config.data.seed).choice(len(idx), max_sources,

@@ -297,21 +297,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def prepare(run_dir: str, *, n_codes: int, n_known: int, seed: int) -> list[str]:
     """Draws the sample of a finished run and writes `<run>/audit/` (`write_audit`) with the
     candidate judges' readings (those the evaluate stage chose from)."""
-    from defuse_jax import bug_yield, evaluation, identification, own_model
-    from defuse_jax.run_config import load_run_config
-    from defuse_jax.stage_context import Context
+    from defuse_jax import bug_yield, evaluation, identification, stage_context
+    from defuse_jax.run_dir import RunDir
 
-    config = load_run_config(run_dir)
     search = os.path.join(run_dir, "search", "errors.npz")
-    if config is None or not os.path.exists(search):
+    if not os.path.exists(RunDir(run_dir).config) or not os.path.exists(search):
         raise ValueError(f"{run_dir} holds no searched run: run `defuse-jax search --out "
                          f"{run_dir}` (or `run`) first.")  # fmt: skip
     if n_codes < 1 or n_known < 0:
         raise ValueError(f"--codes must be >= 1 and --known >= 0, got {n_codes}, {n_known}.")
     # The run's models as its stages load them (the user's own ones too, by their entry points).
-    ctx = Context(os.path.abspath(run_dir), config, print,
-                  own_models=own_model.own_models(config))  # fmt: skip
-    ds, vae, clf = ctx.dataset, ctx.model("vae"), ctx.model("classifier")
+    ctx = stage_context.of_run(run_dir)
+    config, ds, vae, clf = ctx.config, ctx.dataset, ctx.model("vae"), ctx.model("classifier")
     errors = identification.load_errors(os.path.join(run_dir, "search"))
     if len(errors["z"]) == 0:
         raise ValueError(f"{run_dir}'s search kept no error codes: there is nothing to audit.")

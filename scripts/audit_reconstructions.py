@@ -19,12 +19,9 @@ import os
 
 import numpy as np
 
-from defuse_jax import bug_yield, evaluation, identification
-from defuse_jax import train_models as tm
+from defuse_jax import bug_yield, evaluation, identification, stage_context
 from defuse_jax import yield_audit as ya
-from defuse_jax.data import load_dataset
 from defuse_jax.files import write_json
-from defuse_jax.run_config import load_run_config
 
 
 def main() -> None:
@@ -44,10 +41,8 @@ def main() -> None:
         write_json(os.path.join(directory, "score.json"), score)
         print(ya.format_score(score))
         return
-    config = load_run_config(args.run)
-    ds = load_dataset(config.data)
-    vae = tm.load_trained(os.path.join(args.run, "train", "vae"))[0]
-    clf = tm.load_trained(os.path.join(args.run, "train", "classifier"))[0]
+    ctx = stage_context.of_run(args.run)  # the run's models as its stages load them
+    config, ds, vae, clf = ctx.config, ctx.dataset, ctx.model("vae"), ctx.model("classifier")
     rec = evaluation.decode(vae, identification.encode_sources(vae, ds.x_test, ds.y_test))
     pred_rec, y = np.asarray(evaluation.classify(clf, rec)), ds.y_test
     pred = np.asarray(evaluation.classify(clf, ds.x_test))

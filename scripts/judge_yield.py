@@ -20,21 +20,14 @@ import os
 
 import numpy as np
 
-from defuse_jax import bug_yield, evaluation, identification
-from defuse_jax import train_models as tm
-from defuse_jax.data import load_dataset
-from defuse_jax.run_config import load_run_config
+from defuse_jax import bug_yield, evaluation, identification, stage_context
 
 
 def judge_yields(run_dir: str, judges: list[str]) -> dict[str, dict]:
     """{judge kind: `bug_yield.bug_yield` of `run_dir`'s kept codes plus
     `bug_yield.test_error_yield` on its classifier's test errors}."""
-    config = load_run_config(run_dir)
-    if config is None:
-        raise SystemExit(f"{run_dir} holds no run (no config.json).")
-    ds = load_dataset(config.data)
-    vae = tm.load_trained(os.path.join(run_dir, "train", "vae"))[0]
-    clf = tm.load_trained(os.path.join(run_dir, "train", "classifier"))[0]
+    ctx = stage_context.of_run(run_dir)  # the run's models as its stages load them
+    config, ds, vae, clf = ctx.config, ctx.dataset, ctx.model("vae"), ctx.model("classifier")
     pred = evaluation.classify(clf, ds.x_test)
     seed = config.data.seed
     errors = identification.load_errors(os.path.join(run_dir, "search"))
@@ -46,7 +39,7 @@ def judge_yields(run_dir: str, judges: list[str]) -> dict[str, dict]:
         if kind == "svc":
             judge = bug_yield.fit_judge(ds.x_train, ds.y_train, ds.x_test, ds.y_test, seed=seed)
         elif kind == "oracle":
-            oracle = tm.load_ensemble(os.path.join(run_dir, "label", "oracle"))
+            oracle = ctx.model("oracle")
             accuracy = np.mean(np.asarray(evaluation.classify(oracle, ds.x_test)) == ds.y_test)
             judge = bug_yield.classifier_judge(oracle, "the run's oracle", float(accuracy))
         else:

@@ -31,10 +31,9 @@ import jax
 import numpy as np
 from PIL import Image
 
-from defuse_jax import bug_yield, evaluation, identification, models
+from defuse_jax import bug_yield, evaluation, identification, models, stage_context
 from defuse_jax import train_models as tm
 from defuse_jax.data import DataConfig, Dataset, load_dataset, resize_images
-from defuse_jax.run_config import load_run_config
 from defuse_jax.training import TrainConfig
 
 SIZE = 28  # the members read 28x28 images
@@ -101,12 +100,10 @@ def train_outside_judge(cache: str, *, members: int = 3, progress: bool = False)
 
 def read_run(run_dir: str, judge: bug_yield.Judge) -> dict:
     """The outside judge's scores and bug yield on a run, with the run's own candidates'."""
-    config = load_run_config(run_dir)
-    if config is None or config.data.name != "digits":
-        raise SystemExit(f"{run_dir} is no finished digits run.")
-    ds = load_dataset(config.data)
-    vae = tm.load_trained(os.path.join(run_dir, "train", "vae"))[0]
-    clf = tm.load_trained(os.path.join(run_dir, "train", "classifier"))[0]
+    ctx = stage_context.of_run(run_dir)  # the run's models as its stages load them
+    if ctx.config.data.name != "digits":
+        raise SystemExit(f"{run_dir} is no digits run.")
+    config, ds, vae, clf = ctx.config, ctx.dataset, ctx.model("vae"), ctx.model("classifier")
     pred = np.asarray(evaluation.classify(clf, ds.x_test))
     errors = identification.load_errors(os.path.join(run_dir, "search"))
     seed = config.data.seed

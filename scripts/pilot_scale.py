@@ -14,31 +14,26 @@ import os
 
 import jax
 
-from defuse_jax import identification, models
+from defuse_jax import identification, models, stage_context
 from defuse_jax import train_models as tm
-from defuse_jax.data import load_dataset
-from defuse_jax.run_config import load_run_config
 from defuse_jax.search.scale_choice import choose_scale
 
 
 def pilot(run_dir: str, scales: tuple[float, ...]) -> str:
     """The pilot's choice on `run_dir`, described."""
-    config = load_run_config(run_dir)
-    if config is None:
-        raise SystemExit(f"{run_dir} holds no run (no config.json).")
-    if config.max_sources is not None:
+    ctx = stage_context.of_run(run_dir)  # the run's models as its stages load them
+    if ctx.config.max_sources is not None:
         raise SystemExit(f"{run_dir} searched a subset of its sources (max_sources); not handled.")
-    ds = load_dataset(config.data)
-    vae = tm.load_trained(os.path.join(run_dir, "train", "vae"))[0]
-    clf = tm.load_trained(os.path.join(run_dir, "train", "classifier"))[0]
+    config, ds, vae, clf = ctx.config, ctx.dataset, ctx.model("vae"), ctx.model("classifier")
     y0 = ds.y_test.astype("int32")
     z0 = identification.encode_sources(vae, ds.x_test, y0)
     dtype = config.search.compute_dtype
     decode_fn, classify_fn = models.search_functions(vae, clf, compute_dtype=dtype)
     validity_fn = None
     if config.search.validity == "oracle":
-        oracle = tm.load_ensemble(os.path.join(run_dir, "label", "oracle"))
-        _, validity_fn = models.search_functions(vae, oracle, compute_dtype=dtype)
+        # as the search stage reads it: each shift group of the oracle
+        groups = tm.load_shift_groups(os.path.join(run_dir, "label", "oracle"))
+        validity_fn = models.validity_function(groups, compute_dtype=dtype)
     choice = choose_scale(
         decode_fn, classify_fn, z0, y0, key=jax.random.key(config.search.seed),
         config=config.search, scales=scales, seed=config.data.seed, validity_fn=validity_fn,

@@ -20,11 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from defuse_jax import bug_yield, evaluation, identification, models
-from defuse_jax import train_models as tm
+from defuse_jax import bug_yield, evaluation, identification, models, stage_context
 from defuse_jax.batching import map_batches
-from defuse_jax.data import load_dataset
-from defuse_jax.run_config import load_run_config
 
 
 def _probs(params: models.Params, x: np.ndarray) -> np.ndarray:
@@ -32,18 +29,11 @@ def _probs(params: models.Params, x: np.ndarray) -> np.ndarray:
     return np.asarray(map_batches(lambda b: fn(params, b["x"]), {"x": x}, batch_size=512))
 
 
-def _encode(vae: models.Params, x: np.ndarray) -> np.ndarray:
-    fn = jax.jit(lambda c, b: models.encode(c, b)[0])
-    return np.asarray(map_batches(lambda b: fn(vae, b["x"]), {"x": x}, batch_size=512))
-
-
 def filters(run_dir: str) -> list[tuple[str, float, float]]:
     """[(filter, share of the judged codes it keeps, bug yield of those)]."""
-    config = load_run_config(run_dir)
-    ds = load_dataset(config.data)
-    vae = tm.load_trained(os.path.join(run_dir, "train", "vae"))[0]
-    clf = tm.load_trained(os.path.join(run_dir, "train", "classifier"))[0]
-    oracle = tm.load_ensemble(os.path.join(run_dir, "label", "oracle"))
+    ctx = stage_context.of_run(run_dir)  # the run's models as its stages load them
+    config, ds, vae, clf = ctx.config, ctx.dataset, ctx.model("vae"), ctx.model("classifier")
+    oracle = ctx.model("oracle")
     errors = identification.load_errors(os.path.join(run_dir, "search"))
     seed = config.data.seed
     idx = bug_yield.judged_codes(len(errors["z"]), most=bug_yield.MAX_JUDGED_CODES, seed=seed)
@@ -52,7 +42,8 @@ def filters(run_dir: str) -> list[tuple[str, float, float]]:
     rows = np.arange(len(idx))
     p_src = _probs(oracle, x)[rows, src]
     p_pred = _probs(clf, x)[rows, pred]
-    x2 = evaluation.decode(vae, _encode(vae, x))
+    # re-encoded with the source class (a conditional VAE's codes hold it), decoded again
+    x2 = evaluation.decode(vae, identification.encode_sources(vae, x, src))
     same = evaluation.classify(clf, x2) == pred
     still = evaluation.classify(oracle, x2) == src
     choice = bug_yield.judge_for(ds, evaluation.classify(clf, ds.x_test),
