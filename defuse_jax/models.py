@@ -388,6 +388,15 @@ class Ensemble(nnx.Module):
         return jax.nn.logsumexp(log_probs, axis=0) - np.float32(np.log(len(self.members)))
 
 
+def ensemble_members(params: Params) -> list[Params]:
+    """The members of `ensemble_of`'s result, each a classifier `Params` ([params] itself when
+    it is no `Ensemble`)."""
+    module = params.module()
+    if not isinstance(module, Ensemble):
+        return [params]
+    return [params_of(m) for m in module.members]
+
+
 def ensemble_of(members: list[Params]) -> Params:
     """One classifier `Params` from several: the member itself when there is one, else their
     `Ensemble`."""

@@ -248,14 +248,18 @@ def load_ensemble(out_dir: str) -> Params:
     return ensemble_of([load_trained(member_dir(out_dir, k))[0] for k in range(members)])
 
 
+def shift_groups(members: Sequence[Params], groups: int) -> list[Params]:
+    """`train_ensemble`'s members (member k * G + g trained at its g-th shift) as one ensemble
+    per shift: the search's validity committee (`models.validity_function`)."""
+    return [ensemble_of(list(members[g::groups])) for g in range(groups)]
+
+
 def load_shift_groups(out_dir: str) -> list[Params]:
-    """Reload `train_ensemble`'s ensemble as one ensemble per shift it was trained with (the
-    search's validity committee, `models.validity_function`): [the whole ensemble] when it was
-    trained with one shift."""
+    """Reload `train_ensemble`'s ensemble as one ensemble per shift it was trained with
+    (`shift_groups`): [the whole ensemble] when it was trained with one shift."""
     record = ensemble_record(out_dir)
-    groups = len(record.get("shifts") or [0])
     members = [load_trained(member_dir(out_dir, k))[0] for k in range(record["members"])]
-    return [ensemble_of(members[g::groups]) for g in range(groups)]
+    return shift_groups(members, len(record.get("shifts") or [0]))
 
 
 def record_own_model(

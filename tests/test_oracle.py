@@ -85,6 +85,10 @@ def test_train_ensemble_lays_out_reloads_and_records_its_members(digits, members
         alone = models.ensemble_of([tm.load_trained(tm.member_dir(out, i))[0]
                                     for i in range(total) if i % len(groups) == g])  # fmt: skip
         np.testing.assert_array_equal(models.logits(group, x), models.logits(alone, x))
+    # The same groups from the ensemble in memory (the search stage's way: no reload).
+    in_memory = tm.shift_groups(models.ensemble_members(trained.params), len(groups))
+    for group, kept in zip(groups, in_memory, strict=True):
+        np.testing.assert_array_equal(models.logits(kept, x), models.logits(group, x))
     committee = models.validity_function(groups)(x)
     assert committee.shape == ((len(groups),) if len(groups) > 1 else ()) + (len(x), 10)
     # A directory from before ensembles (no ensemble.json) is one member.

@@ -260,7 +260,7 @@ def validity_cost(
                                            rngs=nnx.Rngs(2 + i)))
         for i in range(groups * DEFAULT_ORACLE_MEMBERS)
     ]  # fmt: skip
-    readers = [models.ensemble_of(members[g::groups]) for g in range(groups)]
+    readers = train_models.shift_groups(members, groups)
     validity_fn = models.validity_function(readers, compute_dtype=dtype)
     row = engine_throughput(decode_fn, classify_fn, chains, q, chunk, repeats, dtype, validity_fn)
     return {**row, "time_ratio": plain["samples_per_s"] / row["samples_per_s"],

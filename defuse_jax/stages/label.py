@@ -241,10 +241,10 @@ def train_oracle(ctx: Context) -> Params:
         ctx.log(f"oracle: trained on other data or settings: moved to {dest}")
     write_json(os.path.join(out_dir, ORACLE_IDENTITY), identity)
     config, train = _oracle_settings(ctx)
-    shifts = oracle_shifts(ctx)
-    members = oracle_members(ctx) * len(shifts)
+    shifts, per_shift = oracle_shifts(ctx), oracle_members(ctx)
+    members = per_shift * len(shifts)
     oracle = tm.train_ensemble(
-        ctx.dataset, out_dir=out_dir, members=oracle_members(ctx), config=config, train=train,
+        ctx.dataset, out_dir=out_dir, members=per_shift, config=config, train=train,
         shifts=shifts, progress=ctx.config.progress,
     )  # fmt: skip
     what = "oracle classifier" if members == 1 else f"oracle ({members} classifiers)"
@@ -258,9 +258,9 @@ def oracle_shift_groups(ctx: Context) -> list[Params]:
     of `oracle_shifts`: the search's validity committee, whose every group must read the
     source class. One shift: [the oracle]."""
     oracle = train_oracle(ctx)
-    if len(oracle_shifts(ctx)) == 1:
-        return [oracle]
-    return tm.load_shift_groups(ctx.path("label", "oracle"))
+    groups = len(oracle_shifts(ctx))
+    # the members already in memory, grouped as `train_ensemble` laid them out
+    return [oracle] if groups == 1 else tm.shift_groups(models.ensemble_members(oracle), groups)
 
 
 def oracle_members(ctx: Context) -> int:
