@@ -336,17 +336,37 @@ def run(args: argparse.Namespace) -> int:
         print(f"Wrote {', '.join(sheets)}.\nWrite the class each numbered image shows in "
               f"{labels} (a class name or index, or 'skip'), then rerun this command.")  # fmt: skip
         return 0
+    try:
+        score = score_directory(directory)
+    except AuditPending as e:
+        print(e, file=sys.stderr)
+        return 3
+    print(format_score(score))
+    return 0
+
+
+class AuditPending(ValueError):
+    """The audit's labels file still has empty rows."""
+
+
+def score_directory(directory: str) -> dict[str, Any]:
+    """Scores `write_audit`'s `directory` (`score_audit`) once its labels.csv is answered, and
+    writes the score to score.json.
+
+    Raises:
+      AuditPending: rows are still empty (the message says how many and what to write).
+      ValueError: a bad labels file (`read_answers`).
+    """
     sample, verdicts, names = read_audit(directory)
+    labels = os.path.join(directory, "labels.csv")
     answers = read_answers(labels, len(sample.truth), names)
     left = int(np.sum(answers == UNANSWERED))
     if left:
-        print(f"{left} of {len(answers)} images are not answered yet in {labels} "
-              f"({valid_answers(names)}).", file=sys.stderr)  # fmt: skip
-        return 3
+        raise AuditPending(f"{left} of {len(answers)} images are not answered yet in {labels} "
+                           f"({valid_answers(names)}).")  # fmt: skip
     score = score_audit(sample, answers, verdicts)
     write_json(os.path.join(directory, "score.json"), score)
-    print(format_score(score))
-    return 0
+    return score
 
 
 def read_score(run_dir: str) -> dict[str, Any] | None:

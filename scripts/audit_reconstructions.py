@@ -21,7 +21,6 @@ import numpy as np
 
 from defuse_jax import bug_yield, evaluation, identification, stage_context
 from defuse_jax import yield_audit as ya
-from defuse_jax.files import write_json
 
 
 def main() -> None:
@@ -33,13 +32,10 @@ def main() -> None:
     directory = os.path.join(args.run, "audit_recon")
     labels = os.path.join(directory, "labels.csv")
     if os.path.exists(labels):
-        sample, verdicts, names = ya.read_audit(directory)
-        answers = ya.read_answers(labels, len(sample.truth), names)
-        if np.any(answers == ya.UNANSWERED):
-            raise SystemExit(f"{labels} is not fully answered yet.")
-        score = ya.score_audit(sample, answers, verdicts)
-        write_json(os.path.join(directory, "score.json"), score)
-        print(ya.format_score(score))
+        try:
+            print(ya.format_score(ya.score_directory(directory)))
+        except ya.AuditPending as e:
+            raise SystemExit(str(e)) from None
         return
     ctx = stage_context.of_run(args.run)  # the run's models as its stages load them
     config, ds, vae, clf = ctx.config, ctx.dataset, ctx.model("vae"), ctx.model("classifier")
