@@ -27,7 +27,6 @@ import importlib.util
 import json
 import os
 
-import jax
 import numpy as np
 from PIL import Image
 
@@ -85,13 +84,10 @@ def train_outside_judge(cache: str, *, members: int = 3, progress: bool = False)
                             train=dataclasses.replace(TRAIN, seed=k), progress=progress).params
         for k in range(members)
     ]  # fmt: skip
-    mean_probs = jax.jit(lambda x: sum(jax.nn.softmax(models.logits(p, x)) for p in params))
+    ensemble = models.ensemble_of(params)  # their mean probability decides
 
     def predict(images: np.ndarray) -> np.ndarray:
-        x = to_size(np.asarray(images, np.float32))
-        return np.concatenate(
-            [np.asarray(mean_probs(x[i : i + 512]).argmax(-1)) for i in range(0, len(x), 512)]
-        )
+        return np.asarray(evaluation.classify(ensemble, to_size(np.asarray(images, np.float32))))
 
     accuracy = float(np.mean(predict(digits.x_test) == digits.y_test))
     name = f"{members} conv classifiers trained on 5,000 MNIST digits (outside judge)"
