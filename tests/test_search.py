@@ -342,6 +342,18 @@ def test_auto_chunk_size_is_reported_in_the_result():
     )
 
 
+def test_a_validity_model_is_sized_at_the_largest_slice_it_reads():
+    """The chunk size counts the validity model on an eighth of the batch, the largest slice
+    it reads at once, not on every sample: it reads only the flips."""
+    from defuse_jax.search import api
+
+    validity = committee(classify, classify)  # twice the classifier's cost
+    cost = sizing.forward_cost(decode, api._both(classify, validity), LATENT, "float32")
+    alone = sizing.forward_cost(decode, classify, LATENT, "float32")
+    decoding = sizing.forward_cost(decode, lambda x: x, LATENT, "float32")
+    assert cost.flops == pytest.approx(alone.flops + 2 * (alone.flops - decoding.flops) / 8)
+
+
 def reads_class_0(x):  # a validity model that reads every image as class 0
     return constant_classify(x)
 
@@ -403,11 +415,12 @@ def test_validity_mismatch_is_a_clear_error(validity, validity_fn, match):
 
 
 @pytest.mark.parametrize("members", [1, 2])
-@pytest.mark.parametrize("share", [0.0, 0.1, 0.5, 1.0])
+@pytest.mark.parametrize("share", [0.0, 0.05, 0.1, 0.5, 1.0])
 def test_validity_verdict_reads_only_the_needed_rows_and_matches_reading_all(share, members):
     """The verdict on the rows that need one (gathered into slices) equals the dense reading
     of every row, whatever share of the batch needs it (37 rows: the slices do not divide it);
-    a committee's (two members) is every member's."""
+    a committee's (two members) is every member's. It reads them in the smallest slice that
+    holds them all (1, 2, 3 or 5 rows: 37 / 64, 32, 16, 8 rounded up), or in slices of 5."""
     from defuse_jax.search.modes import validity_verdict
 
     rng = np.random.default_rng(0)
@@ -419,17 +432,25 @@ def test_validity_verdict_reads_only_the_needed_rows_and_matches_reading_all(sha
     def other(images):  # a second reader that disagrees with the first on some rows
         return classify(images[:, ::-1])
 
+    read = []  # the slices read at run time (only the branch taken runs)
+
     def counting(images):  # the toy classifier, recording how many rows it reads
-        reads.append(images.shape[0])
+        rows = images.shape[0]
+        reads.append(rows)
+        jax.debug.callback(lambda: read.append(rows))
         return classify(images) if members == 1 else committee(classify, other)(images)
 
     got = jax.jit(lambda x, y, n: validity_verdict(counting, x, y, n))(x, y, need)
+    jax.effects_barrier()
     first = (jnp.argmax(classify(x), -1) == y) & need
     dense = first & (jnp.argmax(other(x), -1) == y) if members == 2 else first
     if members == 2 and share == 1.0:
         assert 0 < dense.sum() < first.sum()  # the second member vetoes some of the first's
     np.testing.assert_array_equal(got, dense)
-    assert reads == [5]  # traced once, on slices of ceil(37 / 8) rows
+    assert sorted(reads) == [1, 2, 3, 5]  # one branch per slice size
+    count = int(need.sum())
+    m = next((m for m in (1, 2, 3) if m >= count), 5)
+    assert read == [m] * -(-count // m)
 
 
 @pytest.mark.parametrize(
