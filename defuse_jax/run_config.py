@@ -92,10 +92,11 @@ class RunConfig:
             (`--oracle-shift 0 1`) train `oracle_members` classifiers at each: the labels and
             checks read their mean, the search's validity constraint asks each shift's group
             to read the source class. None (the default): `train_models.oracle_shifts` of the
-            image size, 2 on 28x28 images, 0 and 1 on 8x8 ones. Trained without shifts, a conv
-            oracle shares the blind spots of the conv classifier it checks: on 28x28 digits it
-            reads 0-30% of that classifier's test errors as their class, where a conv trained
-            with shifts reads 67-100%.
+            image size, a committee: 0 and 2 on 28x28 images, 0 and 1 on 8x8 ones. Trained
+            without shifts, a conv oracle shares the blind spots of the conv classifier it
+            checks: on 28x28 digits it reads 0-30% of that classifier's test errors as their
+            class, where a conv trained with shifts reads 67-100%; the unshifted group errs on
+            other images than the shifted one, so asking both keeps fewer class changes.
         correct: fine-tuning.
         eval: evaluation.
         progress: progress bars (display only: in no stage's fingerprint).

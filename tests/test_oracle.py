@@ -133,12 +133,13 @@ def test_the_member_count_redoes_the_stages_that_train_the_oracle(tmp_path):
 
 @pytest.mark.parametrize(
     "shape, asked, expected",
-    [((8, 8, 1), None, (0, 1)), ((28, 28, 1), None, (2,)), ((64, 64, 3), None, (4,)),
-     ((28, 28, 1), 0, (0,)), ((8, 8, 1), 0, (0,)), ((28, 28, 1), (0, 2), (0, 2))],
+    [((8, 8, 1), None, (0, 1)), ((28, 28, 1), None, (0, 2)), ((64, 64, 3), None, (0, 4)),
+     ((28, 28, 1), 0, (0,)), ((8, 8, 1), 0, (0,)), ((28, 28, 1), 2, (2,)),
+     ((16, 16, 1), (1, 0), (1, 0))],
 )  # fmt: skip
 def test_how_far_the_oracle_shifts_its_training_images(shape, asked, expected, tmp_path):
-    """A fourteenth of the side; on 8x8 images, where that is no pixel, members unshifted and
-    members shifted by one (a committee in the search)."""
+    """By default a committee: members unshifted and members shifted by a fourteenth of the
+    side, at least one pixel (on 8x8 images a fourteenth is none)."""
     ctx = _ctx(shape)
     ctx.config = RunConfig(oracle_shift=asked)
     ctx.dataset.x_train = np.zeros((1145,) + shape, np.float32)

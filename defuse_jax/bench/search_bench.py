@@ -245,8 +245,8 @@ def validity_cost(
     """What `--search-validity oracle` costs: the engine with the run's default oracle for the
     model's image shape (random weights; the cost does not depend on them) against `plain`,
     the same engine's best row without one. The oracle is `DEFAULT_ORACLE_MEMBERS` models of
-    the oracle's size per default shift (`train_models.oracle_shifts`): on 8x8 images a
-    committee of two such ensembles, each reading every flip."""
+    the oracle's size per default shift (`train_models.oracle_shifts`): a committee of two
+    such ensembles, each reading the flips."""
     from flax import nnx
 
     from defuse_jax import models, train_models

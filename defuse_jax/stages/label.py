@@ -176,8 +176,8 @@ def oracle_shifts(ctx: Context) -> tuple[int, ...]:
 
 def _oracle_settings(ctx: Context) -> tuple[ClassifierConfig, TrainConfig]:
     """The oracle members' model and training settings: wider than the classifier, trained
-    longer on shifted images (the first of `oracle_shifts`), with the classifier's seed + 1
-    (member k of each shift: + 1 + k)."""
+    longer, at the first of `oracle_shifts` (`train_ensemble` gives each member its own
+    shift), with the classifier's seed + 1 (member k of each shift: + 1 + k)."""
     clf_train = training_lengths.train_epochs(
         ctx.config.classifier_train, training_lengths.CLASSIFIER_BUDGET, len(ctx.dataset.x_train)
     )
