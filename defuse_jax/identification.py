@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -55,6 +55,48 @@ def encode_sources(
     return map_batches(lambda b: _mean_code(vae, b["x"], b["y"]), data, batch_size=batch_size)
 
 
+class SearchInputs(NamedTuple):
+    """What `run_search` passes to `latent_search`, built once (a benchmark calls the search
+    again on them: new functions would be traced and compiled anew)."""
+
+    decode_fn: Callable[[jax.Array], jax.Array]  # z [B, L] -> images
+    classify_fn: Callable[[jax.Array], jax.Array]  # images -> logits [B, C]
+    z0: np.ndarray  # [N, L] the sources' codes
+    y0: np.ndarray  # [N] int32 their labels
+    idx: np.ndarray  # [N] the sources' indices in the test split
+    kwargs: dict[str, Any]  # key, mesh, validity_fn, free_dims
+
+
+def search_inputs(
+    ds: Dataset,
+    vae: Params,
+    classifier: Params,
+    *,
+    search: SearchConfig,
+    max_sources: int | None = None,
+    seed: int = 0,
+    mesh: jax.sharding.Mesh | None = None,
+    validity: Sequence[Params] | None = None,
+) -> SearchInputs:
+    """The sources, functions and keyword arguments of the search stage's `latent_search`
+    (`run_search`'s arguments, which it documents)."""
+    n = len(ds.x_test)
+    idx = np.arange(n)
+    if max_sources is not None and max_sources < n:
+        idx = np.sort(np.random.default_rng(seed).choice(n, max_sources, replace=False))
+    y0 = ds.y_test[idx].astype(np.int32)
+    z0 = encode_sources(vae, ds.x_test[idx], y0)
+    decode_fn, classify_fn = models.search_functions(
+        vae, classifier, compute_dtype=search.compute_dtype
+    )
+    validity_fn = None
+    if validity is not None:
+        validity_fn = models.validity_function(validity, compute_dtype=search.compute_dtype)
+    kwargs = dict(key=jax.random.key(search.seed), mesh=mesh, validity_fn=validity_fn,
+                  free_dims=models.style_dims(vae))  # fmt: skip
+    return SearchInputs(decode_fn, classify_fn, z0, y0, idx, kwargs)
+
+
 def run_search(
     ds: Dataset,
     vae: Params,
@@ -84,28 +126,15 @@ def run_search(
         scales: candidate scales: search at the one a pilot chooses (`choose_scale`) instead
             of `search.scale`; None: `search.scale`.
     """
-    n = len(ds.x_test)
-    idx = np.arange(n)
-    if max_sources is not None and max_sources < n:
-        idx = np.sort(np.random.default_rng(seed).choice(n, max_sources, replace=False))
-    y0 = ds.y_test[idx].astype(np.int32)
-    z0 = encode_sources(vae, ds.x_test[idx], y0)
-    decode_fn, classify_fn = models.search_functions(
-        vae, classifier, compute_dtype=search.compute_dtype
-    )
-    validity_fn = None
-    if validity is not None:
-        validity_fn = models.validity_function(validity, compute_dtype=search.compute_dtype)
-    common = dict(key=jax.random.key(search.seed), mesh=mesh, validity_fn=validity_fn,
-                  free_dims=models.style_dims(vae))  # fmt: skip
+    inputs = search_inputs(ds, vae, classifier, search=search, max_sources=max_sources,
+                           seed=seed, mesh=mesh, validity=validity)  # fmt: skip
+    fns, common = (inputs.decode_fn, inputs.classify_fn, inputs.z0, inputs.y0), inputs.kwargs
     choice = None
     if scales:
-        choice = choose_scale(
-            decode_fn, classify_fn, z0, y0, config=search, scales=scales, seed=seed, **common
-        )
+        choice = choose_scale(*fns, config=search, scales=scales, seed=seed, **common)
         search = dataclasses.replace(search, scale=choice.scale)
-    result = latent_search(decode_fn, classify_fn, z0, y0, config=search, **common)
-    return result, idx, choice
+    result = latent_search(*fns, config=search, **common)
+    return result, inputs.idx, choice
 
 
 def thin_search_note(summary: Mapping[str, Any], search: SearchConfig) -> str | None:

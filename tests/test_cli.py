@@ -141,3 +141,6 @@ def test_uniform_flag_conventions_fail_with_the_fix(argv, message, capsys):
 def test_bench_search_out_must_be_a_run_directory(tmp_path, capsys):
     code = cli.main(["bench", "search", "--out", str(tmp_path / "r.json"), "--quick"])
     assert code == 2 and "the results file is --json" in capsys.readouterr().err
+    os.makedirs(tmp_path / "run" / "train")  # trained, not searched: before any measuring
+    code = cli.main(["bench", "search", "--out", str(tmp_path / "run"), "--quick"])
+    assert code == 2 and "its search stage has not run" in capsys.readouterr().err

@@ -191,6 +191,13 @@ def test_search_validity_keeps_only_what_the_oracle_reads_as_the_source(trained,
         read = evaluation.predict(ctx.model("vae"), reader, errors["z"])
         np.testing.assert_array_equal(read, errors["source_label"])
     assert (errors["pred_label"] != errors["source_label"]).all()
+    # `defuse-jax bench search --out RUN` times this run's own search (the chunk chosen anew):
+    # with its committee it keeps the same codes; without, a superset of the flips.
+    from defuse_jax.bench import search_bench
+
+    bench = search_bench.trained_run(run_dir, 1, modes=False)["searches"]
+    assert (bench["oracle"]["groups"], bench["oracle"]["found"]) == (2, summary["num_errors_found"])
+    assert bench["none"]["flips"] >= bench["oracle"]["flips"] == summary["num_flips"]
 
 
 def _oracle_checkpoints(run_dir):

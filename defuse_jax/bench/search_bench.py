@@ -104,8 +104,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out",
         default="",
-        help="a trained digits run directory (<out>/train/vae, <out>/train/classifier): also "
-        "time the default search on its test points and compare the modes there",
+        help="a run directory whose search stage has run (any data set, your own models too): "
+        "also time its own search without and with its validity model (the constraint's cost "
+        "on trained models) and compare the modes there",
     )
     parser.add_argument(
         "--decoders", nargs="+", choices=["phase", "native"], default=None,
@@ -482,8 +483,20 @@ def _distinct(res, cell: float) -> int:
     return int(np.unique(np.concatenate([res.source_index[:, None], cells], 1), axis=0).shape[0])
 
 
-def compare_modes(decode_fn, classify_fn, z0, y0, budget: int, repeats: int) -> list:
-    """Errors found per evaluated sample by each mode at the same sample budget per source."""
+def compare_modes(
+    decode_fn,
+    classify_fn,
+    z0,
+    y0,
+    budget: int,
+    repeats: int,
+    *,
+    free_dims: int | None = None,
+    scale: float | None = None,
+) -> list:
+    """Errors found per evaluated sample by each mode at the same sample budget per source
+    (`free_dims`: the coordinates the search moves, `latent_search`'s; `scale`: the sample
+    mode's perturbation scale and the gradient mode's jitter, None: `SearchConfig`'s)."""
     rounds = 8
     configs = {
         "sample": SearchConfig(mode="sample", num_samples=budget),
@@ -497,14 +510,13 @@ def compare_modes(decode_fn, classify_fn, z0, y0, budget: int, repeats: int) -> 
     rows = []
     for mode, cfg in configs.items():
         cfg = dataclasses.replace(cfg, max_keep_per_source=None, chunk_size=1024)
+        if scale is not None:
+            cfg = dataclasses.replace(cfg, scale=scale)
         key = jax.random.key(0)
-        res = latent_search(decode_fn, classify_fn, z0, y0, key=key, config=cfg)
-        t = roofline.best_time(
-            lambda cfg=cfg, key=key: latent_search(
-                decode_fn, classify_fn, z0, y0, key=key, config=cfg
-            ),
-            repeats,
-        )
+        search = partial(latent_search, decode_fn, classify_fn, z0, y0, key=key, config=cfg,
+                         free_dims=free_dims)  # fmt: skip
+        res = search()
+        t = roofline.best_time(search, repeats)
         n = res.num_samples_evaluated
         first = [
             res.perturbation_norm[res.source_index == s].min() for s in np.unique(res.source_index)
@@ -528,38 +540,69 @@ def compare_modes(decode_fn, classify_fn, z0, y0, budget: int, repeats: int) -> 
     return rows
 
 
-def trained_digits(run_dir: str, repeats: int) -> dict:
-    """The default search and the mode comparison with trained models on digits test points."""
-    from defuse_jax import models
-    from defuse_jax.data import DataConfig, load_dataset
-    from defuse_jax.train_models import load_trained
+def trained_run(run_dir: str, repeats: int, *, modes: bool = True) -> dict:
+    """A finished run's own search on its trained models: the search stage's sources, functions
+    and settings as it resolved them (`identification.search_inputs`; search/summary.json: the
+    pilot's scale, the samples per source; the chunk size chosen anew), without a validity model
+    and with the run's (its oracle's shift groups, when it has one): the first call (tracing and
+    compiling) and the best of `repeats` (at least 3) calls after it; then, with `modes`, the
+    modes compared on the same sources at the run's scale.
 
-    vp, _ = load_trained(os.path.join(run_dir, "train", "vae"))
-    cp, _ = load_trained(os.path.join(run_dir, "train", "classifier"))
-    ds = load_dataset(DataConfig())
-    decode_fn, classify_fn = partial(models.decode, vp), partial(models.logits, cp)
-    z0 = np.asarray(jax.jit(lambda x: models.encode(vp, x)[0])(ds.x_test), np.float32)
-    y0 = ds.y_test.astype(np.int32)
-    out = {"run_dir": run_dir, "sources": len(y0)}
-    cfg = SearchConfig()
-    key = jax.random.key(0)
-    cold = latent_search(decode_fn, classify_fn, z0, y0, key=key, config=cfg)
-    warm = roofline.best_time(
-        lambda: latent_search(decode_fn, classify_fn, z0, y0, key=key, config=cfg), 3
-    )
-    out["default_search"] = {
-        "config": dataclasses.asdict(cfg),
-        "first_call_s": cold.wall_time_s,
-        "warm_call_s": warm,
-        "found": cold.num_found,
-        "flips": cold.num_flips,
-        "sources_used": cold.num_sources_used,
-        "sources_skipped": cold.num_sources_skipped,
-        "samples": cold.num_samples_evaluated,
-    }
-    print(f"[digits, trained] default search: {cold.summary()} warm call {warm:.3f}s")
-    out["modes"] = compare_modes(decode_fn, classify_fn, z0, y0, 64, repeats)
-    _print_modes(out["modes"])
+    What the validity constraint costs depends on the models (it reads only the changed
+    predictions), so this, not the random-weight models' row, is its cost on a run.
+    """
+    from defuse_jax import identification, stage_context
+    from defuse_jax import train_models as tm
+
+    ctx = stage_context.of_run(run_dir)  # the run's models as its stages load them
+    with open(os.path.join(run_dir, "search", "summary.json")) as f:
+        resolved = SearchConfig(**json.load(f)["config"])
+    oracle_dir = os.path.join(run_dir, "label", "oracle")
+    validities = {"none": None}
+    if os.path.isdir(oracle_dir):
+        validities["oracle"] = tm.load_shift_groups(oracle_dir)
+    out = {"run_dir": run_dir, "config": dataclasses.asdict(resolved), "searches": {}}
+    for name, validity in validities.items():
+        search = dataclasses.replace(resolved, validity=name, chunk_size=None)
+        inputs = identification.search_inputs(
+            ctx.dataset, ctx.model("vae"), ctx.model("classifier"), search=search,
+            max_sources=ctx.config.max_sources, seed=ctx.config.data.seed, validity=validity,
+        )  # fmt: skip
+        call = partial(latent_search, inputs.decode_fn, inputs.classify_fn, inputs.z0,
+                       inputs.y0, config=search, **inputs.kwargs)  # fmt: skip
+        t = time.perf_counter()
+        first = call()  # traces and compiles
+        first_s, warm = time.perf_counter() - t, float("inf")
+        for _ in range(max(3, repeats) if first_s < 30 else 1):
+            t = time.perf_counter()
+            call()
+            warm = min(warm, time.perf_counter() - t)
+        out["searches"][name] = {
+            "validity": name,
+            "groups": 0 if validity is None else len(validity),
+            "first_call_s": first_s,
+            "warm_call_s": warm,
+            "found": first.num_found,
+            "flips": first.num_flips,
+            "chunk_size": first.config.chunk_size,
+            "sources_used": first.num_sources_used,
+            "samples": first.num_samples_evaluated,
+        }
+    rows = out["searches"]
+    for r in rows.values():
+        print(
+            f"[{run_dir}] its search, validity {r['validity']} ({r['groups']} group(s)): "
+            f"{r['found']:,} codes kept, best call {r['warm_call_s']:.3f}s (chunk "
+            f"{r['chunk_size']}), first call {r['first_call_s']:.2f}s"
+        )
+    if "oracle" in rows:
+        out["validity_time_ratio"] = rows["oracle"]["warm_call_s"] / rows["none"]["warm_call_s"]
+        print(f"[{run_dir}] the validity constraint: {out['validity_time_ratio']:.2f}x the time")
+    if modes:
+        out["modes"] = compare_modes(inputs.decode_fn, inputs.classify_fn, inputs.z0, inputs.y0,
+                                     64, repeats, free_dims=inputs.kwargs["free_dims"],
+                                     scale=resolved.scale)  # fmt: skip
+        _print_modes(out["modes"])
     return out
 
 
@@ -836,6 +879,11 @@ def run(args: argparse.Namespace) -> dict:
             f"--out {args.out}: not a trained run directory (no train/ inside); --out names a "
             "run directory, the results file is --json"
         )
+    if args.out and not os.path.exists(os.path.join(args.out, "search", "summary.json")):
+        raise ValueError(
+            f"--out {args.out}: its search stage has not run (no search/summary.json); the bench "
+            f"times the run's own search settings: `defuse-jax run --out {args.out}` first"
+        )
     ensure_devices(args.devices)
     repeats = 1 if args.quick else args.repeats
     result = {
@@ -882,7 +930,7 @@ def run(args: argparse.Namespace) -> dict:
             _print_model(r)
             _write(result, args.json)  # after each model: a later failure keeps what was measured
     if args.out:
-        result["trained_digits"] = trained_digits(args.out, repeats)
+        result["trained_run"] = trained_run(args.out, repeats, modes=not args.no_modes)
     _write(result, args.json)
     if args.json:
         print(f"\nwrote {args.json}")
