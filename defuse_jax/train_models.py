@@ -326,8 +326,8 @@ def oracle_shifts(image_shape: tuple[int, int, int]) -> tuple[int, ...]:
     """How far the oracle's training images are shifted (`TrainConfig.shift`) by default: a
     committee of members trained unshifted and members shifted by a fourteenth of the side (2
     pixels on 28x28, at least 1: 1 on 8x8), whose every group must read the source class in the
-    search (`RunConfig.oracle_shift`). Behind it every judge read more bugs than behind one
-    group on 8x8 and 28x28 digits and on Fashion-MNIST (docs/results.md)."""
+    search (`RunConfig.oracle_shift`). Behind it every judge's mean bug yield rose over one
+    group's, on 8x8 and 28x28 digits and on Fashion-MNIST (docs/results.md)."""
     shift = int(min(image_shape[0], image_shape[1]) * ORACLE_SHIFT_FRACTION)
     return (0, max(1, shift))
 
