@@ -330,22 +330,13 @@ def run(args: argparse.Namespace) -> int:
     )
     if max_sources is not None and max_sources < 1:
         raise ValueError(f"sweep: --max-sources must be >= 1, got {max_sources}.")
-    from defuse_jax import bug_yield, evaluation, identification, models, stage_context
+    from defuse_jax import bug_yield, evaluation, identification, stage_context
     from defuse_jax import train_models as tm
 
     # The run's models as its stages load them (the user's own ones by their entry points).
     ctx = stage_context.of_run(args.out)
     config, ds, vae, clf = ctx.config, ctx.dataset, ctx.model("vae"), ctx.model("classifier")
-    idx = np.arange(len(ds.x_test))
-    if max_sources is not None and max_sources < len(idx):
-        idx = np.sort(np.random.default_rng(config.data.seed).choice(len(idx), max_sources,
-                                                                     replace=False))  # fmt: skip
-    y0 = ds.y_test[idx].astype(np.int32)
-    z0 = identification.encode_sources(vae, ds.x_test[idx], y0)
-    print(f"sweep on {args.out}: {len(idx)} sources, devices {jax.devices()}")
-    dtype = config.search.compute_dtype
-    decode_fn, classify_fn = models.search_functions(vae, clf, compute_dtype=dtype)
-    validity_fn = None
+    groups = None
     if "oracle" in grid.validities:
         oracle_dir = os.path.join(args.out, "label", "oracle")
         if not os.path.isdir(oracle_dir):
@@ -353,9 +344,12 @@ def run(args: argparse.Namespace) -> int:
                 f"sweep: --validities oracle needs the run's oracle ({oracle_dir}); run "
                 f"`defuse-jax run --out {args.out}` with the oracle labeler or check first."
             )
-        # as the run's search reads it: every shift group of the oracle must read the source
-        validity_fn = models.validity_function(tm.load_shift_groups(oracle_dir),
-                                               compute_dtype=dtype)  # fmt: skip
+        groups = tm.load_shift_groups(oracle_dir)  # each shift group must read the source
+    # The sources, functions and validity model as the run's search stage builds them.
+    inputs = identification.search_inputs(ds, vae, clf, search=config.search,
+                                          max_sources=max_sources, seed=config.data.seed,
+                                          validity=groups)  # fmt: skip
+    print(f"sweep on {args.out}: {len(inputs.idx)} sources, devices {jax.devices()}")
     # The run's judge: chosen as the evaluate stage chooses it (`bug_yield.judge_for`).
     choice = bug_yield.judge_for(ds, evaluation.classify(clf, ds.x_test),
                                  cache_dir=os.path.join(args.out, "cache", "judge"),
@@ -368,24 +362,24 @@ def run(args: argparse.Namespace) -> int:
         )["bug"]
 
     rows = run_sweep(
-        decode_fn,
-        classify_fn,
-        z0,
-        y0,
+        inputs.decode_fn,
+        inputs.classify_fn,
+        inputs.z0,
+        inputs.y0,
         grid=grid,
         base=config.search,
         key=jax.random.key(args.seed),
         log=lambda s: print(s, flush=True),
-        validity_fn=validity_fn,
+        validity_fn=inputs.kwargs["validity_fn"],
         judge=judged,
-        free_dims=models.style_dims(vae),
+        free_dims=inputs.kwargs["free_dims"],
     )
     meta = {
         "judge": judge.name,
         "judge_test_accuracy": judge.test_accuracy,
         "judges": choice.scores,  # every candidate's score on the test split (`judge_score`)
         "run": args.out,
-        "num_sources": int(len(idx)),
+        "num_sources": int(len(inputs.idx)),
         "grid": dataclasses.asdict(grid),
         "base_search": dataclasses.asdict(config.search),
         "distill": dataclasses.asdict(FAST_DISTILL),

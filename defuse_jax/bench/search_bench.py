@@ -562,14 +562,18 @@ def trained_run(run_dir: str, repeats: int, *, modes: bool = True) -> dict:
     if os.path.isdir(oracle_dir):
         validities["oracle"] = tm.load_shift_groups(oracle_dir)
     out = {"run_dir": run_dir, "config": dataclasses.asdict(resolved), "searches": {}}
+    # Built once for both searches: the same sources and functions, with the validity model
+    # left out of the plain one.
+    inputs = identification.search_inputs(
+        ctx.dataset, ctx.model("vae"), ctx.model("classifier"), search=resolved,
+        max_sources=ctx.config.max_sources, seed=ctx.config.data.seed,
+        validity=validities.get("oracle"),
+    )  # fmt: skip
     for name, validity in validities.items():
         search = dataclasses.replace(resolved, validity=name, chunk_size=None)
-        inputs = identification.search_inputs(
-            ctx.dataset, ctx.model("vae"), ctx.model("classifier"), search=search,
-            max_sources=ctx.config.max_sources, seed=ctx.config.data.seed, validity=validity,
-        )  # fmt: skip
+        kwargs = inputs.kwargs if validity else {**inputs.kwargs, "validity_fn": None}
         call = partial(latent_search, inputs.decode_fn, inputs.classify_fn, inputs.z0,
-                       inputs.y0, config=search, **inputs.kwargs)  # fmt: skip
+                       inputs.y0, config=search, **kwargs)  # fmt: skip
         t = time.perf_counter()
         first = call()  # traces and compiles
         first_s, warm = time.perf_counter() - t, float("inf")

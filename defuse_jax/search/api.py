@@ -200,7 +200,7 @@ def _both(classify_fn, validity_fn):
     the largest slice of it that it reads at once (B/8, `modes.VALIDITY_SLICES`): it reads only
     the flips. (Sized for the whole batch, an 8x8 digits committee of six got a quarter of the
     unconstrained search's chunk, and a slower search.)"""
-    share = VALIDITY_SLICES[-1]
+    share = min(VALIDITY_SLICES)
     return lambda x: (classify_fn(x), validity_fn(x[: max(1, x.shape[0] // share)]))
 
 
